@@ -1,0 +1,59 @@
+/// Dequantization and dot products for the stored weight types the CPU executor reads.
+/// Kernels work on one row at a time and never expand a whole tensor: a linear layer's
+/// product reads each weight row in its stored type and converts it in registers.
+///
+/// GGML block layouts (32 elements per block, nibbles: low half = elements 0..15, high
+/// half = elements 16..31):
+///   q4_0: f16 d, 16 B nibbles        value = d * (q - 8)
+///   q4_1: f16 d, f16 m, 16 B nibbles value = d * q + m
+///   q8_0: f16 d, 32 x i8             value = d * q
+public enum Dequant {
+    /// Convert `count` elements starting at `src` (a whole number of blocks) to f32.
+    public static func row(_ dtype: DType, _ src: UnsafeRawPointer, _ count: Int, _ dst: UnsafeMutablePointer<Float>) {
+        switch dtype {
+        case .f32:
+            dst.update(from: src.assumingMemoryBound(to: Float.self), count: count)
+        case .f16:
+            for i in 0..<count { dst[i] = f16ToFloat(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .bf16:
+            for i in 0..<count { dst[i] = bf16ToFloat(src.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) }
+        case .q8_0:
+            for b in 0..<(count / 32) {
+                let blk = src + b * 34
+                let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
+                for j in 0..<32 { dst[b * 32 + j] = d * Float(blk.load(fromByteOffset: 2 + j, as: Int8.self)) }
+            }
+        case .q4_0:
+            for b in 0..<(count / 32) {
+                let blk = src + b * 18
+                let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
+                for j in 0..<16 {
+                    let q = blk.load(fromByteOffset: 2 + j, as: UInt8.self)
+                    dst[b * 32 + j] = d * Float(Int(q & 0xF) - 8)
+                    dst[b * 32 + j + 16] = d * Float(Int(q >> 4) - 8)
+                }
+            }
+        case .q4_1:
+            for b in 0..<(count / 32) {
+                let blk = src + b * 20
+                let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
+                let m = f16ToFloat(blk.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+                for j in 0..<16 {
+                    let q = blk.load(fromByteOffset: 4 + j, as: UInt8.self)
+                    dst[b * 32 + j] = d * Float(q & 0xF) + m
+                    dst[b * 32 + j + 16] = d * Float(q >> 4) + m
+                }
+            }
+        case .i8:
+            for i in 0..<count { dst[i] = Float(src.load(fromByteOffset: i, as: Int8.self)) }
+        case .u8:
+            for i in 0..<count { dst[i] = Float(src.load(fromByteOffset: i, as: UInt8.self)) }
+        case .i32:
+            for i in 0..<count { dst[i] = Float(src.loadUnaligned(fromByteOffset: 4 * i, as: Int32.self)) }
+        case .i64:
+            for i in 0..<count { dst[i] = Float(src.loadUnaligned(fromByteOffset: 8 * i, as: Int64.self)) }
+        case .fp8e4m3, .e8m0, .mxfp4:
+            fatalError("\(dtype) dequantization arrives with the quantized-weights issue")
+        }
+    }
+}

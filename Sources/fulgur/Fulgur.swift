@@ -1,0 +1,7 @@
+import ArgumentParser
+import Fulgur
+
+@main
+struct FulgurCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "fulgur", abstract: "Fast MoE inference.")
+}

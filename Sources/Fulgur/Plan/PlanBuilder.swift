@@ -1,0 +1,125 @@
+/// Lowers a model spec and its tensors to a plan, checking every tensor's shape on the way
+/// so that a wrong checkpoint fails at load with the tensor's name, not later with garbage.
+public enum PlanBuilder {
+    public static func build(spec: ModelSpec, tensors: TensorSource) throws -> Plan {
+        let names = spec.names, hidden = spec.hiddenSize
+        func vector(_ name: String, _ count: Int) throws -> [Float] {
+            try tensors.tensor(name, shape: [count]).floats()
+        }
+        func optionalVector(_ name: String, _ count: Int, _ present: Bool) throws -> [Float]? {
+            present ? try vector(name, count) : nil
+        }
+        func linear(_ name: String, out: Int, in inFeatures: Int) throws -> LinearWeight {
+            try LinearWeight(tensors.tensor(name, shape: [out, inFeatures]))
+        }
+
+        var ops: [Op] = [.embed]
+        var widths: [Buffer: Int] = [.x: hidden, .h: hidden, .out: hidden, .q: 0, .k: 0, .v: 0, .attn: 0, .gate: 0, .up: 0, .act: 0]
+        func grow(_ b: Buffer, _ w: Int) { widths[b] = max(widths[b]!, w) }
+
+        for (i, layer) in spec.layers.enumerated() {
+            let a = layer.attention
+            let n = { (role: TensorNames.Role) in names.name(i, role) }
+            grow(.q, a.heads * a.headDim); grow(.k, a.kvHeads * a.headDim); grow(.v, a.kvHeads * a.valueHeadDim)
+            grow(.attn, a.heads * a.valueHeadDim)
+            ops.append(.rmsNorm(src: .x, dst: .h, weight: try vector(n(.attnNorm), hidden), eps: spec.rmsNormEps))
+            ops.append(.linear(src: .h, dst: .q, weight: try linear(n(.q), out: a.heads * a.headDim, in: hidden),
+                               bias: try optionalVector(n(.qBias), a.heads * a.headDim, a.qkvBias)))
+            ops.append(.linear(src: .h, dst: .k, weight: try linear(n(.k), out: a.kvHeads * a.headDim, in: hidden),
+                               bias: try optionalVector(n(.kBias), a.kvHeads * a.headDim, a.qkvBias)))
+            ops.append(.linear(src: .h, dst: .v, weight: try linear(n(.v), out: a.kvHeads * a.valueHeadDim, in: hidden),
+                               bias: try optionalVector(n(.vBias), a.kvHeads * a.valueHeadDim, a.qkvBias)))
+            if a.qkNorm {
+                ops.append(.rmsNorm(src: .q, dst: .q, weight: try vector(n(.qNorm), a.headDim), eps: spec.rmsNormEps))
+                ops.append(.rmsNorm(src: .k, dst: .k, weight: try vector(n(.kNorm), a.headDim), eps: spec.rmsNormEps))
+            }
+            if a.rope.rotaryDim > 0 {
+                ops.append(.rope(buffer: .q, headDim: a.headDim, rope: a.rope))
+                ops.append(.rope(buffer: .k, headDim: a.headDim, rope: a.rope))
+            }
+            if a.valueScale != 1 { ops.append(.scale(buffer: .v, factor: a.valueScale)) }
+            ops.append(.attention(layer: i, spec: a, sinks: try optionalVector(n(.sinks), a.heads, a.hasSinks)))
+            ops.append(.linear(src: .attn, dst: .out, weight: try linear(n(.o), out: hidden, in: a.heads * a.valueHeadDim),
+                               bias: try optionalVector(n(.oBias), hidden, a.outputBias)))
+            ops.append(.residual(src: .out))
+            ops.append(.rmsNorm(src: .x, dst: .h, weight: try vector(n(.ffnNorm), hidden), eps: spec.rmsNormEps))
+            switch layer.feedForward {
+            case .dense(let inter, let act):
+                grow(.gate, inter); grow(.up, inter); grow(.act, inter)
+                ops.append(.linear(src: .h, dst: .gate, weight: try linear(n(.gate), out: inter, in: hidden), bias: nil))
+                ops.append(.linear(src: .h, dst: .up, weight: try linear(n(.up), out: inter, in: hidden), bias: nil))
+                ops.append(.glu(activation: act))
+                ops.append(.linear(src: .act, dst: .out, weight: try linear(n(.down), out: hidden, in: inter), bias: nil))
+            case .moe(let m):
+                ops.append(.moe(src: .h, dst: .out, weights: try moeWeights(m, layer: i, spec: spec, tensors: tensors)))
+            }
+            ops.append(.residual(src: .out))
+        }
+        ops.append(.finalNorm(weight: try vector(names.finalNorm, hidden), eps: spec.rmsNormEps))
+
+        let table = try tensors.tensor(names.embedding)
+        guard table.shape == [spec.vocabSize, hidden] || (table.shape.count == 2 && table.shape[1] == hidden && table.shape[0] >= spec.vocabSize) else {
+            throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.embedding)' has shape \(table.shape), expected [\(spec.vocabSize), \(hidden)]")
+        }
+        let lmHead: LinearWeight
+        if let head = tensors.tensorIfPresent(names.lmHead) {
+            guard head.shape == [table.shape[0], hidden] else {
+                throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.lmHead)' has shape \(head.shape), expected [\(table.shape[0]), \(hidden)]")
+            }
+            lmHead = try LinearWeight(head)
+        } else if spec.tieWordEmbeddings {
+            lmHead = try LinearWeight(table)
+        } else {
+            throw FulgurError(.format, "\(tensors.sourceDescription): tensor '\(names.lmHead)' is missing and the config does not tie it to the embeddings")
+        }
+        return Plan(spec: spec, ops: ops, widths: widths, embedding: Embedding(table: table), lmHead: lmHead)
+    }
+
+    static func moeWeights(_ m: MoESpec, layer i: Int, spec: ModelSpec, tensors: TensorSource) throws -> MoEWeights {
+        let names = spec.names, hidden = spec.hiddenSize, inter = m.intermediate
+        let n = { (role: TensorNames.Role) in names.name(i, role) }
+        let router = try LinearWeight(tensors.tensor(n(.router), shape: [m.experts, hidden]))
+        let routerBias = m.routerBias ? try tensors.tensor(n(.routerBias), shape: [m.experts]).floats() : nil
+        var correction: [Float]? = nil
+        if case .sigmoidWithBias = m.routing {
+            correction = try tensors.tensor(n(.correctionBias), shape: [m.experts]).floats()
+        }
+        var experts: [ExpertWeights] = []
+        // Checkpoints store experts either one tensor per expert or stacked; take what is there.
+        let stacked = tensors.tensorIfPresent(n(.expertGateUp))
+        switch (m.layout, stacked) {
+        case (.gptOss, _):
+            let gu = try tensors.tensor(n(.expertGateUp), shape: [m.experts, hidden, 2 * inter])
+            let down = try tensors.tensor(n(.expertDownFused), shape: [m.experts, inter, hidden])
+            let guBias = try tensors.tensor(n(.expertGateUpBias), shape: [m.experts, 2 * inter]).floats()
+            let downBias = try tensors.tensor(n(.expertDownBias), shape: [m.experts, hidden]).floats()
+            for e in 0..<m.experts {
+                experts.append(ExpertWeights(
+                    gateUp: try LinearWeight(stacked: gu, index: e, transposed: true), gate: nil, up: nil,
+                    down: try LinearWeight(stacked: down, index: e, transposed: true),
+                    gateUpBias: Array(guBias[(e * 2 * inter)..<((e + 1) * 2 * inter)]),
+                    downBias: Array(downBias[(e * hidden)..<((e + 1) * hidden)]), interleaved: true))
+            }
+        case (_, .some(let gu)):
+            guard gu.shape == [m.experts, 2 * inter, hidden] else {
+                throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(gu.name)' has shape \(gu.shape), expected [\(m.experts), \(2 * inter), \(hidden)]")
+            }
+            let down = try tensors.tensor(n(.expertDownFused), shape: [m.experts, hidden, inter])
+            for e in 0..<m.experts {
+                experts.append(ExpertWeights(
+                    gateUp: try LinearWeight(stacked: gu, index: e), gate: nil, up: nil,
+                    down: try LinearWeight(stacked: down, index: e), gateUpBias: nil, downBias: nil, interleaved: false))
+            }
+        case (_, .none):
+            for e in 0..<m.experts {
+                experts.append(ExpertWeights(
+                    gateUp: nil,
+                    gate: try LinearWeight(tensors.tensor(names.name(i, .expertGate, expert: e), shape: [inter, hidden])),
+                    up: try LinearWeight(tensors.tensor(names.name(i, .expertUp, expert: e), shape: [inter, hidden])),
+                    down: try LinearWeight(tensors.tensor(names.name(i, .expertDown, expert: e), shape: [hidden, inter])),
+                    gateUpBias: nil, downBias: nil, interleaved: false))
+            }
+        }
+        return MoEWeights(spec: m, router: router, routerBias: routerBias, correctionBias: correction, experts: experts)
+    }
+}

@@ -1,0 +1,217 @@
+import Foundation
+
+/// Runs a plan on the CPU in f32, reading weights in their stored types. It is the
+/// correctness oracle of every other executor and runs the small default model.
+public final class CPUExecutor {
+    public let plan: Plan
+    public let maxStepTokens: Int
+    public let cache: KVCache
+    private var buffers: [[Float]]
+    private var positions: [Int] = []
+
+    public init(plan: Plan, maxPositions: Int? = nil, maxStepTokens: Int = 64) {
+        self.plan = plan
+        self.maxStepTokens = maxStepTokens
+        let ctx = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
+        cache = KVCache(spec: plan.spec, maxPositions: ctx, maxStepTokens: maxStepTokens)
+        buffers = Buffer.allCases.map { [Float](repeating: 0, count: maxStepTokens * max(plan.widths[$0] ?? 0, 1)) }
+    }
+
+    public var vocabSize: Int { plan.lmHead.outFeatures }
+
+    public enum Logits { case last, all, none }
+
+    /// Runs `tokens` at the next positions of the cache and returns logits (`[T, vocab]` for
+    /// `.all`, `[vocab]` for `.last`). Longer inputs are split into chunks of `maxStepTokens`.
+    public func forward(_ tokens: [Int], logits: Logits = .last) throws -> [Float] {
+        guard !tokens.isEmpty else { return [] }
+        guard cache.length + tokens.count <= cache.maxPositions else {
+            throw FulgurError(.usage, "context is full: \(cache.length) + \(tokens.count) tokens exceed the \(cache.maxPositions)-position context")
+        }
+        for t in tokens where t < 0 || t >= plan.embedding.table.shape[0] {
+            throw FulgurError(.usage, "token id \(t) is outside the vocabulary (0..<\(plan.embedding.table.shape[0]))")
+        }
+        var result: [Float] = []
+        var start = 0
+        while start < tokens.count {
+            let chunk = Array(tokens[start..<min(start + maxStepTokens, tokens.count)])
+            start += chunk.count
+            step(chunk)
+            let isLast = start == tokens.count
+            switch logits {
+            case .all: result += lmHead(rows: 0..<chunk.count)
+            case .last where isLast: result = lmHead(rows: (chunk.count - 1)..<chunk.count)
+            default: break
+            }
+        }
+        return result
+    }
+
+    /// The normed final hidden state of the last step, `[T, hidden]`.
+    public func lastHidden(rows: Int) -> [Float] {
+        Array(buffers[Buffer.h.rawValue][0..<(rows * plan.spec.hiddenSize)])
+    }
+
+    private func lmHead(rows: Range<Int>) -> [Float] {
+        let hidden = plan.spec.hiddenSize, vocab = plan.lmHead.outFeatures
+        var out = [Float](repeating: 0, count: rows.count * vocab)
+        buffers[Buffer.h.rawValue].withUnsafeBufferPointer { h in
+            out.withUnsafeMutableBufferPointer { o in
+                plan.lmHead.apply(h.baseAddress! + rows.lowerBound * hidden, tokens: rows.count, into: o.baseAddress!)
+            }
+        }
+        return out
+    }
+
+    private func step(_ tokens: [Int]) {
+        let T = tokens.count
+        positions = (0..<T).map { cache.length + $0 }
+        for op in plan.ops { run(op, tokens) }
+        cache.length += T
+    }
+
+    @inline(__always)
+    private func ptr(_ b: Buffer) -> UnsafeMutablePointer<Float> {
+        buffers[b.rawValue].withUnsafeMutableBufferPointer { $0.baseAddress! }
+    }
+
+    private func run(_ op: Op, _ tokens: [Int]) {
+        let T = tokens.count
+        switch op {
+        case .embed:
+            let table = plan.embedding.table, x = ptr(.x), hidden = plan.spec.hiddenSize
+            for (t, id) in tokens.enumerated() {
+                Dequant.row(table.dtype, table.data + id * table.rowBytes, hidden, x + t * hidden)
+            }
+        case .rmsNorm(let src, let dst, let weight, let eps):
+            let width = activeWidths[src.rawValue]
+            activeWidths[dst.rawValue] = width
+            rmsNorm(ptr(src), ptr(dst), rows: T * width / weight.count, weight: weight, eps: eps)
+        case .linear(let src, let dst, let w, let bias):
+            let b = bias
+            if let b {
+                b.withUnsafeBufferPointer { w.apply(ptr(src), tokens: T, bias: $0.baseAddress!, into: ptr(dst)) }
+            } else {
+                w.apply(ptr(src), tokens: T, into: ptr(dst))
+            }
+            activeWidths[dst.rawValue] = w.outFeatures
+        case .rope(let buffer, let headDim, let rope):
+            applyRoPE(ptr(buffer), width: activeWidths[buffer.rawValue], headDim: headDim, rope: rope, tokens: T)
+        case .scale(let buffer, let factor):
+            let p = ptr(buffer)
+            for i in 0..<(T * activeWidths[buffer.rawValue]) { p[i] *= factor }
+        case .attention(let layer, let spec, let sinks):
+            attention(layer: layer, spec: spec, sinks: sinks, tokens: T)
+        case .glu(let activation):
+            let gate = ptr(.gate), up = ptr(.up), act = ptr(.act), n = T * activeWidths[Buffer.gate.rawValue]
+            activeWidths[Buffer.act.rawValue] = activeWidths[Buffer.gate.rawValue]
+            for i in 0..<n { act[i] = Activations.glu(gate[i], up[i], activation) }
+        case .moe(let src, let dst, let weights):
+            MoE.run(weights, x: ptr(src), tokens: T, hidden: plan.spec.hiddenSize, out: ptr(dst))
+        case .residual(let src):
+            let x = ptr(.x), s = ptr(src)
+            for i in 0..<(T * plan.spec.hiddenSize) { x[i] += s[i] }
+        case .finalNorm(let weight, let eps):
+            rmsNorm(ptr(.x), ptr(.h), rows: T, weight: weight, eps: eps)
+        }
+    }
+
+    /// Current width of each buffer (set by the op that last wrote it).
+    private lazy var activeWidths: [Int] = Buffer.allCases.map { $0 == .x || $0 == .h || $0 == .out ? plan.spec.hiddenSize : 0 }
+
+    private func rmsNorm(_ src: UnsafeMutablePointer<Float>, _ dst: UnsafeMutablePointer<Float>, rows: Int, weight: [Float], eps: Float) {
+        let n = weight.count
+        for r in 0..<rows {
+            let s = src + r * n, d = dst + r * n
+            var sum: Float = 0
+            for i in 0..<n { sum += s[i] * s[i] }
+            let inv = 1 / (sum / Float(n) + eps).squareRoot()
+            for i in 0..<n { d[i] = weight[i] * (s[i] * inv) }
+        }
+    }
+
+    private func applyRoPE(_ p: UnsafeMutablePointer<Float>, width: Int, headDim: Int, rope: RoPESpec, tokens: Int) {
+        let heads = width / headDim, half = rope.rotaryDim / 2
+        for t in 0..<tokens {
+            let pos = Double(positions[t])
+            for i in 0..<half {
+                let angle = pos * rope.inverseFrequencies[i]
+                let c = Float(cos(angle) * rope.attentionFactor), s = Float(sin(angle) * rope.attentionFactor)
+                for h in 0..<heads {
+                    let base = p + t * width + h * headDim
+                    let (a, b) = rope.style == .neox ? (i, i + half) : (2 * i, 2 * i + 1)
+                    let x0 = base[a], x1 = base[b]
+                    base[a] = x0 * c - x1 * s
+                    base[b] = x1 * c + x0 * s
+                }
+            }
+        }
+    }
+
+    private func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, tokens T: Int) {
+        let q = ptr(.q), k = ptr(.k), v = ptr(.v), out = ptr(.attn)
+        let kw = a.kvHeads * a.headDim, vw = a.kvHeads * a.valueHeadDim
+        let qw = a.heads * a.headDim, ow = a.heads * a.valueHeadDim
+        activeWidths[Buffer.attn.rawValue] = ow
+        let group = a.heads / a.kvHeads
+        cache.withLayer(layer) { c in
+            for t in 0..<T {
+                let s = c.slot(positions[t])
+                for i in 0..<kw { c.keys[s * kw + i] = k[t * kw + i] }
+                for i in 0..<vw { c.values[s * vw + i] = v[t * vw + i] }
+            }
+            let layerCopy = c
+            layerCopy.keys.withUnsafeBufferPointer { keys in
+                layerCopy.values.withUnsafeBufferPointer { values in
+                    let work = T * a.heads * (positions[T - 1] + 1) * (a.headDim + a.valueHeadDim)
+                    Parallel.chunks(T * a.heads, work: work) { range in
+                        var scores = [Float](repeating: 0, count: positions[T - 1] + 1)
+                        for job in range {
+                            let t = job / a.heads, h = job % a.heads, kvh = h / group
+                            let pos = positions[t]
+                            let first = a.window.map { max(0, pos - $0 + 1) } ?? 0
+                            let qh = q + t * qw + h * a.headDim
+                            var maxScore = -Float.infinity
+                            for j in first...pos {
+                                let kp = keys.baseAddress! + layerCopy.slot(j) * kw + kvh * a.headDim
+                                var d: Float = 0
+                                for i in 0..<a.headDim { d += qh[i] * kp[i] }
+                                d *= a.softmaxScale
+                                scores[j - first] = d
+                                maxScore = max(maxScore, d)
+                            }
+                            let sink = sinks?[h]
+                            if let sink { maxScore = max(maxScore, sink) }
+                            var denom: Float = sink.map { exp($0 - maxScore) } ?? 0
+                            for j in 0...(pos - first) {
+                                scores[j] = exp(scores[j] - maxScore)
+                                denom += scores[j]
+                            }
+                            let oh = out + t * ow + h * a.valueHeadDim
+                            for i in 0..<a.valueHeadDim { oh[i] = 0 }
+                            for j in first...pos {
+                                let p = scores[j - first] / denom
+                                let vp = values.baseAddress! + layerCopy.slot(j) * vw + kvh * a.valueHeadDim
+                                for i in 0..<a.valueHeadDim { oh[i] += p * vp[i] }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Activations {
+    @inline(__always) static func silu(_ x: Float) -> Float { x / (1 + exp(-x)) }
+
+    @inline(__always) static func glu(_ gate: Float, _ up: Float, _ a: Activation) -> Float {
+        switch a {
+        case .silu:
+            return silu(gate) * up
+        case .clampedSwiGLU(let alpha, let limit):
+            let g = min(gate, limit), u = min(max(up, -limit), limit)
+            return (u + 1) * (g / (1 + exp(-g * alpha)))
+        }
+    }
+}

@@ -1,0 +1,122 @@
+import Foundation
+
+public struct GenerationParameters: Sendable {
+    public var maxTokens: Int = 256
+    public var sampling = SamplingParameters()
+    /// Generation ends when the text contains one of these; the stop string is not emitted.
+    public var stopStrings: [String] = []
+    /// Generation ends on these ids (the model's EOS ids by default); they are not emitted.
+    public var stopTokenIds: Set<Int> = []
+
+    public init(maxTokens: Int = 256, sampling: SamplingParameters = SamplingParameters(),
+                stopStrings: [String] = [], stopTokenIds: Set<Int> = []) {
+        self.maxTokens = maxTokens
+        self.sampling = sampling
+        self.stopStrings = stopStrings
+        self.stopTokenIds = stopTokenIds
+    }
+}
+
+public enum FinishReason: String, Sendable { case stop, length, cancelled }
+
+public struct GenerationResult: Sendable {
+    public var tokens: [Int] = []
+    public var text = ""
+    public var finishReason: FinishReason = .length
+    public var promptTokens = 0
+    /// Seconds from the start to the first generated token (prefill included).
+    public var timeToFirstToken: Double = 0
+    /// Seconds spent after the first token.
+    public var decodeSeconds: Double = 0
+
+    /// Tokens per second after the first one.
+    public var decodeTokensPerSecond: Double {
+        tokens.count > 1 && decodeSeconds > 0 ? Double(tokens.count - 1) / decodeSeconds : 0
+    }
+}
+
+/// Holds back the end of the text that could still grow into a stop string, so that a stop
+/// string split across tokens is never partly emitted.
+struct StopMatcher {
+    let stops: [String]
+    var pending = ""
+
+    /// Feeds new text; returns (text safe to emit, whether a stop string was hit).
+    mutating func feed(_ text: String) -> (String, Bool) {
+        pending += text
+        guard !stops.isEmpty else { defer { pending = "" }; return (pending, false) }
+        if let hit = stops.compactMap({ pending.range(of: $0) }).min(by: { $0.lowerBound < $1.lowerBound }) {
+            let out = String(pending[..<hit.lowerBound])
+            pending = ""
+            return (out, true)
+        }
+        // Keep the longest suffix of `pending` that is a proper prefix of some stop string.
+        var keep = 0
+        for s in stops {
+            for n in stride(from: min(s.count - 1, pending.count), through: 1, by: -1) where n > keep {
+                if pending.hasSuffix(s.prefix(n)) { keep = n; break }
+            }
+        }
+        let cut = pending.index(pending.endIndex, offsetBy: -keep)
+        let out = String(pending[..<cut])
+        pending = String(pending[cut...])
+        return (out, false)
+    }
+
+    mutating func flush() -> String { defer { pending = "" }; return pending }
+}
+
+/// Prefill, then the decode loop: sample, stream text, stop on EOS, a stop string or the
+/// token limit.
+public final class Generator {
+    public let executor: CPUExecutor
+
+    public init(executor: CPUExecutor) {
+        self.executor = executor
+    }
+
+    /// Generates after `prompt` (the cache is reset first). `decode` turns one id into the
+    /// text it completes (a streaming detokenizer); `onText` receives text as it becomes
+    /// final and returns false to cancel.
+    public func generate(prompt: [Int], parameters: GenerationParameters,
+                         decode: (Int) -> String, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+        guard !prompt.isEmpty else { throw FulgurError(.usage, "the prompt is empty") }
+        guard parameters.maxTokens >= 0 else { throw FulgurError(.usage, "max tokens must be >= 0") }
+        try parameters.sampling.validate()
+        let room = executor.cache.maxPositions - prompt.count
+        guard room > 0 else {
+            throw FulgurError(.usage, "the prompt has \(prompt.count) tokens; the context holds \(executor.cache.maxPositions)")
+        }
+        var result = GenerationResult()
+        result.promptTokens = prompt.count
+        let start = DispatchTime.now().uptimeNanoseconds
+        var firstTokenAt = start
+        executor.cache.reset()
+        var sampler = Sampler(parameters.sampling)
+        var stop = StopMatcher(stops: parameters.stopStrings.filter { !$0.isEmpty })
+        var logits = try executor.forward(prompt)
+        let limit = min(parameters.maxTokens, room)
+        result.finishReason = .length
+        loop: while result.tokens.count < limit {
+            let token = sampler.sample(logits)
+            if result.tokens.isEmpty { firstTokenAt = DispatchTime.now().uptimeNanoseconds }
+            if parameters.stopTokenIds.contains(token) { result.finishReason = .stop; break }
+            result.tokens.append(token)
+            let (text, hit) = stop.feed(decode(token))
+            result.text += text
+            if !text.isEmpty && !onText(text) { result.finishReason = .cancelled; break loop }
+            if hit { result.finishReason = .stop; break }
+            if result.tokens.count == limit { break }
+            logits = try executor.forward([token])
+        }
+        if result.finishReason != .stop {
+            let rest = stop.flush()
+            result.text += rest
+            if !rest.isEmpty { _ = onText(rest) }
+        }
+        let end = DispatchTime.now().uptimeNanoseconds
+        result.timeToFirstToken = Double(firstTokenAt - start) / 1e9
+        result.decodeSeconds = Double(end - firstTokenAt) / 1e9
+        return result
+    }
+}

@@ -38,7 +38,7 @@ public struct HFConfig: @unchecked Sendable {
         has(key) ? try int(key) : d
     }
     public func optionalInt(_ key: String) -> Int? {
-        guard let n = values[key] as? NSNumber, !(values[key] is Bool) || false else { return nil }
+        guard let n = values[key] as? NSNumber else { return nil }
         let d = n.doubleValue
         return d == d.rounded() ? n.intValue : nil
     }

@@ -12,9 +12,18 @@ enum MiMoV2Flash {
         guard mlpTypes.count == n else {
             throw FulgurError(.config, "\(c.path): 'mlp_layer_types' has \(mlpTypes.count) entries, expected \(n)")
         }
-        let hidden = try c.int("hidden_size"), heads = try c.int("num_attention_heads")
+        let heads = try c.int("num_attention_heads")
         let headDim = try c.int("head_dim", default: 192), vDim = try c.int("v_head_dim", default: 128)
         let kvHeads = try c.int("num_key_value_heads")
+        // Xiaomi's own config spells out the SWA shapes; transformers derives them (2x KV heads).
+        let swaKVHeads = try c.int("swa_num_key_value_heads", default: 2 * kvHeads)
+        let swaHeads = try c.int("swa_num_attention_heads", default: heads)
+        let swaHeadDim = try c.int("swa_head_dim", default: headDim), swaVDim = try c.int("swa_v_head_dim", default: vDim)
+        guard swaHeads == heads, swaHeadDim == headDim, swaVDim == vDim else {
+            throw FulgurError(.unsupported, "\(c.path): sliding-window layers with other query heads or head dims than full layers are not supported")
+        }
+        let fullSinks = try c.bool("add_full_attention_sink_bias", default: false)
+        let swaSinks = try c.bool("add_swa_attention_sink_bias", default: true)
         let bias = try c.bool("attention_bias", default: false)
         let valueScale = Float(try c.double("attention_value_scale", default: 1))
         let ropeParams = try c.object("rope_parameters")
@@ -39,8 +48,8 @@ enum MiMoV2Flash {
         let layers = try (0..<n).map { i -> LayerSpec in
             let swa = sliding[i]
             let attention = AttentionSpec(
-                heads: heads, kvHeads: swa ? 2 * kvHeads : kvHeads, headDim: headDim, valueHeadDim: vDim,
-                window: swa ? window : nil, hasSinks: swa, qkvBias: bias, outputBias: false, qkNorm: false,
+                heads: heads, kvHeads: swa ? swaKVHeads : kvHeads, headDim: headDim, valueHeadDim: vDim,
+                window: swa ? window : nil, hasSinks: swa ? swaSinks : fullSinks, qkvBias: bias, outputBias: false, qkNorm: false,
                 valueScale: valueScale, softmaxScale: 1 / Float(headDim).squareRoot(), rope: swa ? swaRoPE : fullRoPE)
             switch mlpTypes[i] {
             case "dense":
@@ -51,8 +60,9 @@ enum MiMoV2Flash {
                 throw FulgurError(.config, "\(c.path): mlp layer type '\(mlpTypes[i])' is not supported (dense, sparse)")
             }
         }
-        _ = hidden
-        return try DecoderConfig.base(c, architecture: "MiMoV2FlashForCausalLM", layers: layers, names: .huggingFace())
+        var names = TensorNames.huggingFace()
+        names.roles[.sinks] = "self_attn.attention_sink_bias"
+        return try DecoderConfig.base(c, architecture: "MiMoV2FlashForCausalLM", layers: layers, names: names)
     }
 }
 

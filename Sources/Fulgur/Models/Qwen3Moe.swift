@@ -7,7 +7,7 @@ enum Qwen3Moe {
         let dense = Set((c.values["mlp_only_layers"] as? [Int]) ?? [])
         let step = try c.int("decoder_sparse_step", default: 1)
         let moe = MoESpec(
-            experts: try c.int("num_experts"), topK: try c.int("num_experts_per_tok"),
+            experts: try c.has("num_experts") ? c.int("num_experts") : c.int("num_local_experts"), topK: try c.int("num_experts_per_tok"),
             intermediate: try c.int("moe_intermediate_size"),
             routing: .softmaxTopK(normalize: try c.bool("norm_topk_prob", default: false)),
             routerBias: false, expertBias: false, activation: .silu, layout: .perExpert)

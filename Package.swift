@@ -1,6 +1,13 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// AVX2, FMA and F16C (every x86-64 server since 2013) for the CPU executor's kernels.
+#if arch(x86_64)
+let cpuFlags: [SwiftSetting] = [.unsafeFlags(["-target-cpu", "haswell"])]
+#else
+let cpuFlags: [SwiftSetting] = []
+#endif
+
 let package = Package(
     name: "Fulgur",
     platforms: [.macOS(.v14)],
@@ -14,7 +21,7 @@ let package = Package(
     targets: [
         .target(
             name: "Fulgur",
-            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+            swiftSettings: cpuFlags
         ),
         .executableTarget(
             name: "fulgur",

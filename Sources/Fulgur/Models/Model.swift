@@ -10,7 +10,7 @@ public final class Model {
     /// GGUF metadata when loaded from GGUF (tokenizer and chat template live there).
     public let gguf: GGUFFile?
 
-    public init(path: String) throws {
+    public init(path: String, progress: ((Int, Int) -> Void)? = nil) throws {
         self.path = path
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
@@ -32,7 +32,7 @@ public final class Model {
             tensors = g
             gguf = g
         }
-        plan = try PlanBuilder.build(spec: spec, tensors: tensors)
+        plan = try PlanBuilder.build(spec: spec, tensors: tensors, progress: progress)
     }
 
     /// Parameters counted from the tensors the plan uses.

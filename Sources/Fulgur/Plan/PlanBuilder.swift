@@ -1,7 +1,7 @@
 /// Lowers a model spec and its tensors to a plan, checking every tensor's shape on the way
 /// so that a wrong checkpoint fails at load with the tensor's name, not later with garbage.
 public enum PlanBuilder {
-    public static func build(spec: ModelSpec, tensors: TensorSource) throws -> Plan {
+    public static func build(spec: ModelSpec, tensors: TensorSource, progress: ((Int, Int) -> Void)? = nil) throws -> Plan {
         let names = spec.names, hidden = spec.hiddenSize
         func vector(_ name: String, _ count: Int) throws -> [Float] {
             try tensors.tensor(name, shape: [count]).floats()
@@ -54,6 +54,7 @@ public enum PlanBuilder {
                 ops.append(.moe(src: .h, dst: .out, weights: try moeWeights(m, layer: i, spec: spec, tensors: tensors)))
             }
             ops.append(.residual(src: .out))
+            progress?(i + 1, spec.layers.count)
         }
         ops.append(.finalNorm(weight: try vector(names.finalNorm, hidden), eps: spec.rmsNormEps))
 

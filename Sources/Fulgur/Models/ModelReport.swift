@@ -1,0 +1,92 @@
+import Foundation
+
+/// What `fulgur inspect` prints: architecture, size, storage types, memory, and the layers.
+public struct ModelReport {
+    public let model: Model
+    public let context: Int?
+
+    public init(model: Model, context: Int? = nil) {
+        self.model = model
+        self.context = context
+    }
+
+    static func bytes(_ n: Int) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var v = Double(n), u = 0
+        while v >= 1024 && u < units.count - 1 { v /= 1024; u += 1 }
+        return u == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[u])
+    }
+
+    static func count(_ n: Int) -> String {
+        n >= 1_000_000_000 ? String(format: "%.2fB", Double(n) / 1e9)
+            : n >= 1_000_000 ? String(format: "%.1fM", Double(n) / 1e6) : "\(n)"
+    }
+
+    public func render(listTensors: Bool = false) -> String {
+        let spec = model.spec, t = model.tensors
+        var lines: [String] = []
+        lines.append("model:          \(model.path)")
+        lines.append("architecture:   \(spec.architecture)")
+        lines.append("parameters:     \(Self.count(model.parameterCount))")
+        lines.append("weights:        \(Self.bytes(model.weightBytes)) as stored (memory-mapped)")
+        var byType: [DType: (tensors: Int, elements: Int, bytes: Int)] = [:]
+        for name in t.tensorNames {
+            guard let v = t.tensorIfPresent(name) else { continue }
+            let e = byType[v.dtype] ?? (0, 0, 0)
+            byType[v.dtype] = (e.tensors + 1, e.elements + v.elementCount, e.bytes + v.byteCount)
+        }
+        lines.append("storage types:")
+        for (d, e) in byType.sorted(by: { $0.value.bytes > $1.value.bytes }) {
+            lines.append("  \(d.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0)) \(String(e.tensors).leftPad(5)) tensors  \(Self.count(e.elements).leftPad(8)) values  \(Self.bytes(e.bytes))")
+        }
+        lines.append("vocabulary:     \(spec.vocabSize)")
+        lines.append("hidden size:    \(spec.hiddenSize)")
+        lines.append("max positions:  \(spec.maxPositions)")
+        let ctx = min(context ?? 8192, spec.maxPositions)
+        let kv = KVCache.bytes(spec: spec, maxPositions: ctx, maxStepTokens: 64)
+        lines.append("KV cache:       \(Self.bytes(kv)) for \(ctx) positions (f32)")
+        lines.append("decode step:    reads \(Self.bytes(model.plan.bytesPerDecodeStep)) of weights per token")
+        lines.append("layers:         \(spec.layerCount)")
+        var groups: [(String, [Int])] = []
+        for (i, l) in spec.layers.enumerated() {
+            let a = l.attention
+            var d = a.window.map { "sliding(\($0))" } ?? "full"
+            d += " attention, \(a.heads) q / \(a.kvHeads) kv heads, head dim \(a.headDim)"
+            if a.valueHeadDim != a.headDim { d += "/\(a.valueHeadDim)" }
+            if a.rope.rotaryDim != a.headDim { d += ", rope on \(a.rope.rotaryDim) dims" }
+            if a.hasSinks { d += ", sinks" }
+            if a.qkNorm { d += ", q/k norm" }
+            switch l.feedForward {
+            case .dense(let inter, _): d += "; dense MLP \(inter)"
+            case .moe(let m): d += "; MoE \(m.experts) experts x \(m.intermediate), top-\(m.topK)"
+            }
+            if let last = groups.last, last.0 == d { groups[groups.count - 1].1.append(i) } else { groups.append((d, [i])) }
+        }
+        for (d, idx) in groups {
+            let range = idx.count == 1 ? "\(idx[0])" : "\(idx.first!)-\(idx.last!)"
+            lines.append("  \(range.leftPad(7)): \(d)")
+        }
+        if listTensors {
+            lines.append("tensors:")
+            for name in t.tensorNames {
+                guard let v = t.tensorIfPresent(name) else { continue }
+                lines.append("  \(name)  \(v.dtype.rawValue)  \(v.shape)")
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
+extension String {
+    func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
+}
+
+extension KVCache {
+    static func bytes(spec: ModelSpec, maxPositions: Int, maxStepTokens: Int) -> Int {
+        spec.layers.reduce(0) { total, l in
+            let a = l.attention
+            let cap = a.window.map { min($0 + maxStepTokens, maxPositions) } ?? maxPositions
+            return total + 4 * cap * a.kvHeads * (a.headDim + a.valueHeadDim)
+        }
+    }
+}

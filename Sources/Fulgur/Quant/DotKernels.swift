@@ -1,93 +1,182 @@
 /// Fused dequantize-and-dot kernels: one weight row (in its stored type) against f32
 /// activations. These are the CPU executor's inner loops; decode time is spent here.
-/// Quantized rows are never expanded to memory: each 32-element block is converted in SIMD
-/// registers and multiplied at once.
+///
+/// Quantized blocks are never expanded to memory. Nibbles and bytes are pulled out of
+/// 32-bit words with shifts and masks, and turned into floats with the 2^23 trick
+/// (`bits | 0x4B000000` is the float 2^23 + value), so that every step is one AVX2
+/// instruction on 8 lanes. The lanes then hold the block's elements in a shuffled order;
+/// instead of unshuffling each row, the activations are shuffled once per product
+/// (`ActivationPack`) into the same order.
 enum DotKernels {
+    static let magic: Float = 8_388_608  // 2^23
+
     @inline(__always)
-    static func loadX(_ x: UnsafePointer<Float>, _ i: Int) -> SIMD16<Float> {
-        UnsafeRawPointer(x + i).loadUnaligned(as: SIMD16<Float>.self)
+    static func lanes(_ bits: SIMD8<UInt32>) -> SIMD8<Float> {
+        unsafeBitCast(bits | 0x4B00_0000, to: SIMD8<Float>.self)
+    }
+
+    @inline(__always)
+    static func load8(_ p: UnsafeRawPointer, _ byteOffset: Int) -> SIMD8<Float> {
+        p.loadUnaligned(fromByteOffset: byteOffset, as: SIMD8<Float>.self)
     }
 
     static func f32(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        let wf = w.assumingMemoryBound(to: Float.self)
-        var acc = SIMD16<Float>()
+        var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
+        let xr = UnsafeRawPointer(x)
         var i = 0
         while i + 16 <= n {
-            acc.addProduct(UnsafeRawPointer(wf + i).loadUnaligned(as: SIMD16<Float>.self), loadX(x, i))
+            acc0.addProduct(load8(w, 4 * i), load8(xr, 4 * i))
+            acc1.addProduct(load8(w, 4 * i + 32), load8(xr, 4 * i + 32))
             i += 16
         }
-        var s = acc.sum()
+        var s = (acc0 + acc1).sum()
+        let wf = w.assumingMemoryBound(to: Float.self)
         while i < n { s += wf[i] * x[i]; i += 1 }
         return s
     }
 
+    /// bf16: each 32-bit word holds elements 2j (low half) and 2j+1 (high half); shifting
+    /// or masking gives their f32 bits. `x` is packed per 16 elements as [evens, odds].
     static func bf16(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD16<Float>()
+        var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
+        let xr = UnsafeRawPointer(x)
         var i = 0
         while i + 16 <= n {
-            let bits = SIMD16<UInt32>(truncatingIfNeeded: w.loadUnaligned(fromByteOffset: 2 * i, as: SIMD16<UInt16>.self)) &<< 16
-            acc.addProduct(unsafeBitCast(bits, to: SIMD16<Float>.self), loadX(x, i))
+            let words = w.loadUnaligned(fromByteOffset: 2 * i, as: SIMD8<UInt32>.self)
+            acc0.addProduct(unsafeBitCast(words &<< 16, to: SIMD8<Float>.self), load8(xr, 4 * i))
+            acc1.addProduct(unsafeBitCast(words & 0xFFFF_0000, to: SIMD8<Float>.self), load8(xr, 4 * i + 32))
             i += 16
         }
-        var s = acc.sum()
+        var s = (acc0 + acc1).sum()
         while i < n { s += bf16ToFloat(w.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) * x[i]; i += 1 }
         return s
     }
 
     static func f16(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD16<Float>()
-        var i = 0
-        while i + 16 <= n {
-            let h = unsafeBitCast(w.loadUnaligned(fromByteOffset: 2 * i, as: SIMD16<UInt16>.self), to: SIMD16<Float16>.self)
-            acc.addProduct(SIMD16<Float>(h), loadX(x, i))
-            i += 16
-        }
-        var s = acc.sum()
-        while i < n { s += f16ToFloat(w.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) * x[i]; i += 1 }
+        var s: Float = 0
+        for i in 0..<n { s += f16ToFloat(w.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) * x[i] }
         return s
     }
 
-    /// q8_0: value = d * q.
+    /// q8_0 (34-byte blocks: f16 d, 32 x i8). Shift 8k of word j gives element 4j + k; the
+    /// sign is restored by xor 0x80 before the 2^23 trick and a bias of 128 after.
     static func q8_0(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD16<Float>()
+        var acc = SIMD8<Float>()
+        let xr = UnsafeRawPointer(x)
         for b in 0..<(n / 32) {
             let blk = w + b * 34
-            let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
-            let q0 = SIMD16<Float>(blk.loadUnaligned(fromByteOffset: 2, as: SIMD16<Int8>.self))
-            let q1 = SIMD16<Float>(blk.loadUnaligned(fromByteOffset: 18, as: SIMD16<Int8>.self))
-            acc.addProduct(SIMD16(repeating: d), q0 * loadX(x, 32 * b) + q1 * loadX(x, 32 * b + 16))
+            let words = blk.loadUnaligned(fromByteOffset: 2, as: SIMD8<UInt32>.self) ^ 0x8080_8080
+            let xb = 128 * b
+            var a = SIMD8<Float>()
+            a.addProduct(lanes(words & 0xFF) - (magic + 128), load8(xr, xb))
+            a.addProduct(lanes((words &>> 8) & 0xFF) - (magic + 128), load8(xr, xb + 32))
+            a.addProduct(lanes((words &>> 16) & 0xFF) - (magic + 128), load8(xr, xb + 64))
+            a.addProduct(lanes(words &>> 24) - (magic + 128), load8(xr, xb + 96))
+            acc.addProduct(SIMD8(repeating: f16ToFloat(blk.loadUnaligned(as: UInt16.self))), a)
         }
         return acc.sum()
     }
 
-    /// q4_0: value = d * (q - 8) = d * q - 8 d; the -8 d term uses the block sums of x.
-    static func q4_0(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD16<Float>()
+    /// q4_0 / q4_1 (18- or 20-byte blocks), two blocks per step: lanes 0-3 hold words of
+    /// block b, lanes 4-7 of block b+1; shift 4k gives element (k odd ? 16 : 0) + 4j + k/2.
+    /// q4_1: value = d q + m, the m term from the block sums of x.
+    /// q4_0: value = d (q - 8), the -8 folded into the 2^23 bias.
+    @inline(__always)
+    static func q4(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int,
+                   blockBytes: Int, hasMin: Bool) -> Float {
+        let blocks = n / 32, qOffset = hasMin ? 4 : 2
+        let bias: Float = hasMin ? magic : magic + 8
+        var acc = SIMD8<Float>()
         var offset: Float = 0
-        for b in 0..<(n / 32) {
-            let blk = w + b * 18
+        let xr = UnsafeRawPointer(x)
+        var b = 0
+        while b + 2 <= blocks {
+            let b0 = w + b * blockBytes, b1 = b0 + blockBytes
+            let words = SIMD8(lowHalf: b0.loadUnaligned(fromByteOffset: qOffset, as: SIMD4<UInt32>.self),
+                              highHalf: b1.loadUnaligned(fromByteOffset: qOffset, as: SIMD4<UInt32>.self))
+            let xb = 128 * b
+            var a0 = SIMD8<Float>(), a1 = SIMD8<Float>()
+            a0.addProduct(lanes(words & 0xF) - bias, load8(xr, xb))
+            a1.addProduct(lanes((words &>> 4) & 0xF) - bias, load8(xr, xb + 32))
+            a0.addProduct(lanes((words &>> 8) & 0xF) - bias, load8(xr, xb + 64))
+            a1.addProduct(lanes((words &>> 12) & 0xF) - bias, load8(xr, xb + 96))
+            a0.addProduct(lanes((words &>> 16) & 0xF) - bias, load8(xr, xb + 128))
+            a1.addProduct(lanes((words &>> 20) & 0xF) - bias, load8(xr, xb + 160))
+            a0.addProduct(lanes((words &>> 24) & 0xF) - bias, load8(xr, xb + 192))
+            a1.addProduct(lanes(words &>> 28) - bias, load8(xr, xb + 224))
+            let d0 = f16ToFloat(b0.loadUnaligned(as: UInt16.self)), d1 = f16ToFloat(b1.loadUnaligned(as: UInt16.self))
+            acc.addProduct(SIMD8(d0, d0, d0, d0, d1, d1, d1, d1), a0 + a1)
+            if hasMin {
+                offset += f16ToFloat(b0.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) * xsum[b]
+                offset += f16ToFloat(b1.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) * xsum[b + 1]
+            }
+            b += 2
+        }
+        var s = acc.sum() + offset
+        if b < blocks {  // an odd last block, packed in natural order
+            let blk = w + b * blockBytes
             let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
-            let qs = blk.loadUnaligned(fromByteOffset: 2, as: SIMD16<UInt8>.self)
-            let lo = SIMD16<Float>(qs & 0x0F), hi = SIMD16<Float>(qs &>> 4)
-            acc.addProduct(SIMD16(repeating: d), lo * loadX(x, 32 * b) + hi * loadX(x, 32 * b + 16))
-            offset += d * xsum[b]
+            let m = hasMin ? f16ToFloat(blk.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) : 0
+            var t: Float = 0
+            for j in 0..<16 {
+                let q = blk.load(fromByteOffset: qOffset + j, as: UInt8.self)
+                t += (Float(q & 0xF) - (hasMin ? 0 : 8)) * x[32 * b + j] + (Float(q >> 4) - (hasMin ? 0 : 8)) * x[32 * b + j + 16]
+            }
+            s += d * t + m * xsum[b]
         }
-        return acc.sum() - 8 * offset
+        return s
     }
+}
 
-    /// q4_1: value = d * q + m; the m term uses the block sums of x.
-    static func q4_1(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD16<Float>()
-        var offset: Float = 0
-        for b in 0..<(n / 32) {
-            let blk = w + b * 20
-            let dm = blk.loadUnaligned(as: SIMD2<UInt16>.self)
-            let d = f16ToFloat(dm[0]), m = f16ToFloat(dm[1])
-            let qs = blk.loadUnaligned(fromByteOffset: 4, as: SIMD16<UInt8>.self)
-            let lo = SIMD16<Float>(qs & 0x0F), hi = SIMD16<Float>(qs &>> 4)
-            acc.addProduct(SIMD16(repeating: d), lo * loadX(x, 32 * b) + hi * loadX(x, 32 * b + 16))
-            offset += m * xsum[b]
+/// Activations rearranged for one weight type's kernel, once per product, plus the block
+/// sums the q4 kernels need.
+struct ActivationPack {
+    var values: [Float]
+    var blockSums: [Float]
+
+    init(_ x: UnsafePointer<Float>, tokens: Int, columns n: Int, for dtype: DType) {
+        values = [Float](repeating: 0, count: tokens * n)
+        blockSums = []
+        values.withUnsafeMutableBufferPointer { out in
+            for t in 0..<tokens {
+                let src = x + t * n, dst = out.baseAddress! + t * n
+                switch dtype {
+                case .bf16:
+                    let whole = n / 16 * 16
+                    for c in stride(from: 0, to: whole, by: 16) {
+                        for j in 0..<8 { dst[c + j] = src[c + 2 * j]; dst[c + 8 + j] = src[c + 2 * j + 1] }
+                    }
+                    for i in whole..<n { dst[i] = src[i] }
+                case .q8_0:
+                    for b in 0..<(n / 32) {
+                        for k in 0..<4 { for j in 0..<8 { dst[32 * b + 8 * k + j] = src[32 * b + 4 * j + k] } }
+                    }
+                case .q4_0, .q4_1:
+                    let blocks = n / 32
+                    for p in stride(from: 0, to: blocks - 1, by: 2) {
+                        for k in 0..<8 {
+                            for lane in 0..<8 {
+                                let element = 32 * (p + lane / 4) + (k & 1 == 1 ? 16 : 0) + 4 * (lane % 4) + k / 2
+                                dst[32 * p + 8 * k + lane] = src[element]
+                            }
+                        }
+                    }
+                    if blocks % 2 == 1 { for i in (32 * (blocks - 1))..<n { dst[i] = src[i] } }
+                default:
+                    dst.update(from: src, count: n)
+                }
+            }
         }
-        return acc.sum() + offset
+        if dtype == .q4_0 || dtype == .q4_1 {
+            let blocks = n / 32
+            blockSums = [Float](repeating: 0, count: tokens * blocks)
+            for t in 0..<tokens {
+                for b in 0..<blocks {
+                    var s: Float = 0
+                    for j in 0..<32 { s += x[t * n + 32 * b + j] }
+                    blockSums[t * blocks + b] = s
+                }
+            }
+        }
     }
 }

@@ -60,33 +60,27 @@ public struct LinearWeight: @unchecked Sendable {
 
     private func applyRows(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
         let n = inFeatures, rowBytes = storedRowBytes, dtype = self.dtype, data = self.data, outN = outFeatures
-        // Block sums of x serve the zero-point terms of q4_0/q4_1.
-        var xsum = [Float](repeating: 0, count: tokens * (n / 32))
-        if dtype == .q4_0 || dtype == .q4_1 {
-            for t in 0..<tokens { for b in 0..<(n / 32) {
-                var s: Float = 0
-                for j in 0..<32 { s += x[t * n + b * 32 + j] }
-                xsum[t * (n / 32) + b] = s
-            } }
-        }
-        xsum.withUnsafeBufferPointer { xs in
-            let xsumBase = xs.baseAddress
-            Parallel.chunks(outN, work: outN * n * tokens) { rows in
-                for r in rows {
-                    let w = data + r * rowBytes
-                    for t in 0..<tokens {
-                        let xt = x + t * n
-                        let v: Float
-                        switch dtype {
-                        case .f32: v = DotKernels.f32(w, xt, n)
-                        case .bf16: v = DotKernels.bf16(w, xt, n)
-                        case .f16: v = DotKernels.f16(w, xt, n)
-                        case .q8_0: v = DotKernels.q8_0(w, xt, n)
-                        case .q4_0: v = DotKernels.q4_0(w, xt, xsumBase! + t * (n / 32), n)
-                        case .q4_1: v = DotKernels.q4_1(w, xt, xsumBase! + t * (n / 32), n)
-                        default: fatalError("unreachable: dtype checked at init")
+        let pack = ActivationPack(x, tokens: tokens, columns: n, for: dtype)
+        pack.values.withUnsafeBufferPointer { xs in
+            pack.blockSums.withUnsafeBufferPointer { sums in
+                let xp = xs.baseAddress!, sp = sums.baseAddress, blocks = n / 32
+                Parallel.chunks(outN, work: outN * n * tokens) { rows in
+                    for r in rows {
+                        let w = data + r * rowBytes
+                        for t in 0..<tokens {
+                            let xt = xp + t * n
+                            let v: Float
+                            switch dtype {
+                            case .f32: v = DotKernels.f32(w, xt, n)
+                            case .bf16: v = DotKernels.bf16(w, xt, n)
+                            case .f16: v = DotKernels.f16(w, xt, n)
+                            case .q8_0: v = DotKernels.q8_0(w, xt, n)
+                            case .q4_0: v = DotKernels.q4(w, xt, sp! + t * blocks, n, blockBytes: 18, hasMin: false)
+                            case .q4_1: v = DotKernels.q4(w, xt, sp! + t * blocks, n, blockBytes: 20, hasMin: true)
+                            default: fatalError("unreachable: dtype checked at init")
+                            }
+                            out[t * outN + r] = v
                         }
-                        out[t * outN + r] = v
                     }
                 }
             }

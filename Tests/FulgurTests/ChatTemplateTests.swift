@@ -80,7 +80,9 @@ struct ChatTemplateTests {
 
     @Test func unsupportedSyntaxNamesTheConstructAndLine() {
         expectTemplateError("line one\n{% include 'other.jinja' %}", ["'{% include %}'", "not supported", "line 2"])
-        expectTemplateError("a\nb\n{{ x|wordwrap(3) }}", ["filter 'wordwrap'", "line 3"])
+        expectTemplateError("a\nb\n{% if false %}{{ x|wordwrap(3) }}{% endif %}", ["filter 'wordwrap'", "line 3"])
+        expectTemplateError("{{ [1]|map('wordwrap')|list }}", ["filter 'wordwrap'"])
+        expectTemplateError("{{ [1]|select('prime')|list }}", ["test 'prime'"])
         expectTemplateError("{{ x is prime }}", ["test 'prime'"])
         expectTemplateError("{% frobnicate %}", ["unknown tag '{% frobnicate %}'"])
         expectTemplateError("{% for x in y recursive %}{% endfor %}", ["recursive"])

@@ -9,6 +9,19 @@ import Darwin
 
 extension Interpreter {
     static let globalFunctions: Set<String> = ["raise_exception", "strftime_now", "namespace", "range", "dict"]
+    /// Checked at parse time, as jinja2 does, so a template that needs a missing filter or
+    /// test fails when it is loaded rather than on the one conversation that reaches it.
+    static let filterNames: Set<String> = [
+        "safe", "string", "trim", "upper", "lower", "capitalize", "title", "length", "count", "first", "last",
+        "reverse", "list", "join", "default", "d", "items", "map", "select", "reject", "selectattr", "rejectattr",
+        "replace", "int", "float", "abs", "round", "unique", "sort", "tojson",
+    ]
+    static let testNames: Set<String> = [
+        "defined", "undefined", "none", "boolean", "true", "false", "integer", "float", "number", "string",
+        "mapping", "callable", "iterable", "sequence", "even", "odd", "divisibleby", "eq", "equalto", "==", "ne",
+        "!=", "lt", "lessthan", "<", "le", "<=", "gt", "greaterthan", ">", "ge", ">=", "in", "sameas", "lower",
+        "upper",
+    ]
 
     // MARK: Filters
 
@@ -19,13 +32,13 @@ extension Interpreter {
         case "string":
             return .string(value.text)
         case "trim":
-            return .string(strip(value.text, chars: try optionalString(args.value(0, "chars")), leading: true, trailing: true))
+            return .string(pyStrip(value.text, chars: try optionalString(args.value(0, "chars")), leading: true, trailing: true))
         case "upper":
             return .string(value.text.uppercased())
         case "lower":
             return .string(value.text.lowercased())
         case "capitalize":
-            return .string(capitalize(value.text))
+            return .string(pyCapitalize(value.text))
         case "title":
             return .string(jinjaTitle(value.text))
         case "length", "count":
@@ -35,7 +48,11 @@ extension Interpreter {
         case "last":
             return try iterate(value).last ?? .undefined("last item of an empty sequence")
         case "reverse":
-            if case .string(let s) = value { return .string(String(String.UnicodeScalarView(s.unicodeScalars.reversed()))) }
+            if case .string(let s) = value {
+                var reversed = String.UnicodeScalarView()
+                for c in s.unicodeScalars.reversed() { reversed.append(c) }
+                return .string(String(reversed))
+            }
             return .list(try iterate(value).reversed())
         case "list":
             return .list(try iterate(value))
@@ -82,7 +99,7 @@ extension Interpreter {
             guard let old = args.value(0, "old"), let new = args.value(1, "new") else {
                 throw TemplateFailure("'replace' needs the old and new strings")
             }
-            return .string(replace(value.text, old.text, new.text, count: args.value(2, "count")?.integer ?? -1))
+            return .string(pyReplace(value.text, old.text, new.text, count: args.value(2, "count")?.integer ?? -1))
         case "int":
             return toInt(value) ?? args.value(0, "default") ?? .int(0)
         case "float":
@@ -182,7 +199,7 @@ extension Interpreter {
         switch value {
         case .double(let d): return d.isFinite ? .int(Int(d)) : nil
         case .string(let s):
-            let trimmed = strip(s, chars: nil, leading: true, trailing: true).replacingUnderscores
+            let trimmed = String(pyStrip(s, chars: nil, leading: true, trailing: true).filter { $0 != "_" })
             if let i = Int(trimmed) { return .int(i) }
             return Double(trimmed).flatMap { $0.isFinite ? .int(Int($0)) : nil }
         default: return value.integer.map(Value.int)
@@ -190,7 +207,7 @@ extension Interpreter {
     }
 
     private func toDouble(_ value: Value) -> Double? {
-        if case .string(let s) = value { return Double(strip(s, chars: nil, leading: true, trailing: true)) }
+        if case .string(let s) = value { return Double(pyStrip(s, chars: nil, leading: true, trailing: true)) }
         return value.number
     }
 
@@ -311,27 +328,24 @@ extension Interpreter {
             case let v?: candidates = [v]
             case nil: throw TemplateFailure("str.\(name)() needs an argument")
             }
-            let scalars = Array(s.unicodeScalars)
             return .bool(try candidates.contains { candidate in
                 guard case .string(let c) = candidate else { throw TemplateFailure("str.\(name)() needs strings") }
-                let affix = Array(c.unicodeScalars)
-                return name == "startswith" ? scalars.starts(with: affix) : scalars.reversed().starts(with: affix.reversed())
+                return name == "startswith" ? pyStartsWith(s, c) : pyEndsWith(s, c)
             })
         case "strip", "lstrip", "rstrip":
             let chars = try optionalString(args.value(0, "chars"))
-            return .string(strip(s, chars: chars, leading: name != "rstrip", trailing: name != "lstrip"))
+            return .string(pyStrip(s, chars: chars, leading: name != "rstrip", trailing: name != "lstrip"))
         case "split":
             let separator = try optionalString(args.value(0, "sep"))
-            return .list(try split(s, separator, maxSplit: args.value(1, "maxsplit")?.integer ?? -1).map(Value.string))
+            return .list(try pySplit(s, separator, maxSplit: args.value(1, "maxsplit")?.integer ?? -1).map(Value.string))
         case "replace":
-            return .string(replace(s, try stringArgument(0, "old"), try stringArgument(1, "new"), count: args.value(2, "count")?.integer ?? -1))
+            return .string(pyReplace(s, try stringArgument(0, "old"), try stringArgument(1, "new"), count: args.value(2, "count")?.integer ?? -1))
         case "upper": return .string(s.uppercased())
         case "lower": return .string(s.lowercased())
-        case "title": return .string(pythonTitle(s))
-        case "capitalize": return .string(capitalize(s))
+        case "title": return .string(pyTitle(s))
+        case "capitalize": return .string(pyCapitalize(s))
         case "find":
-            let needle = Array(try stringArgument(0, "sub").unicodeScalars)
-            return .int(scalarIndex(of: needle, in: Array(s.unicodeScalars), from: args.value(1, "start")?.integer ?? 0) ?? -1)
+            return .int(pyFind(s, try stringArgument(0, "sub"), start: args.value(1, "start")?.integer ?? 0))
         case "join":
             return .string(try iterate(args.value(0, "iterable") ?? .list([])).map { item in
                 guard case .string(let text) = item else { throw TemplateFailure("str.join() needs strings, found \(item.typeName)") }
@@ -387,105 +401,4 @@ extension Interpreter {
         case let v?: throw TemplateFailure("expected a string argument, got \(v.typeName)")
         }
     }
-}
-
-// MARK: - Python string semantics
-
-private func strip(_ s: String, chars: String?, leading: Bool, trailing: Bool) -> String {
-    let set = chars.map { Set($0.unicodeScalars) }
-    let drop = { (c: Unicode.Scalar) in set?.contains(c) ?? isPythonWhitespace(c) }
-    var scalars = Substring(s).unicodeScalars[...]
-    if leading { while let c = scalars.first, drop(c) { scalars.removeFirst() } }
-    if trailing { while let c = scalars.last, drop(c) { scalars.removeLast() } }
-    return String(String.UnicodeScalarView(scalars))
-}
-
-private func split(_ s: String, _ separator: String?, maxSplit: Int) throws -> [String] {
-    let scalars = Array(s.unicodeScalars)
-    let text = { (r: Range<Int>) in String(String.UnicodeScalarView(scalars[r])) }
-    var parts: [String] = []
-    guard let separator else {
-        var i = 0
-        while true {
-            while i < scalars.count, isPythonWhitespace(scalars[i]) { i += 1 }
-            if i == scalars.count { return parts }
-            if maxSplit >= 0 && parts.count == maxSplit {
-                parts.append(text(i..<scalars.count))
-                return parts
-            }
-            let start = i
-            while i < scalars.count, !isPythonWhitespace(scalars[i]) { i += 1 }
-            parts.append(text(start..<i))
-        }
-    }
-    let needle = Array(separator.unicodeScalars)
-    guard !needle.isEmpty else { throw TemplateFailure("empty separator") }
-    var start = 0
-    while maxSplit < 0 || parts.count < maxSplit, let found = scalarIndex(of: needle, in: scalars, from: start) {
-        parts.append(text(start..<found))
-        start = found + needle.count
-    }
-    parts.append(text(start..<scalars.count))
-    return parts
-}
-
-private func replace(_ s: String, _ old: String, _ new: String, count: Int) -> String {
-    let scalars = Array(s.unicodeScalars)
-    let needle = Array(old.unicodeScalars)
-    var out = String.UnicodeScalarView()
-    var replaced = 0
-    var i = 0
-    if needle.isEmpty {
-        // Python inserts the replacement around every code point.
-        for c in scalars {
-            if count < 0 || replaced < count { out.append(contentsOf: new.unicodeScalars); replaced += 1 }
-            out.append(c)
-        }
-        if count < 0 || replaced < count { out.append(contentsOf: new.unicodeScalars) }
-        return String(out)
-    }
-    while count < 0 || replaced < count, let found = scalarIndex(of: needle, in: scalars, from: i) {
-        out.append(contentsOf: scalars[i..<found])
-        out.append(contentsOf: new.unicodeScalars)
-        i = found + needle.count
-        replaced += 1
-    }
-    out.append(contentsOf: scalars[i...])
-    return String(out)
-}
-
-private func capitalize(_ s: String) -> String {
-    guard let first = s.unicodeScalars.first else { return s }
-    return first.properties.titlecaseMapping + String(String.UnicodeScalarView(s.unicodeScalars.dropFirst())).lowercased()
-}
-
-/// Python's `str.title()`: a cased letter after an uncased one starts a word.
-private func pythonTitle(_ s: String) -> String {
-    var out = ""
-    var previousCased = false
-    for c in s.unicodeScalars {
-        out += previousCased ? c.properties.lowercaseMapping : c.properties.titlecaseMapping
-        previousCased = c.properties.isCased
-    }
-    return out
-}
-
-/// jinja2's `title` filter: words start after spaces, `-`, and opening brackets.
-private func jinjaTitle(_ s: String) -> String {
-    var out = ""
-    var atWordStart = true
-    for c in s.unicodeScalars {
-        let isBoundary = isPythonWhitespace(c) || "-({[<".unicodeScalars.contains(c)
-        if isBoundary {
-            out.unicodeScalars.append(c)
-        } else {
-            out += atWordStart ? c.properties.uppercaseMapping : c.properties.lowercaseMapping
-        }
-        atWordStart = isBoundary
-    }
-    return out
-}
-
-extension String {
-    fileprivate var replacingUnderscores: String { String(filter { $0 != "_" }) }
 }

@@ -253,9 +253,12 @@ final class Interpreter {
             return items.indices.contains(index) ? items[index] : .undefined("[\(i)]")
         case (.string(let s), _):
             guard let i = key.integer else { throw TemplateFailure("string indices must be integers, not \(key.typeName)") }
-            let scalars = Array(s.unicodeScalars)
-            let index = i < 0 ? i + scalars.count : i
-            return scalars.indices.contains(index) ? .string(String(scalars[index])) : .undefined("[\(i)]")
+            let view = s.unicodeScalars
+            let index = i < 0 ? i + view.count : i
+            guard index >= 0, let position = view.index(view.startIndex, offsetBy: index, limitedBy: view.endIndex),
+                position < view.endIndex
+            else { return .undefined("[\(i)]") }
+            return .string(String(view[position]))
         default:
             return .undefined(key.text)
         }
@@ -274,9 +277,7 @@ final class Interpreter {
         }
         switch base {
         case .list(let items): return .list(indices(items.count).map { items[$0] })
-        case .string(let s):
-            let scalars = Array(s.unicodeScalars)
-            return .string(String(String.UnicodeScalarView(indices(scalars.count).map { scalars[$0] })))
+        case .string(let s): return .string(pySlice(s, Array(indices(s.unicodeScalars.count)), step: step))
         case .undefined: return base
         default: throw TemplateFailure("'\(base.typeName)' object is not subscriptable")
         }
@@ -401,8 +402,9 @@ final class Interpreter {
     func compare(_ a: Value, _ b: Value, _ op: BinaryOperator = .less) throws -> Int {
         switch (a, b) {
         case (.string(let x), .string(let y)):
-            if x.unicodeScalars.elementsEqual(y.unicodeScalars) { return 0 }
-            return x.unicodeScalars.lexicographicallyPrecedes(y.unicodeScalars) ? -1 : 1
+            // UTF-8 byte order is code point order.
+            if x.utf8.elementsEqual(y.utf8) { return 0 }
+            return x.utf8.lexicographicallyPrecedes(y.utf8) ? -1 : 1
         case (.list(let x), .list(let y)):
             for (p, q) in zip(x, y) where !p.equals(q) { return try compare(p, q, op) }
             return x.count < y.count ? -1 : x.count > y.count ? 1 : 0
@@ -421,7 +423,7 @@ final class Interpreter {
             guard case .string(let needle) = element else {
                 throw TemplateFailure("'in <string>' requires string as left operand, not \(element.typeName)")
             }
-            return scalarIndex(of: Array(needle.unicodeScalars), in: Array(haystack.unicodeScalars)) != nil
+            return pyContains(haystack, needle)
         case .list(let items): return items.contains { $0.equals(element) }
         case .dict(let dict):
             if case .string(let key) = element { return dict[key] != nil }
@@ -430,15 +432,4 @@ final class Interpreter {
         default: throw TemplateFailure("argument of type '\(container.typeName)' is not iterable")
         }
     }
-}
-
-/// First offset of `needle` in `haystack` at or after `start`, comparing code points.
-func scalarIndex(of needle: [Unicode.Scalar], in haystack: [Unicode.Scalar], from start: Int = 0) -> Int? {
-    guard needle.count <= haystack.count else { return nil }
-    var i = max(start, 0)
-    while i + needle.count <= haystack.count {
-        if haystack[i..<(i + needle.count)].elementsEqual(needle) { return i }
-        i += 1
-    }
-    return nil
 }

@@ -309,8 +309,3 @@ struct Lexer {
         }
     }
 }
-
-/// Python's `str.isspace`, which governs `strip()`, `split()` and jinja2's `\s`.
-func isPythonWhitespace(_ c: Unicode.Scalar) -> Bool {
-    c.properties.isWhitespace || (0x1C...0x1F).contains(c.value)
-}

@@ -248,10 +248,12 @@ struct TokenStream {
         while true {
             if skipOp("|") {
                 let name = try dottedName()
+                guard Interpreter.filterNames.contains(name) else { throw fail("the filter '\(name)' is not supported") }
                 expr = .filter(expr, name, isOp("(") ? try parseArguments() : Arguments())
             } else if skipName("is") {
                 let negated = skipName("not")
                 let name = try dottedName()
+                guard Interpreter.testNames.contains(name) else { throw fail("the test '\(name)' is not supported") }
                 var args = Arguments()
                 if isOp("(") {
                     args = try parseArguments()

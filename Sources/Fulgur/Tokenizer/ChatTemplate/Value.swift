@@ -127,7 +127,7 @@ indirect enum Value {
     func equals(_ other: Value) -> Bool {
         switch (self, other) {
         case (.undefined, .undefined), (.null, .null): return true
-        case (.string(let a), .string(let b)): return a.unicodeScalars.elementsEqual(b.unicodeScalars)
+        case (.string(let a), .string(let b)): return a.utf8.elementsEqual(b.utf8)
         case (.list(let a), .list(let b)): return a.count == b.count && zip(a, b).allSatisfy { $0.equals($1) }
         case (.dict(let a), .dict(let b)):
             return a.count == b.count && a.allSatisfy { pair in b[pair.key].map { pair.value.equals($0) } ?? false }

@@ -115,6 +115,14 @@ struct ChatTemplateTests {
         expectTemplateError("{{ [1]|tojson }}{{ x|tojson }}{{ nothing|tojson }}", ["Undefined is not JSON serializable"])
         expectTemplateError("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", ["nested deeper than 64"])
         expectTemplateError("{% break %}", ["outside a loop"])
+        expectTemplateError("{{ 'ab' * 10**12 }}", ["too large"])
+        expectTemplateError("{{ 3 ** 100 }}", ["integer overflow"])
+    }
+
+    @Test func hostileNestingIsRejectedNotOverflowed() {
+        expectTemplateError("{{ " + String(repeating: "(", count: 300) + "1" + String(repeating: ")", count: 300) + " }}", ["nested deeper than 200"])
+        expectTemplateError("{{ " + String(repeating: "not ", count: 300) + "x }}", ["nested deeper than 200"])
+        expectTemplateError(String(repeating: "{% if x %}", count: 300), ["nested deeper than 200"])
     }
 
     @Test func undefinedValuesAreFalsyAndPrintNothing() throws {

@@ -344,9 +344,11 @@ final class Interpreter {
         case (.add, .list(let x), .list(let y)): return .list(x + y)
         case (.multiply, .string(let s), _), (.multiply, _, .string(let s)):
             guard let n = (a.integer ?? b.integer) else { throw unsupported }
+            try checkRepetition(s.utf8.count, n)
             return .string(String(repeating: s, count: max(n, 0)))
         case (.multiply, .list(let items), _), (.multiply, _, .list(let items)):
             guard let n = (a.integer ?? b.integer) else { throw unsupported }
+            try checkRepetition(items.count, n)
             return .list(Array([[Value]](repeating: items, count: max(n, 0)).joined()))
         default: break
         }
@@ -363,6 +365,12 @@ final class Interpreter {
             return .double(op == .floorDivide ? quotient : x - y * quotient)
         default: return .double(pow(x, y))
         }
+    }
+
+    /// `'x' * n` is the one way a template can ask for unbounded memory.
+    private func checkRepetition(_ size: Int, _ times: Int) throws {
+        let (total, overflowed) = size.multipliedReportingOverflow(by: max(times, 0))
+        if overflowed || total > 64 << 20 { throw TemplateFailure("repetition of \(size) by \(times) is too large") }
     }
 
     private func integerArithmetic(_ op: BinaryOperator, _ x: Int, _ y: Int) throws -> Value {
@@ -388,11 +396,19 @@ final class Interpreter {
             return .int(op == .floorDivide ? quotient : remainder)
         default:
             guard y >= 0 else { return .double(pow(Double(x), Double(y))) }
-            var result = 1
-            for _ in 0..<y {
-                let (next, overflowed) = result.multipliedReportingOverflow(by: x)
-                if overflowed { throw overflow }
-                result = next
+            var (result, base, exponent) = (1, x, y)
+            while exponent > 0 {
+                if exponent & 1 == 1 {
+                    let (next, overflowed) = result.multipliedReportingOverflow(by: base)
+                    if overflowed { throw overflow }
+                    result = next
+                }
+                exponent >>= 1
+                if exponent > 0 {
+                    let (square, overflowed) = base.multipliedReportingOverflow(by: base)
+                    if overflowed { throw overflow }
+                    base = square
+                }
             }
             return .int(result)
         }

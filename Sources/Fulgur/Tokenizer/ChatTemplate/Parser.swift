@@ -2,9 +2,14 @@
 /// comparison < `+ -` < `~` < `* / // %` < `**` < unary minus < primary with postfix,
 /// then filters and tests bind to the operand they follow (`messages|length - 1`).
 
+/// Nesting limit for expressions and for blocks: far beyond real templates, and low enough
+/// that a hostile template cannot overflow the stack of the recursive parser and evaluator.
+let maxTemplateNesting = 200
+
 struct TokenStream {
     let tag: Tag
     var pos = 0
+    private var depth = 0
 
     init(_ tag: Tag) { self.tag = tag }
 
@@ -52,7 +57,14 @@ struct TokenStream {
 
     // MARK: Expressions
 
+    private mutating func nest() throws {
+        depth += 1
+        if depth > maxTemplateNesting { throw fail("expression nested deeper than \(maxTemplateNesting) levels") }
+    }
+
     mutating func parseExpression() throws -> Expr {
+        try nest()
+        defer { depth -= 1 }
         var expr = try parseOr()
         while skipName("if") {
             let condition = try parseOr()
@@ -87,6 +99,8 @@ struct TokenStream {
     }
 
     mutating func parseNot() throws -> Expr {
+        try nest()
+        defer { depth -= 1 }
         if skipName("not") { return .not(try parseNot()) }
         return try parseComparison()
     }
@@ -127,6 +141,8 @@ struct TokenStream {
     mutating func parsePower() throws -> Expr { try parseBinary([.power]) { try $0.parseUnary() } }
 
     mutating func parseUnary(withFilters: Bool = true) throws -> Expr {
+        try nest()
+        defer { depth -= 1 }
         var expr: Expr
         if skipOp("-") {
             expr = .negate(try parseUnary(withFilters: false))
@@ -286,6 +302,7 @@ struct TokenStream {
 struct TemplateParser {
     private let segments: [Segment]
     private var index = 0
+    private var depth = 0
 
     static func parse(_ source: String) throws -> [Node] {
         var parser = TemplateParser(segments: try Lexer.segments(source))
@@ -324,6 +341,11 @@ struct TemplateParser {
                 }
                 stream.pos += 1
                 if terminators.contains(keyword) { return (nodes, keyword, stream) }
+                depth += 1
+                defer { depth -= 1 }
+                if depth > maxTemplateNesting {
+                    throw stream.fail("blocks nested deeper than \(maxTemplateNesting) levels")
+                }
                 nodes += try parseStatement(keyword, &stream, opener: opener)
             }
         }

@@ -20,6 +20,7 @@ enum DotKernels {
         p.loadUnaligned(fromByteOffset: byteOffset, as: SIMD8<Float>.self)
     }
 
+    @inline(never)
     static func f32(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
         var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
         let xr = UnsafeRawPointer(x)
@@ -37,6 +38,7 @@ enum DotKernels {
 
     /// bf16: each 32-bit word holds elements 2j (low half) and 2j+1 (high half); shifting
     /// or masking gives their f32 bits. `x` is packed per 16 elements as [evens, odds].
+    @inline(never)
     static func bf16(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
         var acc0 = SIMD8<Float>(), acc1 = SIMD8<Float>()
         let xr = UnsafeRawPointer(x)
@@ -52,6 +54,7 @@ enum DotKernels {
         return s
     }
 
+    @inline(never)
     static func f16(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
         var s: Float = 0
         for i in 0..<n { s += f16ToFloat(w.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) * x[i] }
@@ -60,6 +63,7 @@ enum DotKernels {
 
     /// q8_0 (34-byte blocks: f16 d, 32 x i8). Shift 8k of word j gives element 4j + k; the
     /// sign is restored by xor 0x80 before the 2^23 trick and a bias of 128 after.
+    @inline(never)
     static func q8_0(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int) -> Float {
         var acc = SIMD8<Float>()
         let xr = UnsafeRawPointer(x)
@@ -77,6 +81,18 @@ enum DotKernels {
         return acc.sum()
     }
 
+    // Kept out of line: inlined into the row loop, LLVM splits the 8-lane code into scalar
+    // and 4-lane pieces and runs three times slower.
+    @inline(never)
+    static func q4_0(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int) -> Float {
+        q4(w, x, xsum, n, blockBytes: 18, hasMin: false)
+    }
+
+    @inline(never)
+    static func q4_1(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int) -> Float {
+        q4(w, x, xsum, n, blockBytes: 20, hasMin: true)
+    }
+
     /// q4_0 / q4_1 (18- or 20-byte blocks), two blocks per step: lanes 0-3 hold words of
     /// block b, lanes 4-7 of block b+1; shift 4k gives element (k odd ? 16 : 0) + 4j + k/2.
     /// q4_1: value = d q + m, the m term from the block sums of x.
@@ -90,28 +106,36 @@ enum DotKernels {
         var offset: Float = 0
         let xr = UnsafeRawPointer(x)
         var b = 0
-        while b + 2 <= blocks {
+        @inline(__always) func pair(_ b: Int) -> (SIMD8<Float>, SIMD8<Float>) {
             let b0 = w + b * blockBytes, b1 = b0 + blockBytes
             let words = SIMD8(lowHalf: b0.loadUnaligned(fromByteOffset: qOffset, as: SIMD4<UInt32>.self),
                               highHalf: b1.loadUnaligned(fromByteOffset: qOffset, as: SIMD4<UInt32>.self))
-            let xb = 128 * b
-            var a0 = SIMD8<Float>(), a1 = SIMD8<Float>()
-            a0.addProduct(lanes(words & 0xF) - bias, load8(xr, xb))
-            a1.addProduct(lanes((words &>> 4) & 0xF) - bias, load8(xr, xb + 32))
-            a0.addProduct(lanes((words &>> 8) & 0xF) - bias, load8(xr, xb + 64))
-            a1.addProduct(lanes((words &>> 12) & 0xF) - bias, load8(xr, xb + 96))
-            a0.addProduct(lanes((words &>> 16) & 0xF) - bias, load8(xr, xb + 128))
-            a1.addProduct(lanes((words &>> 20) & 0xF) - bias, load8(xr, xb + 160))
-            a0.addProduct(lanes((words &>> 24) & 0xF) - bias, load8(xr, xb + 192))
-            a1.addProduct(lanes(words &>> 28) - bias, load8(xr, xb + 224))
+            let xb = xr + 128 * b
+            var a = SIMD8<Float>()
+            for k in 0..<8 {
+                a.addProduct(lanes((words &>> UInt32(4 * k)) & 0xF) - bias, load8(xb, 32 * k))
+            }
             let d0 = f16ToFloat(b0.loadUnaligned(as: UInt16.self)), d1 = f16ToFloat(b1.loadUnaligned(as: UInt16.self))
-            acc.addProduct(SIMD8(d0, d0, d0, d0, d1, d1, d1, d1), a0 + a1)
             if hasMin {
                 offset += f16ToFloat(b0.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) * xsum[b]
                 offset += f16ToFloat(b1.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) * xsum[b + 1]
             }
+            return (a, SIMD8(d0, d0, d0, d0, d1, d1, d1, d1))
+        }
+        // Two pairs per step: two independent FMA chains keep both FMA ports busy.
+        var acc2 = SIMD8<Float>()
+        while b + 4 <= blocks {
+            let (a0, d0) = pair(b), (a1, d1) = pair(b + 2)
+            acc.addProduct(d0, a0)
+            acc2.addProduct(d1, a1)
+            b += 4
+        }
+        if b + 2 <= blocks {
+            let (a0, d0) = pair(b)
+            acc.addProduct(d0, a0)
             b += 2
         }
+        acc += acc2
         var s = acc.sum() + offset
         if b < blocks {  // an odd last block, packed in natural order
             let blk = w + b * blockBytes

@@ -75,8 +75,8 @@ public struct LinearWeight: @unchecked Sendable {
                             case .bf16: v = DotKernels.bf16(w, xt, n)
                             case .f16: v = DotKernels.f16(w, xt, n)
                             case .q8_0: v = DotKernels.q8_0(w, xt, n)
-                            case .q4_0: v = DotKernels.q4(w, xt, sp! + t * blocks, n, blockBytes: 18, hasMin: false)
-                            case .q4_1: v = DotKernels.q4(w, xt, sp! + t * blocks, n, blockBytes: 20, hasMin: true)
+                            case .q4_0: v = DotKernels.q4_0(w, xt, sp! + t * blocks, n)
+                            case .q4_1: v = DotKernels.q4_1(w, xt, sp! + t * blocks, n)
                             default: fatalError("unreachable: dtype checked at init")
                             }
                             out[t * outN + r] = v

@@ -13,7 +13,7 @@ public enum Parallel {
 
     /// Calls `body(range)` over disjoint chunks covering 0..<count.
     public static func chunks(_ count: Int, work: Int, _ body: (Range<Int>) -> Void) {
-        let threads = min(coreCount, count, max(1, work / 200_000))
+        let threads = min(coreCount, count, max(1, work / 50_000))
         if threads <= 1 { body(0..<count); return }
         let per = (count + threads - 1) / threads
         DispatchQueue.concurrentPerform(iterations: threads) { t in

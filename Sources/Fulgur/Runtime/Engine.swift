@@ -1,0 +1,91 @@
+import Foundation
+
+public struct ChatMessage: Sendable, Equatable {
+    public var role: String
+    public var content: String?
+
+    public init(role: String, content: String?) {
+        self.role = role
+        self.content = content
+    }
+}
+
+/// A model ready to talk: weights, plan, executor, tokenizer and chat template. The path of
+/// a request is text -> tokens (Tokenizer) -> prefill and decode (Generator over the plan on
+/// an executor) -> sampled ids -> streamed text (StreamingDetokenizer).
+public final class Engine {
+    public let model: Model
+    public let tokenizer: Tokenizer
+    public let chatTemplate: ChatTemplate?
+    public let generator: Generator
+
+    public var name: String { URL(fileURLWithPath: model.path).lastPathComponent }
+
+    /// Ids that end a generation: the model's and the tokenizer's EOS.
+    public var stopTokenIds: [Int] { Array(Set(model.spec.eosTokenIds + tokenizer.eosTokenIds)).sorted() }
+
+    public init(modelPath: String, contextLength: Int? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
+        model = try Model(path: modelPath, progress: progress)
+        tokenizer = try Self.loadTokenizer(modelPath: modelPath, gguf: model.gguf)
+        chatTemplate = try Self.loadChatTemplate(modelPath: modelPath, gguf: model.gguf)
+        let context = min(contextLength ?? 8192, model.spec.maxPositions)
+        guard context > 0 else { throw FulgurError(.usage, "context length must be positive") }
+        generator = Generator(executor: CPUExecutor(plan: model.plan, maxPositions: context))
+    }
+
+    /// The tokenizer of a .gguf file (its metadata) or of a checkpoint directory (tokenizer.json).
+    public static func loadTokenizer(modelPath: String, gguf: GGUFFile? = nil) throws -> Tokenizer {
+        if let g = try gguf ?? (modelPath.hasSuffix(".gguf") ? GGUFFile(path: modelPath) : nil) {
+            return try Tokenizer(gguf: g)
+        }
+        let json = modelPath + "/tokenizer.json"
+        guard FileManager.default.fileExists(atPath: json) else {
+            throw FulgurError(.io, "\(modelPath): no tokenizer.json; Fulgur needs the checkpoint's tokenizer to turn text into tokens")
+        }
+        let config = modelPath + "/tokenizer_config.json"
+        return try Tokenizer(tokenizerJSON: json, configPath: FileManager.default.fileExists(atPath: config) ? config : nil)
+    }
+
+    static func loadChatTemplate(modelPath: String, gguf: GGUFFile?) throws -> ChatTemplate? {
+        if let g = gguf {
+            return try g.metadata["tokenizer.chat_template"]?.string.map { try ChatTemplate($0) }
+        }
+        let jinja = modelPath + "/chat_template.jinja"
+        if let s = try? String(contentsOfFile: jinja, encoding: .utf8) { return try ChatTemplate(s) }
+        let configPath = modelPath + "/tokenizer_config.json"
+        if FileManager.default.fileExists(atPath: configPath),
+           let s = try HFConfig(path: configPath).values["chat_template"] as? String {
+            return try ChatTemplate(s)
+        }
+        return nil
+    }
+
+    public func renderChat(_ messages: [ChatMessage], addGenerationPrompt: Bool) throws -> String {
+        guard let chatTemplate else {
+            throw FulgurError(.template, "\(model.path) has no chat template; use plain generation instead")
+        }
+        let special = { (id: Int?) -> JSONValue in id.map { .string(self.tokenizer.decode([$0])) } ?? .null }
+        return try chatTemplate.render(
+            messages: messages.map { m in
+                .object(["role": .string(m.role), "content": m.content.map { .string($0) } ?? .null])
+            },
+            addGenerationPrompt: addGenerationPrompt,
+            extra: ["bos_token": special(tokenizer.bosTokenId), "eos_token": special(tokenizer.eosTokenIds.first)])
+    }
+
+    /// Generates after `text` (special tokens written in the text, as chat templates do, are
+    /// recognised), streaming the new text to `onText`.
+    public func generate(text: String, parameters: GenerationParameters,
+                         onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+        let ids = tokenizer.encode(text, addSpecialTokens: true)
+        var detokenizer = StreamingDetokenizer(tokenizer: tokenizer, skipSpecialTokens: false)
+        var result = try generator.generate(prompt: ids, parameters: parameters,
+                                            decode: { detokenizer.append($0) }, onText: onText)
+        let tail = detokenizer.finish()
+        if !tail.isEmpty, result.finishReason != .stop {
+            result.text += tail
+            _ = onText(tail)
+        }
+        return result
+    }
+}

@@ -80,13 +80,3 @@ public struct ModelReport {
 extension String {
     func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: " ", count: n - count) + self }
 }
-
-extension KVCache {
-    static func bytes(spec: ModelSpec, maxPositions: Int, maxStepTokens: Int) -> Int {
-        spec.layers.reduce(0) { total, l in
-            let a = l.attention
-            let cap = a.window.map { min($0 + maxStepTokens, maxPositions) } ?? maxPositions
-            return total + 4 * cap * a.kvHeads * (a.headDim + a.valueHeadDim)
-        }
-    }
-}

@@ -6,7 +6,8 @@ public final class CPUExecutor {
     public let plan: Plan
     public let maxStepTokens: Int
     public let cache: KVCache
-    private var buffers: [[Float]]
+    /// Activation buffers, `maxStepTokens` rows of each buffer's widest use.
+    private let buffers: [UnsafeMutablePointer<Float>]
     private var positions: [Int] = []
 
     public init(plan: Plan, maxPositions: Int? = nil, maxStepTokens: Int = 64) {
@@ -14,8 +15,15 @@ public final class CPUExecutor {
         self.maxStepTokens = maxStepTokens
         let ctx = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
         cache = KVCache(spec: plan.spec, maxPositions: ctx, maxStepTokens: maxStepTokens)
-        buffers = Buffer.allCases.map { [Float](repeating: 0, count: maxStepTokens * max(plan.widths[$0] ?? 0, 1)) }
+        buffers = Buffer.allCases.map {
+            let n = maxStepTokens * max(plan.widths[$0] ?? 0, 1)
+            let p = UnsafeMutablePointer<Float>.allocate(capacity: n)
+            p.initialize(repeating: 0, count: n)
+            return p
+        }
     }
+
+    deinit { buffers.forEach { $0.deallocate() } }
 
     public var vocabSize: Int { plan.lmHead.outFeatures }
 
@@ -49,16 +57,14 @@ public final class CPUExecutor {
 
     /// The normed final hidden state of the last step, `[T, hidden]`.
     public func lastHidden(rows: Int) -> [Float] {
-        Array(buffers[Buffer.h.rawValue][0..<(rows * plan.spec.hiddenSize)])
+        Array(UnsafeBufferPointer(start: buffers[Buffer.h.rawValue], count: rows * plan.spec.hiddenSize))
     }
 
     private func lmHead(rows: Range<Int>) -> [Float] {
         let hidden = plan.spec.hiddenSize, vocab = plan.lmHead.outFeatures
         var out = [Float](repeating: 0, count: rows.count * vocab)
-        buffers[Buffer.h.rawValue].withUnsafeBufferPointer { h in
-            out.withUnsafeMutableBufferPointer { o in
-                plan.lmHead.apply(h.baseAddress! + rows.lowerBound * hidden, tokens: rows.count, into: o.baseAddress!)
-            }
+        out.withUnsafeMutableBufferPointer { o in
+            plan.lmHead.apply(buffers[Buffer.h.rawValue] + rows.lowerBound * hidden, tokens: rows.count, into: o.baseAddress!)
         }
         return out
     }
@@ -71,9 +77,7 @@ public final class CPUExecutor {
     }
 
     @inline(__always)
-    private func ptr(_ b: Buffer) -> UnsafeMutablePointer<Float> {
-        buffers[b.rawValue].withUnsafeMutableBufferPointer { $0.baseAddress! }
-    }
+    private func ptr(_ b: Buffer) -> UnsafeMutablePointer<Float> { buffers[b.rawValue] }
 
     private func run(_ op: Op, _ tokens: [Int]) {
         let T = tokens.count
@@ -154,48 +158,41 @@ public final class CPUExecutor {
         let qw = a.heads * a.headDim, ow = a.heads * a.valueHeadDim
         activeWidths[Buffer.attn.rawValue] = ow
         let group = a.heads / a.kvHeads
-        cache.withLayer(layer) { c in
-            for t in 0..<T {
-                let s = c.slot(positions[t])
-                for i in 0..<kw { c.keys[s * kw + i] = k[t * kw + i] }
-                for i in 0..<vw { c.values[s * vw + i] = v[t * vw + i] }
-            }
-            let layerCopy = c
-            layerCopy.keys.withUnsafeBufferPointer { keys in
-                layerCopy.values.withUnsafeBufferPointer { values in
-                    let work = T * a.heads * (positions[T - 1] + 1) * (a.headDim + a.valueHeadDim)
-                    Parallel.chunks(T * a.heads, work: work) { range in
-                        var scores = [Float](repeating: 0, count: positions[T - 1] + 1)
-                        for job in range {
-                            let t = job / a.heads, h = job % a.heads, kvh = h / group
-                            let pos = positions[t]
-                            let first = a.window.map { max(0, pos - $0 + 1) } ?? 0
-                            let qh = q + t * qw + h * a.headDim
-                            var maxScore = -Float.infinity
-                            for j in first...pos {
-                                let kp = keys.baseAddress! + layerCopy.slot(j) * kw + kvh * a.headDim
-                                var d: Float = 0
-                                for i in 0..<a.headDim { d += qh[i] * kp[i] }
-                                d *= a.softmaxScale
-                                scores[j - first] = d
-                                maxScore = max(maxScore, d)
-                            }
-                            let sink = sinks?[h]
-                            if let sink { maxScore = max(maxScore, sink) }
-                            var denom: Float = sink.map { exp($0 - maxScore) } ?? 0
-                            for j in 0...(pos - first) {
-                                scores[j] = exp(scores[j] - maxScore)
-                                denom += scores[j]
-                            }
-                            let oh = out + t * ow + h * a.valueHeadDim
-                            for i in 0..<a.valueHeadDim { oh[i] = 0 }
-                            for j in first...pos {
-                                let p = scores[j - first] / denom
-                                let vp = values.baseAddress! + layerCopy.slot(j) * vw + kvh * a.valueHeadDim
-                                for i in 0..<a.valueHeadDim { oh[i] += p * vp[i] }
-                            }
-                        }
-                    }
+        let c = cache.layers[layer]
+        for t in 0..<T {
+            c.key(positions[t]).update(from: k + t * kw, count: kw)
+            c.value(positions[t]).update(from: v + t * vw, count: vw)
+        }
+        let positions = self.positions
+        let work = T * a.heads * (positions[T - 1] + 1) * (a.headDim + a.valueHeadDim)
+        Parallel.chunks(T * a.heads, work: work) { range in
+            var scores = [Float](repeating: 0, count: positions[T - 1] + 1)
+            for job in range {
+                let t = job / a.heads, h = job % a.heads, kvh = h / group
+                let pos = positions[t]
+                let first = a.window.map { max(0, pos - $0 + 1) } ?? 0
+                let qh = q + t * qw + h * a.headDim
+                // Logits, with the sink logit (if any) joining the softmax but not the output.
+                var maxScore = sinks?[h] ?? -Float.infinity
+                for j in first...pos {
+                    let kp = c.key(j) + kvh * a.headDim
+                    var d: Float = 0
+                    for i in 0..<a.headDim { d += qh[i] * kp[i] }
+                    d *= a.softmaxScale
+                    scores[j - first] = d
+                    maxScore = max(maxScore, d)
+                }
+                var denom: Float = sinks.map { exp($0[h] - maxScore) } ?? 0
+                for j in 0...(pos - first) {
+                    scores[j] = exp(scores[j] - maxScore)
+                    denom += scores[j]
+                }
+                let oh = out + t * ow + h * a.valueHeadDim
+                oh.update(repeating: 0, count: a.valueHeadDim)
+                for j in first...pos {
+                    let p = scores[j - first] / denom
+                    let vp = c.value(j) + kvh * a.valueHeadDim
+                    for i in 0..<a.valueHeadDim { oh[i] += p * vp[i] }
                 }
             }
         }

@@ -8,13 +8,15 @@ public final class KVCache {
         public let kvHeads: Int
         public let keyDim: Int
         public let valueDim: Int
-        var keys: [Float]
-        var values: [Float]
+        let keys: UnsafeMutablePointer<Float>
+        let values: UnsafeMutablePointer<Float>
 
         @inline(__always) func slot(_ position: Int) -> Int { position % capacity }
+        @inline(__always) func key(_ position: Int) -> UnsafeMutablePointer<Float> { keys + slot(position) * kvHeads * keyDim }
+        @inline(__always) func value(_ position: Int) -> UnsafeMutablePointer<Float> { values + slot(position) * kvHeads * valueDim }
     }
 
-    public private(set) var layers: [Layer]
+    public let layers: [Layer]
     /// Positions held so far (the next token's position).
     public internal(set) var length = 0
     public let maxPositions: Int
@@ -23,10 +25,28 @@ public final class KVCache {
         self.maxPositions = maxPositions
         layers = spec.layers.map { l in
             let a = l.attention
-            let cap = a.window.map { min($0 + maxStepTokens, maxPositions) } ?? maxPositions
-            return Layer(capacity: cap, kvHeads: a.kvHeads, keyDim: a.headDim, valueDim: a.valueHeadDim,
-                         keys: [Float](repeating: 0, count: cap * a.kvHeads * a.headDim),
-                         values: [Float](repeating: 0, count: cap * a.kvHeads * a.valueHeadDim))
+            let cap = Self.capacity(a, maxPositions: maxPositions, maxStepTokens: maxStepTokens)
+            let keys = UnsafeMutablePointer<Float>.allocate(capacity: cap * a.kvHeads * a.headDim)
+            let values = UnsafeMutablePointer<Float>.allocate(capacity: cap * a.kvHeads * a.valueHeadDim)
+            keys.initialize(repeating: 0, count: cap * a.kvHeads * a.headDim)
+            values.initialize(repeating: 0, count: cap * a.kvHeads * a.valueHeadDim)
+            return Layer(capacity: cap, kvHeads: a.kvHeads, keyDim: a.headDim, valueDim: a.valueHeadDim, keys: keys, values: values)
+        }
+    }
+
+    deinit {
+        for l in layers { l.keys.deallocate(); l.values.deallocate() }
+    }
+
+    static func capacity(_ a: AttentionSpec, maxPositions: Int, maxStepTokens: Int) -> Int {
+        a.window.map { min($0 + maxStepTokens, maxPositions) } ?? maxPositions
+    }
+
+    /// Bytes a cache of this shape takes.
+    public static func bytes(spec: ModelSpec, maxPositions: Int, maxStepTokens: Int) -> Int {
+        spec.layers.reduce(0) { total, l in
+            let a = l.attention
+            return total + 4 * capacity(a, maxPositions: maxPositions, maxStepTokens: maxStepTokens) * a.kvHeads * (a.headDim + a.valueHeadDim)
         }
     }
 
@@ -38,8 +58,4 @@ public final class KVCache {
         precondition(position <= length)
         length = position
     }
-
-    public var bytes: Int { layers.reduce(0) { $0 + 4 * ($1.keys.count + $1.values.count) } }
-
-    func withLayer<R>(_ i: Int, _ body: (inout Layer) -> R) -> R { body(&layers[i]) }
 }

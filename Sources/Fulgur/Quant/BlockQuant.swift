@@ -7,6 +7,9 @@
 ///   q4_0: f16 d, 16 B nibbles        value = d * (q - 8)
 ///   q4_1: f16 d, f16 m, 16 B nibbles value = d * q + m
 ///   q8_0: f16 d, 32 x i8             value = d * q
+///   mxfp4: e8m0 d, 16 B nibbles      value = d * e2m1(q)
+/// fp8e4m3 and e8m0 are plain element types here; FP8's per-tile scales are applied by the
+/// caller, which knows the tile shape.
 public enum Dequant {
     /// Convert `count` elements starting at `src` (a whole number of blocks) to f32.
     public static func row(_ dtype: DType, _ src: UnsafeRawPointer, _ count: Int, _ dst: UnsafeMutablePointer<Float>) {
@@ -52,8 +55,24 @@ public enum Dequant {
             for i in 0..<count { dst[i] = Float(src.loadUnaligned(fromByteOffset: 4 * i, as: Int32.self)) }
         case .i64:
             for i in 0..<count { dst[i] = Float(src.loadUnaligned(fromByteOffset: 8 * i, as: Int64.self)) }
-        case .fp8e4m3, .e8m0, .mxfp4:
-            fatalError("\(dtype) dequantization arrives with the quantized-weights issue")
+        case .fp8e4m3:
+            E4M3.values.withUnsafeBufferPointer { table in
+                for i in 0..<count { dst[i] = table[Int(src.load(fromByteOffset: i, as: UInt8.self))] }
+            }
+        case .e8m0:
+            for i in 0..<count { dst[i] = E8M0.decode(src.load(fromByteOffset: i, as: UInt8.self)) }
+        case .mxfp4:
+            E2M1.values.withUnsafeBufferPointer { table in
+                for b in 0..<(count / 32) {
+                    let blk = src + b * 17
+                    let d = E8M0.decode(blk.load(as: UInt8.self))
+                    for j in 0..<16 {
+                        let q = blk.load(fromByteOffset: 1 + j, as: UInt8.self)
+                        dst[b * 32 + j] = d * table[Int(q & 0xF)]
+                        dst[b * 32 + j + 16] = d * table[Int(q >> 4)]
+                    }
+                }
+            }
         }
     }
 }

@@ -3,10 +3,11 @@
     Float(bitPattern: UInt32(bits) << 16)
 }
 
-/// Round to nearest even, NaN kept quiet.
+/// Round to nearest even (overflowing to inf), as ml_dtypes.bfloat16 casts. NaN becomes the
+/// canonical quiet NaN with the input's sign and no payload, also as ml_dtypes does.
 @inline(__always) public func floatToBF16(_ x: Float) -> UInt16 {
     let b = x.bitPattern
-    if x.isNaN { return UInt16(truncatingIfNeeded: b >> 16) | 0x40 }
+    if x.isNaN { return UInt16(truncatingIfNeeded: b >> 16) & 0x8000 | 0x7FC0 }
     let rounding = 0x7FFF + ((b >> 16) & 1)
     return UInt16(truncatingIfNeeded: (b &+ rounding) >> 16)
 }

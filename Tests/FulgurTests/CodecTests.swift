@@ -129,6 +129,6 @@ import Testing
         Quantize.fp8Blocks(x, rows: rows, columns: columns, codes: &codes, scales: &scales)
         #expect(scales.map(\.bitPattern) == wantScales.map(\.bitPattern))
         let differing = codes.indices.filter { codes[$0] != wantCodes[$0] }
-        #expect(differing.isEmpty, "\(differing.count) codes differ, first at \(differing.first.map { "row \($0 / columns), column \($0 % columns)" } ?? "")")
+        #expect(differing.count == 0, "\(differing.count) codes differ, first at \(differing.first.map { "row \($0 / columns), column \($0 % columns)" } ?? "")")
     }
 }

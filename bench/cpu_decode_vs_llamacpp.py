@@ -48,6 +48,9 @@ def main():
     llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
                 verbose=False)
 
+    # One untimed round each: page in the weights, warm the caches.
+    fulgur_once(args.binary, args.model, args.threads, 16)
+    llamacpp_once(llm, 16)
     results = {"fulgur": [], "llama.cpp": []}
     for _ in range(args.rounds):
         results["fulgur"].append(fulgur_once(args.binary, args.model, args.threads, args.tokens))

@@ -152,46 +152,63 @@ enum DotKernels {
     }
 }
 
-/// Activations rearranged for one weight type's kernel, once per product, plus the block
-/// sums the q4 kernels need.
+/// Activations rearranged for one weight format's kernel, once per product, plus the block
+/// sums the q4 kernels need. Each kernel documents the lane order it expects.
 struct ActivationPack {
     var values: [Float]
     var blockSums: [Float]
 
-    init(_ x: UnsafePointer<Float>, tokens: Int, columns n: Int, for dtype: DType) {
+    enum Order {
+        case natural
+        case bf16Pairs       // per 16: evens, then odds
+        case bytes32         // per 32: element 4j + k at 8k + j (q8_0, fp8)
+        case nibbleHalves    // per 64 (two blocks): (k odd ? 16 : 0) + 4(j % 4) + k/2 of block j/4 at 8k + j
+        case nibblePairs     // per 64 (two blocks): 8(j % 4) + k of block j/4 at 8k + j (mxfp4 split)
+    }
+
+    static func order(for format: LinearWeight.Format) -> Order {
+        switch format {
+        case .plain(.bf16): return .bf16Pairs
+        case .plain(.q8_0), .fp8: return .bytes32
+        case .plain(.q4_0), .plain(.q4_1), .plain(.mxfp4): return .nibbleHalves
+        case .mxfp4: return .nibblePairs
+        default: return .natural
+        }
+    }
+
+    init(_ x: UnsafePointer<Float>, tokens: Int, columns n: Int, for format: LinearWeight.Format) {
+        let order = Self.order(for: format)
         values = [Float](repeating: 0, count: tokens * n)
         blockSums = []
         values.withUnsafeMutableBufferPointer { out in
             for t in 0..<tokens {
                 let src = x + t * n, dst = out.baseAddress! + t * n
-                switch dtype {
-                case .bf16:
-                    let whole = n / 16 * 16
-                    for c in stride(from: 0, to: whole, by: 16) {
+                dst.update(from: src, count: n)  // tails stay in natural order
+                switch order {
+                case .natural:
+                    break
+                case .bf16Pairs:
+                    for c in stride(from: 0, to: n / 16 * 16, by: 16) {
                         for j in 0..<8 { dst[c + j] = src[c + 2 * j]; dst[c + 8 + j] = src[c + 2 * j + 1] }
                     }
-                    for i in whole..<n { dst[i] = src[i] }
-                case .q8_0:
+                case .bytes32:
                     for b in 0..<(n / 32) {
                         for k in 0..<4 { for j in 0..<8 { dst[32 * b + 8 * k + j] = src[32 * b + 4 * j + k] } }
                     }
-                case .q4_0, .q4_1:
-                    let blocks = n / 32
-                    for p in stride(from: 0, to: blocks - 1, by: 2) {
+                case .nibbleHalves, .nibblePairs:
+                    let halves = order == .nibbleHalves
+                    for p in stride(from: 0, to: n / 32 - 1, by: 2) {
                         for k in 0..<8 {
-                            for lane in 0..<8 {
-                                let element = 32 * (p + lane / 4) + (k & 1 == 1 ? 16 : 0) + 4 * (lane % 4) + k / 2
-                                dst[32 * p + 8 * k + lane] = src[element]
+                            for j in 0..<8 {
+                                let within = halves ? (k & 1 == 1 ? 16 : 0) + 4 * (j % 4) + k / 2 : 8 * (j % 4) + k
+                                dst[32 * p + 8 * k + j] = src[32 * (p + j / 4) + within]
                             }
                         }
                     }
-                    if blocks % 2 == 1 { for i in (32 * (blocks - 1))..<n { dst[i] = src[i] } }
-                default:
-                    dst.update(from: src, count: n)
                 }
             }
         }
-        if dtype == .q4_0 || dtype == .q4_1 {
+        if format == .plain(.q4_0) || format == .plain(.q4_1) {
             let blocks = n / 32
             blockSums = [Float](repeating: 0, count: tokens * blocks)
             for t in 0..<tokens {

@@ -54,6 +54,7 @@ public final class GGUFFile: TensorSource {
         case 26: return .i32
         case 27: return .i64
         case 30: return .bf16
+        case 39: return .mxfp4
         default: return nil
         }
     }
@@ -112,7 +113,7 @@ public final class GGUFFile: TensorSource {
         let dataStart = (r.offset + alignment - 1) / alignment * alignment
         for info in infos {
             guard let dtype = Self.dtype(ggmlType: info.type) else {
-                throw FulgurError(.unsupported, "\(path): tensor '\(info.name)' has ggml type \(info.type), which Fulgur does not read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, I8, I32, I64)")
+                throw FulgurError(.unsupported, "\(path): tensor '\(info.name)' has ggml type \(info.type), which Fulgur does not read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, MXFP4, I8, I32, I64)")
             }
             // ggml lists dimensions innermost first; Fulgur keeps outermost first.
             let shape = Array(info.dims.reversed())

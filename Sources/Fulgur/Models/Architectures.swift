@@ -23,6 +23,7 @@ public enum Architectures {
             throw FulgurError(.unsupported, "\(config.path): architecture '\(arch)' is not supported (supported: \(supported.joined(separator: ", ")))")
         }
         var spec = try build(config)
+        spec.quantization = try QuantizationSpec.parse(config)
         let genPath = directory + "/generation_config.json"
         if FileManager.default.fileExists(atPath: genPath) {
             let gen = try HFConfig(path: genPath)

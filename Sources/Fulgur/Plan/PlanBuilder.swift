@@ -4,13 +4,13 @@ public enum PlanBuilder {
     public static func build(spec: ModelSpec, tensors: TensorSource, progress: ((Int, Int) -> Void)? = nil) throws -> Plan {
         let names = spec.names, hidden = spec.hiddenSize
         func vector(_ name: String, _ count: Int) throws -> [Float] {
-            try tensors.tensor(name, shape: [count]).floats()
+            try tensors.floats(name, shape: [count])
         }
         func optionalVector(_ name: String, _ count: Int, _ present: Bool) throws -> [Float]? {
             present ? try vector(name, count) : nil
         }
         func linear(_ name: String, out: Int, in inFeatures: Int) throws -> LinearWeight {
-            try LinearWeight(tensors.tensor(name, shape: [out, inFeatures]))
+            try tensors.linearWeight(tensors.tensor(name, shape: [out, inFeatures]))
         }
 
         var ops: [Op] = [.embed]
@@ -20,6 +20,10 @@ public enum PlanBuilder {
         for (i, layer) in spec.layers.enumerated() {
             let a = layer.attention
             let n = { (role: TensorNames.Role) in names.name(i, role) }
+            // The executor divides by these: a zero or a ragged grouping must fail here, by name.
+            guard a.heads > 0, a.kvHeads > 0, a.heads % a.kvHeads == 0, a.headDim > 0, a.valueHeadDim > 0 else {
+                throw FulgurError(.config, "\(tensors.sourceDescription): layer \(i) has \(a.heads) attention heads, \(a.kvHeads) key/value heads and head dimensions \(a.headDim)/\(a.valueHeadDim); expected positive sizes with key/value heads dividing attention heads")
+            }
             grow(.q, a.heads * a.headDim); grow(.k, a.kvHeads * a.headDim); grow(.v, a.kvHeads * a.valueHeadDim)
             grow(.attn, a.heads * a.valueHeadDim)
             ops.append(.rmsNorm(src: .x, dst: .h, weight: try vector(n(.attnNorm), hidden), eps: spec.rmsNormEps))
@@ -62,14 +66,15 @@ public enum PlanBuilder {
         guard table.shape == [spec.vocabSize, hidden] || (table.shape.count == 2 && table.shape[1] == hidden && table.shape[0] >= spec.vocabSize) else {
             throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.embedding)' has shape \(table.shape), expected [\(spec.vocabSize), \(hidden)]")
         }
+        try tensors.checkConvertible(table)
         let lmHead: LinearWeight
         if let head = tensors.tensorIfPresent(names.lmHead) {
             guard head.shape == [table.shape[0], hidden] else {
                 throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.lmHead)' has shape \(head.shape), expected [\(table.shape[0]), \(hidden)]")
             }
-            lmHead = try LinearWeight(head)
+            lmHead = try tensors.linearWeight(head)
         } else if spec.tieWordEmbeddings {
-            lmHead = try LinearWeight(table)
+            lmHead = try tensors.linearWeight(table)
         } else {
             throw FulgurError(.format, "\(tensors.sourceDescription): tensor '\(names.lmHead)' is missing and the config does not tie it to the embeddings")
         }
@@ -79,11 +84,11 @@ public enum PlanBuilder {
     static func moeWeights(_ m: MoESpec, layer i: Int, spec: ModelSpec, tensors: TensorSource) throws -> MoEWeights {
         let names = spec.names, hidden = spec.hiddenSize, inter = m.intermediate
         let n = { (role: TensorNames.Role) in names.name(i, role) }
-        let router = try LinearWeight(tensors.tensor(n(.router), shape: [m.experts, hidden]))
-        let routerBias = m.routerBias ? try tensors.tensor(n(.routerBias), shape: [m.experts]).floats() : nil
+        let router = try tensors.linearWeight(tensors.tensor(n(.router), shape: [m.experts, hidden]))
+        let routerBias = m.routerBias ? try tensors.floats(n(.routerBias), shape: [m.experts]) : nil
         var correction: [Float]? = nil
         if case .sigmoidWithBias = m.routing {
-            correction = try tensors.tensor(n(.correctionBias), shape: [m.experts]).floats()
+            correction = try tensors.floats(n(.correctionBias), shape: [m.experts])
         }
         var experts: [ExpertWeights] = []
         // Checkpoints store experts either one tensor per expert or stacked; take what is there.
@@ -92,12 +97,12 @@ public enum PlanBuilder {
         case (.gptOss, _):
             let gu = try tensors.tensor(n(.expertGateUp), shape: [m.experts, hidden, 2 * inter])
             let down = try tensors.tensor(n(.expertDownFused), shape: [m.experts, inter, hidden])
-            let guBias = try tensors.tensor(n(.expertGateUpBias), shape: [m.experts, 2 * inter]).floats()
-            let downBias = try tensors.tensor(n(.expertDownBias), shape: [m.experts, hidden]).floats()
+            let guBias = try tensors.floats(n(.expertGateUpBias), shape: [m.experts, 2 * inter])
+            let downBias = try tensors.floats(n(.expertDownBias), shape: [m.experts, hidden])
             for e in 0..<m.experts {
                 experts.append(ExpertWeights(
-                    gateUp: try LinearWeight(stacked: gu, index: e, transposed: true), gate: nil, up: nil,
-                    down: try LinearWeight(stacked: down, index: e, transposed: true),
+                    gateUp: try tensors.linearWeight(stacked: gu, index: e, transposed: true), gate: nil, up: nil,
+                    down: try tensors.linearWeight(stacked: down, index: e, transposed: true),
                     gateUpBias: Array(guBias[(e * 2 * inter)..<((e + 1) * 2 * inter)]),
                     downBias: Array(downBias[(e * hidden)..<((e + 1) * hidden)]), interleaved: true))
             }
@@ -108,16 +113,16 @@ public enum PlanBuilder {
             let down = try tensors.tensor(n(.expertDownFused), shape: [m.experts, hidden, inter])
             for e in 0..<m.experts {
                 experts.append(ExpertWeights(
-                    gateUp: try LinearWeight(stacked: gu, index: e), gate: nil, up: nil,
-                    down: try LinearWeight(stacked: down, index: e), gateUpBias: nil, downBias: nil, interleaved: false))
+                    gateUp: try tensors.linearWeight(stacked: gu, index: e), gate: nil, up: nil,
+                    down: try tensors.linearWeight(stacked: down, index: e), gateUpBias: nil, downBias: nil, interleaved: false))
             }
         case (_, .none):
             for e in 0..<m.experts {
                 experts.append(ExpertWeights(
                     gateUp: nil,
-                    gate: try LinearWeight(tensors.tensor(names.name(i, .expertGate, expert: e), shape: [inter, hidden])),
-                    up: try LinearWeight(tensors.tensor(names.name(i, .expertUp, expert: e), shape: [inter, hidden])),
-                    down: try LinearWeight(tensors.tensor(names.name(i, .expertDown, expert: e), shape: [hidden, inter])),
+                    gate: try tensors.linearWeight(tensors.tensor(names.name(i, .expertGate, expert: e), shape: [inter, hidden])),
+                    up: try tensors.linearWeight(tensors.tensor(names.name(i, .expertUp, expert: e), shape: [inter, hidden])),
+                    down: try tensors.linearWeight(tensors.tensor(names.name(i, .expertDown, expert: e), shape: [hidden, inter])),
                     gateUpBias: nil, downBias: nil, interleaved: false))
             }
         }

@@ -8,6 +8,14 @@
 ///   q4_1: f16 d, f16 m, 16 B nibbles value = d * q + m
 ///   q8_0: f16 d, 32 x i8             value = d * q
 public enum Dequant {
+    /// Whether `row` converts this dtype; loaders check it so a model never reaches the trap below.
+    public static func converts(_ dtype: DType) -> Bool {
+        switch dtype {
+        case .fp8e4m3, .e8m0, .mxfp4: return false
+        default: return true
+        }
+    }
+
     /// Convert `count` elements starting at `src` (a whole number of blocks) to f32.
     public static func row(_ dtype: DType, _ src: UnsafeRawPointer, _ count: Int, _ dst: UnsafeMutablePointer<Float>) {
         switch dtype {

@@ -32,7 +32,7 @@ public struct LinearWeight: @unchecked Sendable {
         case .f32, .f16, .bf16: break
         case .q8_0, .q4_0, .q4_1 where !transposed: break
         default:
-            throw FulgurError(.unsupported, "tensor '\(name)' has dtype \(dtype), which the CPU executor cannot use as a linear weight\(transposed ? " in [in, out] layout" : "")")
+            throw FulgurError(.unsupported, "tensor '\(name)' has dtype \(dtype), which the CPU executor cannot use as a linear weight\(transposed ? " in [in, out] layout (expected f32, f16 or bf16)" : " (expected f32, f16, bf16, q8_0, q4_0 or q4_1)")")
         }
         self.name = name
         self.dtype = dtype
@@ -101,6 +101,25 @@ public struct LinearWeight: @unchecked Sendable {
                     for j in 0..<outN { o[j] += a * rb[j] }
                 }
             }
+        }
+    }
+}
+
+extension TensorSource {
+    /// A linear weight of one of this source's tensors, with errors that name the source.
+    public func linearWeight(_ t: TensorView, transposed: Bool = false) throws -> LinearWeight {
+        try namingSource { try LinearWeight(t, transposed: transposed) }
+    }
+
+    public func linearWeight(stacked t: TensorView, index: Int, transposed: Bool = false) throws -> LinearWeight {
+        try namingSource { try LinearWeight(stacked: t, index: index, transposed: transposed) }
+    }
+
+    private func namingSource(_ make: () throws -> LinearWeight) throws -> LinearWeight {
+        do {
+            return try make()
+        } catch let e as FulgurError {
+            throw FulgurError(e.kind, "\(sourceDescription): \(e.message)")
         }
     }
 }

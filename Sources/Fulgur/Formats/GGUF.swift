@@ -120,7 +120,9 @@ public final class GGUFFile: TensorSource {
             guard shape.last! % dtype.blockElements == 0 else {
                 throw FulgurError.format(path, "tensor '\(info.name)' has row length \(shape.last!), not a multiple of the \(dtype) block size \(dtype.blockElements)")
             }
-            let bytes = dtype.byteCount(elements: shape.reduce(1, *))
+            guard let bytes = dtype.byteCount(shape: shape) else {
+                throw FulgurError.format(path, "tensor '\(info.name)' has shape \(shape), too large to address: the file is corrupt")
+            }
             let start = UInt64(dataStart) + info.offset
             guard info.offset <= UInt64(file.size), start + UInt64(bytes) <= UInt64(file.size) else {
                 throw FulgurError.format(path, "tensor '\(info.name)' (\(bytes) bytes at offset \(start)) runs past the end of the file (\(file.size) bytes): the file is truncated or corrupt")

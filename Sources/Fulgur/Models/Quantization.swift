@@ -45,6 +45,10 @@ extension PlanBuilder {
     /// The weight at `name` (a `.weight` tensor), whatever its storage: plain, FP8 with a
     /// `weight_scale_inv` companion, or MXFP4 codes with a `weight_scale` companion.
     static func resolveLinear(_ name: String, out: Int, in inFeatures: Int, spec: ModelSpec, tensors: TensorSource) throws -> LinearWeight {
+        try tensors.namingSource { try resolveLinearUnnamed(name, out: out, in: inFeatures, spec: spec, tensors: tensors) }
+    }
+
+    private static func resolveLinearUnnamed(_ name: String, out: Int, in inFeatures: Int, spec: ModelSpec, tensors: TensorSource) throws -> LinearWeight {
         let t = try tensors.tensor(name)
         let base = name.hasSuffix(".weight") ? String(name.dropLast(".weight".count)) : name
         let source = tensors.sourceDescription

@@ -4,11 +4,7 @@ public enum PlanBuilder {
     public static func build(spec: ModelSpec, tensors: TensorSource, progress: ((Int, Int) -> Void)? = nil) throws -> Plan {
         let names = spec.names, hidden = spec.hiddenSize
         func vector(_ name: String, _ count: Int) throws -> [Float] {
-            let t = try tensors.tensor(name, shape: [count])
-            guard [.f32, .f16, .bf16].contains(t.dtype) else {
-                throw FulgurError(.unsupported, "\(tensors.sourceDescription): tensor '\(name)' is \(t.dtype); norms, biases and sinks must be f32, f16 or bf16")
-            }
-            return t.floats()
+            try tensors.floats(name, shape: [count])
         }
         func optionalVector(_ name: String, _ count: Int, _ present: Bool) throws -> [Float]? {
             present ? try vector(name, count) : nil
@@ -24,6 +20,10 @@ public enum PlanBuilder {
         for (i, layer) in spec.layers.enumerated() {
             let a = layer.attention
             let n = { (role: TensorNames.Role) in names.name(i, role) }
+            // The executor divides by these: a zero or a ragged grouping must fail here, by name.
+            guard a.heads > 0, a.kvHeads > 0, a.heads % a.kvHeads == 0, a.headDim > 0, a.valueHeadDim > 0 else {
+                throw FulgurError(.config, "\(tensors.sourceDescription): layer \(i) has \(a.heads) attention heads, \(a.kvHeads) key/value heads and head dimensions \(a.headDim)/\(a.valueHeadDim); expected positive sizes with key/value heads dividing attention heads")
+            }
             grow(.q, a.heads * a.headDim); grow(.k, a.kvHeads * a.headDim); grow(.v, a.kvHeads * a.valueHeadDim)
             grow(.attn, a.heads * a.valueHeadDim)
             ops.append(.rmsNorm(src: .x, dst: .h, weight: try vector(n(.attnNorm), hidden), eps: spec.rmsNormEps))
@@ -63,17 +63,15 @@ public enum PlanBuilder {
         ops.append(.finalNorm(weight: try vector(names.finalNorm, hidden), eps: spec.rmsNormEps))
 
         let table = try tensors.tensor(names.embedding)
-        guard [.f32, .f16, .bf16, .q8_0, .q4_0, .q4_1].contains(table.dtype) else {
-            throw FulgurError(.unsupported, "\(tensors.sourceDescription): embedding '\(names.embedding)' is \(table.dtype); embeddings must stay f32, f16, bf16 or a GGML block type")
-        }
         guard table.shape == [spec.vocabSize, hidden] || (table.shape.count == 2 && table.shape[1] == hidden && table.shape[0] >= spec.vocabSize) else {
             throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.embedding)' has shape \(table.shape), expected [\(spec.vocabSize), \(hidden)]")
         }
+        try tensors.checkConvertible(table)
         let lmHead: LinearWeight
         if tensors.tensorIfPresent(names.lmHead) != nil {
             lmHead = try resolveLinear(names.lmHead, out: table.shape[0], in: hidden, spec: spec, tensors: tensors)
         } else if spec.tieWordEmbeddings {
-            lmHead = try LinearWeight(table)
+            lmHead = try tensors.linearWeight(table)
         } else {
             throw FulgurError(.format, "\(tensors.sourceDescription): tensor '\(names.lmHead)' is missing and the config does not tie it to the embeddings")
         }
@@ -84,18 +82,18 @@ public enum PlanBuilder {
         let names = spec.names, hidden = spec.hiddenSize, inter = m.intermediate
         let n = { (role: TensorNames.Role) in names.name(i, role) }
         let router = try resolveLinear(n(.router), out: m.experts, in: hidden, spec: spec, tensors: tensors)
-        let routerBias = m.routerBias ? try tensors.tensor(n(.routerBias), shape: [m.experts]).floats() : nil
+        let routerBias = m.routerBias ? try tensors.floats(n(.routerBias), shape: [m.experts]) : nil
         var correction: [Float]? = nil
         if case .sigmoidWithBias = m.routing {
-            correction = try tensors.tensor(n(.correctionBias), shape: [m.experts]).floats()
+            correction = try tensors.floats(n(.correctionBias), shape: [m.experts])
         }
         var experts: [ExpertWeights] = []
         // Checkpoints store experts either one tensor per expert or stacked; take what is there.
         let stacked = tensors.tensorIfPresent(n(.expertGateUp))
         switch (m.layout, stacked) {
         case (.gptOss, _):
-            let guBias = try tensors.tensor(n(.expertGateUpBias), shape: [m.experts, 2 * inter]).floats()
-            let downBias = try tensors.tensor(n(.expertDownBias), shape: [m.experts, hidden]).floats()
+            let guBias = try tensors.floats(n(.expertGateUpBias), shape: [m.experts, 2 * inter])
+            let downBias = try tensors.floats(n(.expertDownBias), shape: [m.experts, hidden])
             // Published gpt-oss checkpoints store experts as MXFP4 `_blocks`/`_scales` ([out, in]);
             // unquantized ones as [in, out] matrices.
             let guName = n(.expertGateUp), downName = n(.expertDownFused)

@@ -119,3 +119,21 @@ private func greedy(_ count: Int) throws -> [Int] {
                                      decode: { _ in "" })
     }
 }
+
+/// A second prompt that extends the first (the next turn of a chat) reuses the cached
+/// prefix; the tokens must be exactly those of a fresh generator, also for sliding-window
+/// models whose rings may or may not still hold the prefix.
+@Test(arguments: ["llama", "mimo_v2_flash", "gpt_oss"])
+func reusingTheCachedPrefixGivesTheSameTokensAsAFreshStart(_ name: String) throws {
+    let model = try Model(path: Fixtures.path("models/\(name)"))
+    let first = Array((0..<20).map { ($0 * 37 + 11) % 256 })
+    let parameters = GenerationParameters(maxTokens: 12)
+    let reused = Generator(executor: CPUExecutor(plan: model.plan, maxPositions: 256, maxStepTokens: 8))
+    let firstResult = try reused.generate(prompt: first, parameters: parameters, decode: { _ in "" })
+    // Same prefix, then the reply and a new turn; and one that diverges early.
+    for second in [first + firstResult.tokens + [5, 6, 7], first + [9], Array(first.prefix(3)) + [1, 2, 3]] {
+        let got = try reused.generate(prompt: second, parameters: parameters, decode: { _ in "" }).tokens
+        let fresh = Generator(executor: CPUExecutor(plan: model.plan, maxPositions: 256, maxStepTokens: 8))
+        #expect(got == (try fresh.generate(prompt: second, parameters: parameters, decode: { _ in "" }).tokens))
+    }
+}

@@ -70,6 +70,9 @@ struct StopMatcher {
 /// token limit.
 public final class Generator {
     public let executor: CPUExecutor
+    /// The tokens whose keys and values the cache holds, so that a prompt extending them (the
+    /// next turn of a chat) prefills only what is new.
+    private var cachedTokens: [Int] = []
 
     public init(executor: CPUExecutor) {
         self.executor = executor
@@ -91,10 +94,15 @@ public final class Generator {
         result.promptTokens = prompt.count
         let start = DispatchTime.now().uptimeNanoseconds
         var firstTokenAt = start
-        executor.cache.reset()
+        // Reuse the cached prefix; at least the last prompt token is run again for its logits.
+        var reuse = zip(cachedTokens, prompt).prefix { $0 == $1 }.count
+        reuse = min(reuse, prompt.count - 1, executor.cache.length)
+        if executor.cache.canTruncate(to: reuse) { executor.cache.truncate(to: reuse) } else { executor.cache.reset(); reuse = 0 }
+        cachedTokens = Array(prompt[..<reuse])
         var sampler = Sampler(parameters.sampling)
         var stop = StopMatcher(stops: parameters.stopStrings.filter { !$0.isEmpty })
-        var logits = try executor.forward(prompt)
+        var logits = try executor.forward(Array(prompt[reuse...]))
+        cachedTokens = prompt
         let limit = min(parameters.maxTokens, room)
         result.finishReason = .length
         loop: while result.tokens.count < limit {
@@ -108,6 +116,7 @@ public final class Generator {
             if hit { result.finishReason = .stop; break }
             if result.tokens.count == limit { break }
             logits = try executor.forward([token])
+            cachedTokens.append(token)
         }
         if result.finishReason != .stop {
             let rest = stop.flush()

@@ -17,12 +17,15 @@ public final class KVCache {
     }
 
     public let layers: [Layer]
+    /// Windows of the sliding layers (nil for full layers), to know how far a ring can rewind.
+    let windows: [Int?]
     /// Positions held so far (the next token's position).
     public internal(set) var length = 0
     public let maxPositions: Int
 
     public init(spec: ModelSpec, maxPositions: Int, maxStepTokens: Int) {
         self.maxPositions = maxPositions
+        windows = spec.layers.map { $0.attention.window }
         layers = spec.layers.map { l in
             let a = l.attention
             let cap = Self.capacity(a, maxPositions: maxPositions, maxStepTokens: maxStepTokens)
@@ -52,10 +55,21 @@ public final class KVCache {
 
     public func reset() { length = 0 }
 
+    /// Whether positions before `position` are all still held, so the cache can rewind to it:
+    /// a ring keeps its window only while the positions written since `position` fit in its
+    /// slack (`capacity - window`).
+    public func canTruncate(to position: Int) -> Bool {
+        guard position >= 0, position <= length else { return false }
+        for (layer, window) in zip(layers, windows) {
+            if let window, layer.capacity < maxPositions, length - position > layer.capacity - window { return false }
+        }
+        return true
+    }
+
     /// Forget positions at and after `position` (speculative rollback, or a new request that
-    /// shares a prefix).
+    /// shares a prefix). The caller checks `canTruncate(to:)` first.
     public func truncate(to position: Int) {
-        precondition(position <= length)
+        precondition(canTruncate(to: position), "KV cache cannot rewind from \(length) to \(position)")
         length = position
     }
 }

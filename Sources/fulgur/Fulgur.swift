@@ -27,22 +27,29 @@ struct ModelOptions: ParsableArguments {
     }
 }
 
+// Numbers are parsed unconditionally so that `--temperature -1` reaches `validate` and gets
+// its message, instead of the "-1" being taken for an option.
 struct SamplingOptions: ParsableArguments {
-    @Option(help: "Sampling temperature; 0 is greedy.") var temperature: Float = 0.7
-    @Option(name: .customLong("top-k"), help: "Keep the k most likely tokens (0: off).") var topK: Int = 0
-    @Option(name: .customLong("top-p"), help: "Keep the smallest set of tokens with this much probability.") var topP: Float = 0.9
-    @Option(name: .customLong("min-p"), help: "Drop tokens less likely than min-p times the most likely one.") var minP: Float = 0
+    @Option(parsing: .unconditional, help: "Sampling temperature; 0 is greedy.") var temperature: Float = 0.7
+    @Option(name: .customLong("top-k"), parsing: .unconditional, help: "Keep the k most likely tokens (0: off).") var topK: Int = 0
+    @Option(name: .customLong("top-p"), parsing: .unconditional, help: "Keep the smallest set of tokens with this much probability.") var topP: Float = 0.9
+    @Option(name: .customLong("min-p"), parsing: .unconditional, help: "Drop tokens less likely than min-p times the most likely one.") var minP: Float = 0
     @Option(help: "Random seed, for reproducible sampling.") var seed: UInt64?
-    @Option(name: .customLong("max-tokens"), help: "Generate at most this many tokens.") var maxTokens: Int = 256
+    @Option(name: .customLong("max-tokens"), parsing: .unconditional, help: "Generate at most this many tokens.") var maxTokens: Int = 256
     @Option(name: .customLong("stop"), help: "Stop when the output contains this string (repeatable).") var stop: [String] = []
     @Flag(name: .customLong("ignore-eos"), help: "Keep generating past end-of-sequence tokens (for benchmarks).") var ignoreEOS = false
 
-    func parameters(_ engine: Engine) throws -> GenerationParameters {
+    /// The sampling parameters, checked before any model is loaded.
+    func sampling() throws -> SamplingParameters {
         let s = SamplingParameters(temperature: temperature, topK: topK, topP: topP, minP: minP, seed: seed)
         try s.validate()
-        guard maxTokens >= 1 else { throw FulgurError(.usage, "--max-tokens must be at least 1") }
-        return GenerationParameters(maxTokens: maxTokens, sampling: s, stopStrings: stop,
-                                    stopTokenIds: ignoreEOS ? [] : Set(engine.stopTokenIds))
+        guard maxTokens >= 1 else { throw FulgurError(.usage, "--max-tokens must be at least 1, got \(maxTokens)") }
+        return s
+    }
+
+    func parameters(_ sampling: SamplingParameters, _ engine: Engine) -> GenerationParameters {
+        GenerationParameters(maxTokens: maxTokens, sampling: sampling, stopStrings: stop,
+                             stopTokenIds: ignoreEOS ? [] : Set(engine.stopTokenIds))
     }
 }
 
@@ -67,13 +74,14 @@ struct Generate: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
+            let samplingParameters = try sampling.sampling()
             let engine = try modelOptions.load()
             let text = chat
                 ? try engine.renderChat([ChatMessage(role: "system", content: system)].filter { $0.content != nil }
                     + [ChatMessage(role: "user", content: prompt)], addGenerationPrompt: true)
                 : prompt
             if !chat { Terminal.out(prompt) }
-            let result = try engine.generate(text: text, parameters: sampling.parameters(engine)) { piece in
+            let result = try engine.generate(text: text, parameters: sampling.parameters(samplingParameters, engine)) { piece in
                 Terminal.out(piece)
                 return true
             }
@@ -93,8 +101,9 @@ struct Chat: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
+            let samplingParameters = try sampling.sampling()
             let engine = try modelOptions.load()
-            let parameters = try sampling.parameters(engine)
+            let parameters = sampling.parameters(samplingParameters, engine)
             var history: [ChatMessage] = system.map { [ChatMessage(role: "system", content: $0)] } ?? []
             Terminal.status("Chatting with \(engine.name). /reset clears the history, /exit or Ctrl-D quits.")
             while true {

@@ -157,37 +157,7 @@ func streamingDecodeEmitsWholeCharactersOnly(name: String) throws {
     #expect(tok.decode(ids) == "<|im_start|>user\nhi<|im_end|><tool_call>")
 }
 
-@Test func encodingThousandsOfTokensTakesWellUnderASecond() throws {
-    let tok = try smolLM2.get()
-    // Fresh text each round so the word cache does not hide the BPE cost.
-    let corpus = try loadCases("smollm2.json").map(\.text).joined(separator: "\n")
-    let start = ContinuousClock.now
-    var count = 0
-    for round in 0..<4 { count += tok.encode("round \(round)\n" + corpus).count }
-    let elapsed = ContinuousClock.now - start
-    #expect(count > 10_000)
-    #expect(elapsed < .seconds(1), "\(count) tokens took \(elapsed)")
-}
-
 // MARK: errors name the file and the field
-
-private func temporaryFile(_ name: String, _ bytes: [UInt8]) throws -> String {
-    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("fulgur-tokenizer-\(UUID())")
-    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-    let url = dir.appendingPathComponent(name)
-    try Data(bytes).write(to: url)
-    return url.path
-}
-
-private func expectError(_ fragments: [String], _ body: () throws -> Void) {
-    do {
-        try body()
-        Issue.record("expected an error mentioning \(fragments)")
-    } catch {
-        let message = "\(error)"
-        for fragment in fragments { #expect(message.contains(fragment), "\(message)") }
-    }
-}
 
 @Test func badTokenizerJSONNamesFileAndField() throws {
     let noVocab = try temporaryFile("tokenizer.json", Array(#"{"model": {"type": "BPE", "merges": []}}"#.utf8))
@@ -206,28 +176,6 @@ private func expectError(_ fragments: [String], _ body: () throws -> Void) {
     expectError([badMerge, "merge #0", "a b"]) { _ = try Tokenizer(tokenizerJSON: badMerge) }
     expectError(["/nonexistent/tokenizer.json"]) { _ = try Tokenizer(tokenizerJSON: "/nonexistent/tokenizer.json") }
 }
-
-/// A GGUF file with only string metadata.
-private func gguf(_ metadata: [(String, GGUFTestValue)]) -> [UInt8] {
-    var out: [UInt8] = []
-    func u32(_ v: UInt32) { withUnsafeBytes(of: v.littleEndian) { out += $0 } }
-    func u64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { out += $0 } }
-    func string(_ s: String) { u64(UInt64(s.utf8.count)); out += s.utf8 }
-    u32(0x4655_4747)
-    u32(3)
-    u64(0)
-    u64(UInt64(metadata.count))
-    for (key, value) in metadata {
-        string(key)
-        switch value {
-        case .string(let s): u32(8); string(s)
-        case .strings(let list): u32(9); u32(8); u64(UInt64(list.count)); list.forEach(string)
-        }
-    }
-    return out
-}
-
-private enum GGUFTestValue { case string(String), strings([String]) }
 
 @Test func ggufWithMissingTokenizerFieldsNamesFileAndField() throws {
     let noTokens = try temporaryFile("model.gguf", gguf([("tokenizer.ggml.model", .string("gpt2"))]))

@@ -54,6 +54,7 @@ public final class GGUFFile: TensorSource {
         case 26: return .i32
         case 27: return .i64
         case 30: return .bf16
+        case 39: return .mxfp4
         default: return nil
         }
     }
@@ -112,14 +113,16 @@ public final class GGUFFile: TensorSource {
         let dataStart = (r.offset + alignment - 1) / alignment * alignment
         for info in infos {
             guard let dtype = Self.dtype(ggmlType: info.type) else {
-                throw FulgurError(.unsupported, "\(path): tensor '\(info.name)' has ggml type \(info.type), which Fulgur does not read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, I8, I32, I64)")
+                throw FulgurError(.unsupported, "\(path): tensor '\(info.name)' has ggml type \(info.type), which Fulgur does not read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, MXFP4, I8, I32, I64)")
             }
             // ggml lists dimensions innermost first; Fulgur keeps outermost first.
             let shape = Array(info.dims.reversed())
             guard shape.last! % dtype.blockElements == 0 else {
                 throw FulgurError.format(path, "tensor '\(info.name)' has row length \(shape.last!), not a multiple of the \(dtype) block size \(dtype.blockElements)")
             }
-            let bytes = dtype.byteCount(elements: shape.reduce(1, *))
+            guard let bytes = dtype.byteCount(shape: shape) else {
+                throw FulgurError.format(path, "tensor '\(info.name)' has shape \(shape), too large to address: the file is corrupt")
+            }
             let start = UInt64(dataStart) + info.offset
             guard info.offset <= UInt64(file.size), start + UInt64(bytes) <= UInt64(file.size) else {
                 throw FulgurError.format(path, "tensor '\(info.name)' (\(bytes) bytes at offset \(start)) runs past the end of the file (\(file.size) bytes): the file is truncated or corrupt")

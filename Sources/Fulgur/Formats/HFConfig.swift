@@ -30,8 +30,9 @@ public struct HFConfig: @unchecked Sendable {
 
     public func has(_ key: String) -> Bool { values[key] != nil && !(values[key] is NSNull) }
 
+    /// Every integer Fulgur reads from a config is a size or a count, so negatives are errors.
     public func int(_ key: String) throws -> Int {
-        guard let v = optionalInt(key) else { throw missing(key, "an integer") }
+        guard let v = optionalInt(key), v >= 0 else { throw missing(key, "a non-negative integer") }
         return v
     }
     public func int(_ key: String, default d: Int) throws -> Int {

@@ -62,7 +62,9 @@ public final class SafetensorsFile: TensorSource {
                   begin >= 0, end >= begin, end <= dataSize else {
                 throw FulgurError.format(path, "tensor '\(name)' has data offsets \(offsets) outside the data section (\(dataSize) bytes): the file is truncated or corrupt")
             }
-            let expected = dtype.byteCount(elements: shape.reduce(1, *))
+            guard let expected = dtype.byteCount(shape: shape) else {
+                throw FulgurError.format(path, "tensor '\(name)' has shape \(shape), too large to address: the file is corrupt")
+            }
             guard end - begin == expected else {
                 throw FulgurError.format(path, "tensor '\(name)' (\(dtypeName) \(shape)) should take \(expected) bytes but its data offsets span \(end - begin)")
             }

@@ -23,6 +23,7 @@ public enum Architectures {
             throw FulgurError(.unsupported, "\(config.path): architecture '\(arch)' is not supported (supported: \(supported.joined(separator: ", ")))")
         }
         var spec = try build(config)
+        spec.quantization = try QuantizationSpec.parse(config)
         let genPath = directory + "/generation_config.json"
         if FileManager.default.fileExists(atPath: genPath) {
             let gen = try HFConfig(path: genPath)
@@ -110,6 +111,7 @@ enum DecoderConfig {
     /// Attention of a plain Llama-family layer.
     static func attention(_ c: HFConfig, window: Int?, qkNorm: Bool, rope: RoPESpec? = nil) throws -> AttentionSpec {
         let hidden = try c.int("hidden_size"), heads = try c.int("num_attention_heads")
+        guard heads > 0 else { throw c.missing("num_attention_heads", "a positive integer") }
         let headDim = try c.int("head_dim", default: hidden / heads)
         let bias = try c.bool("attention_bias", default: false)
         return AttentionSpec(

@@ -13,8 +13,8 @@ enum Llama {
     /// so that RoPE rotates adjacent pairs; the interleaved RoPE style undoes that exactly.
     static func spec(gguf g: GGUFFile) throws -> ModelSpec {
         func int(_ k: String) throws -> Int {
-            guard let v = g.metadata["llama." + k]?.int else {
-                throw FulgurError(.config, "\(g.path): metadata 'llama.\(k)' is missing or not an integer")
+            guard let v = g.metadata["llama." + k]?.int, v > 0 else {
+                throw FulgurError(.config, "\(g.path): metadata 'llama.\(k)' is missing or not a positive integer")
             }
             return v
         }

@@ -15,6 +15,7 @@ public struct ModelSpec: Sendable {
     public var names: TensorNames
     public var bosTokenId: Int?
     public var eosTokenIds: [Int]
+    public var quantization: QuantizationSpec? = nil
 
     public var layerCount: Int { layers.count }
 }

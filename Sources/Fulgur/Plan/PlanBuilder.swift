@@ -4,13 +4,13 @@ public enum PlanBuilder {
     public static func build(spec: ModelSpec, tensors: TensorSource, progress: ((Int, Int) -> Void)? = nil) throws -> Plan {
         let names = spec.names, hidden = spec.hiddenSize
         func vector(_ name: String, _ count: Int) throws -> [Float] {
-            try tensors.tensor(name, shape: [count]).floats()
+            try tensors.floats(name, shape: [count])
         }
         func optionalVector(_ name: String, _ count: Int, _ present: Bool) throws -> [Float]? {
             present ? try vector(name, count) : nil
         }
         func linear(_ name: String, out: Int, in inFeatures: Int) throws -> LinearWeight {
-            try LinearWeight(tensors.tensor(name, shape: [out, inFeatures]))
+            try resolveLinear(name, out: out, in: inFeatures, spec: spec, tensors: tensors)
         }
 
         var ops: [Op] = [.embed]
@@ -20,6 +20,10 @@ public enum PlanBuilder {
         for (i, layer) in spec.layers.enumerated() {
             let a = layer.attention
             let n = { (role: TensorNames.Role) in names.name(i, role) }
+            // The executor divides by these: a zero or a ragged grouping must fail here, by name.
+            guard a.heads > 0, a.kvHeads > 0, a.heads % a.kvHeads == 0, a.headDim > 0, a.valueHeadDim > 0 else {
+                throw FulgurError(.config, "\(tensors.sourceDescription): layer \(i) has \(a.heads) attention heads, \(a.kvHeads) key/value heads and head dimensions \(a.headDim)/\(a.valueHeadDim); expected positive sizes with key/value heads dividing attention heads")
+            }
             grow(.q, a.heads * a.headDim); grow(.k, a.kvHeads * a.headDim); grow(.v, a.kvHeads * a.valueHeadDim)
             grow(.attn, a.heads * a.valueHeadDim)
             ops.append(.rmsNorm(src: .x, dst: .h, weight: try vector(n(.attnNorm), hidden), eps: spec.rmsNormEps))
@@ -62,14 +66,12 @@ public enum PlanBuilder {
         guard table.shape == [spec.vocabSize, hidden] || (table.shape.count == 2 && table.shape[1] == hidden && table.shape[0] >= spec.vocabSize) else {
             throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.embedding)' has shape \(table.shape), expected [\(spec.vocabSize), \(hidden)]")
         }
+        try tensors.checkConvertible(table)
         let lmHead: LinearWeight
-        if let head = tensors.tensorIfPresent(names.lmHead) {
-            guard head.shape == [table.shape[0], hidden] else {
-                throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.lmHead)' has shape \(head.shape), expected [\(table.shape[0]), \(hidden)]")
-            }
-            lmHead = try LinearWeight(head)
+        if tensors.tensorIfPresent(names.lmHead) != nil {
+            lmHead = try resolveLinear(names.lmHead, out: table.shape[0], in: hidden, spec: spec, tensors: tensors)
         } else if spec.tieWordEmbeddings {
-            lmHead = try LinearWeight(table)
+            lmHead = try tensors.linearWeight(table)
         } else {
             throw FulgurError(.format, "\(tensors.sourceDescription): tensor '\(names.lmHead)' is missing and the config does not tie it to the embeddings")
         }
@@ -79,45 +81,74 @@ public enum PlanBuilder {
     static func moeWeights(_ m: MoESpec, layer i: Int, spec: ModelSpec, tensors: TensorSource) throws -> MoEWeights {
         let names = spec.names, hidden = spec.hiddenSize, inter = m.intermediate
         let n = { (role: TensorNames.Role) in names.name(i, role) }
-        let router = try LinearWeight(tensors.tensor(n(.router), shape: [m.experts, hidden]))
-        let routerBias = m.routerBias ? try tensors.tensor(n(.routerBias), shape: [m.experts]).floats() : nil
+        let router = try resolveLinear(n(.router), out: m.experts, in: hidden, spec: spec, tensors: tensors)
+        let routerBias = m.routerBias ? try tensors.floats(n(.routerBias), shape: [m.experts]) : nil
         var correction: [Float]? = nil
         if case .sigmoidWithBias = m.routing {
-            correction = try tensors.tensor(n(.correctionBias), shape: [m.experts]).floats()
+            correction = try tensors.floats(n(.correctionBias), shape: [m.experts])
         }
         var experts: [ExpertWeights] = []
         // Checkpoints store experts either one tensor per expert or stacked; take what is there.
         let stacked = tensors.tensorIfPresent(n(.expertGateUp))
         switch (m.layout, stacked) {
         case (.gptOss, _):
-            let gu = try tensors.tensor(n(.expertGateUp), shape: [m.experts, hidden, 2 * inter])
-            let down = try tensors.tensor(n(.expertDownFused), shape: [m.experts, inter, hidden])
-            let guBias = try tensors.tensor(n(.expertGateUpBias), shape: [m.experts, 2 * inter]).floats()
-            let downBias = try tensors.tensor(n(.expertDownBias), shape: [m.experts, hidden]).floats()
+            let guBias = try tensors.floats(n(.expertGateUpBias), shape: [m.experts, 2 * inter])
+            let downBias = try tensors.floats(n(.expertDownBias), shape: [m.experts, hidden])
+            // Published gpt-oss checkpoints store experts as MXFP4 `_blocks`/`_scales` ([out, in]);
+            // unquantized ones as [in, out] matrices.
+            let guName = n(.expertGateUp), downName = n(.expertDownFused)
+            let packed = tensors.tensorIfPresent(guName + "_blocks") != nil
+            if packed, spec.quantization?.allowsMXFP4 != true {
+                throw FulgurError(.config, "\(tensors.sourceDescription): '\(guName)_blocks' is MXFP4 but config.json has no quantization_config with quant_method 'mxfp4'")
+            }
             for e in 0..<m.experts {
+                let gateUp: LinearWeight, down: LinearWeight
+                if packed {
+                    gateUp = try LinearWeight(mxfp4: tensors.tensor(guName + "_blocks"), scales: tensors.tensor(guName + "_scales"), expert: e)
+                    down = try LinearWeight(mxfp4: tensors.tensor(downName + "_blocks"), scales: tensors.tensor(downName + "_scales"), expert: e)
+                    guard gateUp.outFeatures == 2 * inter, gateUp.inFeatures == hidden, down.outFeatures == hidden, down.inFeatures == inter else {
+                        throw FulgurError(.shape, "\(tensors.sourceDescription): MXFP4 experts '\(guName)_blocks' / '\(downName)_blocks' hold [\(gateUp.outFeatures), \(gateUp.inFeatures)] / [\(down.outFeatures), \(down.inFeatures)], expected [\(2 * inter), \(hidden)] / [\(hidden), \(inter)]")
+                    }
+                } else {
+                    gateUp = try LinearWeight(stacked: tensors.tensor(guName, shape: [m.experts, hidden, 2 * inter]), index: e, transposed: true)
+                    down = try LinearWeight(stacked: tensors.tensor(downName, shape: [m.experts, inter, hidden]), index: e, transposed: true)
+                }
                 experts.append(ExpertWeights(
-                    gateUp: try LinearWeight(stacked: gu, index: e, transposed: true), gate: nil, up: nil,
-                    down: try LinearWeight(stacked: down, index: e, transposed: true),
+                    gateUp: gateUp, gate: nil, up: nil, down: down,
                     gateUpBias: Array(guBias[(e * 2 * inter)..<((e + 1) * 2 * inter)]),
                     downBias: Array(downBias[(e * hidden)..<((e + 1) * hidden)]), interleaved: true))
             }
         case (_, .some(let gu)):
-            guard gu.shape == [m.experts, 2 * inter, hidden] else {
-                throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(gu.name)' has shape \(gu.shape), expected [\(m.experts), \(2 * inter), \(hidden)]")
-            }
-            let down = try tensors.tensor(n(.expertDownFused), shape: [m.experts, hidden, inter])
+            // Stacked [E, 2I, H] / [E, H, I]; MXFP4 ones as codes [E, rows, cols/2] with `_scale`.
+            let down = try tensors.tensor(n(.expertDownFused))
+            let guScale = tensors.tensorIfPresent(n(.expertGateUp) + "_scale")
             for e in 0..<m.experts {
-                experts.append(ExpertWeights(
-                    gateUp: try LinearWeight(stacked: gu, index: e), gate: nil, up: nil,
-                    down: try LinearWeight(stacked: down, index: e), gateUpBias: nil, downBias: nil, interleaved: false))
+                let gateUp: LinearWeight, downW: LinearWeight
+                if let guScale {
+                    guard spec.quantization?.allowsMXFP4 == true else {
+                        throw FulgurError(.config, "\(tensors.sourceDescription): '\(gu.name)' is MXFP4 but config.json's quantization_config does not declare MXFP4")
+                    }
+                    gateUp = try LinearWeight(mxfp4: gu, scales: guScale, expert: e)
+                    downW = try LinearWeight(mxfp4: down, scales: tensors.tensor(n(.expertDownFused) + "_scale"), expert: e)
+                } else {
+                    guard gu.shape == [m.experts, 2 * inter, hidden] else {
+                        throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(gu.name)' has shape \(gu.shape), expected [\(m.experts), \(2 * inter), \(hidden)]")
+                    }
+                    gateUp = try LinearWeight(stacked: gu, index: e)
+                    downW = try LinearWeight(stacked: tensors.tensor(n(.expertDownFused), shape: [m.experts, hidden, inter]), index: e)
+                }
+                guard gateUp.outFeatures == 2 * inter, gateUp.inFeatures == hidden, downW.outFeatures == hidden, downW.inFeatures == inter else {
+                    throw FulgurError(.shape, "\(tensors.sourceDescription): experts '\(gu.name)' hold [\(gateUp.outFeatures), \(gateUp.inFeatures)], expected [\(2 * inter), \(hidden)]")
+                }
+                experts.append(ExpertWeights(gateUp: gateUp, gate: nil, up: nil, down: downW, gateUpBias: nil, downBias: nil, interleaved: false))
             }
         case (_, .none):
             for e in 0..<m.experts {
                 experts.append(ExpertWeights(
                     gateUp: nil,
-                    gate: try LinearWeight(tensors.tensor(names.name(i, .expertGate, expert: e), shape: [inter, hidden])),
-                    up: try LinearWeight(tensors.tensor(names.name(i, .expertUp, expert: e), shape: [inter, hidden])),
-                    down: try LinearWeight(tensors.tensor(names.name(i, .expertDown, expert: e), shape: [hidden, inter])),
+                    gate: try resolveLinear(names.name(i, .expertGate, expert: e), out: inter, in: hidden, spec: spec, tensors: tensors),
+                    up: try resolveLinear(names.name(i, .expertUp, expert: e), out: inter, in: hidden, spec: spec, tensors: tensors),
+                    down: try resolveLinear(names.name(i, .expertDown, expert: e), out: hidden, in: inter, spec: spec, tensors: tensors),
                     gateUpBias: nil, downBias: nil, interleaved: false))
             }
         }

@@ -11,6 +11,14 @@
 /// fp8e4m3 and e8m0 are plain element types here; FP8's per-tile scales are applied by the
 /// caller, which knows the tile shape.
 public enum Dequant {
+    /// Whether `row` converts this dtype; loaders check it so a model never reaches the trap below.
+    public static func converts(_ dtype: DType) -> Bool {
+        switch dtype {
+        case .fp8e4m3, .e8m0, .mxfp4: return false
+        default: return true
+        }
+    }
+
     /// Convert `count` elements starting at `src` (a whole number of blocks) to f32.
     public static func row(_ dtype: DType, _ src: UnsafeRawPointer, _ count: Int, _ dst: UnsafeMutablePointer<Float>) {
         switch dtype {

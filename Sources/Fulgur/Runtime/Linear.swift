@@ -93,7 +93,7 @@ public struct LinearWeight: @unchecked Sendable {
         case (.plain(.q8_0), false), (.plain(.q4_0), false), (.plain(.q4_1), false), (.plain(.mxfp4), false): break
         case (.mxfp4, false), (.fp8, false): break
         default:
-            throw FulgurError(.unsupported, "tensor '\(name)' is stored as \(format), which the CPU executor cannot use as a linear weight\(transposed ? " in [in, out] layout" : "") (plain FP8/E8M0 weights need their scale tensors)")
+            throw FulgurError(.unsupported, "tensor '\(name)' is stored as \(format), which the CPU executor cannot use as a linear weight\(transposed ? " in [in, out] layout" : "") (expected f32, f16 or bf16\(transposed ? "" : ", a GGML block type, or MXFP4/FP8 with their scale tensors"))")
         }
         self.name = name
         self.format = format
@@ -209,6 +209,26 @@ public struct LinearWeight: @unchecked Sendable {
                     for j in 0..<outN { o[j] += a * rb[j] }
                 }
             }
+        }
+    }
+}
+
+extension TensorSource {
+    /// A linear weight of one of this source's tensors, with errors that name the source.
+    public func linearWeight(_ t: TensorView, transposed: Bool = false) throws -> LinearWeight {
+        try namingSource { try LinearWeight(t, transposed: transposed) }
+    }
+
+    public func linearWeight(stacked t: TensorView, index: Int, transposed: Bool = false) throws -> LinearWeight {
+        try namingSource { try LinearWeight(stacked: t, index: index, transposed: transposed) }
+    }
+
+    /// Runs `make`, prefixing errors that do not name a file with this source's path.
+    func namingSource(_ make: () throws -> LinearWeight) throws -> LinearWeight {
+        do {
+            return try make()
+        } catch let e as FulgurError where !e.message.hasPrefix(sourceDescription) {
+            throw FulgurError(e.kind, "\(sourceDescription): \(e.message)")
         }
     }
 }

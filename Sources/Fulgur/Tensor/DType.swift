@@ -31,5 +31,17 @@ public enum DType: String, Sendable, CaseIterable {
         (count / blockElements) * blockBytes
     }
 
+    /// Bytes taken by a tensor of `shape`, or nil when the size overflows (a corrupt header).
+    public func byteCount(shape: [Int]) -> Int? {
+        var count = 1
+        for d in shape {
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            guard !overflow else { return nil }
+            count = product
+        }
+        let (bytes, overflow) = (count / blockElements).multipliedReportingOverflow(by: blockBytes)
+        return overflow ? nil : bytes
+    }
+
     public var isQuantized: Bool { blockElements > 1 }
 }

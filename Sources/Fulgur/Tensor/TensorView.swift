@@ -59,4 +59,18 @@ extension TensorSource {
         }
         return t
     }
+
+    /// The values of a small tensor of exactly `shape` (a norm, a bias) as f32.
+    public func floats(_ name: String, shape: [Int]) throws -> [Float] {
+        let t = try tensor(name, shape: shape)
+        try checkConvertible(t)
+        return t.floats()
+    }
+
+    /// Throws unless the tensor's dtype converts to f32 (embedding rows, norms, biases do).
+    public func checkConvertible(_ t: TensorView) throws {
+        guard Dequant.converts(t.dtype) else {
+            throw FulgurError(.unsupported, "\(sourceDescription): tensor '\(t.name)' has dtype \(t.dtype), which Fulgur cannot convert to f32 (expected f32, f16, bf16, q8_0, q4_0 or q4_1)")
+        }
+    }
 }

@@ -35,6 +35,23 @@ import Testing
         }
     }
 
+    /// The split layout holds the same scales and element codes as the GGUF-layout blocks of
+    /// the ml_dtypes reference quantizer (recipes/fixtures/make_codec_fixtures.py).
+    @Test func mxfp4SplitMatchesTheReferenceQuantizer() throws {
+        let x = try CodecTests.load("mxfp4_input.bin", as: Float.self)
+        let reference = try CodecTests.load("mxfp4_blocks.bin", as: UInt8.self)
+        var codes = [UInt8](repeating: 0xAA, count: x.count / 2), scales = [UInt8](repeating: 0xAA, count: x.count / 32)
+        Quantize.mxfp4Split(x, x.count, codes: &codes, scales: &scales)
+        var mismatched = 0
+        for b in 0..<(x.count / 32) {
+            let block = reference[(17 * b)..<(17 * b + 17)]
+            let want = (0..<32).map { j in j < 16 ? block[17 * b + 1 + j] & 0xF : block[17 * b + 1 + j - 16] >> 4 }
+            let got = (0..<32).map { j in j % 2 == 0 ? codes[16 * b + j / 2] & 0xF : codes[16 * b + j / 2] >> 4 }
+            if scales[b] != block[17 * b] || got != want { mismatched += 1 }
+        }
+        #expect(mismatched == 0, "\(mismatched) of \(x.count / 32) blocks differ")
+    }
+
     /// FP8 with 128x128 tiles on a shape that is not a multiple of 128: Swift's codes and
     /// scales equal numpy/ml_dtypes', and dequantization equals numpy's.
     @Test func fp8BlocksMatchPythonReference() throws {

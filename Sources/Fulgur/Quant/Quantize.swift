@@ -16,6 +16,10 @@ public enum Quantize {
             let x = src + 32 * b, out = dst + 17 * b
             let (scale, inverse) = mxfp4Scale(x)
             out.storeBytes(of: scale, as: UInt8.self)
+            if scale == 0xFF {
+                (out + 1).initializeMemory(as: UInt8.self, repeating: 0, count: 16)
+                continue
+            }
             for j in 0..<16 {
                 let low = E2M1.encode(x[j] * inverse), high = E2M1.encode(x[j + 16] * inverse)
                 out.storeBytes(of: low | high << 4, toByteOffset: 1 + j, as: UInt8.self)
@@ -32,6 +36,10 @@ public enum Quantize {
             let x = src + 32 * b, out = codes + 16 * b
             let (scale, inverse) = mxfp4Scale(x)
             scales[b] = scale
+            if scale == 0xFF {
+                out.initialize(repeating: 0, count: 16)
+                continue
+            }
             for j in 0..<16 {
                 out[j] = E2M1.encode(x[2 * j] * inverse) | E2M1.encode(x[2 * j + 1] * inverse) << 4
             }
@@ -39,13 +47,14 @@ public enum Quantize {
     }
 
     /// The E8M0 scale of one block of 32 and the multiplier that maps the block onto E2M1's
-    /// range; a block with inf or NaN gets the NaN scale and a zero multiplier (zero codes).
+    /// range; a block with inf or NaN gets the NaN scale 0xFF (never a finite block's: their
+    /// scales stop at 252), for which the callers write zero codes.
     @inline(__always)
     static func mxfp4Scale(_ x: UnsafePointer<Float>) -> (code: UInt8, inverse: Float) {
         // Magnitudes compare as integers; NaN bit patterns sort above inf.
         var amax: UInt32 = 0
         for j in 0..<32 { amax = max(amax, x[j].bitPattern & 0x7FFF_FFFF) }
-        if amax >= 0x7F80_0000 { return (0xFF, 0) }
+        if amax >= 0x7F80_0000 { return (0xFF, 1) }
         // floor(log2(amax)) is amax's f32 exponent field minus 127 (f32 subnormals land
         // on the clamp anyway), so the biased shared exponent is that field minus 2.
         let scale = max(Int(amax >> 23) - 2, 0)

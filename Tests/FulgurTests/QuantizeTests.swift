@@ -139,6 +139,52 @@ import Testing
         }
     }
 
+    /// transformers 5 stacks experts (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]); they
+    /// stay stacked, each row quantized as in the per-expert layout, so the two quantized
+    /// checkpoints compute the same logits.
+    @Test func stackedExpertsQuantizeLikePerExpertOnes() throws {
+        let perExpert = try SafetensorsCheckpoint(directory: Fixtures.path("models/qwen3_moe"))
+        let stackedSource = try copyOfFixtureModel("qwen3_moe")
+        try FileManager.default.removeItem(atPath: stackedSource + "/model.safetensors")
+        let experts = 8
+        var entries: [SafetensorsWriter.Entry] = [], chunks: [[UInt8]] = []
+        func bytes(_ name: String) throws -> [UInt8] {
+            let t = try perExpert.tensor(name)
+            return Array(UnsafeRawBufferPointer(start: t.data, count: t.byteCount))
+        }
+        for name in perExpert.tensorNames where !name.contains(".experts.") {
+            let t = try perExpert.tensor(name)
+            entries.append(.init(name: name, dtype: t.dtype, shape: t.shape))
+            chunks.append(try bytes(name))
+        }
+        for layer in 0..<2 {
+            let p = "model.layers.\(layer).mlp.experts."
+            let gate = try perExpert.tensor(p + "0.gate_proj.weight"), down = try perExpert.tensor(p + "0.down_proj.weight")
+            entries.append(.init(name: p + "gate_up_proj", dtype: gate.dtype, shape: [experts, 2 * gate.shape[0], gate.shape[1]]))
+            chunks.append(try (0..<experts).flatMap { try bytes(p + "\($0).gate_proj.weight") + bytes(p + "\($0).up_proj.weight") })
+            entries.append(.init(name: p + "down_proj", dtype: down.dtype, shape: [experts] + down.shape))
+            chunks.append(try (0..<experts).flatMap { try bytes(p + "\($0).down_proj.weight") })
+        }
+        let writer = try SafetensorsWriter(directory: stackedSource, entries: entries)
+        for c in chunks { try writer.append(c) }
+        try writer.finish()
+
+        let dst = try temporaryDirectory() + "/out"
+        _ = try Quantizer(source: stackedSource).write(to: dst)
+        let h = try Self.header(dst)
+        #expect(h["model.layers.1.mlp.experts.gate_up_proj"]! == (.u8, [8, 64, 32]))
+        #expect(h["model.layers.1.mlp.experts.gate_up_proj_scale"]! == (.u8, [8, 64, 2]))
+        #expect(h["model.layers.1.mlp.experts.down_proj"]! == (.u8, [8, 64, 16]))
+        #expect(h["model.layers.1.mlp.experts.down_proj_scale"]! == (.u8, [8, 64, 1]))
+
+        let (perExpertQuantized, _) = try Self.quantized("qwen3_moe")
+        let ids = QuantizationReport.randomPrompts(vocab: 256, count: 1, length: 12)[0]
+        let a = try CPUExecutor(plan: Model(path: dst).plan).forward(ids, logits: .all)
+        let b = try CPUExecutor(plan: Model(path: perExpertQuantized).plan).forward(ids, logits: .all)
+        let err = zip(a, b).map { ($0 - $1) * ($0 - $1) }.reduce(0, +).squareRoot() / b.map { $0 * $0 }.reduce(0, +).squareRoot()
+        #expect(err < 1e-5)
+    }
+
     @Test func keepLeavesMatchingModulesInHighPrecision() throws {
         let (dst, errors) = try Self.quantized("mimo_v2_flash", keep: [#"self_attn\.o_proj"#, #"layers\.3\.mlp\.experts\.7\."#])
         let h = try Self.header(dst)

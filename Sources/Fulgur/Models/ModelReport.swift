@@ -17,6 +17,14 @@ public struct ModelReport {
         return u == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[u])
     }
 
+    static func formatName(_ f: LinearWeight.Format) -> String {
+        switch f {
+        case .plain(let d): return d.rawValue
+        case .mxfp4: return "mxfp4"
+        case .fp8(let tile): return "fp8 e4m3 \(tile)x\(tile)"
+        }
+    }
+
     static func count(_ n: Int) -> String {
         n >= 1_000_000_000 ? String(format: "%.2fB", Double(n) / 1e9)
             : n >= 1_000_000 ? String(format: "%.1fM", Double(n) / 1e6) : "\(n)"
@@ -39,6 +47,21 @@ public struct ModelReport {
         for (d, e) in byType.sorted(by: { $0.value.bytes > $1.value.bytes }) {
             lines.append("  \(d.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0)) \(String(e.tensors).leftPad(5)) tensors  \(Self.count(e.elements).leftPad(8)) values  \(Self.bytes(e.bytes))")
         }
+        lines.append("matrices by layer kind and format (bytes include scales):")
+        var groups: [String: (count: Int, bytes: Int)] = [:]
+        var order: [String] = []
+        for (kind, w) in model.plan.linearWeights {
+            let key = "\(kind) \(Self.formatName(w.format))"
+            if groups[key] == nil { order.append(key) }
+            let g = groups[key] ?? (0, 0)
+            groups[key] = (g.count + 1, g.bytes + w.byteCount)
+        }
+        for key in order {
+            lines.append("  \(key.padding(toLength: 24, withPad: " ", startingAt: 0)) \(String(groups[key]!.count).leftPad(6)) matrices  \(Self.bytes(groups[key]!.bytes))")
+        }
+        if let q = spec.quantization {
+            lines.append("quantization:   \(q.method)\(q.fp8Tile.map { ", FP8 \($0)x\($0) blocks" } ?? "")\(q.allowsMXFP4 ? ", MXFP4 experts" : "")")
+        }
         lines.append("vocabulary:     \(spec.vocabSize)")
         lines.append("hidden size:    \(spec.hiddenSize)")
         lines.append("max positions:  \(spec.maxPositions)")
@@ -47,7 +70,7 @@ public struct ModelReport {
         lines.append("KV cache:       \(Self.bytes(kv)) for \(ctx) positions (f32)")
         lines.append("decode step:    reads \(Self.bytes(model.plan.bytesPerDecodeStep)) of weights per token")
         lines.append("layers:         \(spec.layerCount)")
-        var groups: [(String, [Int])] = []
+        var layerGroups: [(String, [Int])] = []
         for (i, l) in spec.layers.enumerated() {
             let a = l.attention
             var d = a.window.map { "sliding(\($0))" } ?? "full"
@@ -60,17 +83,22 @@ public struct ModelReport {
             case .dense(let inter, _): d += "; dense MLP \(inter)"
             case .moe(let m): d += "; MoE \(m.experts) experts x \(m.intermediate), top-\(m.topK)"
             }
-            if let last = groups.last, last.0 == d { groups[groups.count - 1].1.append(i) } else { groups.append((d, [i])) }
+            if let last = layerGroups.last, last.0 == d { layerGroups[layerGroups.count - 1].1.append(i) } else { layerGroups.append((d, [i])) }
         }
-        for (d, idx) in groups {
+        for (d, idx) in layerGroups {
             let range = idx.count == 1 ? "\(idx[0])" : "\(idx.first!)-\(idx.last!)"
             lines.append("  \(range.leftPad(7)): \(d)")
         }
         if listTensors {
+            // Name the format a tensor is read as where the plan knows better than its dtype
+            // (u8 MXFP4 codes, FP8 with tile scales).
+            var formats: [String: String] = [:]
+            for (_, w) in model.plan.linearWeights { formats[w.name] = Self.formatName(w.format) }
             lines.append("tensors:")
             for name in t.tensorNames {
                 guard let v = t.tensorIfPresent(name) else { continue }
-                lines.append("  \(name)  \(v.dtype.rawValue)  \(v.shape)")
+                let format = formats[name].map { "  (\($0))" } ?? ""
+                lines.append("  \(name)  \(v.dtype.rawValue)  \(v.shape)\(format)")
             }
         }
         return lines.joined(separator: "\n")

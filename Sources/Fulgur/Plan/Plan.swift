@@ -10,6 +10,23 @@ public struct Plan: Sendable {
     public let embedding: Embedding
     public let lmHead: LinearWeight
 
+    /// Every matrix the plan multiplies by, with the kind of layer it belongs to.
+    public var linearWeights: [(kind: String, weight: LinearWeight)] {
+        var out: [(String, LinearWeight)] = []
+        for op in ops {
+            switch op {
+            case .linear(let src, let dst, let w, _):
+                out.append(([.q, .k, .v].contains(dst) || src == .attn ? "attention" : "dense mlp", w))
+            case .moe(_, _, let m):
+                out.append(("router", m.router))
+                for e in m.experts { for w in [e.gateUp, e.gate, e.up, e.down].compactMap({ $0 }) { out.append(("experts", w)) } }
+            default: break
+            }
+        }
+        out.append(("lm head", lmHead))
+        return out
+    }
+
     /// Bytes of weights one decode step reads (every expert counted at top-k use).
     public var bytesPerDecodeStep: Int {
         var bytes = lmHead.byteCount + embedding.table.rowBytes

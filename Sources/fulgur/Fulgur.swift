@@ -7,7 +7,7 @@ struct FulgurCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fulgur",
         abstract: "Fast inference of Mixture-of-Experts language models.",
-        subcommands: [Generate.self, Chat.self, Tokenize.self, Inspect.self, Pull.self])
+        subcommands: [Generate.self, Chat.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self])
 }
 
 /// Options every command that loads a model shares.

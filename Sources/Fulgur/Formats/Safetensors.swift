@@ -11,20 +11,15 @@ public final class SafetensorsFile: TensorSource {
     public private(set) var tensorNames: [String] = []
     public var sourceDescription: String { path }
 
-    static func dtype(_ name: String) -> DType? {
-        switch name {
-        case "F32": return .f32
-        case "F16": return .f16
-        case "BF16": return .bf16
-        case "I8": return .i8
-        case "U8": return .u8
-        case "I32": return .i32
-        case "I64": return .i64
-        case "F8_E4M3": return .fp8e4m3
-        case "F8_E8M0": return .e8m0
-        default: return nil
-        }
-    }
+    /// Safetensors' dtype names for the types Fulgur reads and writes.
+    static let dtypeNames: [(name: String, dtype: DType)] = [
+        ("F32", .f32), ("F16", .f16), ("BF16", .bf16), ("I8", .i8), ("U8", .u8), ("I32", .i32), ("I64", .i64),
+        ("F8_E4M3", .fp8e4m3), ("F8_E8M0", .e8m0),
+    ]
+
+    static func dtype(_ name: String) -> DType? { dtypeNames.first { $0.name == name }?.dtype }
+
+    static func name(_ dtype: DType) -> String? { dtypeNames.first { $0.dtype == dtype }?.name }
 
     public init(path: String) throws {
         self.path = path

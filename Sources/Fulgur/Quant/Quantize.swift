@@ -14,25 +14,52 @@ public enum Quantize {
         precondition(count % 32 == 0, "MXFP4 rows hold whole blocks of 32 values, got \(count)")
         for b in 0..<(count / 32) {
             let x = src + 32 * b, out = dst + 17 * b
-            // Magnitudes compare as integers; NaN bit patterns sort above inf.
-            var amax: UInt32 = 0
-            for j in 0..<32 { amax = max(amax, x[j].bitPattern & 0x7FFF_FFFF) }
-            if amax >= 0x7F80_0000 {
-                out.storeBytes(of: 0xFF, as: UInt8.self)
+            let (scale, inverse) = mxfp4Scale(x)
+            out.storeBytes(of: scale, as: UInt8.self)
+            if scale == 0xFF {
                 (out + 1).initializeMemory(as: UInt8.self, repeating: 0, count: 16)
                 continue
             }
-            // floor(log2(amax)) is amax's f32 exponent field minus 127 (f32 subnormals land
-            // on the clamp anyway), so the biased shared exponent is that field minus 2.
-            let scale = max(Int(amax >> 23) - 2, 0)
-            // Multiplying by the exact reciprocal 2^(127 - scale) rounds like dividing.
-            let inverse = Float(bitPattern: UInt32(254 - scale) << 23)
-            out.storeBytes(of: UInt8(scale), as: UInt8.self)
             for j in 0..<16 {
                 let low = E2M1.encode(x[j] * inverse), high = E2M1.encode(x[j + 16] * inverse)
                 out.storeBytes(of: low | high << 4, toByteOffset: 1 + j, as: UInt8.self)
             }
         }
+    }
+
+    /// The same quantizer in the layout of gpt-oss and MiMo checkpoints: `codes` gets 16 bytes
+    /// per block of 32 with the even element in the low nibble, `scales` one E8M0 byte per block.
+    public static func mxfp4Split(_ src: UnsafePointer<Float>, _ count: Int,
+                                  codes: UnsafeMutablePointer<UInt8>, scales: UnsafeMutablePointer<UInt8>) {
+        precondition(count % 32 == 0, "MXFP4 rows hold whole blocks of 32 values, got \(count)")
+        for b in 0..<(count / 32) {
+            let x = src + 32 * b, out = codes + 16 * b
+            let (scale, inverse) = mxfp4Scale(x)
+            scales[b] = scale
+            if scale == 0xFF {
+                out.initialize(repeating: 0, count: 16)
+                continue
+            }
+            for j in 0..<16 {
+                out[j] = E2M1.encode(x[2 * j] * inverse) | E2M1.encode(x[2 * j + 1] * inverse) << 4
+            }
+        }
+    }
+
+    /// The E8M0 scale of one block of 32 and the multiplier that maps the block onto E2M1's
+    /// range; a block with inf or NaN gets the NaN scale 0xFF (never a finite block's: their
+    /// scales stop at 252), for which the callers write zero codes.
+    @inline(__always)
+    static func mxfp4Scale(_ x: UnsafePointer<Float>) -> (code: UInt8, inverse: Float) {
+        // Magnitudes compare as integers; NaN bit patterns sort above inf.
+        var amax: UInt32 = 0
+        for j in 0..<32 { amax = max(amax, x[j].bitPattern & 0x7FFF_FFFF) }
+        if amax >= 0x7F80_0000 { return (0xFF, 1) }
+        // floor(log2(amax)) is amax's f32 exponent field minus 127 (f32 subnormals land
+        // on the clamp anyway), so the biased shared exponent is that field minus 2.
+        let scale = max(Int(amax >> 23) - 2, 0)
+        // Multiplying by the exact reciprocal 2^(127 - scale) rounds like dividing.
+        return (UInt8(scale), Float(bitPattern: UInt32(254 - scale) << 23))
     }
 
     /// FP8 E4M3 with one f32 scale per 128x128 tile of a row-major `[rows, columns]` weight

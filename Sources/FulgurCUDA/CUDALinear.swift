@@ -12,6 +12,8 @@ public final class CUDALinear: @unchecked Sendable {
     /// Bytes of weights and scales one product reads.
     public let weightBytes: Int
     let module: KernelModule
+    /// The kernel for 1...maxTokens tokens, at index tokens - 1.
+    let kernels: [KernelModule.Function]
     let codes: DeviceBuffer
     let scales: DeviceBuffer
 
@@ -31,6 +33,8 @@ public final class CUDALinear: @unchecked Sendable {
         self.inFeatures = w.inFeatures
         self.weightBytes = w.byteCount
         self.module = module
+        let family = if case .mxfp4 = w.format { "gemv_mxfp4" } else { "gemv_fp8" }
+        self.kernels = try (1...Self.maxTokens).map { try module.function("\(family)_t\($0)") }
         self.codes = try module.device.upload(c)
         self.scales = try module.device.upload(s!)
     }
@@ -47,10 +51,10 @@ public final class CUDALinear: @unchecked Sendable {
         let n = Int32(outFeatures), k = Int32(inFeatures)
         switch format {
         case .mxfp4:
-            try module.launch("gemv_mxfp4_t\(tokens)", grid: grid, block: (256, 1, 1), stream: stream,
+            try module.launch(kernels[tokens - 1], grid: grid, block: (256, 1, 1), stream: stream,
                               [.pointer(codes.address), .pointer(scales.address), .pointer(x.address), .pointer(out.address), .int32(n), .int32(k)])
         case .fp8(let tile):
-            try module.launch("gemv_fp8_t\(tokens)", grid: grid, block: (256, 1, 1), stream: stream,
+            try module.launch(kernels[tokens - 1], grid: grid, block: (256, 1, 1), stream: stream,
                               [.pointer(codes.address), .pointer(scales.address), .pointer(x.address), .pointer(out.address), .int32(n), .int32(k), .int32(Int32(tile))])
         case .plain:
             fatalError("unreachable: format checked at init")

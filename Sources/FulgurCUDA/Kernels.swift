@@ -7,8 +7,6 @@ public final class KernelModule: @unchecked Sendable {
     public let device: CUDADevice
     public let path: String
     let handle: OpaquePointer?
-    private let lock = NSLock()
-    private var functions: [String: OpaquePointer] = [:]
 
     public static func defaultPath() -> String {
         if let p = ProcessInfo.processInfo.environment["FULGUR_KERNELS"], !p.isEmpty { return p }
@@ -37,13 +35,16 @@ public final class KernelModule: @unchecked Sendable {
         self.handle = module
     }
 
-    func function(_ name: String) throws -> OpaquePointer {
-        lock.lock(); defer { lock.unlock() }
-        if let f = functions[name] { return f }
+    /// A kernel of the module; look it up once, not per launch.
+    public struct Function: @unchecked Sendable {
+        public let name: String
+        let handle: OpaquePointer
+    }
+
+    public func function(_ name: String) throws -> Function {
         var f: OpaquePointer?
         try device.driver.check(device.driver.cuModuleGetFunction(&f, handle, name), "cuModuleGetFunction(\(name)) in \(path)")
-        functions[name] = f!
-        return f!
+        return Function(name: name, handle: f!)
     }
 
     /// A kernel argument as the kernel declares it.
@@ -51,9 +52,8 @@ public final class KernelModule: @unchecked Sendable {
         case pointer(UInt64), int32(Int32), float(Float)
     }
 
-    public func launch(_ name: String, grid: (Int, Int, Int), block: (Int, Int, Int), sharedBytes: Int = 0,
+    public func launch(_ f: Function, grid: (Int, Int, Int), block: (Int, Int, Int), sharedBytes: Int = 0,
                        stream: CUDAStream, _ arguments: [Argument]) throws {
-        let f = try function(name)
         // Each argument in its own 8-byte slot; cuLaunchKernel reads as many bytes as the
         // kernel's parameter has.
         var slots = [UInt64](repeating: 0, count: arguments.count)
@@ -68,10 +68,10 @@ public final class KernelModule: @unchecked Sendable {
         try slots.withUnsafeMutableBufferPointer { s in
             var params = (0..<s.count).map { UnsafeMutableRawPointer(s.baseAddress! + $0) as UnsafeMutableRawPointer? }
             try params.withUnsafeMutableBufferPointer { p in
-                try d.check(d.cuLaunchKernel(f, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
+                try d.check(d.cuLaunchKernel(f.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
                                              UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedBytes),
                                              stream.handle, p.baseAddress, nil),
-                            "cuLaunchKernel(\(name), grid \(grid), block \(block))")
+                            "cuLaunchKernel(\(f.name), grid \(grid), block \(block))")
             }
         }
     }

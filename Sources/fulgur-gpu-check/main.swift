@@ -58,8 +58,11 @@ func randomFloats(_ count: Int, _ rng: inout SeededGenerator) -> [Float] {
 
 func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
+/// Two 1 GiB buffers of random bytes: the copy bandwidth measurement, then the queue filler.
+struct Copy { let src: DeviceBuffer; let dst: DeviceBuffer; let gbps: Double }
+
 /// Device-to-device copy of 1 GiB of random bytes, counting bytes read plus written.
-func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Double {
+func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Copy {
     let bytes = 1 << 30
     var rng = SeededGenerator(seed: 1)
     let src = try device.allocate(bytes), dst = try device.allocate(bytes)
@@ -76,13 +79,13 @@ func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Double 
         try end.record(stream)
         times.append(try end.milliseconds(since: start))
     }
-    return 2 * Double(bytes) / (median(times) * 1e-3) / 1e9
+    return Copy(src: src, dst: dst, gbps: 2 * Double(bytes) / (median(times) * 1e-3) / 1e9)
 }
 
 struct Row { let format: Format; let rows: Int; let columns: Int; let tokens: Int; let error: Double; let micros: Double?; let gbps: Double? }
 
 func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _ format: Format, rows: Int, columns: Int,
-           tokens: [Int], timed: Bool, copyGBs: Double, seed: UInt64) throws -> [Row] {
+           tokens: [Int], timed: Bool, copy: Copy, seed: UInt64) throws -> [Row] {
     var rng = SeededGenerator(seed: seed)
     let w = try randomWeight(format, rows: rows, columns: columns, &rng)
     let gpu = try CUDALinear(w, module: module)
@@ -113,6 +116,10 @@ func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _
             for _ in 0..<3 { for g in weights { try g.apply(xd, tokens: t, into: out, stream: stream) } }
             var times: [Double] = []
             for _ in 0..<20 {
+                // A 1 GiB copy (about 0.5 ms) first, so the host has queued every launch
+                // before the GPU reaches them: the events then time the GPU, not the host's
+                // launch rate (a few microseconds a launch, more than one small kernel).
+                try copy.dst.copy(from: copy.src, bytes: copy.src.byteCount, stream: stream)
                 try start.record(stream)
                 for g in weights { try g.apply(xd, tokens: t, into: out, stream: stream) }
                 try end.record(stream)
@@ -132,7 +139,8 @@ func run() throws -> Bool {
     let module = try KernelModule(device: device)
     print("kernels: \(module.path)")
     let stream = try device.makeStream()
-    let copyGBs = try copyBandwidth(device, stream)
+    let copy = try copyBandwidth(device, stream)
+    let copyGBs = copy.gbps
     print(String(format: "device-to-device copy: %.0f GB/s (read + write, 1 GiB, median of 10)", copyGBs))
     var rows: [Row] = []
     var seed: UInt64 = UInt64(Date().timeIntervalSince1970)  // fresh inputs every run
@@ -140,12 +148,12 @@ func run() throws -> Bool {
         // Edge shapes: rows not a multiple of a block's rows, fewer chunks than lanes, ragged chunk counts.
         for (n, k) in [(37, 96), (200, 4160)] {
             seed += 1
-            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: false, copyGBs: copyGBs, seed: seed)
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: false, copy: copy, seed: seed)
         }
         // gpt-oss-20b: expert down and attention-sized 2880 x 2880, expert gate_up 5760 x 2880.
         for (n, k) in [(2880, 2880), (5760, 2880)] {
             seed += 1
-            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: [1, 2, 4, 8, 16], timed: true, copyGBs: copyGBs, seed: seed)
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: [1, 2, 4, 8, 16], timed: true, copy: copy, seed: seed)
         }
     }
     try device.synchronize()

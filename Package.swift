@@ -14,6 +14,7 @@ let package = Package(
     products: [
         .library(name: "Fulgur", targets: ["Fulgur"]),
         .executable(name: "fulgur", targets: ["fulgur"]),
+        .executable(name: "fulgur-gpu-check", targets: ["fulgur-gpu-check"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -26,6 +27,19 @@ let package = Package(
         .executableTarget(
             name: "fulgur",
             dependencies: ["Fulgur", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        // The CUDA executor: the driver is opened at run time, so this builds without CUDA.
+        .target(
+            name: "FulgurCUDA",
+            dependencies: ["Fulgur"]
+        ),
+        .executableTarget(
+            name: "fulgur-gpu-check",
+            dependencies: ["Fulgur", "FulgurCUDA"]
+        ),
+        .testTarget(
+            name: "FulgurCUDATests",
+            dependencies: ["FulgurCUDA"]
         ),
         .testTarget(
             name: "FulgurTests",

@@ -123,6 +123,20 @@ public struct LinearWeight: @unchecked Sendable {
         }
     }
 
+    /// The stored bytes a product reads, for copying to a device: the codes and, for MXFP4
+    /// and FP8, the scale tensor (E8M0 bytes `[out, in/32]`, or f32 tile multipliers).
+    public var storage: (codes: UnsafeRawBufferPointer, scales: UnsafeRawBufferPointer?) {
+        let rows = transposed ? inFeatures : outFeatures
+        let codes = UnsafeRawBufferPointer(start: data, count: rows * storedRowBytes)
+        switch format {
+        case .plain: return (codes, nil)
+        case .mxfp4: return (codes, UnsafeRawBufferPointer(start: scales, count: outFeatures * inFeatures / 32))
+        case .fp8(let tile):
+            let count = 4 * ((outFeatures + tile - 1) / tile) * ((inFeatures + tile - 1) / tile)
+            return (codes, UnsafeRawBufferPointer(start: scales, count: count))
+        }
+    }
+
     /// Row `r` (an output feature) as f32; for the transposed layout, stored row `r` (an input).
     public func dequantizeRow(_ r: Int, into dst: UnsafeMutablePointer<Float>) {
         let n = transposed ? outFeatures : inFeatures

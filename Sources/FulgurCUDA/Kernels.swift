@@ -1,0 +1,78 @@
+import Foundation
+
+/// The kernels of Kernels/*.cu, compiled by scripts/build-kernels into one fatbin and loaded
+/// from `$FULGUR_KERNELS` or `fulgur.fatbin` next to the executable. A fatbin built from other
+/// sources than this binary's is refused: its kernels could take other arguments.
+public final class KernelModule: @unchecked Sendable {
+    public let device: CUDADevice
+    public let path: String
+    let handle: OpaquePointer?
+
+    public static func defaultPath() -> String {
+        if let p = ProcessInfo.processInfo.environment["FULGUR_KERNELS"], !p.isEmpty { return p }
+        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        return exe.deletingLastPathComponent().appendingPathComponent("fulgur.fatbin").path
+    }
+
+    public init(device: CUDADevice, path: String = KernelModule.defaultPath()) throws {
+        guard let image = FileManager.default.contents(atPath: path) else {
+            throw CUDAError(operation: "load kernels", code: nil,
+                            message: "no kernel fatbin at \(path): build it with scripts/build-kernels and put it next to the executable or name it in FULGUR_KERNELS")
+        }
+        let d = device.driver
+        var module: OpaquePointer?
+        try image.withUnsafeBytes { try d.check(d.cuModuleLoadData(&module, $0.baseAddress!), "cuModuleLoadData(\(path))") }
+        var global: CUdeviceptr = 0, size = 0
+        try d.check(d.cuModuleGetGlobal(&global, &size, module, "fulgur_source_hash"), "find fulgur_source_hash in \(path)")
+        var hash: UInt64 = 0
+        try d.check(d.cuMemcpyDtoH(&hash, global, 8), "read fulgur_source_hash of \(path)")
+        guard hash == kernelSourceHash else {
+            throw CUDAError(operation: "load kernels", code: nil,
+                            message: "\(path) was built from other kernel sources (hash \(String(hash, radix: 16)), this binary expects \(String(kernelSourceHash, radix: 16))): rebuild it with scripts/build-kernels from this checkout")
+        }
+        self.device = device
+        self.path = path
+        self.handle = module
+    }
+
+    /// A kernel of the module; look it up once, not per launch.
+    public struct Function: @unchecked Sendable {
+        public let name: String
+        let handle: OpaquePointer
+    }
+
+    public func function(_ name: String) throws -> Function {
+        var f: OpaquePointer?
+        try device.driver.check(device.driver.cuModuleGetFunction(&f, handle, name), "cuModuleGetFunction(\(name)) in \(path)")
+        return Function(name: name, handle: f!)
+    }
+
+    /// A kernel argument as the kernel declares it.
+    public enum Argument {
+        case pointer(UInt64), int32(Int32), float(Float)
+    }
+
+    public func launch(_ f: Function, grid: (Int, Int, Int), block: (Int, Int, Int), sharedBytes: Int = 0,
+                       stream: CUDAStream, _ arguments: [Argument]) throws {
+        // Each argument in its own 8-byte slot; cuLaunchKernel reads as many bytes as the
+        // kernel's parameter has.
+        var slots = [UInt64](repeating: 0, count: arguments.count)
+        for (i, a) in arguments.enumerated() {
+            switch a {
+            case .pointer(let p): slots[i] = p
+            case .int32(let v): slots[i] = UInt64(UInt32(bitPattern: v))
+            case .float(let v): slots[i] = UInt64(v.bitPattern)
+            }
+        }
+        let d = device.driver
+        try slots.withUnsafeMutableBufferPointer { s in
+            var params = (0..<s.count).map { UnsafeMutableRawPointer(s.baseAddress! + $0) as UnsafeMutableRawPointer? }
+            try params.withUnsafeMutableBufferPointer { p in
+                try d.check(d.cuLaunchKernel(f.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
+                                             UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedBytes),
+                                             stream.handle, p.baseAddress, nil),
+                            "cuLaunchKernel(\(f.name), grid \(grid), block \(block))")
+            }
+        }
+    }
+}

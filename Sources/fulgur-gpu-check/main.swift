@@ -1,0 +1,181 @@
+// Checks and times the CUDA kernels on a GPU machine (scripts/gpu-check runs it there):
+// every kernel against the CPU executor on fresh random inputs, then device-to-device copy
+// bandwidth and each kernel's achieved bandwidth, timed with events after warm-up.
+// Exits 1 on any mismatch, 2 when the GPU or the kernels cannot be used.
+import Foundation
+import Fulgur
+import FulgurCUDA
+
+/// ‖gpu − cpu‖ / ‖cpu‖ bound: both sides are f32 products that differ in summation order
+/// only (the GPU's dequantized weights are exact), so they agree to about 1e-6.
+let tolerance = 1e-5
+
+/// Host memory that a LinearWeight made for the check points into.
+final class HostBytes {
+    let pointer: UnsafeMutableRawPointer
+    let count: Int
+    init(_ count: Int, _ rng: inout SeededGenerator, map: (UInt64) -> UInt64 = { $0 }) {
+        self.count = count
+        pointer = .allocate(byteCount: (count + 7) / 8 * 8, alignment: 64)
+        let words = pointer.bindMemory(to: UInt64.self, capacity: (count + 7) / 8)
+        for i in 0..<((count + 7) / 8) { words[i] = map(rng.next()) }
+    }
+    deinit { pointer.deallocate() }
+    func view(_ name: String, _ dtype: DType, _ shape: [Int]) -> TensorView {
+        TensorView(name: name, dtype: dtype, shape: shape, data: pointer, byteCount: count, owner: self)
+    }
+}
+
+enum Format: String, CaseIterable { case mxfp4, fp8 }
+
+func randomWeight(_ format: Format, rows: Int, columns: Int, _ rng: inout SeededGenerator) throws -> LinearWeight {
+    switch format {
+    case .mxfp4:
+        let codes = HostBytes(rows * columns / 2, &rng)
+        // Scales 2^-9 ... 2^6: the spread of real checkpoints, with room either side.
+        let scales = HostBytes(rows * columns / 32, &rng) { w in
+            (0..<8).reduce(0) { $0 | (118 + (w >> (8 * $1)) & 0xF) << (8 * $1) }
+        }
+        return try LinearWeight(mxfp4: codes.view("w", .u8, [rows, columns / 2]), scales: scales.view("w.scales", .u8, [rows, columns / 32]))
+    case .fp8:
+        // Clear bit 0 of codes 0x7F/0xFF (NaN) so every weight is finite.
+        let codes = HostBytes(rows * columns, &rng) { w in
+            var v = w
+            for b in 0..<8 where (w >> (8 * b)) & 0x7F == 0x7F { v ^= 1 << (8 * b) }
+            return v
+        }
+        let tiles = [(rows + 127) / 128, (columns + 127) / 128]
+        let scales = HostBytes(4 * tiles[0] * tiles[1], &rng)
+        let s = scales.pointer.bindMemory(to: Float.self, capacity: tiles[0] * tiles[1])
+        for i in 0..<(tiles[0] * tiles[1]) { s[i] = Float(rng.nextUnit() * 0.01 + 0.001) }
+        return try LinearWeight(fp8: codes.view("w", .fp8e4m3, [rows, columns]), scaleInv: scales.view("w.scale_inv", .f32, tiles))
+    }
+}
+
+func randomFloats(_ count: Int, _ rng: inout SeededGenerator) -> [Float] {
+    (0..<count).map { _ in Float(rng.nextUnit() * 2 - 1) }
+}
+
+func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
+
+/// Two 1 GiB buffers of random bytes: the copy bandwidth measurement, then the queue filler.
+struct Copy { let src: DeviceBuffer; let dst: DeviceBuffer; let gbps: Double }
+
+/// Device-to-device copy of 1 GiB of random bytes, counting bytes read plus written.
+func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Copy {
+    let bytes = 1 << 30
+    var rng = SeededGenerator(seed: 1)
+    let src = try device.allocate(bytes), dst = try device.allocate(bytes)
+    let chunk = HostBytes(64 << 20, &rng)
+    for offset in stride(from: 0, to: bytes, by: chunk.count) {
+        try src.upload(UnsafeRawBufferPointer(start: chunk.pointer, count: chunk.count), offset: offset)
+    }
+    let start = try device.makeEvent(), end = try device.makeEvent()
+    for _ in 0..<3 { try dst.copy(from: src, bytes: bytes, stream: stream) }
+    var times: [Double] = []
+    for _ in 0..<10 {
+        try start.record(stream)
+        try dst.copy(from: src, bytes: bytes, stream: stream)
+        try end.record(stream)
+        times.append(try end.milliseconds(since: start))
+    }
+    return Copy(src: src, dst: dst, gbps: 2 * Double(bytes) / (median(times) * 1e-3) / 1e9)
+}
+
+struct Row { let format: Format; let rows: Int; let columns: Int; let tokens: Int; let error: Double; let micros: Double?; let gbps: Double? }
+
+func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _ format: Format, rows: Int, columns: Int,
+           tokens: [Int], timed: Bool, copy: Copy, seed: UInt64) throws -> [Row] {
+    var rng = SeededGenerator(seed: seed)
+    let w = try randomWeight(format, rows: rows, columns: columns, &rng)
+    let gpu = try CUDALinear(w, module: module)
+    // Enough copies of the weight that a round of launches streams from memory, not L2.
+    let copies = timed ? max(2, (256 << 20) / gpu.weightBytes) : 1
+    let weights = [gpu] + (try (1..<copies).map { _ in try CUDALinear(w, module: module) })
+    var result: [Row] = []
+    for t in tokens {
+        let x = randomFloats(t * columns, &rng)
+        var want = [Float](repeating: 0, count: t * rows)
+        w.apply(x, tokens: t, into: &want)
+        let xd = try x.withUnsafeBytes { try device.upload($0) }
+        let out = try device.allocate(4 * t * rows)
+        try out.fill(byte: 0xFF, stream: stream)  // NaN: an element the kernel skips fails the check
+        try gpu.apply(xd, tokens: t, into: out, stream: stream)
+        try stream.synchronize()
+        var got = [Float](repeating: 0, count: t * rows)
+        try got.withUnsafeMutableBytes { try out.download(into: $0) }
+        var diff = 0.0, norm = 0.0
+        for i in 0..<got.count {
+            let d = Double(got[i]) - Double(want[i])
+            diff += d * d; norm += Double(want[i]) * Double(want[i])
+        }
+        let error = got.allSatisfy { $0.isFinite } ? (diff / norm).squareRoot() : .nan
+        var micros: Double?, gbps: Double?
+        if timed {
+            let start = try device.makeEvent(), end = try device.makeEvent()
+            for _ in 0..<3 { for g in weights { try g.apply(xd, tokens: t, into: out, stream: stream) } }
+            var times: [Double] = []
+            for _ in 0..<20 {
+                // A 1 GiB copy (about 0.5 ms) first, so the host has queued every launch
+                // before the GPU reaches them: the events then time the GPU, not the host's
+                // launch rate (a few microseconds a launch, more than one small kernel).
+                try copy.dst.copy(from: copy.src, bytes: copy.src.byteCount, stream: stream)
+                try start.record(stream)
+                for g in weights { try g.apply(xd, tokens: t, into: out, stream: stream) }
+                try end.record(stream)
+                times.append(try end.milliseconds(since: start) * 1e3 / Double(weights.count))
+            }
+            micros = median(times)
+            gbps = Double(gpu.weightBytes + 4 * t * (rows + columns)) / (micros! * 1e-6) / 1e9
+        }
+        result.append(Row(format: format, rows: rows, columns: columns, tokens: t, error: error, micros: micros, gbps: gbps))
+    }
+    return result
+}
+
+func run() throws -> Bool {
+    let device = try CUDADevice()
+    print("device: \(device.name), \(device.multiprocessors) SMs, \(device.totalMemory >> 20) MiB")
+    let module = try KernelModule(device: device)
+    print("kernels: \(module.path)")
+    let stream = try device.makeStream()
+    let copy = try copyBandwidth(device, stream)
+    let copyGBs = copy.gbps
+    print(String(format: "device-to-device copy: %.0f GB/s (read + write, 1 GiB, median of 10)", copyGBs))
+    var rows: [Row] = []
+    var seed: UInt64 = UInt64(Date().timeIntervalSince1970)  // fresh inputs every run
+    for format in Format.allCases {
+        // Edge shapes: rows not a multiple of a block's rows, fewer chunks than lanes, ragged chunk counts.
+        for (n, k) in [(37, 96), (200, 4160)] {
+            seed += 1
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: false, copy: copy, seed: seed)
+        }
+        // gpt-oss-20b: expert down and attention-sized 2880 x 2880, expert gate_up 5760 x 2880.
+        for (n, k) in [(2880, 2880), (5760, 2880)] {
+            seed += 1
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: [1, 2, 4, 8, 16], timed: true, copy: copy, seed: seed)
+        }
+    }
+    try device.synchronize()
+    let failed = rows.filter { !($0.error <= tolerance) }
+    print("\nseed base \(seed); tolerance ‖gpu − cpu‖/‖cpu‖ <= \(tolerance)")
+    print("format  N x K         T  rel.err    time(us)  GB/s   % of copy")
+    for r in rows where r.micros != nil || !(r.error <= tolerance) {
+        let t = r.micros.map { String(format: "%8.2f", $0) } ?? "       -"
+        let g = r.gbps.map { String(format: "%5.0f  %5.1f%%", $0, 100 * $0 / copyGBs) } ?? "    -"
+        let shape = "\(r.rows)x\(r.columns)"
+        print(r.format.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + shape.padding(toLength: 13, withPad: " ", startingAt: 0)
+              + String(format: "%2d  %.2e  ", r.tokens, r.error) + t + "  " + g)
+    }
+    let small = rows.filter { $0.micros == nil }
+    print("edge shapes (37x96, 200x4160), T = 1...16, both formats: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
+    print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
+    return failed.isEmpty
+}
+
+do {
+    exit(try run() ? 0 : 1)
+} catch {
+    FileHandle.standardError.write("fulgur-gpu-check: \(error)\n".data(using: .utf8)!)
+    exit(2)
+}

@@ -1,0 +1,41 @@
+import Foundation
+import Testing
+@testable import FulgurCUDA
+
+@Suite struct CUDARuntimeTests {
+    /// Machines without a GPU (CI, development machines) get one clear error, not a crash.
+    @Test func openingADeviceWithoutADriverFailsWithAClearError() throws {
+        guard dlopen("libcuda.so.1", RTLD_NOW) == nil else { return }  // a GPU machine: nothing to check
+        do {
+            _ = try CUDADevice()
+            Issue.record("opened a CUDA device without libcuda.so.1")
+        } catch let e as CUDAError {
+            #expect(e.code == nil)
+            #expect(e.message.contains("libcuda.so.1"))
+            #expect(e.message.contains("CPU executor"))
+        }
+    }
+
+    /// The hash the runtime expects must be the hash of Kernels/ as checked in; otherwise
+    /// scripts/build-kernels was not run after a kernel changed.
+    @Test func kernelSourceHashMatchesTheKernelsFolder() throws {
+        let kernels = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+            .appendingPathComponent("../../Kernels").standardized
+        let names = try FileManager.default.contentsOfDirectory(atPath: kernels.path)
+            .filter { $0.hasSuffix(".cu") || $0.hasSuffix(".cuh") }.sorted()
+        #expect(!names.isEmpty)
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for name in names {
+            let bytes = Array(name.utf8) + [0] + [UInt8](try Data(contentsOf: kernels.appendingPathComponent(name))) + [0]
+            for b in bytes { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        }
+        #expect(h == kernelSourceHash, "Kernels/ hashes to \(String(h, radix: 16)); run scripts/build-kernels to update KernelSourceHash.swift")
+    }
+
+    @Test func poolRoundsSizesSoNearSizesShareAFreeList() {
+        #expect(DevicePool.capacity(for: 1) == 512)
+        #expect(DevicePool.capacity(for: 513) == 1024)
+        #expect(DevicePool.capacity(for: 2 << 20) == 2 << 20)
+        #expect(DevicePool.capacity(for: (2 << 20) + 1) == 4 << 20)
+    }
+}

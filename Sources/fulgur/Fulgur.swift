@@ -18,11 +18,15 @@ struct ModelOptions: ParsableArguments {
     @Option(help: "Context length in tokens (default: the model's, at most 8192).")
     var context: Int?
 
+    @Flag(help: "Read the whole checkpoint into memory at load instead of on first use.")
+    var prefault = false
+
     func load() throws -> Engine {
         let path = try model ?? DefaultModel.ensure(log: { Terminal.status($0) })
         let bar = ProgressBar(label: "Loading \(URL(fileURLWithPath: path).lastPathComponent)")
         let engine = try Engine(modelPath: path, contextLength: context, progress: { bar.update($0, $1) })
         bar.finish()
+        if prefault { engine.model.prefault() }
         return engine
     }
 }

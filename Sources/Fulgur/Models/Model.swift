@@ -35,6 +35,24 @@ public final class Model {
         plan = try PlanBuilder.build(spec: spec, tensors: tensors, progress: progress)
     }
 
+    private var prefaultChecksum: UInt8 = 0
+
+    /// Reads one byte of every page of every tensor, so the whole checkpoint is resident
+    /// before the first token (the first decode steps then pay no page faults). Returns the
+    /// bytes touched.
+    @discardableResult
+    public func prefault() -> Int {
+        var total = 0
+        var sink: UInt8 = 0
+        for name in tensors.tensorNames {
+            guard let t = tensors.tensorIfPresent(name) else { continue }
+            for offset in stride(from: 0, to: t.byteCount, by: 4096) { sink &+= t.data.load(fromByteOffset: offset, as: UInt8.self) }
+            total += t.byteCount
+        }
+        prefaultChecksum = sink  // an observable result, so the reads are not optimized away
+        return total
+    }
+
     /// Parameters counted from the tensors the plan uses.
     public var parameterCount: Int {
         tensors.tensorNames.reduce(0) { $0 + (tensors.tensorIfPresent($1)?.elementCount ?? 0) }

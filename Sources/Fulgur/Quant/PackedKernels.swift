@@ -3,15 +3,24 @@
 /// pulled from 32-bit words with shifts and turned into floats with integer bit tricks in
 /// 8 lanes; activations arrive shuffled to the lane order (`ActivationPack`).
 enum PackedKernels {
+    /// All ones in lanes where `x` is 0, else 0, from lane-wise integer ops only: Swift's
+    /// SIMD comparisons and `replacing(with:where:)` build their masks lane by lane through
+    /// memory, which made these kernels 20 times slower.
+    @inline(__always)
+    static func zeroMask(_ x: SIMD8<UInt32>) -> SIMD8<UInt32> {
+        0 &- ((x &- 1) &>> 31 & (~x &>> 31))
+    }
+
     /// E2M1 code (0...15, one per lane) to its value: for magnitudes 2...7 the float's
     /// exponent and top mantissa bit are the code's own bits shifted into place (bias
-    /// 126); 1 is 0.5 and 0 is 0, chosen by a select; bit 3 is the sign.
+    /// 126); 1 is 0.5 and 0 is 0, chosen by a mask; bit 3 is the sign.
     @inline(__always)
     static func e2m1(_ code: SIMD8<UInt32>) -> SIMD8<Float> {
         let mag = code & 7
         let normal = (mag &<< 22) &+ (126 << 23)
         let small = (0 &- (mag & 1)) & 0x3F00_0000
-        let bits = normal.replacing(with: small, where: mag .< 2) | ((code & 8) &<< 28)
+        let isSmall = zeroMask(mag &>> 1)
+        let bits = (normal & ~isSmall) | (small & isSmall) | ((code & 8) &<< 28)
         return unsafeBitCast(bits, to: SIMD8<Float>.self)
     }
 
@@ -20,10 +29,11 @@ enum PackedKernels {
     @inline(__always)
     static func e4m3(_ byte: SIMD8<UInt32>) -> SIMD8<Float> {
         let mag = byte & 0x7F
-        let normal = unsafeBitCast((mag &<< 20) &+ (120 << 23), to: SIMD8<Float>.self)
-        let subnormal = (DotKernels.lanes(mag) - DotKernels.magic) * 0x1p-9
-        let value = normal.replacing(with: subnormal, where: mag .< 8)
-        return unsafeBitCast(unsafeBitCast(value, to: SIMD8<UInt32>.self) | ((byte & 0x80) &<< 24), to: SIMD8<Float>.self)
+        let normal = (mag &<< 20) &+ (120 << 23)
+        let subnormal = unsafeBitCast((DotKernels.lanes(mag) - DotKernels.magic) * 0x1p-9, to: SIMD8<UInt32>.self)
+        let isSubnormal = zeroMask(mag &>> 3)
+        let bits = (normal & ~isSubnormal) | (subnormal & isSubnormal) | ((byte & 0x80) &<< 24)
+        return unsafeBitCast(bits, to: SIMD8<Float>.self)
     }
 
     /// MXFP4 with the scales in their own tensor (gpt-oss, MiMo): 16 bytes per block, the

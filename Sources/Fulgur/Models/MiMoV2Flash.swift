@@ -50,7 +50,8 @@ enum MiMoV2Flash {
             let attention = AttentionSpec(
                 heads: heads, kvHeads: swa ? swaKVHeads : kvHeads, headDim: headDim, valueHeadDim: vDim,
                 window: swa ? window : nil, hasSinks: swa ? swaSinks : fullSinks, qkvBias: bias, outputBias: false, qkNorm: false,
-                valueScale: valueScale, softmaxScale: 1 / Float(headDim).squareRoot(), rope: swa ? swaRoPE : fullRoPE)
+                valueScale: valueScale, softmaxScale: 1 / Float(headDim).squareRoot(), rope: swa ? swaRoPE : fullRoPE,
+                qkvChunks: kvHeads)
             switch mlpTypes[i] {
             case "dense":
                 return LayerSpec(attention: attention, feedForward: .dense(intermediate: try c.int("intermediate_size"), activation: .silu))
@@ -62,6 +63,7 @@ enum MiMoV2Flash {
         }
         var names = TensorNames.huggingFace()
         names.roles[.sinks] = "self_attn.attention_sink_bias"
+        names.roles[.qkv] = "self_attn.qkv_proj.weight"
         return try DecoderConfig.base(c, architecture: "MiMoV2FlashForCausalLM", layers: layers, names: names)
     }
 }

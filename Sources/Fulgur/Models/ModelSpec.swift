@@ -51,6 +51,10 @@ public struct AttentionSpec: Sendable {
     public var valueScale: Float
     public var softmaxScale: Float
     public var rope: RoPESpec
+    /// For checkpoints with a fused `qkv_proj`: how many row chunks it has (Xiaomi's MiMo
+    /// releases: one per full-attention KV head, pre-sharded for tensor parallelism). nil
+    /// means one chunk per KV head of this layer.
+    public var qkvChunks: Int? = nil
 }
 
 public enum Activation: Sendable, Equatable {
@@ -109,7 +113,7 @@ public struct TensorNames: Sendable {
     public var roles: [Role: String]
 
     public enum Role: Sendable, Hashable {
-        case attnNorm, ffnNorm, q, k, v, o, qBias, kBias, vBias, oBias, qNorm, kNorm, sinks
+        case attnNorm, ffnNorm, q, k, v, qkv, o, qBias, kBias, vBias, oBias, qNorm, kNorm, sinks
         case gate, up, down
         case router, routerBias, correctionBias
         case expertGate, expertUp, expertDown          // per-expert, with "{e}" for the index

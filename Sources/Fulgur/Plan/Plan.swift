@@ -17,6 +17,8 @@ public struct Plan: Sendable {
             switch op {
             case .linear(let src, let dst, let w, _):
                 out.append(([.q, .k, .v].contains(dst) || src == .attn ? "attention" : "dense mlp", w))
+            case .fusedQKV(let chunks, _, _, _):
+                out += chunks.map { ("attention", $0) }
             case .moe(_, _, let m):
                 out.append(("router", m.router))
                 for e in m.experts { for w in [e.gateUp, e.gate, e.up, e.down].compactMap({ $0 }) { out.append(("experts", w)) } }
@@ -33,6 +35,7 @@ public struct Plan: Sendable {
         for op in ops {
             switch op {
             case .linear(_, _, let w, _): bytes += w.byteCount
+            case .fusedQKV(let chunks, _, _, _): bytes += chunks.reduce(0) { $0 + $1.byteCount }
             case .moe(_, _, let m): bytes += m.router.byteCount + (m.experts.first.map { $0.byteCount * m.spec.topK } ?? 0)
             default: break
             }
@@ -83,6 +86,9 @@ public enum Op: Sendable {
     /// row, or each head for q/k norms).
     case rmsNorm(src: Buffer, dst: Buffer, weight: [Float], eps: Float)
     case linear(src: Buffer, dst: Buffer, weight: LinearWeight, bias: [Float]?)
+    /// A fused q/k/v projection stored in row chunks, each `[q rows | k rows | v rows]`:
+    /// chunk c's parts go to columns c * part of .q, .k and .v.
+    case fusedQKV(chunks: [LinearWeight], qRows: Int, kRows: Int, vRows: Int)
     /// Rotate the first `rope.rotaryDim` dims of each head by the token's position.
     case rope(buffer: Buffer, headDim: Int, rope: RoPESpec)
     case scale(buffer: Buffer, factor: Float)

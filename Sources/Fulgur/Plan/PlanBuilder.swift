@@ -27,12 +27,16 @@ public enum PlanBuilder {
             grow(.q, a.heads * a.headDim); grow(.k, a.kvHeads * a.headDim); grow(.v, a.kvHeads * a.valueHeadDim)
             grow(.attn, a.heads * a.valueHeadDim)
             ops.append(.rmsNorm(src: .x, dst: .h, weight: try vector(n(.attnNorm), hidden), eps: spec.rmsNormEps))
-            ops.append(.linear(src: .h, dst: .q, weight: try linear(n(.q), out: a.heads * a.headDim, in: hidden),
-                               bias: try optionalVector(n(.qBias), a.heads * a.headDim, a.qkvBias)))
-            ops.append(.linear(src: .h, dst: .k, weight: try linear(n(.k), out: a.kvHeads * a.headDim, in: hidden),
-                               bias: try optionalVector(n(.kBias), a.kvHeads * a.headDim, a.qkvBias)))
-            ops.append(.linear(src: .h, dst: .v, weight: try linear(n(.v), out: a.kvHeads * a.valueHeadDim, in: hidden),
-                               bias: try optionalVector(n(.vBias), a.kvHeads * a.valueHeadDim, a.qkvBias)))
+            if spec.names.roles[.qkv] != nil, tensors.tensorIfPresent(n(.qkv)) != nil {
+                ops.append(try fusedQKV(n(.qkv), a, spec: spec, tensors: tensors))
+            } else {
+                ops.append(.linear(src: .h, dst: .q, weight: try linear(n(.q), out: a.heads * a.headDim, in: hidden),
+                                   bias: try optionalVector(n(.qBias), a.heads * a.headDim, a.qkvBias)))
+                ops.append(.linear(src: .h, dst: .k, weight: try linear(n(.k), out: a.kvHeads * a.headDim, in: hidden),
+                                   bias: try optionalVector(n(.kBias), a.kvHeads * a.headDim, a.qkvBias)))
+                ops.append(.linear(src: .h, dst: .v, weight: try linear(n(.v), out: a.kvHeads * a.valueHeadDim, in: hidden),
+                                   bias: try optionalVector(n(.vBias), a.kvHeads * a.valueHeadDim, a.qkvBias)))
+            }
             if a.qkNorm {
                 ops.append(.rmsNorm(src: .q, dst: .q, weight: try vector(n(.qNorm), a.headDim), eps: spec.rmsNormEps))
                 ops.append(.rmsNorm(src: .k, dst: .k, weight: try vector(n(.kNorm), a.headDim), eps: spec.rmsNormEps))
@@ -153,5 +157,42 @@ public enum PlanBuilder {
             }
         }
         return MoEWeights(spec: m, router: router, routerBias: routerBias, correctionBias: correction, experts: experts)
+    }
+
+    /// A fused `qkv_proj` in row chunks, each `[q | k | v]` for its share of the heads. Every
+    /// chunk is a weight of its own; FP8 ones carry their own rows of tile scales (the scale
+    /// grid restarts at each chunk), so each is an ordinary block-scaled matrix.
+    static func fusedQKV(_ name: String, _ a: AttentionSpec, spec: ModelSpec, tensors: TensorSource) throws -> Op {
+        let source = tensors.sourceDescription, hidden = spec.hiddenSize
+        let chunks = a.qkvChunks ?? a.kvHeads
+        guard chunks > 0, a.heads % chunks == 0, a.kvHeads % chunks == 0 else {
+            throw FulgurError(.config, "\(source): '\(name)': \(a.heads) query and \(a.kvHeads) KV heads do not split into \(chunks) chunks")
+        }
+        guard !a.qkvBias else {
+            throw FulgurError(.unsupported, "\(source): '\(name)' is fused and the config asks for q/k/v biases; fused projections with biases are not supported")
+        }
+        let qRows = a.heads / chunks * a.headDim, kRows = a.kvHeads / chunks * a.headDim, vRows = a.kvHeads / chunks * a.valueHeadDim
+        let chunkRows = qRows + kRows + vRows
+        let t = try tensors.tensor(name, shape: [chunks * chunkRows, hidden])
+        let rowBytes = t.dtype.byteCount(elements: hidden)
+        var scale: TensorView? = nil
+        if t.dtype == .fp8e4m3 {
+            guard let tile = spec.quantization?.fp8Tile else {
+                throw FulgurError(.config, "\(source): tensor '\(name)' is F8_E4M3 but config.json has no quantization_config with quant_method 'fp8'")
+            }
+            let base = String(name.dropLast(".weight".count))
+            let perChunk = (chunkRows + tile - 1) / tile, columns = (hidden + tile - 1) / tile
+            scale = try tensors.tensor(base + ".weight_scale_inv", shape: [chunks * perChunk, columns])
+        }
+        let weights = try (0..<chunks).map { c -> LinearWeight in
+            let view = TensorView(name: "\(name)[chunk \(c)]", dtype: t.dtype, shape: [chunkRows, hidden],
+                                  data: t.data + c * chunkRows * rowBytes, byteCount: chunkRows * rowBytes, owner: t.owner)
+            guard let scale, let tile = spec.quantization?.fp8Tile else { return try tensors.linearWeight(view) }
+            let perChunk = scale.shape[0] / chunks, columns = scale.shape[1]
+            let scaleView = TensorView(name: "\(scale.name)[chunk \(c)]", dtype: .f32, shape: [perChunk, columns],
+                                       data: scale.data + 4 * c * perChunk * columns, byteCount: 4 * perChunk * columns, owner: scale.owner)
+            return try tensors.namingSource { try LinearWeight(fp8: view, scaleInv: scaleView, tile: tile) }
+        }
+        return .fusedQKV(chunks: weights, qRows: qRows, kRows: kRows, vRows: vRows)
     }
 }

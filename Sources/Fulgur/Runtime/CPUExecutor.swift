@@ -99,6 +99,23 @@ public final class CPUExecutor {
                 w.apply(ptr(src), tokens: T, into: ptr(dst))
             }
             activeWidths[dst.rawValue] = w.outFeatures
+        case .fusedQKV(let chunks, let qRows, let kRows, let vRows):
+            let rows = qRows + kRows + vRows, count = chunks.count
+            var part = [Float](repeating: 0, count: T * rows)
+            let q = ptr(.q), k = ptr(.k), v = ptr(.v)
+            for (c, w) in chunks.enumerated() {
+                w.apply(ptr(.h), tokens: T, into: &part)
+                for t in 0..<T {
+                    part.withUnsafeBufferPointer { p in
+                        (k + t * count * kRows + c * kRows).update(from: p.baseAddress! + t * rows + qRows, count: kRows)
+                        (v + t * count * vRows + c * vRows).update(from: p.baseAddress! + t * rows + qRows + kRows, count: vRows)
+                        (q + t * count * qRows + c * qRows).update(from: p.baseAddress! + t * rows, count: qRows)
+                    }
+                }
+            }
+            activeWidths[Buffer.q.rawValue] = count * qRows
+            activeWidths[Buffer.k.rawValue] = count * kRows
+            activeWidths[Buffer.v.rawValue] = count * vRows
         case .rope(let buffer, let headDim, let rope):
             applyRoPE(ptr(buffer), width: activeWidths[buffer.rawValue], headDim: headDim, rope: rope, tokens: T)
         case .scale(let buffer, let factor):

@@ -369,3 +369,33 @@ private func expectCLIError(_ arguments: [String], _ fragments: [String], source
     try expectCLIError(["tokenize", "-m", tokenizer, "--decode", "[1, 99999999]"], ["token id 99999999", "outside the vocabulary (0..<3)"])
     try expectCLIError(["tokenize", "-m", tokenizer, "--decode", "[1, \"a\"]"], ["--decode expects a JSON list of token ids"])
 }
+
+/// Unknown or inconsistent quantization metadata on a quantized checkpoint: a clear error
+/// that names the file and the field or tensor.
+@Test func unknownOrInconsistentQuantizationMetadataIsRefused() throws {
+    func edited(_ edit: (inout [String: Any]) -> Void) throws -> String {
+        let dir = try copyOfFixtureModel("mimo_v2_flash_quantized")
+        let path = dir + "/config.json"
+        var config = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+        var q = config["quantization_config"] as! [String: Any]
+        var wrapper: [String: Any] = ["q": q]
+        edit(&wrapper)
+        q = wrapper["q"] as? [String: Any] ?? [:]
+        if wrapper["q"] == nil { config.removeValue(forKey: "quantization_config") } else { config["quantization_config"] = q }
+        try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: path))
+        return dir
+    }
+    func setting(_ key: String, _ value: Any) throws -> String {
+        try edited { w in var q = w["q"] as! [String: Any]; q[key] = value; w["q"] = q }
+    }
+    let unknownMethod = try setting("quant_method", "awq")
+    expectError([unknownMethod, "quant_method 'awq'", "not supported"]) { _ = try Model(path: unknownMethod) }
+    let oblong = try setting("weight_block_size", [128, 64])
+    expectError([oblong, "weight_block_size", "square"]) { _ = try Model(path: oblong) }
+    let format = try setting("fmt", "e5m2")
+    expectError([format, "fmt 'e5m2'"]) { _ = try Model(path: format) }
+    let noMXFP4 = try setting("store_dtype", "fp8")
+    expectError([noMXFP4, "MXFP4", "store_dtype: mxfp4"]) { _ = try Model(path: noMXFP4) }
+    let missing = try edited { $0["q"] = nil }
+    expectError([missing, "F8_E4M3", "no quantization_config"]) { _ = try Model(path: missing) }
+}

@@ -37,9 +37,14 @@ import Testing
         return bytes
     }
 
+    /// 3 tokens run the fused kernels; 6 the decode-once path of prefill chunks.
     @Test(arguments: [DType.f32, .bf16, .f16, .q8_0, .q4_0, .q4_1], [32, 64, 96, 576, 1536])
     func fusedKernelMatchesDequantizedProduct(_ dtype: DType, _ columns: Int) throws {
-        let rows = 37, tokens = 3
+        for tokens in [3, 6] { try checkProduct(dtype, columns, tokens: tokens) }
+    }
+
+    func checkProduct(_ dtype: DType, _ columns: Int, tokens: Int) throws {
+        let rows = 37
         let bytes = Self.randomWeights(dtype, rows: rows, columns: columns, seed: UInt64(columns) * 31 + UInt64(dtype.blockBytes))
         var rng = SeededGenerator(seed: 7)
         let x = (0..<(tokens * columns)).map { _ in Float(rng.nextUnit() * 2 - 1) }
@@ -69,7 +74,11 @@ import Testing
 /// MXFP4 and FP8 block-scaled products against row-by-row dequantization with the scalar
 /// codecs (`LinearWeight.dequantizeRow`), on random codes and scales.
 @Suite struct PackedKernelTests {
-    static func check(_ w: LinearWeight, tokens: Int = 3, seed: UInt64 = 11) {
+    static func check(_ w: LinearWeight, seed: UInt64 = 11) {
+        for tokens in [3, 6] { check(w, tokens: tokens, seed: seed) }
+    }
+
+    static func check(_ w: LinearWeight, tokens: Int, seed: UInt64) {
         var rng = SeededGenerator(seed: seed)
         let n = w.inFeatures
         let x = (0..<(tokens * n)).map { _ in Float(rng.nextUnit() * 2 - 1) }

@@ -176,9 +176,24 @@ public struct LinearWeight: @unchecked Sendable {
         }
     }
 
+    /// From this many tokens on (a prefill chunk, a verify block), a quantized row is decoded
+    /// to f32 once and then multiplied with every token, instead of decoding it per token.
+    static let decodeOnceTokens = 4
+
     private func applyRows(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
         let n = inFeatures, rowBytes = storedRowBytes, format = self.format, data = self.data, outN = outFeatures
         let scales = self.scales, groups = n / 32
+        if tokens >= Self.decodeOnceTokens && format != .plain(.f32) {
+            Parallel.chunks(outN, work: outN * n * tokens) { rows in
+                let row = UnsafeMutablePointer<Float>.allocate(capacity: n)
+                defer { row.deallocate() }
+                for r in rows {
+                    dequantizeRow(r, into: row)
+                    for t in 0..<tokens { out[t * outN + r] = DotKernels.f32(row, x + t * n, n) }
+                }
+            }
+            return
+        }
         let pack = ActivationPack(x, tokens: tokens, columns: n, for: format)
         pack.values.withUnsafeBufferPointer { xs in
             pack.blockSums.withUnsafeBufferPointer { sums in

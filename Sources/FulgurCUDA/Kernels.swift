@@ -47,6 +47,14 @@ public final class KernelModule: @unchecked Sendable {
         return Function(name: name, handle: f!)
     }
 
+    /// Lets `f` launch with up to `bytes` of dynamic shared memory; a launch asking for more
+    /// than 48 KiB fails without this.
+    public func allowSharedMemory(_ f: Function, bytes: Int) throws {
+        let maxDynamicSharedSizeBytes: Int32 = 8  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        try device.driver.check(device.driver.cuFuncSetAttribute(f.handle, maxDynamicSharedSizeBytes, Int32(bytes)),
+                                "cuFuncSetAttribute(\(f.name), max dynamic shared memory \(bytes))")
+    }
+
     /// A kernel argument as the kernel declares it.
     public enum Argument {
         case pointer(UInt64), int32(Int32), float(Float)

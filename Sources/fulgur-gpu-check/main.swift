@@ -153,7 +153,7 @@ func run() throws -> Bool {
         // gpt-oss-20b: expert down and attention-sized 2880 x 2880, expert gate_up 5760 x 2880.
         for (n, k) in [(2880, 2880), (5760, 2880)] {
             seed += 1
-            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: [1, 2, 4, 8, 16], timed: true, copy: copy, seed: seed)
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: true, copy: copy, seed: seed)
         }
     }
     try device.synchronize()

@@ -24,15 +24,20 @@
 // elements; lane l takes chunks l, l+32, ... of the tile). Per tile, every lane first issues
 // its R*U weight loads, then the block copies the tile's activations into shared memory with
 // coalesced 16-byte loads, and only then waits for the weights: the loads overlap the copy.
+// Launched as a programmatic dependent of the previous kernel (CUDALinear's default), the
+// first tile's weight loads are issued before waiting for that kernel, whose output x is.
 // Shared rows are padded by 16 bytes per chunk (36 floats per MXFP4 chunk, 20 per FP8
 // chunk) so the lane-strided 16-byte reads of x land in 8 different bank groups per
 // quarter-warp: conflict-free, 4 wavefronts per warp read instead of version 1's 32 L1 lines.
 // Each x value read from shared memory feeds R rows (R >= T up to 4 keeps the shared reads
 // under the 128 bytes a clock an SM can serve).
 //
-// Prediction (H200, 4.2 TB/s): T = 1 within 1.5x of the byte floor (MXFP4 5760x2880
-// ~3 us, 70%; FP8 ~5 us, 80%); T = 16 issue-bound, about 8x version 1's T = 1 time per
-// token-fold less: MXFP4 5760x2880 T = 16 ~15 us (version 1: 147 us).
+// Predicted before measuring (H200): T = 1 within 1.5x of the byte floor (MXFP4 5760x2880
+// ~3 us, 70%; FP8 ~5 us, 80%); T = 16 issue-bound near 15 us (version 1: 147 us).
+// Measured (H200, Kernels/NOTES.md): T = 1 MXFP4 5760x2880 9.3 us plain, 7.6 us overlapping
+// the previous kernel (22-28% of copy bandwidth); T = 16 37.8 us. The miss at T = 1 is
+// latency, not bandwidth: a call is one short wave (each warp streams one row's 1.4 KB),
+// 27% occupancy, and a launch alone costs 3.0 us (1.5 us overlapped).
 
 #include "common.cuh"
 
@@ -40,12 +45,17 @@ namespace gemv {
 
 constexpr int kWarps = 4;
 
-// Rows per warp and chunks per lane per tile for T tokens: enough 16-byte loads in flight
-// per lane at small T (R*U = 8 at T = 1), shared memory (T * 32*U chunks) small enough for
-// several blocks per SM at large T. CUDALinear.plan mirrors this.
+// Rows per warp and chunks per lane per tile for T tokens: at T = 1 one row per warp (twice
+// the warps of R = 2) with all of a lane's chunks of a 2880-wide row loaded at once (3 of
+// U = 4); shared memory (T * 32*U chunks) small enough for several blocks per SM at large T.
+// CUDALinear.plan mirrors this.
+// `chains` independent partial sums per row and token break the chain of dependent FFMAs
+// when R*T is small (ncu on the first version 2: 17% occupancy, 68% of cycles with no
+// eligible warp at T = 1).
 template <int T> struct Plan {
-    static constexpr int rows = T <= 2 ? 2 : 4;
+    static constexpr int rows = T == 1 ? 1 : T == 2 ? 2 : 4;
     static constexpr int unroll = T == 1 ? 4 : T < 8 ? 2 : 1;
+    static constexpr int chains = rows * T >= 4 ? 1 : 4 / (rows * T);
 };
 
 // E8M0 code e is 2^(e-127); code 0 is the f32 subnormal 2^-127, 0xFF is NaN.
@@ -86,16 +96,36 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
     return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
-// Copies x[t, e0 .. e0 + elems) for every token into the padded shared tile.
+// Copies x[t, e0 .. e0 + elems) for every token into the padded shared tile. Each thread
+// issues at least 8 loads before its first store: one load at a time left every block
+// waiting out the L2 latency once per vector at small T.
 template <int T, int CE>
 __device__ __forceinline__ void stage(float* tile, const float* __restrict__ x, int k, int e0, int elems, int tokenStride) {
-    for (int v = threadIdx.x; v < elems / 4; v += kWarps * 32) {
-        const int e = 4 * v, at = e / CE * (CE + 4) + e % CE;
+    constexpr int B = T >= 8 ? 1 : 8 / T, threads = kWarps * 32;
+    for (int v0 = threadIdx.x; v0 < elems / 4; v0 += B * threads) {
+        float4 v[B][T];
 #pragma unroll
-        for (int t = 0; t < T; ++t)
-            *reinterpret_cast<float4*>(tile + t * tokenStride + at) =
-                __ldg(reinterpret_cast<const float4*>(x + (size_t)t * k + e0 + e));
+        for (int b = 0; b < B; ++b)
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+                if (v0 + b * threads < elems / 4)
+                    v[b][t] = __ldg(reinterpret_cast<const float4*>(x + (size_t)t * k + e0 + 4 * (v0 + b * threads)));
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            const int e = 4 * (v0 + b * threads), at = e / CE * (CE + 4) + e % CE;
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+                if (e < elems) *reinterpret_cast<float4*>(tile + t * tokenStride + at) = v[b][t];
+        }
     }
+}
+
+template <int C, int R, int T>
+__device__ __forceinline__ float sum(const float (&part)[C][R][T], int r, int t) {
+    float v = part[0][r][t];
+#pragma unroll
+    for (int i = 1; i < C; ++i) v += part[i][r][t];
+    return v;
 }
 
 template <int T, int R>
@@ -113,7 +143,7 @@ __device__ __forceinline__ void store(float (&acc)[R][T], float* out, int row0, 
 template <int T>
 __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
                       const float* __restrict__ x, float* __restrict__ out, int n, int k) {
-    constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, CE = 32, tileChunks = 32 * U;
+    constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, C = Plan<T>::chains, CE = 32, tileChunks = 32 * U;
     constexpr int tokenStride = tileChunks * (CE + 4);
     extern __shared__ float4 shared[];
     float* tile = reinterpret_cast<float*>(shared);
@@ -137,6 +167,12 @@ __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__
                 }
             }
         }
+        if (c0 == 0) {
+            // x is the previous kernel's output. Letting the next kernel start only now keeps
+            // one kernel ahead, not a cascade of waiting grids holding the SMs.
+            wait_for_previous_kernel();
+            allow_next_kernel();
+        }
         __syncthreads();  // the previous tile's reads of shared x are done
         stage<T, CE>(tile, x, k, c0 * CE, min(tileChunks, chunks - c0) * CE, tokenStride);
         __syncthreads();
@@ -146,7 +182,7 @@ __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__
             const int c = c0 + u * 32 + lane;
             if (c >= chunks) break;
             const float* xs = tile + (u * 32 + lane) * (CE + 4);
-            float part[R][T] = {};
+            float part[C][R][T] = {};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 float wv[R][8];
@@ -167,14 +203,14 @@ __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__
 #pragma unroll
                     for (int r = 0; r < R; ++r)
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) part[r][t] = fmaf(wv[r][e], xv[e], part[r][t]);
+                        for (int e = 0; e < 8; ++e) part[(j * 8 + e) % C][r][t] = fmaf(wv[r][e], xv[e], part[(j * 8 + e) % C][r][t]);
                 }
             }
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 const float s = e8m0(scale[u][r]);
 #pragma unroll
-                for (int t = 0; t < T; ++t) acc[r][t] = fmaf(part[r][t] * 0x1p14f, s, acc[r][t]);
+                for (int t = 0; t < T; ++t) acc[r][t] = fmaf(sum(part, r, t) * 0x1p14f, s, acc[r][t]);
             }
         }
     }
@@ -184,7 +220,7 @@ __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__
 template <int T>
 __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ tiles,
                     const float* __restrict__ x, float* __restrict__ out, int n, int k, int tileSize) {
-    constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, CE = 16, tileChunks = 32 * U;
+    constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, C = Plan<T>::chains, CE = 16, tileChunks = 32 * U;
     constexpr int tokenStride = tileChunks * (CE + 4);
     extern __shared__ float4 shared[];
     float* tile = reinterpret_cast<float*>(shared);
@@ -208,6 +244,10 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
                 }
             }
         }
+        if (c0 == 0) {
+            wait_for_previous_kernel();
+            allow_next_kernel();
+        }
         __syncthreads();
         stage<T, CE>(tile, x, k, c0 * CE, min(tileChunks, chunks - c0) * CE, tokenStride);
         __syncthreads();
@@ -217,7 +257,7 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
             const int c = c0 + u * 32 + lane;
             if (c >= chunks) break;
             const float* xs = tile + (u * 32 + lane) * (CE + 4);
-            float part[R][T] = {};
+            float part[C][R][T] = {};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 float wv[R][4];
@@ -234,13 +274,13 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
 #pragma unroll
                     for (int r = 0; r < R; ++r)
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) part[r][t] = fmaf(wv[r][e], xv[e], part[r][t]);
+                        for (int e = 0; e < 4; ++e) part[(j * 4 + e) % C][r][t] = fmaf(wv[r][e], xv[e], part[(j * 4 + e) % C][r][t]);
                 }
             }
 #pragma unroll
             for (int r = 0; r < R; ++r)
 #pragma unroll
-                for (int t = 0; t < T; ++t) acc[r][t] = fmaf(part[r][t], scale[u][r], acc[r][t]);
+                for (int t = 0; t < T; ++t) acc[r][t] = fmaf(sum(part, r, t), scale[u][r], acc[r][t]);
         }
     }
     if (active) store<T, R>(acc, out, row0, n);

@@ -23,3 +23,10 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+
+// Programmatic dependent launch (sm_90; no-ops when the launch did not ask for it). A kernel
+// calls wait_for_previous_kernel before it reads what the previous kernel wrote or writes
+// anything, and allow_next_kernel after that, so the next kernel in the stream can be
+// scheduled and start its independent work (streaming constant weights) during this one.
+__device__ __forceinline__ void allow_next_kernel() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;" ::: "memory"); }

@@ -3,173 +3,303 @@
 //   MXFP4 (gpt-oss / MiMo experts): 16 bytes of E2M1 codes per 32 elements (even element
 //     in the low nibble) and one E8M0 scale byte per 32 elements in a separate tensor;
 //   FP8 E4M3 with one f32 multiplier per tile x tile block (weight_scale_inv).
-// x and out are f32 [T, K] and [T, N]. Weights are dequantized in registers.
+// x and out are f32 [T, K] and [T, N]. Weights are dequantized in registers; products and
+// sums are f32, so the result differs from the CPU's only in summation order.
 //
 // Budget per call (N x K weight):
 //   bytes: MXFP4 N*K*(1/2 + 1/32), FP8 N*K + 4*ceil(N/tile)*ceil(K/tile), plus 4*T*(K+N).
-//     gpt-oss-20b expert gate_up 5760 x 2880: 8.8 MB (MXFP4), 16.6 MB (FP8).
+//     2880 x 2880: 4.41 MB (MXFP4), 8.35 MB (FP8); 5760 x 2880: 8.82 MB, 16.7 MB.
 //   flops: 2*T*N*K (33 MFLOP per token for 5760 x 2880).
-// Roofline on an H100 (about 3.0 TB/s copy, 67 TFLOP/s FP32 FFMA): at T = 1 the bytes set
-// the floor (8.8 MB -> 2.9 us); every weight element costs T FFMA plus about 4 dequantizing
-// instructions, so the FFMA path turns arithmetic-bound near T = 4 (MXFP4) and T = 8 (FP8).
-// Verify blocks of 8-16 tokens need the tensor cores (mma with f16 operands) to stay on the
-// memory roofline; this file is the FFMA baseline that path is checked against.
+// Roofline at the H200's measured 4227 GB/s copy bandwidth (version 1's run): T = 1
+//   2880x2880 1.04 us (MXFP4), 1.98 us (FP8); 5760x2880 2.09 us, 3.95 us.
+// Issue-rate ceiling (the other wall): an SM issues 128 thread-instructions a clock. At the
+//   roofline an H200 SM must take 16 weight bytes a clock (4.2 TB/s / 132 SMs / 1.98 GHz):
+//   32 MXFP4 elements, each costing T FFMA + about 2.5 instructions to dequantize and read x,
+//   so the FFMA path tops out near T = 2-3 at the roofline and falls as 1/T beyond
+//   (FP8: 16 elements a clock, near T = 5). Verify blocks of 8-16 tokens need the tensor
+//   cores (mma with f16 operands) to stay on the roofline; this file is the FFMA path.
 //
-// Layout of the work: a warp owns ROWS consecutive output rows; each lane takes whole
-// chunks of one 16-byte load (MXFP4: 32 elements and one scale; FP8: 16 elements), strided
-// by 32 chunks so the warp's loads are coalesced; the warp reduces with shuffles at the end.
+// Version 2 layout. A block of 4 warps owns 4*R consecutive rows (a warp R of them) and
+// walks K in tiles of 32*U chunks (chunk: one 16-byte weight load, 32 MXFP4 or 16 FP8
+// elements; lane l takes chunks l, l+32, ... of the tile). Per tile, every lane first issues
+// its R*U weight loads, then the block copies the tile's activations into shared memory with
+// coalesced 16-byte loads, and only then waits for the weights: the loads overlap the copy.
+// Launched as a programmatic dependent of the previous kernel (CUDALinear's default), the
+// first tile's weight loads are issued before waiting for that kernel, whose output x is.
+// Shared rows are padded by 16 bytes per chunk (36 floats per MXFP4 chunk, 20 per FP8
+// chunk) so the lane-strided 16-byte reads of x land in 8 different bank groups per
+// quarter-warp: conflict-free, 4 wavefronts per warp read instead of version 1's 32 L1 lines.
+// Each x value read from shared memory feeds R rows (R >= T up to 4 keeps the shared reads
+// under the 128 bytes a clock an SM can serve).
+//
+// Predicted before measuring (H200): T = 1 within 1.5x of the byte floor (MXFP4 5760x2880
+// ~3 us, 70%; FP8 ~5 us, 80%); T = 16 issue-bound near 15 us (version 1: 147 us).
+// Measured (H200, Kernels/NOTES.md): T = 1 MXFP4 5760x2880 9.3 us plain, 7.6 us overlapping
+// the previous kernel (22-28% of copy bandwidth); T = 16 37.8 us. The miss at T = 1 is
+// latency, not bandwidth: a call is one short wave (each warp streams one row's 1.4 KB),
+// 27% occupancy, and a launch alone costs 3.0 us (1.5 us overlapped).
 
 #include "common.cuh"
 
 namespace gemv {
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 4;
+
+// Rows per warp and chunks per lane per tile for T tokens: at T = 1 one row per warp (twice
+// the warps of R = 2) with all of a lane's chunks of a 2880-wide row loaded at once (3 of
+// U = 4); shared memory (T * 32*U chunks) small enough for several blocks per SM at large T.
+// CUDALinear.plan mirrors this.
+// `chains` independent partial sums per row and token break the chain of dependent FFMAs
+// when R*T is small (ncu on the first version 2: 17% occupancy, 68% of cycles with no
+// eligible warp at T = 1).
+template <int T> struct Plan {
+    static constexpr int rows = T == 1 ? 1 : T == 2 ? 2 : 4;
+    static constexpr int unroll = T == 1 ? 4 : T < 8 ? 2 : 1;
+    static constexpr int chains = rows * T >= 4 ? 1 : 4 / (rows * T);
+};
 
 // E8M0 code e is 2^(e-127); code 0 is the f32 subnormal 2^-127, 0xFF is NaN.
 __device__ __forceinline__ float e8m0(uint32_t e) {
     return __uint_as_float(e == 0 ? 0x00400000u : e == 0xFFu ? 0x7FC00000u : e << 23);
 }
 
-// E2M1 nibble -> f32. Placing the 3 magnitude bits at bits 22-24 of an f32 gives the value
-// times 2^-126 for all eight codes (code 1, 0.5, lands on the subnormal 2^-127); the
-// multiply by 2^126 is exact and keeps products with small activations out of the
-// subnormal range.
-__device__ __forceinline__ float e2m1(uint32_t word, int nibble) {
-    uint32_t q = word >> (4 * nibble);
-    uint32_t bits = ((q & 7u) << 22) | ((q & 8u) << 28);
-    return __uint_as_float(bits) * 0x1p126f;
+__device__ __forceinline__ float f16lo(uint32_t h2) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h2 & 0xFFFF)));
+    return f;
+}
+__device__ __forceinline__ float f16hi(uint32_t h2) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h2 >> 16)));
+    return f;
+}
+
+// Nibbles i and i + 4 of a word -> f16x2 (low half: nibble i). The three magnitude bits land
+// on f16 bits 9-11 and the sign on bit 15, which is the E2M1 value times 2^-14 for all eight
+// codes (code 1, 0.5, is the f16 subnormal 2^-15): two shifts and one LOP3 for two elements,
+// against version 1's six instructions for one. The caller multiplies by 2^14 per chunk.
+template <int I>
+__device__ __forceinline__ uint32_t e2m1x2(uint32_t word) {
+    constexpr int m = 9 - 4 * I, s = 12 - 4 * I;
+    const uint32_t mag = m >= 0 ? word << m : word >> -m;
+    return (mag & 0x0E000E00u) | ((word << s) & 0x80008000u);
 }
 
 // Two E4M3 codes -> two f32 through the f16x2 conversion (sm_89+), which keeps NaN codes NaN.
 __device__ __forceinline__ float2 e4m3x2(uint32_t pair) {
     uint32_t h2;
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)pair));
-    float lo, hi;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((unsigned short)(h2 & 0xFFFF)));
-    asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((unsigned short)(h2 >> 16)));
-    return make_float2(lo, hi);
+    return make_float2(f16lo(h2), f16hi(h2));
 }
 
-template <int T, int ROWS>
-__device__ __forceinline__ void store(float (&acc)[ROWS][T], float* out, int row0, int n) {
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
+    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+// Copies x[t, e0 .. e0 + elems) for every token into the padded shared tile. Each thread
+// issues at least 8 loads before its first store: one load at a time left every block
+// waiting out the L2 latency once per vector at small T.
+template <int T, int CE>
+__device__ __forceinline__ void stage(float* tile, const float* __restrict__ x, int k, int e0, int elems, int tokenStride) {
+    constexpr int B = T >= 8 ? 1 : 8 / T, threads = kWarps * 32;
+    for (int v0 = threadIdx.x; v0 < elems / 4; v0 += B * threads) {
+        float4 v[B][T];
+#pragma unroll
+        for (int b = 0; b < B; ++b)
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+                if (v0 + b * threads < elems / 4)
+                    v[b][t] = __ldg(reinterpret_cast<const float4*>(x + (size_t)t * k + e0 + 4 * (v0 + b * threads)));
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            const int e = 4 * (v0 + b * threads), at = e / CE * (CE + 4) + e % CE;
+#pragma unroll
+            for (int t = 0; t < T; ++t)
+                if (e < elems) *reinterpret_cast<float4*>(tile + t * tokenStride + at) = v[b][t];
+        }
+    }
+}
+
+template <int C, int R, int T>
+__device__ __forceinline__ float sum(const float (&part)[C][R][T], int r, int t) {
+    float v = part[0][r][t];
+#pragma unroll
+    for (int i = 1; i < C; ++i) v += part[i][r][t];
+    return v;
+}
+
+template <int T, int R>
+__device__ __forceinline__ void store(float (&acc)[R][T], float* out, int row0, int n) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int t = 0; t < T; ++t) {
-            float v = warp_sum(acc[r][t]);
+            const float v = warp_sum(acc[r][t]);
             if (lane == 0 && row0 + r < n) out[(size_t)t * n + row0 + r] = v;
         }
 }
 
-template <int T, int ROWS>
+template <int T>
 __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
                       const float* __restrict__ x, float* __restrict__ out, int n, int k) {
-    const int warp = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int row0 = warp * ROWS;
-    if (row0 >= n) return;
-    const int chunks = k / 32;
-    float acc[ROWS][T] = {};
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 codes[ROWS];
-        float scale[ROWS];
+    constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, C = Plan<T>::chains, CE = 32, tileChunks = 32 * U;
+    constexpr int tokenStride = tileChunks * (CE + 4);
+    extern __shared__ float4 shared[];
+    float* tile = reinterpret_cast<float*>(shared);
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
+    const bool active = row0 < n;  // idle warps still help stage x and meet the barriers
+    const int chunks = k / CE;
+    float acc[R][T] = {};
+    for (int c0 = 0; c0 < chunks; c0 += tileChunks) {
+        uint4 codes[U][R];
+        uint32_t scale[U][R];
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int row = min(row0 + r, n - 1);
-            codes[r] = load_streaming(w + ((size_t)row * chunks + c) * 16);
-            scale[r] = e8m0(scales[(size_t)row * chunks + c]);
-        }
-        float part[ROWS][T] = {};
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * 32 + lane;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            float wv[ROWS][8];
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const uint32_t word = j == 0 ? codes[r].x : j == 1 ? codes[r].y : j == 2 ? codes[r].z : codes[r].w;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) wv[r][e] = e2m1(word, e);
-            }
-#pragma unroll
-            for (int t = 0; t < T; ++t) {
-                const float4* xp = reinterpret_cast<const float4*>(x + (size_t)t * k + c * 32 + j * 8);
-                const float4 a = __ldg(xp), b = __ldg(xp + 1);
-                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) part[r][t] = fmaf(wv[r][e], xv[e], part[r][t]);
+            for (int r = 0; r < R; ++r) {
+                const size_t at = (size_t)min(row0 + r, n - 1) * chunks + c;
+                if (active && c < chunks) {
+                    codes[u][r] = load_streaming(w + at * 16);
+                    scale[u][r] = scales[at];
+                }
             }
         }
+        if (c0 == 0) {
+            // x is the previous kernel's output. Letting the next kernel start only now keeps
+            // one kernel ahead, not a cascade of waiting grids holding the SMs.
+            wait_for_previous_kernel();
+            allow_next_kernel();
+        }
+        __syncthreads();  // the previous tile's reads of shared x are done
+        stage<T, CE>(tile, x, k, c0 * CE, min(tileChunks, chunks - c0) * CE, tokenStride);
+        __syncthreads();
+        if (!active) continue;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c >= chunks) break;
+            const float* xs = tile + (u * 32 + lane) * (CE + 4);
+            float part[C][R][T] = {};
 #pragma unroll
-            for (int t = 0; t < T; ++t) acc[r][t] = fmaf(part[r][t], scale[r], acc[r][t]);
+            for (int j = 0; j < 4; ++j) {
+                float wv[R][8];
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const uint32_t q = word(codes[u][r], j);
+                    const uint32_t h0 = e2m1x2<0>(q), h1 = e2m1x2<1>(q), h2 = e2m1x2<2>(q), h3 = e2m1x2<3>(q);
+                    wv[r][0] = f16lo(h0); wv[r][4] = f16hi(h0);
+                    wv[r][1] = f16lo(h1); wv[r][5] = f16hi(h1);
+                    wv[r][2] = f16lo(h2); wv[r][6] = f16hi(h2);
+                    wv[r][3] = f16lo(h3); wv[r][7] = f16hi(h3);
+                }
+#pragma unroll
+                for (int t = 0; t < T; ++t) {
+                    const float4 a = *reinterpret_cast<const float4*>(xs + t * tokenStride + 8 * j);
+                    const float4 b = *reinterpret_cast<const float4*>(xs + t * tokenStride + 8 * j + 4);
+                    const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) part[(j * 8 + e) % C][r][t] = fmaf(wv[r][e], xv[e], part[(j * 8 + e) % C][r][t]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float s = e8m0(scale[u][r]);
+#pragma unroll
+                for (int t = 0; t < T; ++t) acc[r][t] = fmaf(sum(part, r, t) * 0x1p14f, s, acc[r][t]);
+            }
+        }
     }
-    store<T, ROWS>(acc, out, row0, n);
+    if (active) store<T, R>(acc, out, row0, n);
 }
 
-template <int T, int ROWS>
+template <int T>
 __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ tiles,
-                    const float* __restrict__ x, float* __restrict__ out, int n, int k, int tile) {
-    const int warp = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int row0 = warp * ROWS;
-    if (row0 >= n) return;
-    const int chunks = k / 16, tilesPerRow = (k + tile - 1) / tile;
-    float acc[ROWS][T] = {};
-#pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        uint4 codes[ROWS];
-        float scale[ROWS];
+                    const float* __restrict__ x, float* __restrict__ out, int n, int k, int tileSize) {
+    constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, C = Plan<T>::chains, CE = 16, tileChunks = 32 * U;
+    constexpr int tokenStride = tileChunks * (CE + 4);
+    extern __shared__ float4 shared[];
+    float* tile = reinterpret_cast<float*>(shared);
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
+    const bool active = row0 < n;
+    const int chunks = k / CE, tilesPerRow = (k + tileSize - 1) / tileSize;
+    float acc[R][T] = {};
+    for (int c0 = 0; c0 < chunks; c0 += tileChunks) {
+        uint4 codes[U][R];
+        float scale[U][R];
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int row = min(row0 + r, n - 1);
-            codes[r] = load_streaming(w + (size_t)row * k + c * 16);
-            scale[r] = tiles[(size_t)(row / tile) * tilesPerRow + c * 16 / tile];
-        }
-        float part[ROWS][T] = {};
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * 32 + lane;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            float wv[ROWS][4];
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const uint32_t word = j == 0 ? codes[r].x : j == 1 ? codes[r].y : j == 2 ? codes[r].z : codes[r].w;
-                const float2 lo = e4m3x2(word & 0xFFFF), hi = e4m3x2(word >> 16);
-                wv[r][0] = lo.x; wv[r][1] = lo.y; wv[r][2] = hi.x; wv[r][3] = hi.y;
-            }
-#pragma unroll
-            for (int t = 0; t < T; ++t) {
-                const float4 a = __ldg(reinterpret_cast<const float4*>(x + (size_t)t * k + c * 16 + j * 4));
-                const float xv[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) part[r][t] = fmaf(wv[r][e], xv[e], part[r][t]);
+            for (int r = 0; r < R; ++r) {
+                const int row = min(row0 + r, n - 1);
+                if (active && c < chunks) {
+                    codes[u][r] = load_streaming(w + (size_t)row * k + c * CE);
+                    scale[u][r] = tiles[(size_t)(row / tileSize) * tilesPerRow + c * CE / tileSize];
+                }
             }
         }
+        if (c0 == 0) {
+            wait_for_previous_kernel();
+            allow_next_kernel();
+        }
+        __syncthreads();
+        stage<T, CE>(tile, x, k, c0 * CE, min(tileChunks, chunks - c0) * CE, tokenStride);
+        __syncthreads();
+        if (!active) continue;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c >= chunks) break;
+            const float* xs = tile + (u * 32 + lane) * (CE + 4);
+            float part[C][R][T] = {};
 #pragma unroll
-            for (int t = 0; t < T; ++t) acc[r][t] = fmaf(part[r][t], scale[r], acc[r][t]);
+            for (int j = 0; j < 4; ++j) {
+                float wv[R][4];
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const uint32_t q = word(codes[u][r], j);
+                    const float2 lo = e4m3x2(q & 0xFFFF), hi = e4m3x2(q >> 16);
+                    wv[r][0] = lo.x; wv[r][1] = lo.y; wv[r][2] = hi.x; wv[r][3] = hi.y;
+                }
+#pragma unroll
+                for (int t = 0; t < T; ++t) {
+                    const float4 a = *reinterpret_cast<const float4*>(xs + t * tokenStride + 4 * j);
+                    const float xv[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+                    for (int r = 0; r < R; ++r)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) part[(j * 4 + e) % C][r][t] = fmaf(wv[r][e], xv[e], part[(j * 4 + e) % C][r][t]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int t = 0; t < T; ++t) acc[r][t] = fmaf(sum(part, r, t), scale[u][r], acc[r][t]);
+        }
     }
-    store<T, ROWS>(acc, out, row0, n);
+    if (active) store<T, R>(acc, out, row0, n);
 }
 
 }  // namespace gemv
 
-// One entry point per token count, named gemv_<format>_t<T>. A warp takes one row at T = 1,
-// where the bytes in flight per SM decide the speed, and two rows above it, so each
-// activation load feeds two rows' FFMAs. Launch with 256 threads and
-// ceil(N / (8 * rows)) blocks; K must be a multiple of 32 (MXFP4) or 16 (FP8, and of the tile).
-#define GEMV_ROWS(T) ((T) == 1 ? 1 : 2)
+// One entry point per token count, named gemv_<format>_t<T>. Launch with 128 threads,
+// ceil(N / (4 * rows)) blocks and T * 32*unroll * (elements + 4) * 4 bytes of dynamic shared
+// memory (elements: 32 MXFP4, 16 FP8; rows and unroll from gemv::Plan<T>); K must be a
+// multiple of 32 (MXFP4) or 16 (FP8, and of the tile).
 #define GEMV_ENTRY(T)                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) gemv_mxfp4_t##T(                             \
+    extern "C" __global__ void __launch_bounds__(128) gemv_mxfp4_t##T(                             \
         const uint8_t* w, const uint8_t* scales, const float* x, float* out, int n, int k) {       \
-        gemv::mxfp4<T, GEMV_ROWS(T)>(w, scales, x, out, n, k);                                     \
+        gemv::mxfp4<T>(w, scales, x, out, n, k);                                                   \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) gemv_fp8_t##T(                               \
+    extern "C" __global__ void __launch_bounds__(128) gemv_fp8_t##T(                               \
         const uint8_t* w, const float* tiles, const float* x, float* out, int n, int k, int tile) { \
-        gemv::fp8<T, GEMV_ROWS(T)>(w, tiles, x, out, n, k, tile);                                  \
+        gemv::fp8<T>(w, tiles, x, out, n, k, tile);                                                \
     }
 GEMV_ENTRY(1) GEMV_ENTRY(2) GEMV_ENTRY(3) GEMV_ENTRY(4) GEMV_ENTRY(5) GEMV_ENTRY(6) GEMV_ENTRY(7) GEMV_ENTRY(8)
 GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_ENTRY(14) GEMV_ENTRY(15) GEMV_ENTRY(16)

@@ -35,26 +35,39 @@ public final class CUDALinear: @unchecked Sendable {
         self.module = module
         let family = if case .mxfp4 = w.format { "gemv_mxfp4" } else { "gemv_fp8" }
         self.kernels = try (1...Self.maxTokens).map { try module.function("\(family)_t\($0)") }
+        for (i, f) in kernels.enumerated() { try module.allowSharedMemory(f, bytes: Self.plan(w.format, tokens: i + 1).sharedBytes) }
         self.codes = try module.device.upload(c)
         self.scales = try module.device.upload(s!)
     }
 
+    /// Launch shape of gemv_<format>_t<tokens>; mirrors gemv::Plan and kWarps in Kernels/gemv.cu:
+    /// 4 warps of `rows` rows each, x staged in tiles of 32 * unroll chunks of `elements`
+    /// (padded by 4 floats each) per token.
+    static func plan(_ format: LinearWeight.Format, tokens: Int) -> (rowsPerBlock: Int, sharedBytes: Int) {
+        let rows = tokens == 1 ? 1 : tokens == 2 ? 2 : 4
+        let unroll = tokens == 1 ? 4 : tokens < 8 ? 2 : 1
+        let elements = if case .mxfp4 = format { 32 } else { 16 }
+        return (4 * rows, tokens * 32 * unroll * (elements + 4) * 4)
+    }
+
     /// out[t, o] = sum_i w[o, i] * x[t, i] for `tokens` rows of f32 `x` ([tokens, in]) into
-    /// f32 `out` ([tokens, out]), enqueued on `stream`.
-    public func apply(_ x: DeviceBuffer, tokens: Int, into out: DeviceBuffer, stream: CUDAStream) throws {
+    /// f32 `out` ([tokens, out]), enqueued on `stream`. With `overlapPrevious` (the default)
+    /// the kernel starts streaming its weights while the previous kernel in the stream still
+    /// runs, and waits for that kernel before it reads `x` or writes `out`.
+    public func apply(_ x: DeviceBuffer, tokens: Int, into out: DeviceBuffer, stream: CUDAStream,
+                      overlapPrevious: Bool = true) throws {
         precondition((1...Self.maxTokens).contains(tokens), "CUDALinear takes 1 to \(Self.maxTokens) tokens")
         precondition(x.byteCount >= 4 * tokens * inFeatures && out.byteCount >= 4 * tokens * outFeatures,
                      "activation buffers too small for \(tokens) tokens of '\(name)'")
-        // Must match GEMV_ROWS and kWarps in gemv.cu.
-        let rowsPerBlock = 8 * (tokens == 1 ? 1 : 2)
-        let grid = ((outFeatures + rowsPerBlock - 1) / rowsPerBlock, 1, 1)
+        let plan = Self.plan(format, tokens: tokens)
+        let grid = ((outFeatures + plan.rowsPerBlock - 1) / plan.rowsPerBlock, 1, 1)
         let n = Int32(outFeatures), k = Int32(inFeatures)
         switch format {
         case .mxfp4:
-            try module.launch(kernels[tokens - 1], grid: grid, block: (256, 1, 1), stream: stream,
+            try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), sharedBytes: plan.sharedBytes, stream: stream, overlapPrevious: overlapPrevious,
                               [.pointer(codes.address), .pointer(scales.address), .pointer(x.address), .pointer(out.address), .int32(n), .int32(k)])
         case .fp8(let tile):
-            try module.launch(kernels[tokens - 1], grid: grid, block: (256, 1, 1), stream: stream,
+            try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), sharedBytes: plan.sharedBytes, stream: stream, overlapPrevious: overlapPrevious,
                               [.pointer(codes.address), .pointer(scales.address), .pointer(x.address), .pointer(out.address), .int32(n), .int32(k), .int32(Int32(tile))])
         case .plain:
             fatalError("unreachable: format checked at init")

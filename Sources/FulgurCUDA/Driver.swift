@@ -43,6 +43,9 @@ final class Driver: @unchecked Sendable {
     let cuMemsetD8Async: @convention(c) (CUdeviceptr, UInt8, Int, OpaquePointer?) -> CUresult
     let cuModuleLoadData: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UnsafeRawPointer) -> CUresult
     let cuModuleGetFunction: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UnsafePointer<CChar>) -> CUresult
+    let cuLaunchKernelEx: @convention(c) (UnsafeRawPointer, OpaquePointer?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
+                                          UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> CUresult
+    let cuFuncSetAttribute: @convention(c) (OpaquePointer?, Int32, Int32) -> CUresult
     let cuModuleGetGlobal: @convention(c) (UnsafeMutablePointer<CUdeviceptr>, UnsafeMutablePointer<Int>, OpaquePointer?, UnsafePointer<CChar>) -> CUresult
     let cuLaunchKernel: @convention(c) (OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
                                         UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> CUresult
@@ -93,6 +96,8 @@ final class Driver: @unchecked Sendable {
         cuModuleLoadData = try symbol("cuModuleLoadData")
         cuModuleGetFunction = try symbol("cuModuleGetFunction")
         cuModuleGetGlobal = try symbol("cuModuleGetGlobal_v2")
+        cuFuncSetAttribute = try symbol("cuFuncSetAttribute")
+        cuLaunchKernelEx = try symbol("cuLaunchKernelEx")
         cuLaunchKernel = try symbol("cuLaunchKernel")
         cuStreamCreate = try symbol("cuStreamCreate")
         cuStreamSynchronize = try symbol("cuStreamSynchronize")

@@ -47,14 +47,26 @@ public final class KernelModule: @unchecked Sendable {
         return Function(name: name, handle: f!)
     }
 
+    /// Lets `f` launch with up to `bytes` of dynamic shared memory; a launch asking for more
+    /// than 48 KiB fails without this.
+    public func allowSharedMemory(_ f: Function, bytes: Int) throws {
+        let maxDynamicSharedSizeBytes: Int32 = 8  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        try device.driver.check(device.driver.cuFuncSetAttribute(f.handle, maxDynamicSharedSizeBytes, Int32(bytes)),
+                                "cuFuncSetAttribute(\(f.name), max dynamic shared memory \(bytes))")
+    }
+
     /// A kernel argument as the kernel declares it.
     public enum Argument {
         case pointer(UInt64), int32(Int32), float(Float)
     }
 
+    /// Enqueues `f` on `stream`. With `overlapPrevious` the kernel may start while the
+    /// previous kernel in the stream is still running (programmatic dependent launch, sm_90):
+    /// only for kernels that execute `griddepcontrol.wait` before they touch memory that
+    /// kernel writes, or that they read.
     public func launch(_ f: Function, grid: (Int, Int, Int), block: (Int, Int, Int), sharedBytes: Int = 0,
-                       stream: CUDAStream, _ arguments: [Argument]) throws {
-        // Each argument in its own 8-byte slot; cuLaunchKernel reads as many bytes as the
+                       stream: CUDAStream, overlapPrevious: Bool = false, _ arguments: [Argument]) throws {
+        // Each argument in its own 8-byte slot; the driver reads as many bytes as the
         // kernel's parameter has.
         var slots = [UInt64](repeating: 0, count: arguments.count)
         for (i, a) in arguments.enumerated() {
@@ -65,13 +77,40 @@ public final class KernelModule: @unchecked Sendable {
             }
         }
         let d = device.driver
+        // Built only on failure: formatting it per launch cost the host microseconds.
+        func what() -> String { "launch \(f.name), grid \(grid), block \(block), \(sharedBytes) bytes shared" }
         try slots.withUnsafeMutableBufferPointer { s in
             var params = (0..<s.count).map { UnsafeMutableRawPointer(s.baseAddress! + $0) as UnsafeMutableRawPointer? }
             try params.withUnsafeMutableBufferPointer { p in
-                try d.check(d.cuLaunchKernel(f.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
-                                             UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedBytes),
-                                             stream.handle, p.baseAddress, nil),
-                            "cuLaunchKernel(\(f.name), grid \(grid), block \(block))")
+                guard overlapPrevious else {
+                    try d.check(d.cuLaunchKernel(f.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
+                                                 UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedBytes),
+                                                 stream.handle, p.baseAddress, nil), "cuLaunchKernel: \(what())")
+                    return
+                }
+                // CUlaunchAttribute (cuda.h): a 4-byte id, 4 bytes of padding, a 64-byte value;
+                // id 6 is CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value an int.
+                var attribute = [UInt8](repeating: 0, count: 72)
+                attribute.withUnsafeMutableBytes {
+                    $0.storeBytes(of: Int32(6), toByteOffset: 0, as: Int32.self)
+                    $0.storeBytes(of: Int32(1), toByteOffset: 8, as: Int32.self)
+                }
+                try attribute.withUnsafeMutableBytes { attr in
+                    // CUlaunchConfig: seven unsigned ints, the stream at offset 32, the
+                    // attribute pointer at 40, their count at 48; 56 bytes.
+                    var config = [UInt8](repeating: 0, count: 56)
+                    config.withUnsafeMutableBytes { c in
+                        for (i, v) in [grid.0, grid.1, grid.2, block.0, block.1, block.2, sharedBytes].enumerated() {
+                            c.storeBytes(of: UInt32(v), toByteOffset: 4 * i, as: UInt32.self)
+                        }
+                        c.storeBytes(of: UInt(bitPattern: stream.handle), toByteOffset: 32, as: UInt.self)
+                        c.storeBytes(of: UInt(bitPattern: attr.baseAddress), toByteOffset: 40, as: UInt.self)
+                        c.storeBytes(of: UInt32(1), toByteOffset: 48, as: UInt32.self)
+                    }
+                    try config.withUnsafeBytes { c in
+                        try d.check(d.cuLaunchKernelEx(c.baseAddress!, f.handle, p.baseAddress, nil), "cuLaunchKernelEx: \(what()), overlapping the previous kernel")
+                    }
+                }
             }
         }
     }

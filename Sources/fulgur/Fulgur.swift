@@ -74,12 +74,18 @@ struct Generate: ParsableCommand {
     @OptionGroup var sampling: SamplingOptions
     @Flag(help: "Wrap the prompt in the model's chat template as a user message.") var chat = false
     @Option(help: "System message (with --chat).") var system: String?
+    @Option(help: "Decode speculatively with the DFlash drafter in this directory; prints acceptance and timing after the text.")
+    var speculative: String?
+    @Option(name: .customLong("block-size"), parsing: .unconditional, help: "Tokens per speculative block, 2...16 (default: the drafter's).")
+    var blockSize: Int?
     @Argument(help: "The prompt.") var prompt: String
 
     func run() throws {
         try reportingErrors {
             let samplingParameters = try sampling.sampling()
+            if blockSize != nil, speculative == nil { throw FulgurError(.usage, "--block-size needs --speculative DRAFTER_DIR") }
             let engine = try modelOptions.load()
+            if let speculative { try engine.useDrafter(directory: speculative, blockSize: blockSize) }
             let text = chat
                 ? try engine.renderChat([ChatMessage(role: "system", content: system)].filter { $0.content != nil }
                     + [ChatMessage(role: "user", content: prompt)], addGenerationPrompt: true)
@@ -91,6 +97,7 @@ struct Generate: ParsableCommand {
             }
             Terminal.out("\n")
             Terminal.status(Terminal.summary(result))
+            if let stats = result.speculative { Terminal.status(stats.summary) }
         }
     }
 }

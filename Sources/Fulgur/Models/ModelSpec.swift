@@ -42,7 +42,8 @@ public struct AttentionSpec: Sendable {
     public var kvHeads: Int
     public var headDim: Int          // query/key
     public var valueHeadDim: Int
-    /// nil: full causal attention; W: a query at position i sees keys at positions i-W+1 ... i.
+    /// nil: no window; W: a query at position i sees keys at positions i-W+1 ... i (and, when
+    /// not causal, up to i+W-1).
     public var window: Int?
     public var hasSinks: Bool
     public var qkvBias: Bool
@@ -55,6 +56,8 @@ public struct AttentionSpec: Sendable {
     /// releases: one per full-attention KV head, pre-sharded for tensor parallelism). nil
     /// means one chunk per KV head of this layer.
     public var qkvChunks: Int? = nil
+    /// false for the DFlash drafter: a query also sees the keys of later tokens of its step.
+    public var causal = true
 }
 
 public enum Activation: Sendable, Equatable {

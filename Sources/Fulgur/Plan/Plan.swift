@@ -94,6 +94,13 @@ public enum Op: Sendable {
     case scale(buffer: Buffer, factor: Float)
     /// Append k/v of the step to layer `layer`'s cache, then attend from q.
     case attention(layer: Int, spec: AttentionSpec, sinks: [Float]?)
+    /// Append k/v of the step to layer `layer`'s cache without attending (the DFlash
+    /// drafter's context rows, which are keys and values only).
+    case storeKV(layer: Int)
+    /// Layer `layer` is done: x holds its output. The executor copies x aside when asked to
+    /// (the DFlash drafter conditions on these hidden states), so they come with the forward
+    /// pass instead of a second one.
+    case layerEnd(layer: Int)
     /// act = activation(gate) * up
     case glu(activation: Activation)
     case moe(src: Buffer, dst: Buffer, weights: MoEWeights)

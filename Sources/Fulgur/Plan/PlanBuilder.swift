@@ -3,6 +3,28 @@
 public enum PlanBuilder {
     public static func build(spec: ModelSpec, tensors: TensorSource, progress: ((Int, Int) -> Void)? = nil) throws -> Plan {
         let names = spec.names, hidden = spec.hiddenSize
+        let (layerOps, widths) = try layers(spec: spec, tensors: tensors, progress: progress)
+        let ops: [Op] = [.embed] + layerOps + [.finalNorm(weight: try tensors.floats(names.finalNorm, shape: [hidden]), eps: spec.rmsNormEps)]
+        let table = try tensors.tensor(names.embedding)
+        guard table.shape == [spec.vocabSize, hidden] || (table.shape.count == 2 && table.shape[1] == hidden && table.shape[0] >= spec.vocabSize) else {
+            throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.embedding)' has shape \(table.shape), expected [\(spec.vocabSize), \(hidden)]")
+        }
+        try tensors.checkConvertible(table)
+        let lmHead: LinearWeight
+        if tensors.tensorIfPresent(names.lmHead) != nil {
+            lmHead = try resolveLinear(names.lmHead, out: table.shape[0], in: hidden, spec: spec, tensors: tensors)
+        } else if spec.tieWordEmbeddings {
+            lmHead = try tensors.linearWeight(table)
+        } else {
+            throw FulgurError(.format, "\(tensors.sourceDescription): tensor '\(names.lmHead)' is missing and the config does not tie it to the embeddings")
+        }
+        return Plan(spec: spec, ops: ops, widths: widths, embedding: Embedding(table: table), lmHead: lmHead)
+    }
+
+    /// The ops of the decoder layers (x in, x out) and the buffer widths they need; the
+    /// DFlash drafter builds its layers with this too.
+    static func layers(spec: ModelSpec, tensors: TensorSource, progress: ((Int, Int) -> Void)? = nil) throws -> (ops: [Op], widths: [Buffer: Int]) {
+        let names = spec.names, hidden = spec.hiddenSize
         func vector(_ name: String, _ count: Int) throws -> [Float] {
             try tensors.floats(name, shape: [count])
         }
@@ -12,8 +34,7 @@ public enum PlanBuilder {
         func linear(_ name: String, out: Int, in inFeatures: Int) throws -> LinearWeight {
             try resolveLinear(name, out: out, in: inFeatures, spec: spec, tensors: tensors)
         }
-
-        var ops: [Op] = [.embed]
+        var ops: [Op] = []
         var widths: [Buffer: Int] = [.x: hidden, .h: hidden, .out: hidden, .q: 0, .k: 0, .v: 0, .attn: 0, .gate: 0, .up: 0, .act: 0]
         func grow(_ b: Buffer, _ w: Int) { widths[b] = max(widths[b]!, w) }
 
@@ -62,24 +83,10 @@ public enum PlanBuilder {
                 ops.append(.moe(src: .h, dst: .out, weights: try moeWeights(m, layer: i, spec: spec, tensors: tensors)))
             }
             ops.append(.residual(src: .out))
+            ops.append(.layerEnd(layer: i))
             progress?(i + 1, spec.layers.count)
         }
-        ops.append(.finalNorm(weight: try vector(names.finalNorm, hidden), eps: spec.rmsNormEps))
-
-        let table = try tensors.tensor(names.embedding)
-        guard table.shape == [spec.vocabSize, hidden] || (table.shape.count == 2 && table.shape[1] == hidden && table.shape[0] >= spec.vocabSize) else {
-            throw FulgurError(.shape, "\(tensors.sourceDescription): tensor '\(names.embedding)' has shape \(table.shape), expected [\(spec.vocabSize), \(hidden)]")
-        }
-        try tensors.checkConvertible(table)
-        let lmHead: LinearWeight
-        if tensors.tensorIfPresent(names.lmHead) != nil {
-            lmHead = try resolveLinear(names.lmHead, out: table.shape[0], in: hidden, spec: spec, tensors: tensors)
-        } else if spec.tieWordEmbeddings {
-            lmHead = try tensors.linearWeight(table)
-        } else {
-            throw FulgurError(.format, "\(tensors.sourceDescription): tensor '\(names.lmHead)' is missing and the config does not tie it to the embeddings")
-        }
-        return Plan(spec: spec, ops: ops, widths: widths, embedding: Embedding(table: table), lmHead: lmHead)
+        return (ops, widths)
     }
 
     static func moeWeights(_ m: MoESpec, layer i: Int, spec: ModelSpec, tensors: TensorSource) throws -> MoEWeights {

@@ -10,11 +10,28 @@ public final class CPUExecutor {
     private let buffers: [UnsafeMutablePointer<Float>]
     private var positions: [Int] = []
 
-    public init(plan: Plan, maxPositions: Int? = nil, maxStepTokens: Int = 64) {
+    /// Layers whose output hidden states each forward returns in `capturedFeatures`.
+    public var captureLayers: [Int] = [] {
+        didSet {
+            captureSlot = Array(repeating: nil, count: plan.spec.layerCount)
+            for (slot, layer) in captureLayers.enumerated() { captureSlot[layer] = slot }
+            stepFeatures = [Float](repeating: 0, count: maxStepTokens * captureLayers.count * plan.spec.hiddenSize)
+        }
+    }
+    /// `[T, captureLayers.count * hidden]`: for every token of the last `forward`, the hidden
+    /// states after each capture layer, side by side in `captureLayers` order.
+    public private(set) var capturedFeatures: [Float] = []
+    private var captureSlot: [Int?] = []
+    private var stepFeatures: [Float] = []
+
+    /// `cache`: a cache to share with another plan over the same layers (the DFlash drafter
+    /// writes its context keys with one plan and drafts with another).
+    public init(plan: Plan, maxPositions: Int? = nil, maxStepTokens: Int = 64, cache: KVCache? = nil) {
         self.plan = plan
         self.maxStepTokens = maxStepTokens
         let ctx = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
-        cache = KVCache(spec: plan.spec, maxPositions: ctx, maxStepTokens: maxStepTokens)
+        self.cache = cache ?? KVCache(spec: plan.spec, maxPositions: ctx, maxStepTokens: maxStepTokens)
+        captureSlot = Array(repeating: nil, count: plan.spec.layerCount)
         buffers = Buffer.allCases.map {
             let n = maxStepTokens * max(plan.widths[$0] ?? 0, 1)
             let p = UnsafeMutablePointer<Float>.allocate(capacity: n)
@@ -32,23 +49,43 @@ public final class CPUExecutor {
     /// Runs `tokens` at the next positions of the cache and returns logits (`[T, vocab]` for
     /// `.all`, `[vocab]` for `.last`). Longer inputs are split into chunks of `maxStepTokens`.
     public func forward(_ tokens: [Int], logits: Logits = .last) throws -> [Float] {
-        guard !tokens.isEmpty else { return [] }
-        guard cache.length + tokens.count <= cache.maxPositions else {
-            throw FulgurError(.usage, "context is full: \(cache.length) + \(tokens.count) tokens exceed the \(cache.maxPositions)-position context")
-        }
         for t in tokens where t < 0 || t >= plan.embedding.table.shape[0] {
             throw FulgurError(.usage, "token id \(t) is outside the vocabulary (0..<\(plan.embedding.table.shape[0]))")
         }
+        return try run(count: tokens.count, logits: logits) { range in
+            step(Array(tokens[range]))
+        }
+    }
+
+    /// Runs a plan that starts from given rows of x (`[T, plan.widths[.x]]`) instead of
+    /// token embeddings: the DFlash drafter's context features.
+    public func forward(rows: [Float], logits: Logits = .none) throws -> [Float] {
+        let width = plan.widths[.x]!
+        precondition(rows.count % width == 0, "rows of \(rows.count) floats do not split into rows of \(width)")
+        return try run(count: rows.count / width, logits: logits) { range in
+            rows.withUnsafeBufferPointer { ptr(.x).update(from: $0.baseAddress! + range.lowerBound * width, count: range.count * width) }
+            step(Array(repeating: 0, count: range.count))
+        }
+    }
+
+    private func run(count: Int, logits: Logits, step: (Range<Int>) -> Void) throws -> [Float] {
+        capturedFeatures.removeAll(keepingCapacity: true)
+        guard count > 0 else { return [] }
+        guard cache.length + count <= cache.maxPositions else {
+            throw FulgurError(.usage, "context is full: \(cache.length) + \(count) tokens exceed the \(cache.maxPositions)-position context")
+        }
         var result: [Float] = []
         var start = 0
-        while start < tokens.count {
-            let chunk = Array(tokens[start..<min(start + maxStepTokens, tokens.count)])
-            start += chunk.count
-            step(chunk)
-            let isLast = start == tokens.count
+        while start < count {
+            let range = start..<min(start + maxStepTokens, count)
+            start = range.upperBound
+            step(range)
+            if !captureLayers.isEmpty {
+                capturedFeatures += stepFeatures[0..<(range.count * captureLayers.count * plan.spec.hiddenSize)]
+            }
             switch logits {
-            case .all: result += lmHead(rows: 0..<chunk.count)
-            case .last where isLast: result = lmHead(rows: (chunk.count - 1)..<chunk.count)
+            case .all: result += lmHead(rows: 0..<range.count)
+            case .last where start == count: result = lmHead(rows: (range.count - 1)..<range.count)
             default: break
             }
         }
@@ -122,7 +159,16 @@ public final class CPUExecutor {
             let p = ptr(buffer)
             for i in 0..<(T * activeWidths[buffer.rawValue]) { p[i] *= factor }
         case .attention(let layer, let spec, let sinks):
+            store(layer: layer, tokens: T)
             attention(layer: layer, spec: spec, sinks: sinks, tokens: T)
+        case .storeKV(let layer):
+            store(layer: layer, tokens: T)
+        case .layerEnd(let layer):
+            guard let slot = captureSlot[layer] else { break }
+            let hidden = plan.spec.hiddenSize, width = captureLayers.count * hidden, x = ptr(.x)
+            stepFeatures.withUnsafeMutableBufferPointer { f in
+                for t in 0..<T { (f.baseAddress! + t * width + slot * hidden).update(from: x + t * hidden, count: hidden) }
+            }
         case .glu(let activation):
             let gate = ptr(.gate), up = ptr(.up), act = ptr(.act), n = T * activeWidths[Buffer.gate.rawValue]
             activeWidths[Buffer.act.rawValue] = activeWidths[Buffer.gate.rawValue]
@@ -169,25 +215,33 @@ public final class CPUExecutor {
         }
     }
 
-    private func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, tokens T: Int) {
-        let q = ptr(.q), k = ptr(.k), v = ptr(.v), out = ptr(.attn)
-        let kw = a.kvHeads * a.headDim, vw = a.kvHeads * a.valueHeadDim
-        let qw = a.heads * a.headDim, ow = a.heads * a.valueHeadDim
-        activeWidths[Buffer.attn.rawValue] = ow
-        let group = a.heads / a.kvHeads
-        let c = cache.layers[layer]
+    /// Writes the step's keys and values into layer `layer`'s cache at the step's positions.
+    private func store(layer: Int, tokens T: Int) {
+        let c = cache.layers[layer], k = ptr(.k), v = ptr(.v)
+        let kw = c.kvHeads * c.keyDim, vw = c.kvHeads * c.valueDim
         for t in 0..<T {
             c.key(positions[t]).update(from: k + t * kw, count: kw)
             c.value(positions[t]).update(from: v + t * vw, count: vw)
         }
+    }
+
+    private func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, tokens T: Int) {
+        let q = ptr(.q), out = ptr(.attn)
+        let qw = a.heads * a.headDim, ow = a.heads * a.valueHeadDim
+        activeWidths[Buffer.attn.rawValue] = ow
+        let group = a.heads / a.kvHeads
+        let c = cache.layers[layer]
         let positions = self.positions
-        let work = T * a.heads * (positions[T - 1] + 1) * (a.headDim + a.valueHeadDim)
+        let lastKey = positions[T - 1]
+        let work = T * a.heads * (lastKey + 1) * (a.headDim + a.valueHeadDim)
         Parallel.chunks(T * a.heads, work: work) { range in
-            var scores = [Float](repeating: 0, count: positions[T - 1] + 1)
+            var scores = [Float](repeating: 0, count: lastKey + 1)
             for job in range {
                 let t = job / a.heads, h = job % a.heads, kvh = h / group
-                let pos = positions[t]
-                let first = a.window.map { max(0, pos - $0 + 1) } ?? 0
+                let query = positions[t]
+                let first = a.window.map { max(0, query - $0 + 1) } ?? 0
+                // A non-causal query (the drafter's block) also sees the step's later keys.
+                let pos = a.causal ? query : a.window.map { min(lastKey, query + $0 - 1) } ?? lastKey
                 let qh = q + t * qw + h * a.headDim
                 // Logits, with the sink logit (if any) joining the softmax but not the output.
                 var maxScore = sinks?[h] ?? -Float.infinity

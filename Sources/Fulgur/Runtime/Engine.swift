@@ -18,6 +18,9 @@ public final class Engine {
     public let tokenizer: Tokenizer
     public let chatTemplate: ChatTemplate?
     public let generator: Generator
+    /// DFlash decoding over the same executor, once a drafter is loaded; generation then goes
+    /// through it.
+    public private(set) var speculative: SpeculativeGenerator?
 
     public var name: String { URL(fileURLWithPath: model.path).lastPathComponent }
 
@@ -31,6 +34,15 @@ public final class Engine {
         let context = min(contextLength ?? 8192, model.spec.maxPositions)
         guard context > 0 else { throw FulgurError(.usage, "context length must be positive") }
         generator = Generator(executor: CPUExecutor(plan: model.plan, maxPositions: context))
+    }
+
+    /// Loads the DFlash drafter in `directory`; later generations decode speculatively with
+    /// blocks of `blockSize` (default: the size the drafter was trained for).
+    public func useDrafter(directory: String, blockSize: Int? = nil) throws {
+        let executor = generator.executor
+        let drafter = try DFlashDrafter(directory: directory, target: model, maxPositions: executor.cache.maxPositions,
+                                        maxStepTokens: executor.maxStepTokens)
+        speculative = try SpeculativeGenerator(target: executor, drafter: drafter, blockSize: blockSize ?? min(drafter.blockSize, 16))
     }
 
     /// The tokenizer of a .gguf file (its metadata) or of a checkpoint directory (tokenizer.json).
@@ -79,8 +91,9 @@ public final class Engine {
                          onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
         let ids = tokenizer.encode(text, addSpecialTokens: true)
         var detokenizer = StreamingDetokenizer(tokenizer: tokenizer, skipSpecialTokens: false)
-        var result = try generator.generate(prompt: ids, parameters: parameters,
-                                            decode: { detokenizer.append($0) }, onText: onText)
+        var result = try speculative.map {
+            try $0.generate(prompt: ids, parameters: parameters, decode: { detokenizer.append($0) }, onText: onText)
+        } ?? generator.generate(prompt: ids, parameters: parameters, decode: { detokenizer.append($0) }, onText: onText)
         let tail = detokenizer.finish()
         if !tail.isEmpty, result.finishReason != .stop {
             result.text += tail

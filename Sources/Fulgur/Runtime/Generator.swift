@@ -28,6 +28,8 @@ public struct GenerationResult: Sendable {
     public var timeToFirstToken: Double = 0
     /// Seconds spent after the first token.
     public var decodeSeconds: Double = 0
+    /// Acceptance and timing of speculative decoding, when it ran.
+    public var speculative: SpeculativeStats? = nil
 
     /// Tokens per second after the first one.
     public var decodeTokensPerSecond: Double {
@@ -66,6 +68,69 @@ struct StopMatcher {
     mutating func flush() -> String { defer { pending = "" }; return pending }
 }
 
+/// The end of every decode loop: takes sampled tokens one at a time, stops on a stop id, a
+/// stop string or the token limit, streams the text, and keeps the timing.
+struct TokenSink {
+    private(set) var result = GenerationResult()
+    private var stop: StopMatcher
+    private let stopIds: Set<Int>
+    let limit: Int
+    private let decode: (Int) -> String
+    private let onText: (String) -> Bool
+    private let start = DispatchTime.now().uptimeNanoseconds
+    private var firstTokenAt: UInt64 = 0
+
+    init(parameters: GenerationParameters, promptTokens: Int, limit: Int,
+         decode: @escaping (Int) -> String, onText: @escaping (String) -> Bool) {
+        result.promptTokens = promptTokens
+        stop = StopMatcher(stops: parameters.stopStrings.filter { !$0.isEmpty })
+        stopIds = parameters.stopTokenIds
+        self.limit = limit
+        self.decode = decode
+        self.onText = onText
+        firstTokenAt = start
+    }
+
+    /// Whether another token may come.
+    var open: Bool { result.tokens.count < limit }
+
+    /// Takes the next token; returns false when generation is over.
+    mutating func take(_ token: Int) -> Bool {
+        if result.tokens.isEmpty { firstTokenAt = DispatchTime.now().uptimeNanoseconds }
+        if stopIds.contains(token) { result.finishReason = .stop; return false }
+        result.tokens.append(token)
+        let (text, hit) = stop.feed(decode(token))
+        result.text += text
+        if !text.isEmpty && !onText(text) { result.finishReason = .cancelled; return false }
+        if hit { result.finishReason = .stop; return false }
+        return open
+    }
+
+    mutating func finish() -> GenerationResult {
+        if result.finishReason != .stop {
+            let rest = stop.flush()
+            result.text += rest
+            if !rest.isEmpty { _ = onText(rest) }
+        }
+        let end = DispatchTime.now().uptimeNanoseconds
+        result.timeToFirstToken = Double(firstTokenAt - start) / 1e9
+        result.decodeSeconds = Double(end - firstTokenAt) / 1e9
+        return result
+    }
+}
+
+/// Checks a request before any forward pass; returns the token limit it leaves.
+func tokenLimit(prompt: [Int], parameters: GenerationParameters, maxPositions: Int) throws -> Int {
+    guard !prompt.isEmpty else { throw FulgurError(.usage, "the prompt is empty") }
+    guard parameters.maxTokens >= 0 else { throw FulgurError(.usage, "max tokens must be >= 0") }
+    try parameters.sampling.validate()
+    let room = maxPositions - prompt.count
+    guard room > 0 else {
+        throw FulgurError(.usage, "the prompt has \(prompt.count) tokens; the context holds \(maxPositions)")
+    }
+    return min(parameters.maxTokens, room)
+}
+
 /// Prefill, then the decode loop: sample, stream text, stop on EOS, a stop string or the
 /// token limit.
 public final class Generator {
@@ -83,49 +148,26 @@ public final class Generator {
     /// final and returns false to cancel.
     public func generate(prompt: [Int], parameters: GenerationParameters,
                          decode: (Int) -> String, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
-        guard !prompt.isEmpty else { throw FulgurError(.usage, "the prompt is empty") }
-        guard parameters.maxTokens >= 0 else { throw FulgurError(.usage, "max tokens must be >= 0") }
-        try parameters.sampling.validate()
-        let room = executor.cache.maxPositions - prompt.count
-        guard room > 0 else {
-            throw FulgurError(.usage, "the prompt has \(prompt.count) tokens; the context holds \(executor.cache.maxPositions)")
+        let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: executor.cache.maxPositions)
+        return try withoutActuallyEscaping(decode) { decode in
+            try withoutActuallyEscaping(onText) { onText in
+                var sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode, onText: onText)
+                // Reuse the cached prefix; at least the last prompt token is run again for its logits.
+                var reuse = zip(cachedTokens, prompt).prefix { $0 == $1 }.count
+                reuse = min(reuse, prompt.count - 1, executor.cache.length)
+                if executor.cache.canTruncate(to: reuse) { executor.cache.truncate(to: reuse) } else { executor.cache.reset(); reuse = 0 }
+                cachedTokens = Array(prompt[..<reuse])
+                var sampler = Sampler(parameters.sampling)
+                var logits = try executor.forward(Array(prompt[reuse...]))
+                cachedTokens = prompt
+                while sink.open {
+                    let token = sampler.sample(logits)
+                    guard sink.take(token) else { break }
+                    logits = try executor.forward([token])
+                    cachedTokens.append(token)
+                }
+                return sink.finish()
+            }
         }
-        var result = GenerationResult()
-        result.promptTokens = prompt.count
-        let start = DispatchTime.now().uptimeNanoseconds
-        var firstTokenAt = start
-        // Reuse the cached prefix; at least the last prompt token is run again for its logits.
-        var reuse = zip(cachedTokens, prompt).prefix { $0 == $1 }.count
-        reuse = min(reuse, prompt.count - 1, executor.cache.length)
-        if executor.cache.canTruncate(to: reuse) { executor.cache.truncate(to: reuse) } else { executor.cache.reset(); reuse = 0 }
-        cachedTokens = Array(prompt[..<reuse])
-        var sampler = Sampler(parameters.sampling)
-        var stop = StopMatcher(stops: parameters.stopStrings.filter { !$0.isEmpty })
-        var logits = try executor.forward(Array(prompt[reuse...]))
-        cachedTokens = prompt
-        let limit = min(parameters.maxTokens, room)
-        result.finishReason = .length
-        loop: while result.tokens.count < limit {
-            let token = sampler.sample(logits)
-            if result.tokens.isEmpty { firstTokenAt = DispatchTime.now().uptimeNanoseconds }
-            if parameters.stopTokenIds.contains(token) { result.finishReason = .stop; break }
-            result.tokens.append(token)
-            let (text, hit) = stop.feed(decode(token))
-            result.text += text
-            if !text.isEmpty && !onText(text) { result.finishReason = .cancelled; break loop }
-            if hit { result.finishReason = .stop; break }
-            if result.tokens.count == limit { break }
-            logits = try executor.forward([token])
-            cachedTokens.append(token)
-        }
-        if result.finishReason != .stop {
-            let rest = stop.flush()
-            result.text += rest
-            if !rest.isEmpty { _ = onText(rest) }
-        }
-        let end = DispatchTime.now().uptimeNanoseconds
-        result.timeToFirstToken = Double(firstTokenAt - start) / 1e9
-        result.decodeSeconds = Double(end - firstTokenAt) / 1e9
-        return result
     }
 }

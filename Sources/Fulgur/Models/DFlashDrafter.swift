@@ -1,0 +1,125 @@
+import Foundation
+
+/// z-lab's DFlash drafter (`DFlashDraftModel`, arXiv 2602.06036): a few Qwen3-style decoder
+/// layers at the target's hidden size that fill a block of mask tokens in one forward pass.
+/// It has no embedding or LM head of its own (the target's are used). Its context is the
+/// target's hidden states after `target_layer_ids`, concatenated, projected by `fc` and
+/// RMS-normed by `hidden_norm`; every layer turns that feature into keys and values with its
+/// own k/v projections (k normed and rotated at the token's position, no input norm), and
+/// these stay in the drafter's cache. The block attends to all of it and to itself in both
+/// directions.
+///
+/// Two plans over one cache run it: the context plan (fc, hidden_norm, then each layer's k/v
+/// path, stored without attending) and the block plan (embed, the layers, final norm, the
+/// target's LM head).
+public final class DFlashDrafter {
+    public let path: String
+    /// The block size the drafter was trained for.
+    public let blockSize: Int
+    public let maskTokenId: Int
+    public let targetLayerIds: [Int]
+    let context: CPUExecutor
+    let block: CPUExecutor
+
+    /// Opens the drafter in `directory` for `target`; `maxStepTokens` bounds a block (and the
+    /// slack of sliding-window rings).
+    public init(directory: String, target: Model, maxPositions: Int, maxStepTokens: Int) throws {
+        path = directory
+        let c = try HFConfig(path: directory + "/config.json")
+        let arch = try c.strings("architectures")?.first
+        guard arch == "DFlashDraftModel" else {
+            throw FulgurError(.unsupported, "\(c.path): architecture '\(arch ?? "<none>")' is not a DFlash drafter (expected DFlashDraftModel)")
+        }
+        let dflash = try c.object("dflash_config") ?? HFConfig(path: c.path, values: [:])
+        blockSize = try dflash.int("block_size", default: c.int("block_size", default: 16))
+        guard dflash.has("mask_token_id") else { throw c.missing("dflash_config.mask_token_id", "the id of the mask token") }
+        maskTokenId = try dflash.int("mask_token_id")
+        targetLayerIds = dflash.ids("target_layer_ids")
+        let spec = try Self.spec(c, dflash: dflash)
+        let targetSpec = target.spec
+        guard spec.hiddenSize == targetSpec.hiddenSize else {
+            throw FulgurError(.shape, "\(c.path): hidden_size \(spec.hiddenSize) differs from the target's \(targetSpec.hiddenSize)")
+        }
+        guard !targetLayerIds.isEmpty, targetLayerIds.allSatisfy({ (0..<targetSpec.layerCount).contains($0) }) else {
+            throw FulgurError(.config, "\(c.path): dflash_config.target_layer_ids \(targetLayerIds) must name layers of the target (0..<\(targetSpec.layerCount))")
+        }
+        guard (0..<target.plan.embedding.table.shape[0]).contains(maskTokenId) else {
+            throw FulgurError(.config, "\(c.path): mask_token_id \(maskTokenId) is outside the target's vocabulary (0..<\(target.plan.embedding.table.shape[0]))")
+        }
+
+        let tensors = try SafetensorsCheckpoint(directory: directory)
+        let hidden = spec.hiddenSize
+        let (layerOps, widths) = try PlanBuilder.layers(spec: spec, tensors: tensors)
+        let blockPlan = Plan(
+            spec: spec, ops: [.embed] + layerOps + [.finalNorm(weight: try tensors.floats(spec.names.finalNorm, shape: [hidden]), eps: spec.rmsNormEps)],
+            widths: widths, embedding: target.plan.embedding, lmHead: target.plan.lmHead)
+        let features = targetLayerIds.count * hidden
+        var contextOps: [Op] = [
+            .linear(src: .x, dst: .h, weight: try PlanBuilder.resolveLinear("fc.weight", out: hidden, in: features, spec: spec, tensors: tensors), bias: nil),
+            .rmsNorm(src: .h, dst: .h, weight: try tensors.floats("hidden_norm.weight", shape: [hidden]), eps: spec.rmsNormEps),
+        ]
+        // Each layer's key/value path, taken from the block plan so the weights are shared.
+        for op in layerOps {
+            switch op {
+            case .linear(_, let dst, _, _) where dst == .k || dst == .v: contextOps.append(op)
+            case .rmsNorm(let src, _, _, _) where src == .k: contextOps.append(op)
+            case .rope(let buffer, _, _) where buffer == .k: contextOps.append(op)
+            case .scale(let buffer, _) where buffer == .v: contextOps.append(op)
+            case .attention(let layer, _, _): contextOps.append(.storeKV(layer: layer))
+            default: break
+            }
+        }
+        var contextWidths = widths
+        contextWidths[.x] = features
+        let contextPlan = Plan(spec: spec, ops: contextOps, widths: contextWidths, embedding: target.plan.embedding, lmHead: target.plan.lmHead)
+        block = CPUExecutor(plan: blockPlan, maxPositions: maxPositions, maxStepTokens: maxStepTokens)
+        context = CPUExecutor(plan: contextPlan, maxPositions: maxPositions, maxStepTokens: maxStepTokens, cache: block.cache)
+    }
+
+    /// Qwen3 decoder layers with non-causal attention; with `use_swa`, the layers marked
+    /// `sliding_attention` in `layer_types` (all layers without it) see keys within
+    /// `swa_window_size - 1` positions on either side (TensorRT-LLM's reading of the DSpark
+    /// drafters), and `attention_sink_bias` adds a learned sink logit per head
+    /// (`self_attn.attention_sink_bias`, as in MiMo's attention).
+    static func spec(_ c: HFConfig, dflash: HFConfig) throws -> ModelSpec {
+        let n = try c.int("num_hidden_layers")
+        let useSWA = try dflash.bool("use_swa", default: false)
+        let window = useSWA ? try dflash.int("swa_window_size") : nil
+        if let window, window < 1 { throw FulgurError(.config, "\(c.path): swa_window_size must be positive, got \(window)") }
+        let sliding = try DecoderConfig.layerTypes(c, count: n) ?? Array(repeating: true, count: n)
+        let sinks = try dflash.bool("attention_sink_bias", default: false)
+        let causal = try dflash.bool("causal", default: false)
+        var names = TensorNames.huggingFace()
+        names.layerPrefix = { "layers.\($0)." }
+        names.finalNorm = "norm.weight"
+        names.roles[.sinks] = "self_attn.attention_sink_bias"
+        let layers = try (0..<n).map { i in
+            var a = try DecoderConfig.attention(c, window: sliding[i] ? window : nil, qkNorm: true)
+            a.causal = causal
+            a.hasSinks = sinks
+            return LayerSpec(attention: a, feedForward: .dense(intermediate: try c.int("intermediate_size"), activation: .silu))
+        }
+        return try DecoderConfig.base(c, architecture: "DFlashDraftModel", layers: layers, names: names)
+    }
+
+    /// Positions of context the drafter holds.
+    public var contextLength: Int { block.cache.length }
+
+    public func reset() { block.cache.reset() }
+}
+
+extension DFlashDrafter: Drafter {
+    public func extend(tokens: [Int], features: [Float]) throws {
+        _ = try context.forward(rows: features)
+    }
+
+    public func propose(after token: Int, count: Int) throws -> [Int] {
+        let start = block.cache.length
+        let logits = try block.forward([token] + Array(repeating: maskTokenId, count: count), logits: .all)
+        block.cache.truncate(to: start)
+        let vocab = block.vocabSize
+        return logits.withUnsafeBufferPointer { l in
+            (1...count).map { Sampler.argmax(UnsafeBufferPointer(rebasing: l[($0 * vocab)..<(($0 + 1) * vocab)])) }
+        }
+    }
+}

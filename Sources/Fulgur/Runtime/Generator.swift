@@ -7,13 +7,61 @@ public struct GenerationParameters: Sendable {
     public var stopStrings: [String] = []
     /// Generation ends on these ids (the model's EOS ids by default); they are not emitted.
     public var stopTokenIds: Set<Int> = []
+    /// When set, every generated token comes with its log-probability and this many most
+    /// likely alternatives (see `TokenLogprobs`).
+    public var topLogprobs: Int? = nil
 
     public init(maxTokens: Int = 256, sampling: SamplingParameters = SamplingParameters(),
-                stopStrings: [String] = [], stopTokenIds: Set<Int> = []) {
+                stopStrings: [String] = [], stopTokenIds: Set<Int> = [], topLogprobs: Int? = nil) {
         self.maxTokens = maxTokens
         self.sampling = sampling
         self.stopStrings = stopStrings
         self.stopTokenIds = stopTokenIds
+        self.topLogprobs = topLogprobs
+    }
+}
+
+/// Log-probabilities of one generated token, as OpenAI's API reports them: from the model's
+/// own distribution, log-softmax of the logits at temperature 1 over the whole vocabulary,
+/// before temperature, top-k, top-p and min-p. So they do not depend on the sampling settings,
+/// a greedy token has a finite log-probability, and an alternative the filters removed still
+/// shows how likely the model found it.
+public struct TokenLogprobs: Sendable, Equatable {
+    public var token: Int
+    public var logprob: Float
+    /// The most likely tokens, most likely first (ties by lower id).
+    public var top: [Alternative]
+
+    public struct Alternative: Sendable, Equatable {
+        public var token: Int
+        public var logprob: Float
+
+        public init(token: Int, logprob: Float) {
+            self.token = token
+            self.logprob = logprob
+        }
+    }
+
+    /// The log-probabilities of `token` and the `top` most likely ids under `logits`.
+    public init(logits: [Float], token: Int, top: Int) {
+        let maxLogit = logits.max() ?? 0
+        var sum = 0.0
+        for l in logits { sum += exp(Double(l - maxLogit)) }
+        let logZ = Double(maxLogit) + log(sum)
+        self.token = token
+        logprob = Float(Double(logits[token]) - logZ)
+        // A sorted buffer of at most `top` entries: top is small (OpenAI allows 20).
+        var best: [Alternative] = []
+        best.reserveCapacity(top + 1)
+        if top > 0 {
+            for (id, l) in logits.enumerated() {
+                if best.count == top, let last = best.last, l <= last.logprob { continue }
+                let at = best.firstIndex { l > $0.logprob } ?? best.count
+                best.insert(Alternative(token: id, logprob: l), at: at)
+                if best.count > top { best.removeLast() }
+            }
+        }
+        self.top = best.map { Alternative(token: $0.token, logprob: Float(Double($0.logprob) - logZ)) }
     }
 }
 
@@ -79,12 +127,15 @@ public final class Generator {
     }
 
     /// Generates after `prompt` (the cache is reset first). `decode` turns one id into the
-    /// text it completes (a streaming detokenizer); `onText` receives text as it becomes
-    /// final and returns false to cancel.
-    public func generate(prompt: [Int], parameters: GenerationParameters,
-                         decode: (Int) -> String, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+    /// text it completes (a streaming detokenizer); `onToken` sees each generated id (with its
+    /// log-probabilities when `parameters.topLogprobs` is set) before its text; `onText`
+    /// receives text as it becomes final and returns false to cancel.
+    public func generate(prompt: [Int], parameters: GenerationParameters, decode: (Int) -> String,
+                         onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
+                         onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
         guard !prompt.isEmpty else { throw FulgurError(.usage, "the prompt is empty") }
         guard parameters.maxTokens >= 0 else { throw FulgurError(.usage, "max tokens must be >= 0") }
+        if let top = parameters.topLogprobs, top < 0 { throw FulgurError(.usage, "top logprobs must be >= 0, got \(top)") }
         try parameters.sampling.validate()
         let room = executor.cache.maxPositions - prompt.count
         guard room > 0 else {
@@ -110,6 +161,7 @@ public final class Generator {
             if result.tokens.isEmpty { firstTokenAt = DispatchTime.now().uptimeNanoseconds }
             if parameters.stopTokenIds.contains(token) { result.finishReason = .stop; break }
             result.tokens.append(token)
+            onToken(token, parameters.topLogprobs.map { TokenLogprobs(logits: logits, token: token, top: $0) })
             let (text, hit) = stop.feed(decode(token))
             result.text += text
             if !text.isEmpty && !onText(text) { result.finishReason = .cancelled; break loop }

@@ -138,7 +138,10 @@ private func errorCode(_ body: String) throws -> String? {
 
 /// A client that goes away mid-stream stops its generation; the next request is served.
 @Test func aClientThatLeavesMidStreamCancelsItsGeneration() async throws {
-    let client = TestClient(model: FakeModel(reply: String(repeating: "z", count: 40), tokenDelay: .milliseconds(5)))
+    // Long enough (seconds) that the client's failed write always comes before the end,
+    // however slowly the test machine schedules the handler.
+    let model = FakeModel(reply: String(repeating: "z", count: 1000), contextLength: 2048, tokenDelay: .milliseconds(5))
+    let client = TestClient(model: model)
     let left = try await client.post("/v1/completions", #"{"prompt": "x", "stream": true}"#, failAfter: 3)
     #expect(!left.body.contains("[DONE]"))
     let next = try await client.post("/v1/completions", #"{"prompt": "x", "max_tokens": 2}"#)

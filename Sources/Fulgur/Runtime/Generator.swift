@@ -50,7 +50,8 @@ public struct TokenLogprobs: Sendable, Equatable {
         let logZ = Double(maxLogit) + log(sum)
         self.token = token
         logprob = Float(Double(logits[token]) - logZ)
-        // A sorted buffer of at most `top` entries: top is small (OpenAI allows 20).
+        // A sorted buffer of at most `top` entries (OpenAI allows 20), holding raw logits
+        // until logZ is known to be subtracted.
         var best: [Alternative] = []
         best.reserveCapacity(top + 1)
         if top > 0 {

@@ -1,5 +1,6 @@
 """The running server driven by the official `openai` client on the default model (CPU)."""
 import json
+import random
 import time
 import urllib.error
 import urllib.request
@@ -181,3 +182,26 @@ def test_a_client_that_leaves_mid_stream_cancels_and_the_server_goes_on(server, 
 def test_health_needs_no_key(server):
     with urllib.request.urlopen(server.base_url + "/health", timeout=10) as response:
         assert json.loads(response.read()) == {"status": "ok"}
+
+
+def test_a_fuzzed_body_gets_an_answer_or_an_error_object_and_the_server_goes_on(server, client, model):
+    rng = random.Random(6)
+    valid = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                        "temperature": 0, "stop": ["\n"]}).encode()
+    for _ in range(60):
+        body = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(body))
+            action = rng.random()
+            if action < 0.4:
+                body[at] = rng.randrange(256)
+            elif action < 0.7:
+                del body[at]
+            else:
+                body.insert(at, rng.choice(b'{}[]",:0-9.eE\\ \x00\xff'))
+        code, payload = raw(server, "POST", "/v1/chat/completions", bytes(body))
+        assert code == 200 or 400 <= code < 500, (bytes(body), code, payload)
+        answer = json.loads(payload)
+        assert "choices" in answer if code == 200 else set(answer["error"]) == {"message", "type", "param", "code"}
+    assert server.process.poll() is None
+    assert chat(client, model, max_tokens=4, temperature=0).choices[0].message.content

@@ -18,15 +18,32 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         .target(
             name: "Fulgur",
             swiftSettings: cpuFlags
         ),
+        // The OpenAI-compatible HTTP API over an Engine.
+        .target(
+            name: "FulgurServer",
+            dependencies: [
+                "Fulgur",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]
+        ),
         .executableTarget(
             name: "fulgur",
-            dependencies: ["Fulgur", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Fulgur", "FulgurServer", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         // The CUDA executor: the driver is opened at run time, so this builds without CUDA.
         .target(
@@ -40,6 +57,17 @@ let package = Package(
         .testTarget(
             name: "FulgurCUDATests",
             dependencies: ["FulgurCUDA"]
+        ),
+        .testTarget(
+            name: "FulgurServerTests",
+            dependencies: [
+                "FulgurServer",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
         ),
         .testTarget(
             name: "FulgurTests",

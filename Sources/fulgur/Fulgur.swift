@@ -3,11 +3,11 @@ import Fulgur
 import Foundation
 
 @main
-struct FulgurCommand: ParsableCommand {
+struct FulgurCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fulgur",
         abstract: "Fast inference of Mixture-of-Experts language models.",
-        subcommands: [Generate.self, Chat.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self])
+        subcommands: [Generate.self, Chat.self, Serve.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self])
 }
 
 /// Options every command that loads a model shares.
@@ -58,9 +58,10 @@ struct SamplingOptions: ParsableArguments {
 }
 
 /// Runs a command body, turning Fulgur errors into a one-line message and exit status 1.
-func reportingErrors(_ body: () throws -> Void) throws {
+@discardableResult
+func reportingErrors<T>(_ body: () throws -> T) throws -> T {
     do {
-        try body()
+        return try body()
     } catch let e as FulgurError {
         Terminal.error(e.message)
         throw ExitCode(1)

@@ -137,3 +137,37 @@ func reusingTheCachedPrefixGivesTheSameTokensAsAFreshStart(_ name: String) throw
         #expect(got == (try fresh.generate(prompt: second, parameters: parameters, decode: { _ in "" }).tokens))
     }
 }
+
+// MARK: Log-probabilities
+
+@Test func logprobsAreTheLogSoftmaxOfTheLogitsWithTheTopAlternativesInOrder() {
+    let logits: [Float] = [1, 3, 2, 3, -1]
+    let lp = TokenLogprobs(logits: logits, token: 2, top: 3)
+    let logZ = log(logits.map { exp(Double($0)) }.reduce(0, +))
+    #expect(abs(Double(lp.logprob) - (2 - logZ)) < 1e-5)
+    // Ties go to the lower id.
+    #expect(lp.top.map(\.token) == [1, 3, 2])
+    #expect(abs(Double(lp.top[0].logprob) - (3 - logZ)) < 1e-5)
+    #expect(TokenLogprobs(logits: logits, token: 0, top: 0).top.isEmpty)
+}
+
+/// OpenAI's logprobs come from the model's distribution at temperature 1, so the greedy and
+/// the sampled generation of the same token report the same numbers, and the greedy token is
+/// the most likely alternative.
+@Test func generatedTokensReportLogprobsIndependentOfSampling() throws {
+    func run(_ sampling: SamplingParameters) throws -> [TokenLogprobs] {
+        var seen: [TokenLogprobs] = []
+        _ = try generator().generate(prompt: prompt, parameters: GenerationParameters(maxTokens: 4, sampling: sampling, topLogprobs: 5),
+                                     decode: { _ in "" }, onToken: { _, lp in seen.append(lp!) })
+        return seen
+    }
+    let greedy = try run(SamplingParameters())
+    #expect(greedy.count == 4)
+    for lp in greedy {
+        #expect(lp.top.count == 5)
+        #expect(lp.top[0].token == lp.token)
+        #expect(lp.logprob <= 0)
+    }
+    let sampled = try run(SamplingParameters(temperature: 0.3, topK: 1, seed: 1))
+    #expect(sampled == greedy)
+}

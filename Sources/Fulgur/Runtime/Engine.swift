@@ -85,15 +85,24 @@ public final class Engine {
             extra: ["bos_token": special(tokenizer.bosTokenId), "eos_token": special(tokenizer.eosTokenIds.first)])
     }
 
+    /// The most tokens a prompt and its generation can hold together.
+    public var contextLength: Int { generator.executor.cache.maxPositions }
+
     /// Generates after `text` (special tokens written in the text, as chat templates do, are
     /// recognised), streaming the new text to `onText`.
     public func generate(text: String, parameters: GenerationParameters,
                          onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
-        let ids = tokenizer.encode(text, addSpecialTokens: true)
+        try generate(prompt: tokenizer.encode(text, addSpecialTokens: true), parameters: parameters, onText: onText)
+    }
+
+    /// Generates after the token ids `prompt`; see `Generator.generate` for the callbacks.
+    public func generate(prompt: [Int], parameters: GenerationParameters,
+                         onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
+                         onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
         var detokenizer = StreamingDetokenizer(tokenizer: tokenizer, skipSpecialTokens: false)
         var result = try speculative.map {
-            try $0.generate(prompt: ids, parameters: parameters, decode: { detokenizer.append($0) }, onText: onText)
-        } ?? generator.generate(prompt: ids, parameters: parameters, decode: { detokenizer.append($0) }, onText: onText)
+            try $0.generate(prompt: prompt, parameters: parameters, decode: { detokenizer.append($0) }, onToken: onToken, onText: onText)
+        } ?? generator.generate(prompt: prompt, parameters: parameters, decode: { detokenizer.append($0) }, onToken: onToken, onText: onText)
         let tail = detokenizer.finish()
         if !tail.isEmpty, result.finishReason != .stop {
             result.text += tail

@@ -7,13 +7,62 @@ public struct GenerationParameters: Sendable {
     public var stopStrings: [String] = []
     /// Generation ends on these ids (the model's EOS ids by default); they are not emitted.
     public var stopTokenIds: Set<Int> = []
+    /// When set, every generated token comes with its log-probability and this many most
+    /// likely alternatives (see `TokenLogprobs`).
+    public var topLogprobs: Int? = nil
 
     public init(maxTokens: Int = 256, sampling: SamplingParameters = SamplingParameters(),
-                stopStrings: [String] = [], stopTokenIds: Set<Int> = []) {
+                stopStrings: [String] = [], stopTokenIds: Set<Int> = [], topLogprobs: Int? = nil) {
         self.maxTokens = maxTokens
         self.sampling = sampling
         self.stopStrings = stopStrings
         self.stopTokenIds = stopTokenIds
+        self.topLogprobs = topLogprobs
+    }
+}
+
+/// Log-probabilities of one generated token, as OpenAI's API reports them: from the model's
+/// own distribution, log-softmax of the logits at temperature 1 over the whole vocabulary,
+/// before temperature, top-k, top-p and min-p. So they do not depend on the sampling settings,
+/// a greedy token has a finite log-probability, and an alternative the filters removed still
+/// shows how likely the model found it.
+public struct TokenLogprobs: Sendable, Equatable {
+    public var token: Int
+    public var logprob: Float
+    /// The most likely tokens, most likely first (ties by lower id).
+    public var top: [Alternative]
+
+    public struct Alternative: Sendable, Equatable {
+        public var token: Int
+        public var logprob: Float
+
+        public init(token: Int, logprob: Float) {
+            self.token = token
+            self.logprob = logprob
+        }
+    }
+
+    /// The log-probabilities of `token` and the `top` most likely ids under `logits`.
+    public init(logits: [Float], token: Int, top: Int) {
+        let maxLogit = logits.max() ?? 0
+        var sum = 0.0
+        for l in logits { sum += exp(Double(l - maxLogit)) }
+        let logZ = Double(maxLogit) + log(sum)
+        self.token = token
+        logprob = Float(Double(logits[token]) - logZ)
+        // A sorted buffer of at most `top` entries (OpenAI allows 20), holding raw logits
+        // until logZ is known to be subtracted.
+        var best: [Alternative] = []
+        best.reserveCapacity(top + 1)
+        if top > 0 {
+            for (id, l) in logits.enumerated() {
+                if best.count == top, let last = best.last, l <= last.logprob { continue }
+                let at = best.firstIndex { l > $0.logprob } ?? best.count
+                best.insert(Alternative(token: id, logprob: l), at: at)
+                if best.count > top { best.removeLast() }
+            }
+        }
+        self.top = best.map { Alternative(token: $0.token, logprob: Float(Double($0.logprob) - logZ)) }
     }
 }
 
@@ -76,17 +125,21 @@ struct TokenSink {
     private let stopIds: Set<Int>
     let limit: Int
     private let decode: (Int) -> String
+    private let onToken: (Int, TokenLogprobs?) -> Void
+    private let topLogprobs: Int?
     private let onText: (String) -> Bool
     private let start = DispatchTime.now().uptimeNanoseconds
     private var firstTokenAt: UInt64 = 0
 
-    init(parameters: GenerationParameters, promptTokens: Int, limit: Int,
-         decode: @escaping (Int) -> String, onText: @escaping (String) -> Bool) {
+    init(parameters: GenerationParameters, promptTokens: Int, limit: Int, decode: @escaping (Int) -> String,
+         onToken: @escaping (Int, TokenLogprobs?) -> Void = { _, _ in }, onText: @escaping (String) -> Bool) {
         result.promptTokens = promptTokens
         stop = StopMatcher(stops: parameters.stopStrings.filter { !$0.isEmpty })
         stopIds = parameters.stopTokenIds
         self.limit = limit
         self.decode = decode
+        self.onToken = onToken
+        topLogprobs = parameters.topLogprobs
         self.onText = onText
         firstTokenAt = start
     }
@@ -94,11 +147,14 @@ struct TokenSink {
     /// Whether another token may come.
     var open: Bool { result.tokens.count < limit }
 
-    /// Takes the next token; returns false when generation is over.
-    mutating func take(_ token: Int) -> Bool {
+    /// Takes the next token, sampled from `logits` (needed for log-probabilities); returns
+    /// false when generation is over.
+    mutating func take(_ token: Int, logits: [Float]? = nil) -> Bool {
         if result.tokens.isEmpty { firstTokenAt = DispatchTime.now().uptimeNanoseconds }
         if stopIds.contains(token) { result.finishReason = .stop; return false }
         result.tokens.append(token)
+        let logprobs = topLogprobs.flatMap { top in logits.map { TokenLogprobs(logits: $0, token: token, top: top) } }
+        onToken(token, logprobs)
         let (text, hit) = stop.feed(decode(token))
         result.text += text
         if !text.isEmpty && !onText(text) { result.finishReason = .cancelled; return false }
@@ -123,6 +179,7 @@ struct TokenSink {
 func tokenLimit(prompt: [Int], parameters: GenerationParameters, maxPositions: Int) throws -> Int {
     guard !prompt.isEmpty else { throw FulgurError(.usage, "the prompt is empty") }
     guard parameters.maxTokens >= 0 else { throw FulgurError(.usage, "max tokens must be >= 0") }
+    if let top = parameters.topLogprobs, top < 0 { throw FulgurError(.usage, "top logprobs must be >= 0, got \(top)") }
     try parameters.sampling.validate()
     let room = maxPositions - prompt.count
     guard room > 0 else {
@@ -143,15 +200,19 @@ public final class Generator {
         self.executor = executor
     }
 
-    /// Generates after `prompt` (the cache is reset first). `decode` turns one id into the
-    /// text it completes (a streaming detokenizer); `onText` receives text as it becomes
-    /// final and returns false to cancel.
-    public func generate(prompt: [Int], parameters: GenerationParameters,
-                         decode: (Int) -> String, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+    /// Generates after `prompt` (reusing the cached prefix). `decode` turns one id into the
+    /// text it completes (a streaming detokenizer); `onToken` sees each generated id (with its
+    /// log-probabilities when `parameters.topLogprobs` is set) before its text; `onText`
+    /// receives text as it becomes final and returns false to cancel.
+    public func generate(prompt: [Int], parameters: GenerationParameters, decode: (Int) -> String,
+                         onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
+                         onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
         let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: executor.cache.maxPositions)
         return try withoutActuallyEscaping(decode) { decode in
+          try withoutActuallyEscaping(onToken) { onToken in
             try withoutActuallyEscaping(onText) { onText in
-                var sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode, onText: onText)
+                var sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode,
+                                     onToken: onToken, onText: onText)
                 // Reuse the cached prefix; at least the last prompt token is run again for its logits.
                 var reuse = zip(cachedTokens, prompt).prefix { $0 == $1 }.count
                 reuse = min(reuse, prompt.count - 1, executor.cache.length)
@@ -162,12 +223,13 @@ public final class Generator {
                 cachedTokens = prompt
                 while sink.open {
                     let token = sampler.sample(logits)
-                    guard sink.take(token) else { break }
+                    guard sink.take(token, logits: logits) else { break }
                     logits = try executor.forward([token])
                     cachedTokens.append(token)
                 }
                 return sink.finish()
             }
+          }
         }
     }
 }

@@ -29,12 +29,19 @@ public final class SpeculativeGenerator {
     }
 
     /// Same contract as `Generator.generate`; the result carries `speculative` stats.
-    public func generate(prompt: [Int], parameters: GenerationParameters,
-                         decode: (Int) -> String, onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+    public func generate(prompt: [Int], parameters: GenerationParameters, decode: (Int) -> String,
+                         onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
+                         onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
         let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: target.cache.maxPositions)
         return try withoutActuallyEscaping(decode) { decode in
+          try withoutActuallyEscaping(onToken) { onToken in
             try withoutActuallyEscaping(onText) { onText in
-                var sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode, onText: onText)
+                var sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode,
+                                     onToken: onToken, onText: onText)
+                // Log-probabilities come from the target's logits at the emitting position, as
+                // in plain decoding; slicing them costs a copy, so only when asked.
+                let wantLogits = parameters.topLogprobs != nil
+                let vocab = target.vocabSize
                 var stats = SpeculativeStats(blockSize: blockSize)
                 var sampler = Sampler(parameters.sampling)
                 target.cache.reset()
@@ -42,7 +49,7 @@ public final class SpeculativeGenerator {
                 let logits = try target.forward(prompt)
                 try drafter.extend(tokens: prompt, features: target.capturedFeatures)
                 var token = sampler.sample(logits)
-                var going = sink.open && sink.take(token)
+                var going = sink.open && sink.take(token, logits: wantLogits ? logits : nil)
                 while going {
                     // The block is `token` (already emitted, not yet in the target's cache) and
                     // the guesses after it; it emits at most its size, so it never passes the limit.
@@ -63,8 +70,8 @@ public final class SpeculativeGenerator {
                     let width = drafter.targetLayerIds.count * target.plan.spec.hiddenSize
                     try drafter.extend(tokens: [token] + draft.prefix(kept - 1),
                                        features: Array(target.capturedFeatures[0..<(kept * width)]))
-                    for t in emitted {
-                        going = sink.take(t)
+                    for (i, t) in emitted.enumerated() {
+                        going = sink.take(t, logits: wantLogits ? Array(logits[(i * vocab)..<((i + 1) * vocab)]) : nil)
                         if !going { break }
                     }
                     token = emitted.last!
@@ -73,6 +80,7 @@ public final class SpeculativeGenerator {
                 result.speculative = stats
                 return result
             }
+          }
         }
     }
 }

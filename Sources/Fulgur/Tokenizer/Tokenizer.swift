@@ -170,6 +170,13 @@ public final class Tokenizer: Sendable {
         bytes += bytesById[id]
     }
 
+    /// The bytes one token stands for (part of a UTF-8 sequence for some byte-level tokens).
+    public func bytes(of id: Int) -> [UInt8] {
+        var bytes: [UInt8] = []
+        appendBytes(of: id, skipSpecialTokens: false, to: &bytes)
+        return bytes
+    }
+
     /// The id of a token spelled as in the vocabulary (`"<|im_end|>"`, `"Ġthe"`).
     public func tokenId(_ token: String) -> Int? { idsByToken[token] }
 }

@@ -1,0 +1,50 @@
+import CoreMetrics
+import Prometheus
+
+/// The server's metrics, in a registry of its own (not the process-wide MetricsSystem, which
+/// can be bootstrapped once only) so that every server, tests' included, counts for itself.
+/// `GET /metrics` renders them in Prometheus' text format.
+public struct ServerMetrics: Sendable {
+    let registry = PrometheusCollectorRegistry()
+    private let factory: PrometheusMetricsFactory
+    /// Requests waiting for the lane, and generations running on it.
+    let queueDepth: CoreMetrics.Gauge
+    let running: CoreMetrics.Gauge
+    let promptTokens: CoreMetrics.Counter
+    let completionTokens: CoreMetrics.Counter
+    /// Generations ended because their client went away.
+    let cancelled: CoreMetrics.Counter
+    let queueWait: CoreMetrics.Timer
+    /// From the start of a generation to its first token: prefill, the cost of the prompt.
+    let timeToFirstToken: CoreMetrics.Timer
+    /// Mean time between the tokens of one generation.
+    let interTokenLatency: CoreMetrics.Timer
+
+    public init() {
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
+            .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1),
+            .milliseconds(2500), .seconds(5), .seconds(10), .seconds(30), .seconds(60),
+        ]
+        self.factory = factory
+        queueDepth = CoreMetrics.Gauge(label: "fulgur_queue_depth", factory: factory)
+        running = CoreMetrics.Gauge(label: "fulgur_running_generations", factory: factory)
+        promptTokens = CoreMetrics.Counter(label: "fulgur_prompt_tokens_total", factory: factory)
+        completionTokens = CoreMetrics.Counter(label: "fulgur_completion_tokens_total", factory: factory)
+        cancelled = CoreMetrics.Counter(label: "fulgur_cancelled_generations_total", factory: factory)
+        queueWait = CoreMetrics.Timer(label: "fulgur_queue_wait_seconds", factory: factory)
+        timeToFirstToken = CoreMetrics.Timer(label: "fulgur_time_to_first_token_seconds", factory: factory)
+        interTokenLatency = CoreMetrics.Timer(label: "fulgur_inter_token_latency_seconds", factory: factory)
+        queueDepth.record(0)
+        running.record(0)
+    }
+
+    /// Counts one answered request by route and status.
+    func request(path: String, status: Int) {
+        CoreMetrics.Counter(label: "fulgur_http_requests_total", dimensions: [("path", path), ("status", String(status))], factory: factory)
+            .increment()
+    }
+
+    func render() -> String { registry.emitToString() }
+}

@@ -52,10 +52,6 @@ template <int NT> struct Tile {
     static constexpr int floats = NT * 32 * unroll * 36;
 };
 
-template <int TB> constexpr int tileFloats() {
-    return TB == 1 ? Tile<1>::floats : TB == 2 ? Tile<2>::floats : TB == 4 ? Tile<4>::floats : TB == 8 ? Tile<8>::floats : Tile<16>::floats;
-}
-
 // Layout of the int32 routing buffer, for E experts and top-k (CUDAMoE mirrors it):
 //   [0] arrival counter of moe_route's blocks (back to 0 when the last one is done)
 //   [1] touched experts S
@@ -75,7 +71,7 @@ struct Routes {
 };
 
 struct RouterArgs {
-    const void* w; int bf16; const float* bias; const float* correction;
+    const float* correction;
     int mode, normalize; float scaling; int groups, topKGroups;
 };
 enum { kSoftmaxTopK = 0, kTopKSoftmax = 1, kSigmoidWithBias = 2 };
@@ -487,7 +483,7 @@ extern "C" __global__ void __launch_bounds__(128) moe_route(
     const void* w, int bf16, const float* bias, const float* correction, int mode, int normalize, float scaling,
     int groups, int topKGroups, const float* x, int T, int H, int E, int k, float* logits, int* routes) {
     using namespace moe;
-    const RouterArgs a{w, bf16, bias, correction, mode, normalize, scaling, groups, topKGroups};
+    const RouterArgs a{correction, mode, normalize, scaling, groups, topKGroups};
     const Routes r{routes, E, k};
     wait_for_previous_kernel();
     allow_next_kernel();
@@ -537,10 +533,9 @@ extern "C" __global__ void __launch_bounds__(128) moe_route(
 }
 
 // gate_up and down for a token bin TB (the smallest of 1, 2, 4, 8, 16 holding T). Launch with
-// 128 threads, moe::tileFloats<TB>() * 4 bytes of dynamic shared memory and ceil(I / (4 * PW))
+// 128 threads, moe::Tile<TB>::floats * 4 bytes of dynamic shared memory and ceil(I / (4 * PW))
 // blocks for gate_up (PW = 2 at TB = 2 and 4, else 1), ceil(H / (4 * R)) for down (R = 1 at
-// TB = 1, else 2);
-// H and I multiples of 32.
+// TB = 1, else 2); H and I multiples of 32.
 #define MOE_ENTRY(TB)                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) moe_gate_up_t##TB(                                           \
         const int* routes, int E, int k, const float* x, int H, int I, const uint8_t* codes, const uint8_t* scales, \

@@ -58,42 +58,11 @@ template <int T> struct Plan {
     static constexpr int chains = rows * T >= 4 ? 1 : 4 / (rows * T);
 };
 
-// E8M0 code e is 2^(e-127); code 0 is the f32 subnormal 2^-127, 0xFF is NaN.
-__device__ __forceinline__ float e8m0(uint32_t e) {
-    return __uint_as_float(e == 0 ? 0x00400000u : e == 0xFFu ? 0x7FC00000u : e << 23);
-}
-
-__device__ __forceinline__ float f16lo(uint32_t h2) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h2 & 0xFFFF)));
-    return f;
-}
-__device__ __forceinline__ float f16hi(uint32_t h2) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h2 >> 16)));
-    return f;
-}
-
-// Nibbles i and i + 4 of a word -> f16x2 (low half: nibble i). The three magnitude bits land
-// on f16 bits 9-11 and the sign on bit 15, which is the E2M1 value times 2^-14 for all eight
-// codes (code 1, 0.5, is the f16 subnormal 2^-15): two shifts and one LOP3 for two elements,
-// against version 1's six instructions for one. The caller multiplies by 2^14 per chunk.
-template <int I>
-__device__ __forceinline__ uint32_t e2m1x2(uint32_t word) {
-    constexpr int m = 9 - 4 * I, s = 12 - 4 * I;
-    const uint32_t mag = m >= 0 ? word << m : word >> -m;
-    return (mag & 0x0E000E00u) | ((word << s) & 0x80008000u);
-}
-
 // Two E4M3 codes -> two f32 through the f16x2 conversion (sm_89+), which keeps NaN codes NaN.
 __device__ __forceinline__ float2 e4m3x2(uint32_t pair) {
     uint32_t h2;
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)pair));
     return make_float2(f16lo(h2), f16hi(h2));
-}
-
-__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
-    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
 // Copies x[t, e0 .. e0 + elems) for every token into the padded shared tile. Each thread

@@ -95,6 +95,18 @@ public struct MoESpec: Sendable {
         case gptOss
     }
     public var layout: Layout
+
+    public init(experts: Int, topK: Int, intermediate: Int, routing: Routing, routerBias: Bool, expertBias: Bool,
+                activation: Activation, layout: Layout) {
+        self.experts = experts
+        self.topK = topK
+        self.intermediate = intermediate
+        self.routing = routing
+        self.routerBias = routerBias
+        self.expertBias = expertBias
+        self.activation = activation
+        self.layout = layout
+    }
 }
 
 public enum FeedForwardSpec: Sendable {

@@ -68,7 +68,18 @@ public struct ExpertWeights: Sendable {
     /// gpt-oss: gate and up outputs alternate (gate at even indices).
     public let interleaved: Bool
 
-    var byteCount: Int { (gateUp?.byteCount ?? 0) + (gate?.byteCount ?? 0) + (up?.byteCount ?? 0) + down.byteCount }
+    public init(gateUp: LinearWeight?, gate: LinearWeight?, up: LinearWeight?, down: LinearWeight,
+                gateUpBias: [Float]?, downBias: [Float]?, interleaved: Bool) {
+        self.gateUp = gateUp
+        self.gate = gate
+        self.up = up
+        self.down = down
+        self.gateUpBias = gateUpBias
+        self.downBias = downBias
+        self.interleaved = interleaved
+    }
+
+    public var byteCount: Int { (gateUp?.byteCount ?? 0) + (gate?.byteCount ?? 0) + (up?.byteCount ?? 0) + down.byteCount }
 }
 
 public struct MoEWeights: Sendable {
@@ -77,6 +88,14 @@ public struct MoEWeights: Sendable {
     public let routerBias: [Float]?
     public let correctionBias: [Float]?
     public let experts: [ExpertWeights]
+
+    public init(spec: MoESpec, router: LinearWeight, routerBias: [Float]?, correctionBias: [Float]?, experts: [ExpertWeights]) {
+        self.spec = spec
+        self.router = router
+        self.routerBias = routerBias
+        self.correctionBias = correctionBias
+        self.experts = experts
+    }
 }
 
 public enum Op: Sendable {

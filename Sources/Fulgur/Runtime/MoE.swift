@@ -3,9 +3,9 @@ import Foundation
 /// Mixture-of-experts feed-forward on the CPU: route every token, then run each selected
 /// expert once over all the tokens that chose it (so a verify block or prefill chunk reads
 /// each touched expert's weights once), and add the weighted outputs.
-enum MoE {
+public enum MoE {
     /// The experts and weights one token is routed to.
-    static func route(_ logits: [Float], _ m: MoEWeights) -> [(expert: Int, weight: Float)] {
+    public static func route(_ logits: [Float], _ m: MoEWeights) -> [(expert: Int, weight: Float)] {
         let k = m.spec.topK
         func topK(_ scores: [Float], _ k: Int) -> [Int] {
             // Stable: among equal scores the lower index wins, as torch.topk does on CPU.
@@ -48,7 +48,7 @@ enum MoE {
         }
     }
 
-    static func run(_ m: MoEWeights, x: UnsafeMutablePointer<Float>, tokens T: Int, hidden: Int, out: UnsafeMutablePointer<Float>) {
+    public static func run(_ m: MoEWeights, x: UnsafeMutablePointer<Float>, tokens T: Int, hidden: Int, out: UnsafeMutablePointer<Float>) {
         let E = m.spec.experts, inter = m.spec.intermediate
         var logits = [Float](repeating: 0, count: T * E)
         logits.withUnsafeMutableBufferPointer { l in

@@ -1,0 +1,223 @@
+// The MoE layer (Kernels/moe.cu through CUDAMoE) against the CPU's MoE.run on fresh random
+// weights and inputs, and its time per call against the roofline of the experts it touched.
+import Foundation
+import Fulgur
+import FulgurCUDA
+
+/// Routing must not hinge on rounding: every token's input is redrawn until the k-th and
+/// (k+1)-th selection scores (and, with groups, the kept and dropped group scores) differ by
+/// at least this much. The CPU and the GPU sum the router products in different orders, so
+/// they may swap two experts closer than about 1e-6.
+let routingMargin: Float = 1e-3
+
+struct MoEShape {
+    enum Experts { case interleaved, halves, separate }
+    let name: String
+    let hidden: Int, experts: Int, intermediate: Int, topK: Int
+    let routing: Routing
+    let activation: Activation
+    let storage: Experts
+    let bf16Router: Bool, biases: Bool
+    let timed: Bool
+}
+
+let moeShapes = [
+    MoEShape(name: "gpt-oss-20b", hidden: 2880, experts: 32, intermediate: 2880, topK: 4, routing: .topKSoftmax,
+             activation: .clampedSwiGLU(alpha: 1.702, limit: 7), storage: .interleaved, bf16Router: true, biases: true, timed: true),
+    // MiMo-V2-Flash's MoE with 64 of its 256 experts (one card's memory for the timing copies).
+    MoEShape(name: "mimo-like", hidden: 4096, experts: 64, intermediate: 2048, topK: 8,
+             routing: .sigmoidWithBias(normalize: true, scaling: 2.5, groups: 1, topKGroups: 1),
+             activation: .silu, storage: .separate, bf16Router: false, biases: false, timed: true),
+    // Correctness only: softmax-top-k with fused halves (Qwen3-MoE), and grouped sigmoid routing
+    // (DeepSeek-V3) on small shapes.
+    MoEShape(name: "qwen-like", hidden: 512, experts: 128, intermediate: 256, topK: 8, routing: .softmaxTopK(normalize: true),
+             activation: .silu, storage: .halves, bf16Router: true, biases: false, timed: false),
+    MoEShape(name: "grouped", hidden: 256, experts: 64, intermediate: 128, topK: 6,
+             routing: .sigmoidWithBias(normalize: false, scaling: 1.5, groups: 8, topKGroups: 3),
+             activation: .silu, storage: .separate, bf16Router: false, biases: true, timed: false),
+]
+
+/// Stacked MXFP4 experts [E, rows, columns]: random codes, scales 2^-7 ... 2^-4 (products of
+/// order 1 at these widths).
+func randomExperts(_ name: String, experts: Int, rows: Int, columns: Int, _ rng: inout SeededGenerator) throws -> [LinearWeight] {
+    let codes = HostBytes(experts * rows * columns / 2, &rng)
+    let scales = HostBytes(experts * rows * columns / 32, &rng) { w in
+        (0..<8).reduce(0) { $0 | (120 + (w >> (8 * $1)) & 3) << (8 * $1) }
+    }
+    return try (0..<experts).map {
+        try LinearWeight(mxfp4: codes.view(name, .u8, [experts, rows, columns / 2]),
+                         scales: scales.view(name + ".scales", .u8, [experts, rows, columns / 32]), expert: $0)
+    }
+}
+
+func randomMoE(_ s: MoEShape, _ rng: inout SeededGenerator) throws -> MoEWeights {
+    let E = s.experts, H = s.hidden, I = s.intermediate
+    // Router entries uniform in ±6/sqrt(H): logits of standard deviation about 2 for x in ±1.
+    let a = 6 / Float(H).squareRoot()
+    let router: LinearWeight
+    if s.bf16Router {
+        let b = HostBytes(2 * E * H, &rng)
+        let p = b.pointer.bindMemory(to: UInt16.self, capacity: E * H)
+        for i in 0..<(E * H) {
+            let v = Float(rng.nextUnit() * 2 - 1) * a
+            p[i] = UInt16(v.bitPattern >> 16)
+        }
+        router = try LinearWeight(b.view("router", .bf16, [E, H]))
+    } else {
+        let b = HostBytes(4 * E * H, &rng)
+        let p = b.pointer.bindMemory(to: Float.self, capacity: E * H)
+        for i in 0..<(E * H) { p[i] = Float(rng.nextUnit() * 2 - 1) * a }
+        router = try LinearWeight(b.view("router", .f32, [E, H]))
+    }
+    func small(_ n: Int, _ scale: Float) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) * scale } }
+    let down = try randomExperts("down", experts: E, rows: H, columns: I, &rng)
+    var experts: [ExpertWeights] = []
+    switch s.storage {
+    case .interleaved, .halves:
+        let gu = try randomExperts("gate_up", experts: E, rows: 2 * I, columns: H, &rng)
+        for e in 0..<E {
+            experts.append(ExpertWeights(gateUp: gu[e], gate: nil, up: nil, down: down[e], gateUpBias: s.biases ? small(2 * I, 0.1) : nil,
+                                         downBias: s.biases ? small(H, 0.1) : nil, interleaved: s.storage == .interleaved))
+        }
+    case .separate:
+        let gate = try randomExperts("gate", experts: E, rows: I, columns: H, &rng)
+        let up = try randomExperts("up", experts: E, rows: I, columns: H, &rng)
+        for e in 0..<E {
+            experts.append(ExpertWeights(gateUp: nil, gate: gate[e], up: up[e], down: down[e], gateUpBias: nil,
+                                         downBias: s.biases ? small(H, 0.1) : nil, interleaved: false))
+        }
+    }
+    let sigmoid = if case .sigmoidWithBias = s.routing { true } else { false }
+    let spec = MoESpec(experts: E, topK: s.topK, intermediate: I, routing: s.routing, routerBias: s.biases && !sigmoid,
+                       expertBias: s.biases, activation: s.activation, layout: s.storage == .interleaved ? .gptOss : s.storage == .halves ? .fusedGateUp : .perExpert)
+    return MoEWeights(spec: spec, router: router, routerBias: spec.routerBias ? small(E, 0.5) : nil,
+                      correctionBias: sigmoid ? small(E, 0.05) : nil, experts: experts)
+}
+
+/// The smallest gap at which a token's routing would change: k-th to (k+1)-th selection
+/// score, and kept to dropped group score.
+func routingGap(_ logits: ArraySlice<Float>, _ m: MoEWeights) -> Float {
+    let k = m.spec.topK
+    var choice = Array(logits)
+    var gap = Float.infinity
+    if case .sigmoidWithBias(_, _, let groups, let keep) = m.spec.routing {
+        choice = zip(logits, m.correctionBias!).map { 1 / (1 + exp(-$0)) + $1 }
+        if groups > 1 {
+            let per = choice.count / groups
+            let scores = (0..<groups).map { g in choice[(g * per)..<((g + 1) * per)].sorted(by: >).prefix(2).reduce(0, +) }
+            let order = scores.indices.sorted { scores[$0] > scores[$1] }
+            gap = scores[order[keep - 1]] - scores[order[keep]]
+            for g in order[keep...] { for i in (g * per)..<((g + 1) * per) { choice[i] = -.infinity } }
+        }
+    }
+    let sorted = choice.sorted(by: >)
+    return min(gap, sorted[k - 1] - sorted[k])
+}
+
+struct MoERow {
+    let shape: String; let tokens: Int; let touched: Int; let error: Double; let routeMismatches: Int
+    let bytes: Int
+    /// (us per call, launched plainly / overlapping the previous kernel, rounds host-paced)
+    let timings: [Timing]
+}
+
+func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _ s: MoEShape, tokens: [Int],
+              timed: [Int], copy: Copy, seed: UInt64) throws -> [MoERow] {
+    var rng = SeededGenerator(seed: seed)
+    let m = try randomMoE(s, &rng)
+    let gpu = try CUDAMoE(m, module: module)
+    let H = s.hidden, E = s.experts
+    // Copies so that consecutive calls touch other weights: more than L2 between two reads.
+    let copies = timed.isEmpty ? [gpu] : [gpu] + (try (1..<max(2, min(4, (2 << 30) / (E * gpu.expertBytes)))).map { _ in try CUDAMoE(m, module: module) })
+    var rows: [MoERow] = []
+    for t in tokens {
+        var x = [Float](repeating: 0, count: t * H)
+        var logits = [Float](repeating: 0, count: t * E)
+        for token in 0..<t {
+            for _ in 0..<100 {
+                for i in 0..<H { x[token * H + i] = Float(rng.nextUnit() * 2 - 1) }
+                x[(token * H)..<((token + 1) * H)].withUnsafeBufferPointer { xp in
+                    logits.withUnsafeMutableBufferPointer { l in
+                        if let b = m.routerBias {
+                            b.withUnsafeBufferPointer { m.router.apply(xp.baseAddress!, tokens: 1, bias: $0.baseAddress!, into: l.baseAddress! + token * E) }
+                        } else {
+                            m.router.apply(xp.baseAddress!, tokens: 1, into: l.baseAddress! + token * E)
+                        }
+                    }
+                }
+                if routingGap(logits[(token * E)..<((token + 1) * E)], m) >= routingMargin { break }
+            }
+        }
+        var want = [Float](repeating: 0, count: t * H)
+        x.withUnsafeMutableBufferPointer { xp in want.withUnsafeMutableBufferPointer { MoE.run(m, x: xp.baseAddress!, tokens: t, hidden: H, out: $0.baseAddress!) } }
+        let xd = try x.withUnsafeBytes { try device.upload($0) }
+        let out = try device.allocate(4 * t * H)
+        try out.fill(byte: 0xFF, stream: stream)  // NaN: an element the kernels skip fails the check
+        try gpu.run(xd, tokens: t, into: out, stream: stream)
+        try stream.synchronize()
+        var got = [Float](repeating: 0, count: t * H)
+        try got.withUnsafeMutableBytes { try out.download(into: $0) }
+        let (chosen, touched) = try gpu.lastRoutes(tokens: t)
+        var mismatches = 0
+        for token in 0..<t {
+            let cpu = MoE.route(Array(logits[(token * E)..<((token + 1) * E)]), m)
+            if Set(cpu.map(\.expert)) != Set(chosen[token].map(\.expert)) { mismatches += 1 }
+        }
+        var diff = 0.0, norm = 0.0
+        for i in 0..<got.count {
+            let d = Double(got[i]) - Double(want[i])
+            diff += d * d; norm += Double(want[i]) * Double(want[i])
+        }
+        let error = got.allSatisfy { $0.isFinite } ? (diff / norm).squareRoot() : .nan
+        let bytes = touched * gpu.expertBytes + gpu.routerBytes
+        var timings: [Timing] = []
+        for overlap in timed.contains(t) ? [false, true] : [] {
+            let calls = 20
+            let start = try device.makeEvent(), end = try device.makeEvent()
+            for i in 0..<(2 * copies.count) { try copies[i % copies.count].run(xd, tokens: t, into: out, stream: stream, overlapPrevious: overlap) }
+            var times: [Double] = [], hostPaced = 0
+            for _ in 0..<10 {
+                // Queued behind three 1 GiB copies, as the gemv timing: the events time the GPU,
+                // not the host's launch rate.
+                for _ in 0..<3 { try copy.dst.copy(from: copy.src, bytes: copy.src.byteCount, stream: stream) }
+                let queued = DispatchTime.now().uptimeNanoseconds
+                try start.record(stream)
+                for i in 0..<calls { try copies[i % copies.count].run(xd, tokens: t, into: out, stream: stream, overlapPrevious: overlap) }
+                try end.record(stream)
+                let hostMicros = Double(DispatchTime.now().uptimeNanoseconds - queued) / 1e3
+                if hostMicros > 0.8 * copy.micros(3 * copy.src.byteCount) { hostPaced += 1 }
+                times.append(try end.milliseconds(since: start) * 1e3 / Double(calls))
+            }
+            let micros = median(times)
+            timings.append((micros, Double(bytes) / (micros * 1e-6) / 1e9, hostPaced))
+        }
+        rows.append(MoERow(shape: s.name, tokens: t, touched: touched, error: error, routeMismatches: mismatches, bytes: bytes, timings: timings))
+    }
+    return rows
+}
+
+/// Checks and times every MoE shape; prints the table; true when all pass.
+func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, copy: Copy, seed: UInt64) throws -> Bool {
+    var rows: [MoERow] = []
+    for (i, s) in moeShapes.enumerated() {
+        rows += try checkMoE(device, module, stream, s, tokens: [1, 2, 3, 4, 5, 8, 12, 16], timed: s.timed ? [1, 4, 8, 16] : [],
+                             copy: copy, seed: seed + UInt64(i))
+    }
+    let failed = rows.filter { !($0.error <= tolerance) || $0.routeMismatches > 0 }
+    print("\nMoE (Kernels/moe.cu), seed base \(seed); tolerance ‖gpu − cpu‖/‖cpu‖ <= \(tolerance), routed expert sets identical")
+    print("roofline: router + touched experts' bytes over the copy bandwidth (\(String(format: "%.0f", copy.gbps)) GB/s)")
+    print("shape        T  experts  rel.err   MB      roofline us   plain: us  % roofline   overlapping: us  % roofline")
+    for r in rows where !r.timings.isEmpty || failed.contains(where: { $0.shape == r.shape && $0.tokens == r.tokens }) {
+        let roof = copy.micros(r.bytes) / 2
+        var line = r.shape.padding(toLength: 11, withPad: " ", startingAt: 0)
+            + String(format: "%3d  %5d    %.2e  %6.1f  %8.2f", r.tokens, r.touched, r.error, Double(r.bytes) / 1e6, roof)
+        if r.routeMismatches > 0 { line += "  ROUTING DIFFERS for \(r.routeMismatches) tokens" }
+        for t in r.timings {
+            line += String(format: "   %10.2f  %6.1f%%", t.micros, 100 * roof / t.micros) + (t.hostPaced > 0 ? " host-paced in \(t.hostPaced)/10" : "")
+        }
+        print(line)
+    }
+    print("MoE checks: \(rows.count) (T = 1, 2, 3, 4, 5, 8, 12, 16 on \(moeShapes.map(\.name).joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map(\.error).max() ?? 0))")
+    print(failed.isEmpty ? "MoE PASS: \(rows.count) checks" : "MoE FAIL: \(failed.count) of \(rows.count) checks")
+    return failed.isEmpty
+}

@@ -92,11 +92,6 @@ public final class CPUExecutor {
         return result
     }
 
-    /// The normed final hidden state of the last step, `[T, hidden]`.
-    public func lastHidden(rows: Int) -> [Float] {
-        Array(UnsafeBufferPointer(start: buffers[Buffer.h.rawValue], count: rows * plan.spec.hiddenSize))
-    }
-
     private func lmHead(rows: Range<Int>) -> [Float] {
         let hidden = plan.spec.hiddenSize, vocab = plan.lmHead.outFeatures
         var out = [Float](repeating: 0, count: rows.count * vocab)

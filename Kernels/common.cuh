@@ -62,3 +62,35 @@ __device__ __forceinline__ uint32_t e2m1x2(uint32_t word) {
 __device__ __forceinline__ uint32_t word(const uint4& v, int j) {
     return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
+
+// One 32-element MXFP4 chunk of R rows (16 code bytes each) against T tokens of staged x
+// (32 floats per token at xs + t * tokenStride), accumulated unscaled into C independent
+// chains per row and token (the caller applies the chunk's E8M0 scale, and the 2^14 that
+// e2m1x2's f16 encoding leaves out, when it folds the chains).
+template <int C, int R, int T>
+__device__ __forceinline__ void mxfp4_chunk(const uint4 (&codes)[R], const float* xs, int tokenStride,
+                                            float (&part)[C][R][T]) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        float wv[R][8];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const uint32_t q = word(codes[r], j);
+            const uint32_t h0 = e2m1x2<0>(q), h1 = e2m1x2<1>(q), h2 = e2m1x2<2>(q), h3 = e2m1x2<3>(q);
+            wv[r][0] = f16lo(h0); wv[r][4] = f16hi(h0);
+            wv[r][1] = f16lo(h1); wv[r][5] = f16hi(h1);
+            wv[r][2] = f16lo(h2); wv[r][6] = f16hi(h2);
+            wv[r][3] = f16lo(h3); wv[r][7] = f16hi(h3);
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const float4 a = *reinterpret_cast<const float4*>(xs + t * tokenStride + 8 * j);
+            const float4 b = *reinterpret_cast<const float4*>(xs + t * tokenStride + 8 * j + 4);
+            const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) part[(j * 8 + e) % C][r][t] = fmaf(wv[r][e], xv[e], part[(j * 8 + e) % C][r][t]);
+        }
+    }
+}

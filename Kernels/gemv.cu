@@ -152,29 +152,7 @@ __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__
             if (c >= chunks) break;
             const float* xs = tile + (u * 32 + lane) * (CE + 4);
             float part[C][R][T] = {};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float wv[R][8];
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    const uint32_t q = word(codes[u][r], j);
-                    const uint32_t h0 = e2m1x2<0>(q), h1 = e2m1x2<1>(q), h2 = e2m1x2<2>(q), h3 = e2m1x2<3>(q);
-                    wv[r][0] = f16lo(h0); wv[r][4] = f16hi(h0);
-                    wv[r][1] = f16lo(h1); wv[r][5] = f16hi(h1);
-                    wv[r][2] = f16lo(h2); wv[r][6] = f16hi(h2);
-                    wv[r][3] = f16lo(h3); wv[r][7] = f16hi(h3);
-                }
-#pragma unroll
-                for (int t = 0; t < T; ++t) {
-                    const float4 a = *reinterpret_cast<const float4*>(xs + t * tokenStride + 8 * j);
-                    const float4 b = *reinterpret_cast<const float4*>(xs + t * tokenStride + 8 * j + 4);
-                    const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                    for (int r = 0; r < R; ++r)
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) part[(j * 8 + e) % C][r][t] = fmaf(wv[r][e], xv[e], part[(j * 8 + e) % C][r][t]);
-                }
-            }
+            mxfp4_chunk(codes[u], xs, tokenStride, part);
 #pragma unroll
             for (int r = 0; r < R; ++r) {
                 const float s = e8m0(scale[u][r]);

@@ -55,7 +55,7 @@ def server():
     log = tempfile.NamedTemporaryFile(prefix="fulgur-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(
         [BINARY, "serve", "--host", "127.0.0.1", "--port", "0", "--api-key", API_KEY,
-         "--max-queue", "4", "--max-tokens-limit", "512", "--max-body-bytes", str(1 << 20)],
+         "--max-queue", "40", "--max-tokens-limit", "512", "--max-body-bytes", str(1 << 20)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     pidfile = os.environ.get("FULGUR_SERVER_PIDFILE")
     if pidfile:

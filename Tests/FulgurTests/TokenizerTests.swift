@@ -204,6 +204,11 @@ private func expectError(_ fragments: [String], _ body: () throws -> Void) {
          "pre_tokenizer": {"type": "ByteLevel"}}
         """#.utf8))
     expectError([badMerge, "merge #0", "a b"]) { _ = try Tokenizer(tokenizerJSON: badMerge) }
+    let rstrip = try temporaryFile("tokenizer.json", Array(#"""
+        {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"},
+         "added_tokens": [{"id": 1, "content": "<pad>", "rstrip": true, "special": true}]}
+        """#.utf8))
+    expectError([rstrip, "<pad>", "rstrip"]) { _ = try Tokenizer(tokenizerJSON: rstrip) }
     expectError(["/nonexistent/tokenizer.json"]) { _ = try Tokenizer(tokenizerJSON: "/nonexistent/tokenizer.json") }
 }
 

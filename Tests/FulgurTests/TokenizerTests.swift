@@ -169,6 +169,19 @@ func streamingDecodeEmitsWholeCharactersOnly(name: String) throws {
     #expect(elapsed < .seconds(1), "\(count) tokens took \(elapsed)")
 }
 
+@Test func encodingOneLongPieceStaysFast() throws {
+    let tok = try smolLM2.get()
+    // 40,000 letters with no space form a single pre-tokenizer piece; BPE must not be quadratic.
+    let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    var generator = SystemRandomNumberGenerator()
+    let text = String((0..<40_000).map { _ in alphabet.randomElement(using: &generator)! })
+    let start = ContinuousClock.now
+    let ids = tok.encode(text)
+    let elapsed = ContinuousClock.now - start
+    #expect(tok.decode(ids) == text)
+    #expect(elapsed < .seconds(1), "\(ids.count) tokens took \(elapsed)")
+}
+
 // MARK: errors name the file and the field
 
 private func temporaryFile(_ name: String, _ bytes: [UInt8]) throws -> String {

@@ -103,7 +103,7 @@ func tokenizerJSONMatchesHuggingFaceTokenizers(style: String) throws {
     }
 }
 
-@Test func tokenizerJSONReadsSpecialTokensFromConfig() throws {
+@Test func tokenizerJSONReadsConfigAndVocabularyOptions() throws {
     let llama = try jsonTokenizer("llama3")
     #expect(llama.bosTokenId == llama.tokenId("<|begin_of_text|>"))
     #expect(llama.eosTokenIds == [2])
@@ -111,6 +111,7 @@ func tokenizerJSONMatchesHuggingFaceTokenizers(style: String) throws {
     let qwen = try jsonTokenizer("qwen2")
     #expect(qwen.bosTokenId == nil)
     #expect(qwen.encode("<tool_call>") == [1500])
+    #expect(llama.encode("Pneumonoultramicroscopicsilicovolcanoconiosis", addSpecialTokens: false) == [1500])
 }
 
 @Test(arguments: allFixtures)

@@ -158,6 +158,39 @@ func streamingDecodeEmitsWholeCharactersOnly(name: String) throws {
     #expect(tok.decode(ids) == "<|im_start|>user\nhi<|im_end|><tool_call>")
 }
 
+@Test func streamingDecodeHoldsBytesUntilTheCharacterCompletes() throws {
+    let tok = try smolLM2.get()
+    // One token per byte, as a model may emit them.
+    var byteIds: [Int: Int] = [:]
+    for b in [0xF0, 0x9F, 0x98, 0x80, 0x41, 0xE0, 0xC3] {
+        byteIds[b] = try #require(tok.tokenId(String(Character(ByteLevel.byteToScalar[b]))))
+    }
+    var stream = StreamingDetokenizer(tokenizer: tok)
+    #expect([0xF0, 0x9F, 0x98, 0x80, 0x41].map { stream.append(byteIds[$0]!) } == ["", "", "", "😀", "A"])
+    // A sequence that can never complete is released as U+FFFD once that is certain.
+    let invalid = [0xE0, 0x80, 0x41, 0xC3]
+    #expect(invalid.map { stream.append(byteIds[$0]!) } == ["", "\u{FFFD}\u{FFFD}", "A", ""])
+    #expect(stream.finish() == "\u{FFFD}")
+    #expect(tok.decode(invalid.map { byteIds[$0]! }) == "\u{FFFD}\u{FFFD}A\u{FFFD}")
+}
+
+@Test func encodingFromManyThreadsGivesTheSameIds() throws {
+    let tok = try jsonTokenizer("qwen2")
+    let texts = try loadCases("qwen2.json").map(\.text)
+    let expected = texts.map { tok.encode($0) }
+    let results = ResultBox(count: texts.count)
+    DispatchQueue.concurrentPerform(iterations: texts.count) { i in results.set(i, tok.encode(texts[i])) }
+    #expect(results.values == expected)
+}
+
+private final class ResultBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var storage: [[Int]]
+    init(count: Int) { storage = Array(repeating: [], count: count) }
+    func set(_ i: Int, _ ids: [Int]) { lock.withLock { storage[i] = ids } }
+    var values: [[Int]] { lock.withLock { storage } }
+}
+
 @Test func encodingThousandsOfTokensTakesWellUnderASecond() throws {
     let tok = try smolLM2.get()
     // Fresh text each round so the word cache does not hide the BPE cost.

@@ -92,6 +92,20 @@ private let allFixtures = ["smollm2", "llama3", "qwen2", "smollm"]
     }
 }
 
+/// A 49,152-token vocabulary under the Llama 3 and Qwen2 splits.
+@Test(arguments: [PreTokenizer.llama3, .qwen2])
+func smolLM2VocabularyWithOtherSplitsMatchesTokenizers(_ preTokenizer: PreTokenizer) throws {
+    let gguf = try smolLM2GGUF.get()
+    var definition = try Tokenizer.definition(gguf: gguf)
+    definition.preTokenizer = preTokenizer
+    definition.ignoreMerges = false
+    definition.prefixIds = []
+    let tok = try Tokenizer(definition, source: gguf.path)
+    for c in try loadCases("smollm2_vocab_\(preTokenizer.rawValue)_split.json") {
+        #expect(tok.encode(c.text) == c.ids, "\(c.text.debugDescription)")
+    }
+}
+
 @Test(arguments: ["llama3", "qwen2", "smollm"])
 func tokenizerJSONMatchesHuggingFaceTokenizers(style: String) throws {
     let tok = try jsonTokenizer(style)

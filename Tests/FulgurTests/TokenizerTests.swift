@@ -92,6 +92,20 @@ private let allFixtures = ["smollm2", "llama3", "qwen2", "smollm"]
     }
 }
 
+/// A 49,152-token vocabulary under the Llama 3 and Qwen2 splits.
+@Test(arguments: [PreTokenizer.llama3, .qwen2])
+func smolLM2VocabularyWithOtherSplitsMatchesTokenizers(_ preTokenizer: PreTokenizer) throws {
+    let gguf = try smolLM2GGUF.get()
+    var definition = try Tokenizer.definition(gguf: gguf)
+    definition.preTokenizer = preTokenizer
+    definition.ignoreMerges = false
+    definition.prefixIds = []
+    let tok = try Tokenizer(definition, source: gguf.path)
+    for c in try loadCases("smollm2_vocab_\(preTokenizer.rawValue)_split.json") {
+        #expect(tok.encode(c.text) == c.ids, "\(c.text.debugDescription)")
+    }
+}
+
 @Test(arguments: ["llama3", "qwen2", "smollm"])
 func tokenizerJSONMatchesHuggingFaceTokenizers(style: String) throws {
     let tok = try jsonTokenizer(style)
@@ -103,7 +117,7 @@ func tokenizerJSONMatchesHuggingFaceTokenizers(style: String) throws {
     }
 }
 
-@Test func tokenizerJSONReadsSpecialTokensFromConfig() throws {
+@Test func tokenizerJSONReadsConfigAndVocabularyOptions() throws {
     let llama = try jsonTokenizer("llama3")
     #expect(llama.bosTokenId == llama.tokenId("<|begin_of_text|>"))
     #expect(llama.eosTokenIds == [2])
@@ -111,6 +125,7 @@ func tokenizerJSONMatchesHuggingFaceTokenizers(style: String) throws {
     let qwen = try jsonTokenizer("qwen2")
     #expect(qwen.bosTokenId == nil)
     #expect(qwen.encode("<tool_call>") == [1500])
+    #expect(llama.encode("Pneumonoultramicroscopicsilicovolcanoconiosis", addSpecialTokens: false) == [1500])
 }
 
 @Test(arguments: allFixtures)
@@ -157,6 +172,51 @@ func streamingDecodeEmitsWholeCharactersOnly(name: String) throws {
     #expect(tok.decode(ids) == "<|im_start|>user\nhi<|im_end|><tool_call>")
 }
 
+@Test func streamingDecodeHoldsBytesUntilTheCharacterCompletes() throws {
+    let tok = try smolLM2.get()
+    // One token per byte, as a model may emit them.
+    var byteIds: [Int: Int] = [:]
+    for b in [0xF0, 0x9F, 0x98, 0x80, 0x41, 0xE0, 0xC3] {
+        byteIds[b] = try #require(tok.tokenId(String(Character(ByteLevel.byteToScalar[b]))))
+    }
+    var stream = StreamingDetokenizer(tokenizer: tok)
+    #expect([0xF0, 0x9F, 0x98, 0x80, 0x41].map { stream.append(byteIds[$0]!) } == ["", "", "", "😀", "A"])
+    // A sequence that can never complete is released as U+FFFD once that is certain.
+    let invalid = [0xE0, 0x80, 0x41, 0xC3]
+    #expect(invalid.map { stream.append(byteIds[$0]!) } == ["", "\u{FFFD}\u{FFFD}", "A", ""])
+    #expect(stream.finish() == "\u{FFFD}")
+    #expect(tok.decode(invalid.map { byteIds[$0]! }) == "\u{FFFD}\u{FFFD}A\u{FFFD}")
+}
+
+@Test func encodingFromManyThreadsGivesTheSameIds() throws {
+    let tok = try jsonTokenizer("qwen2")
+    let texts = try loadCases("qwen2.json").map(\.text)
+    let expected = texts.map { tok.encode($0) }
+    let results = ResultBox(count: texts.count)
+    DispatchQueue.concurrentPerform(iterations: texts.count) { i in results.set(i, tok.encode(texts[i])) }
+    #expect(results.values == expected)
+}
+
+private final class ResultBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var storage: [[Int]]
+    init(count: Int) { storage = Array(repeating: [], count: count) }
+    func set(_ i: Int, _ ids: [Int]) { lock.withLock { storage[i] = ids } }
+    var values: [[Int]] { lock.withLock { storage } }
+}
+
+@Test func encodingOneLongPieceRoundTrips() throws {
+    let tok = try smolLM2.get()
+    // 40,000 letters with no space form a single pre-tokenizer piece (the BPE merges it with
+    // a heap, not quadratically; speed is for benchmarks, this checks the result).
+    let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    var generator = SystemRandomNumberGenerator()
+    let text = String((0..<40_000).map { _ in alphabet.randomElement(using: &generator)! })
+    let ids = tok.encode(text)
+    #expect(ids.count > 1000)
+    #expect(tok.decode(ids) == text)
+}
+
 // MARK: errors name the file and the field
 
 @Test func badTokenizerJSONNamesFileAndField() throws {
@@ -174,6 +234,11 @@ func streamingDecodeEmitsWholeCharactersOnly(name: String) throws {
          "pre_tokenizer": {"type": "ByteLevel"}}
         """#.utf8))
     expectError([badMerge, "merge #0", "a b"]) { _ = try Tokenizer(tokenizerJSON: badMerge) }
+    let rstrip = try temporaryFile("tokenizer.json", Array(#"""
+        {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": {"type": "ByteLevel"},
+         "added_tokens": [{"id": 1, "content": "<pad>", "rstrip": true, "special": true}]}
+        """#.utf8))
+    expectError([rstrip, "<pad>", "rstrip"]) { _ = try Tokenizer(tokenizerJSON: rstrip) }
     expectError(["/nonexistent/tokenizer.json"]) { _ = try Tokenizer(tokenizerJSON: "/nonexistent/tokenizer.json") }
 }
 

@@ -93,19 +93,75 @@ final class BytePairEncoder: @unchecked Sendable {
             let id = byteIds[Int(b)]
             if id >= 0 { symbols.append(id) } else if let unknownId { symbols.append(unknownId) }
         }
-        while symbols.count > 1 {
-            var best = UInt64.max
-            var bestAt = -1
-            for i in 0..<symbols.count - 1 {
-                if let m = merges[Self.pairKey(symbols[i], symbols[i + 1])], m < best {
-                    best = m
-                    bestAt = i
-                }
-            }
-            if bestAt < 0 { break }
-            symbols[bestAt] = Int32(truncatingIfNeeded: best & 0xFFFF_FFFF)
-            symbols.remove(at: bestAt + 1)
+        guard symbols.count > 1 else { return symbols }
+        // Symbols form a linked list; a heap holds candidate pairs keyed by (rank, position of
+        // the left symbol), so each merge costs O(log n) and a long piece (minified code, base64)
+        // stays linear-ish instead of quadratic. Entries whose pair has since changed are skipped.
+        let n = symbols.count
+        var next = Array(1...n)
+        var prev = Array(-1..<(n - 1))
+        var alive = [Bool](repeating: true, count: n)
+        var heap = MinHeap()
+        func push(_ left: Int) {
+            let right = next[left]
+            guard right < n, let m = merges[Self.pairKey(symbols[left], symbols[right])] else { return }
+            heap.push((m >> 32) << 32 | UInt64(left))
         }
-        return symbols
+        for i in 0..<n - 1 { push(i) }
+        while let top = heap.pop() {
+            let rank = top >> 32
+            let left = Int(top & 0xFFFF_FFFF)
+            let right = next[left]
+            guard alive[left], right < n,
+                  let m = merges[Self.pairKey(symbols[left], symbols[right])], m >> 32 == rank else { continue }
+            symbols[left] = Int32(truncatingIfNeeded: m & 0xFFFF_FFFF)
+            alive[right] = false
+            next[left] = next[right]
+            if next[left] < n { prev[next[left]] = left }
+            if prev[left] >= 0 { push(prev[left]) }
+            push(left)
+        }
+        var out: [Int32] = []
+        var i = 0
+        while i < n {
+            out.append(symbols[i])
+            i = next[i]
+        }
+        return out
+    }
+}
+
+/// A binary min-heap of packed (rank, position) keys.
+private struct MinHeap {
+    private var items: [UInt64] = []
+
+    mutating func push(_ item: UInt64) {
+        items.append(item)
+        var i = items.count - 1
+        while i > 0 {
+            let parent = (i - 1) / 2
+            if items[parent] <= items[i] { break }
+            items.swapAt(parent, i)
+            i = parent
+        }
+    }
+
+    mutating func pop() -> UInt64? {
+        guard let top = items.first else { return nil }
+        let last = items.removeLast()
+        if !items.isEmpty {
+            items[0] = last
+            var i = 0
+            while true {
+                let l = 2 * i + 1, r = l + 1
+                var smallest = i
+                if l < items.count && items[l] < items[smallest] { smallest = l }
+                if r < items.count && items[r] < items[smallest] { smallest = r }
+                if smallest == i { break }
+                items.swapAt(i, smallest)
+                i = smallest
+            }
+        }
+        return top
     }
 }

@@ -7,7 +7,9 @@ enum PreTokenizer: String, Sendable {
     /// `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
     case gpt2
     /// SmolLM: every number scalar is its own piece (`Digits(individual_digits: true)`), then
-    /// GPT-2's regex runs on the text between them.
+    /// GPT-2's regex runs on the text between them. This is SmolLM2's own tokenizer.json and
+    /// llama.cpp's "smollm". transformers' GGUF loader uses plain `.gpt2` for it instead, which
+    /// differs where spaces or superscripts meet digits ("a  1": ["a", "  ", "1"] here).
     case smollm
     /// Llama 3: `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|`
     /// ` ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`

@@ -2,7 +2,7 @@
 /// multi-byte character (one emoji often spans several tokens), so bytes of an unfinished
 /// character are held back until a later token completes it; what `append` returns is always
 /// whole characters, and all returned pieces concatenate to `decode` of the same ids.
-public struct StreamingDetokenizer {
+public struct StreamingDetokenizer: Sendable {
     private let tokenizer: Tokenizer
     private let skipSpecialTokens: Bool
     private var pending: [UInt8] = []

@@ -105,6 +105,10 @@ extension Tokenizer {
             guard let id = entry["id"] as? Int, let content = entry["content"] as? String else {
                 throw json.error("added_tokens[\(i)] needs an integer 'id' and a string 'content'")
             }
+            // These change which text a match swallows; refuse rather than give other ids.
+            for option in ["lstrip", "rstrip", "single_word"] where entry[option] as? Bool == true {
+                throw FulgurError(.unsupported, "\(json.path): added token '\(content)' sets \(option), which Fulgur does not implement")
+            }
             added.append(AddedToken(content: content, id: id, special: entry["special"] as? Bool ?? false))
         }
 

@@ -97,21 +97,22 @@ __device__ __forceinline__ float sum(const float (&part)[C][R][T], int r, int t)
     return v;
 }
 
+// out[t * outStride + row] = the row's sum (+ bias[row] when there is a bias).
 template <int T, int R>
-__device__ __forceinline__ void store(float (&acc)[R][T], float* out, int row0, int n) {
+__device__ __forceinline__ void store(float (&acc)[R][T], const float* bias, float* out, int outStride, int row0, int n) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int t = 0; t < T; ++t) {
             const float v = warp_sum(acc[r][t]);
-            if (lane == 0 && row0 + r < n) out[(size_t)t * n + row0 + r] = v;
+            if (lane == 0 && row0 + r < n) out[(size_t)t * outStride + row0 + r] = bias ? v + bias[row0 + r] : v;
         }
 }
 
 template <int T>
-__device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales,
-                      const float* __restrict__ x, float* __restrict__ out, int n, int k) {
+__device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__ scales, const float* __restrict__ bias,
+                      const float* __restrict__ x, float* __restrict__ out, int n, int k, int outStride) {
     constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, C = Plan<T>::chains, CE = 32, tileChunks = 32 * U;
     constexpr int tokenStride = tileChunks * (CE + 4);
     extern __shared__ float4 shared[];
@@ -161,12 +162,12 @@ __device__ void mxfp4(const uint8_t* __restrict__ w, const uint8_t* __restrict__
             }
         }
     }
-    if (active) store<T, R>(acc, out, row0, n);
+    if (active) store<T, R>(acc, bias, out, outStride, row0, n);
 }
 
 template <int T>
-__device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ tiles,
-                    const float* __restrict__ x, float* __restrict__ out, int n, int k, int tileSize) {
+__device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ tiles, const float* __restrict__ bias,
+                    const float* __restrict__ x, float* __restrict__ out, int n, int k, int outStride, int tileSize) {
     constexpr int R = Plan<T>::rows, U = Plan<T>::unroll, C = Plan<T>::chains, CE = 16, tileChunks = 32 * U;
     constexpr int tokenStride = tileChunks * (CE + 4);
     extern __shared__ float4 shared[];
@@ -230,7 +231,67 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
                 for (int t = 0; t < T; ++t) acc[r][t] = fmaf(sum(part, r, t), scale[u][r], acc[r][t]);
         }
     }
-    if (active) store<T, R>(acc, out, row0, n);
+    if (active) store<T, R>(acc, bias, out, outStride, row0, n);
+}
+
+
+// Plain f32 or bf16 weights (small models, routers, anything converted on upload), x read
+// through L1: out[t, r] = sum_i W[r, i] x[t, g * k + i] (+ bias[r]) with g = r / groupRows,
+// so one launch can also multiply E stacked matrices by E different inputs (the dense MoE
+// fallback's down projections; groupRows = n for one matrix). A warp per row, 16-byte weight
+// loads, TB token accumulators per lane (T <= TB of them used). Rows are `rowStride` elements
+// apart; 16-byte paths need rowStride, k, xStride and g * k aligned, else the scalar path.
+template <int TB, bool BF16>
+__device__ void plain(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
+                      float* __restrict__ out, int n, int k, int rowStride, int T, int xStride, int groupRows, int outStride) {
+    const int lane = threadIdx.x & 31, row = blockIdx.x * kWarps + threadIdx.x / 32;
+    wait_for_previous_kernel();
+    allow_next_kernel();
+    if (row >= n) return;
+    constexpr int E = BF16 ? 8 : 4;  // elements per 16-byte load
+    const float* xg = x + (size_t)(row / groupRows) * k;
+    const bool vector = rowStride % E == 0 && k % E == 0 && xStride % 4 == 0 && (row / groupRows) * k % 4 == 0;
+    float acc[TB] = {};
+    const int chunks = vector ? k / E : 0;
+    for (int c = lane; c < chunks; c += 32) {
+        float wv[8];
+        if (BF16) {
+            const uint4 v = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)row * rowStride + c * 8);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t q = word(v, j);
+                wv[2 * j] = __uint_as_float(q << 16);
+                wv[2 * j + 1] = __uint_as_float(q & 0xFFFF0000u);
+            }
+        } else {
+            const uint4 v = load_streaming(reinterpret_cast<const float*>(w) + (size_t)row * rowStride + c * 4);
+            wv[0] = __uint_as_float(v.x); wv[1] = __uint_as_float(v.y); wv[2] = __uint_as_float(v.z); wv[3] = __uint_as_float(v.w);
+        }
+#pragma unroll
+        for (int t = 0; t < TB; ++t) {
+            if (t >= T) break;
+#pragma unroll
+            for (int h = 0; h < E / 4; ++h) {
+                const float4 a = __ldg(reinterpret_cast<const float4*>(xg + (size_t)t * xStride + c * E + 4 * h));
+                acc[t] = fmaf(wv[4 * h], a.x, acc[t]);
+                acc[t] = fmaf(wv[4 * h + 1], a.y, acc[t]);
+                acc[t] = fmaf(wv[4 * h + 2], a.z, acc[t]);
+                acc[t] = fmaf(wv[4 * h + 3], a.w, acc[t]);
+            }
+        }
+    }
+    for (int i = chunks * E + lane; i < k; i += 32) {
+        const float wi = BF16 ? __uint_as_float((uint32_t)reinterpret_cast<const uint16_t*>(w)[(size_t)row * rowStride + i] << 16)
+                              : reinterpret_cast<const float*>(w)[(size_t)row * rowStride + i];
+#pragma unroll
+        for (int t = 0; t < TB; ++t)
+            if (t < T) acc[t] = fmaf(wi, xg[(size_t)t * xStride + i], acc[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < TB; ++t) {
+        const float v = warp_sum(acc[t]);
+        if (lane == 0 && t < T) out[(size_t)t * outStride + row] = bias ? v + bias[row] : v;
+    }
 }
 
 }  // namespace gemv
@@ -238,15 +299,33 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
 // One entry point per token count, named gemv_<format>_t<T>. Launch with 128 threads,
 // ceil(N / (4 * rows)) blocks and T * 32*unroll * (elements + 4) * 4 bytes of dynamic shared
 // memory (elements: 32 MXFP4, 16 FP8; rows and unroll from gemv::Plan<T>); K must be a
-// multiple of 32 (MXFP4) or 16 (FP8, and of the tile).
+// multiple of 32 (MXFP4) or 16 (FP8, and of the tile). bias may be null; token t's outputs
+// start at out + t * outStride.
 #define GEMV_ENTRY(T)                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_mxfp4_t##T(                             \
-        const uint8_t* w, const uint8_t* scales, const float* x, float* out, int n, int k) {       \
-        gemv::mxfp4<T>(w, scales, x, out, n, k);                                                   \
+        const uint8_t* w, const uint8_t* scales, const float* bias, const float* x, float* out,    \
+        int n, int k, int outStride) {                                                             \
+        gemv::mxfp4<T>(w, scales, bias, x, out, n, k, outStride);                                  \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_fp8_t##T(                               \
-        const uint8_t* w, const float* tiles, const float* x, float* out, int n, int k, int tile) { \
-        gemv::fp8<T>(w, tiles, x, out, n, k, tile);                                                \
+        const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
+        int n, int k, int outStride, int tile) {                                                   \
+        gemv::fp8<T>(w, tiles, bias, x, out, n, k, outStride, tile);                               \
     }
 GEMV_ENTRY(1) GEMV_ENTRY(2) GEMV_ENTRY(3) GEMV_ENTRY(4) GEMV_ENTRY(5) GEMV_ENTRY(6) GEMV_ENTRY(7) GEMV_ENTRY(8)
 GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_ENTRY(14) GEMV_ENTRY(15) GEMV_ENTRY(16)
+
+// gemv_<f32|bf16>_t<TB> for the token bins TB = 1, 2, 4, 8, 16 (T <= TB used). Launch with
+// 128 threads and ceil(N / 4) blocks, no shared memory.
+#define PLAIN_ENTRY(TB)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB(                              \
+        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
+        int T, int xStride, int groupRows, int outStride) {                                        \
+        gemv::plain<TB, false>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB(                             \
+        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
+        int T, int xStride, int groupRows, int outStride) {                                        \
+        gemv::plain<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+    }
+PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)

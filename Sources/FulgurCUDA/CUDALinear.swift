@@ -1,76 +1,166 @@
 import Fulgur
 
-/// A linear weight copied to the GPU, applied by the gemv kernels (Kernels/gemv.cu) to 1-16
-/// tokens of f32 activations. Formats: MXFP4 with split E8M0 scales, and FP8 E4M3 with f32
-/// tile multipliers.
+/// A linear weight (or several stacked by rows) copied to the GPU, applied by the kernels of
+/// Kernels/gemv.cu to 1-16 tokens of f32 activations. MXFP4 with split E8M0 scales, FP8 E4M3
+/// with f32 tile multipliers and BF16 stay as stored; every other format (f16, GGML blocks,
+/// the [in, out] layout) is decoded to f32 once at upload, which is exact.
 public final class CUDALinear: @unchecked Sendable {
     public static let maxTokens = 16
+    public enum Storage: Equatable { case mxfp4, fp8(tile: Int), bf16, f32 }
+
     public let name: String
-    public let format: LinearWeight.Format
+    public let storage: Storage
     public let outFeatures: Int
     public let inFeatures: Int
     /// Bytes of weights and scales one product reads.
     public let weightBytes: Int
     let module: KernelModule
-    /// The kernel for 1...maxTokens tokens, at index tokens - 1.
+    /// The kernel for each token count (index tokens - 1); plain kernels come in bins 1, 2, 4, 8, 16.
     let kernels: [KernelModule.Function]
     let codes: DeviceBuffer
-    let scales: DeviceBuffer
+    let scales: DeviceBuffer?
+    let bias: DeviceBuffer?
 
-    public init(_ w: LinearWeight, module: KernelModule) throws {
+    /// How `w` is kept on the GPU.
+    public static func storage(of w: LinearWeight) -> Storage {
         switch w.format {
-        case .mxfp4:
-            break
-        case .fp8(let tile) where tile % 16 == 0 && w.inFeatures % 16 == 0:
-            break
-        default:
-            throw FulgurError(.unsupported, "weight '\(w.name)' is \(w.format) [\(w.outFeatures), \(w.inFeatures)]; the CUDA executor's matrix-vector kernels take MXFP4 with split scales, or FP8 with tiles and an input size that are multiples of 16")
+        case .mxfp4: return .mxfp4
+        case .fp8(let tile) where tile % 16 == 0 && w.inFeatures % 16 == 0: return .fp8(tile: tile)
+        case .plain(.bf16) where !w.transposed: return .bf16
+        default: return .f32
         }
-        let (c, s) = w.storage
-        self.name = w.name
-        self.format = w.format
-        self.outFeatures = w.outFeatures
-        self.inFeatures = w.inFeatures
-        self.weightBytes = w.byteCount
+    }
+
+    public convenience init(_ w: LinearWeight, bias: [Float]? = nil, module: KernelModule) throws {
+        try self.init(stacking: [w], biases: [bias], name: w.name, module: module)
+    }
+
+    /// Whether `parts` can be stacked by rows into one weight: the same storage and inputs,
+    /// and FP8 parts whose rows end on a tile (the tile grid must continue across them).
+    public static func canStack(_ parts: [LinearWeight]) -> Bool {
+        guard let first = parts.first else { return false }
+        let storage = Self.storage(of: first)
+        for (i, p) in parts.enumerated() {
+            guard Self.storage(of: p) == storage, p.inFeatures == first.inFeatures else { return false }
+            if case .fp8(let tile) = storage, i < parts.count - 1, p.outFeatures % tile != 0 { return false }
+        }
+        return true
+    }
+
+    /// `parts` stacked by rows into one weight ([sum of out, in]; check `canStack` first), so
+    /// one launch computes them all; `biases` per part (nil: none, zeros if others have one).
+    public init(stacking parts: [LinearWeight], biases: [[Float]?], name: String, module: KernelModule) throws {
+        precondition(Self.canStack(parts) && parts.count == biases.count, "CUDALinear: parts that cannot be stacked")
+        let storage = Self.storage(of: parts[0]), k = parts[0].inFeatures
+        let device = module.device
+        let rows = parts.reduce(0) { $0 + $1.outFeatures }
+        func concatenated(_ pieces: [UnsafeRawBufferPointer]) throws -> DeviceBuffer {
+            let buffer = try device.allocate(pieces.reduce(0) { $0 + $1.count })
+            var offset = 0
+            for p in pieces { try buffer.upload(p, offset: offset); offset += p.count }
+            return buffer
+        }
+        switch storage {
+        case .mxfp4, .fp8, .bf16:
+            codes = try concatenated(parts.map { $0.storage.codes })
+            scales = storage == .bf16 ? nil : try concatenated(parts.map { $0.storage.scales! })
+        case .f32:
+            var values = [Float](repeating: 0, count: rows * k)
+            var row0 = 0
+            values.withUnsafeMutableBufferPointer { v in
+                for p in parts {
+                    if p.transposed {
+                        var stored = [Float](repeating: 0, count: p.outFeatures)
+                        for i in 0..<k {
+                            stored.withUnsafeMutableBufferPointer { p.dequantizeRow(i, into: $0.baseAddress!) }
+                            for o in 0..<p.outFeatures { v[(row0 + o) * k + i] = stored[o] }
+                        }
+                    } else {
+                        for o in 0..<p.outFeatures { p.dequantizeRow(o, into: v.baseAddress! + (row0 + o) * k) }
+                    }
+                    row0 += p.outFeatures
+                }
+            }
+            codes = try values.withUnsafeBytes { try device.upload($0) }
+            scales = nil
+        }
+        if biases.contains(where: { $0 != nil }) {
+            let all = zip(parts, biases).flatMap { p, b in b ?? [Float](repeating: 0, count: p.outFeatures) }
+            bias = try all.withUnsafeBytes { try device.upload($0) }
+        } else {
+            bias = nil
+        }
+        self.name = name
+        self.storage = storage
+        self.outFeatures = rows
+        self.inFeatures = k
+        self.weightBytes = switch storage {
+        case .mxfp4: rows * k * 17 / 32
+        case .fp8(let tile): rows * k + 4 * ((rows + tile - 1) / tile) * ((k + tile - 1) / tile)
+        case .bf16: 2 * rows * k
+        case .f32: 4 * rows * k
+        }
         self.module = module
-        let family = if case .mxfp4 = w.format { "gemv_mxfp4" } else { "gemv_fp8" }
-        self.kernels = try (1...Self.maxTokens).map { try module.function("\(family)_t\($0)") }
-        for (i, f) in kernels.enumerated() { try module.allowSharedMemory(f, bytes: Self.plan(w.format, tokens: i + 1).sharedBytes) }
-        self.codes = try module.device.upload(c)
-        self.scales = try module.device.upload(s!)
+        switch storage {
+        case .mxfp4, .fp8:
+            let family = storage == .mxfp4 ? "gemv_mxfp4" : "gemv_fp8"
+            kernels = try (1...Self.maxTokens).map { try module.function("\(family)_t\($0)") }
+            for (i, f) in kernels.enumerated() { try module.allowSharedMemory(f, bytes: Self.plan(storage, tokens: i + 1).sharedBytes) }
+        case .bf16, .f32:
+            let family = storage == .bf16 ? "gemv_bf16" : "gemv_f32"
+            let bins = [1, 2, 4, 8, 16]
+            let functions = try bins.map { try module.function("\(family)_t\($0)") }
+            kernels = (1...Self.maxTokens).map { t in functions[bins.firstIndex { $0 >= t }!] }
+        }
     }
 
     /// Launch shape of gemv_<format>_t<tokens>; mirrors gemv::Plan and kWarps in Kernels/gemv.cu:
     /// 4 warps of `rows` rows each, x staged in tiles of 32 * unroll chunks of `elements`
-    /// (padded by 4 floats each) per token.
-    static func plan(_ format: LinearWeight.Format, tokens: Int) -> (rowsPerBlock: Int, sharedBytes: Int) {
-        let rows = tokens == 1 ? 1 : tokens == 2 ? 2 : 4
-        let unroll = tokens == 1 ? 4 : tokens < 8 ? 2 : 1
-        let elements = if case .mxfp4 = format { 32 } else { 16 }
-        return (4 * rows, tokens * 32 * unroll * (elements + 4) * 4)
+    /// (padded by 4 floats each) per token. Plain kernels: a warp per row, no shared memory.
+    static func plan(_ storage: Storage, tokens: Int) -> (rowsPerBlock: Int, sharedBytes: Int) {
+        switch storage {
+        case .bf16, .f32: return (4, 0)
+        case .mxfp4, .fp8:
+            let rows = tokens == 1 ? 1 : tokens == 2 ? 2 : 4
+            let unroll = tokens == 1 ? 4 : tokens < 8 ? 2 : 1
+            let elements = storage == .mxfp4 ? 32 : 16
+            return (4 * rows, tokens * 32 * unroll * (elements + 4) * 4)
+        }
+    }
+
+    /// out[t * outStride + o] = sum_i w[o, i] * x[t * xStride + g * in + i] (+ bias[o]) for
+    /// `tokens` rows of f32 x, where g = o / groupRows (one matrix: groupRows = out; quantized
+    /// storage takes only xStride = in and one group), enqueued on `stream`. With
+    /// `overlapPrevious` the kernel starts streaming its weights while the previous kernel in
+    /// the stream still runs, and waits for that kernel before it reads x or writes out.
+    public func apply(x: UInt64, tokens: Int, out: UInt64, outStride: Int? = nil, xStride: Int? = nil, groupRows: Int? = nil,
+                      stream: CUDAStream, overlapPrevious: Bool = true) throws {
+        precondition((1...Self.maxTokens).contains(tokens), "CUDALinear takes 1 to \(Self.maxTokens) tokens")
+        let plan = Self.plan(storage, tokens: tokens)
+        let grid = ((outFeatures + plan.rowsPerBlock - 1) / plan.rowsPerBlock, 1, 1)
+        let n = Int32(outFeatures), k = Int32(inFeatures), os = Int32(outStride ?? outFeatures)
+        let biasArg = KernelModule.Argument.pointer(bias?.address ?? 0)
+        switch storage {
+        case .mxfp4:
+            precondition(xStride == nil && groupRows == nil, "MXFP4 products take contiguous x")
+            try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), sharedBytes: plan.sharedBytes, stream: stream, overlapPrevious: overlapPrevious,
+                              [.pointer(codes.address), .pointer(scales!.address), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(os)])
+        case .fp8(let tile):
+            precondition(xStride == nil && groupRows == nil, "FP8 products take contiguous x")
+            try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), sharedBytes: plan.sharedBytes, stream: stream, overlapPrevious: overlapPrevious,
+                              [.pointer(codes.address), .pointer(scales!.address), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(os), .int32(Int32(tile))])
+        case .bf16, .f32:
+            try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), stream: stream, overlapPrevious: overlapPrevious,
+                              [.pointer(codes.address), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(k), .int32(Int32(tokens)),
+                               .int32(Int32(xStride ?? inFeatures)), .int32(Int32(groupRows ?? outFeatures)), .int32(os)])
+        }
     }
 
     /// out[t, o] = sum_i w[o, i] * x[t, i] for `tokens` rows of f32 `x` ([tokens, in]) into
-    /// f32 `out` ([tokens, out]), enqueued on `stream`. With `overlapPrevious` (the default)
-    /// the kernel starts streaming its weights while the previous kernel in the stream still
-    /// runs, and waits for that kernel before it reads `x` or writes `out`.
-    public func apply(_ x: DeviceBuffer, tokens: Int, into out: DeviceBuffer, stream: CUDAStream,
-                      overlapPrevious: Bool = true) throws {
-        precondition((1...Self.maxTokens).contains(tokens), "CUDALinear takes 1 to \(Self.maxTokens) tokens")
+    /// f32 `out` ([tokens, out]).
+    public func apply(_ x: DeviceBuffer, tokens: Int, into out: DeviceBuffer, stream: CUDAStream, overlapPrevious: Bool = true) throws {
         precondition(x.byteCount >= 4 * tokens * inFeatures && out.byteCount >= 4 * tokens * outFeatures,
                      "activation buffers too small for \(tokens) tokens of '\(name)'")
-        let plan = Self.plan(format, tokens: tokens)
-        let grid = ((outFeatures + plan.rowsPerBlock - 1) / plan.rowsPerBlock, 1, 1)
-        let n = Int32(outFeatures), k = Int32(inFeatures)
-        switch format {
-        case .mxfp4:
-            try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), sharedBytes: plan.sharedBytes, stream: stream, overlapPrevious: overlapPrevious,
-                              [.pointer(codes.address), .pointer(scales.address), .pointer(x.address), .pointer(out.address), .int32(n), .int32(k)])
-        case .fp8(let tile):
-            try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), sharedBytes: plan.sharedBytes, stream: stream, overlapPrevious: overlapPrevious,
-                              [.pointer(codes.address), .pointer(scales.address), .pointer(x.address), .pointer(out.address), .int32(n), .int32(k), .int32(Int32(tile))])
-        case .plain:
-            fatalError("unreachable: format checked at init")
-        }
+        try apply(x: x.address, tokens: tokens, out: out.address, stream: stream, overlapPrevious: overlapPrevious)
     }
 }

@@ -202,3 +202,61 @@ public final class CUDAEvent: @unchecked Sendable {
         return Double(ms)
     }
 }
+
+/// A captured sequence of launches, replayed with one call: the GPU runs the whole decode
+/// step without the host issuing each kernel.
+public final class CUDAGraph: @unchecked Sendable {
+    let driver: Driver
+    let graph: OpaquePointer?
+    let exec: OpaquePointer?
+
+    /// Captures what `body` enqueues on `stream` (nothing runs while capturing).
+    public init(capturing stream: CUDAStream, _ body: () throws -> Void) throws {
+        let d = stream.driver
+        // CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: other threads' CUDA calls are not disturbed.
+        try d.check(d.cuStreamBeginCapture(stream.handle, 1), "cuStreamBeginCapture")
+        var g: OpaquePointer?
+        do {
+            try body()
+        } catch {
+            _ = d.cuStreamEndCapture(stream.handle, &g)
+            if g != nil { _ = d.cuGraphDestroy(g) }
+            throw error
+        }
+        try d.check(d.cuStreamEndCapture(stream.handle, &g), "cuStreamEndCapture")
+        var e: OpaquePointer?
+        let result = d.cuGraphInstantiateWithFlags(&e, g, 0)
+        if result != 0 { _ = d.cuGraphDestroy(g) }
+        try d.check(result, "cuGraphInstantiateWithFlags")
+        driver = d
+        graph = g
+        exec = e
+    }
+
+    deinit {
+        _ = driver.cuGraphExecDestroy(exec)
+        _ = driver.cuGraphDestroy(graph)
+    }
+
+    public func launch(_ stream: CUDAStream) throws {
+        try driver.check(driver.cuGraphLaunch(exec, stream.handle), "cuGraphLaunch")
+    }
+}
+
+extension DeviceBuffer {
+    /// Copies `bytes` to offset `offset` on `stream`; the host memory must stay valid until
+    /// the copy has run (the driver stages pageable memory before returning for small copies,
+    /// but the caller should not rely on that).
+    public func upload(_ bytes: UnsafeRawBufferPointer, offset: Int = 0, stream: CUDAStream) throws {
+        precondition(offset + bytes.count <= byteCount, "upload past the end of a device buffer")
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return }
+        try pool.driver.check(pool.driver.cuMemcpyHtoDAsync(address + UInt64(offset), base, bytes.count, stream.handle), "cuMemcpyHtoDAsync(\(bytes.count) bytes)")
+    }
+
+    /// Copies `bytes.count` bytes from offset `offset` back on `stream`; valid once the stream is synchronized.
+    public func download(into bytes: UnsafeMutableRawBufferPointer, offset: Int = 0, stream: CUDAStream) throws {
+        precondition(offset + bytes.count <= byteCount, "download past the end of a device buffer")
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return }
+        try pool.driver.check(pool.driver.cuMemcpyDtoHAsync(base, address + UInt64(offset), bytes.count, stream.handle), "cuMemcpyDtoHAsync(\(bytes.count) bytes)")
+    }
+}

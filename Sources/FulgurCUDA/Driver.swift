@@ -57,6 +57,12 @@ final class Driver: @unchecked Sendable {
     let cuEventSynchronize: @convention(c) (OpaquePointer?) -> CUresult
     let cuEventElapsedTime: @convention(c) (UnsafeMutablePointer<Float>, OpaquePointer?, OpaquePointer?) -> CUresult
     let cuEventDestroy: @convention(c) (OpaquePointer?) -> CUresult
+    let cuStreamBeginCapture: @convention(c) (OpaquePointer?, Int32) -> CUresult
+    let cuStreamEndCapture: @convention(c) (OpaquePointer?, UnsafeMutablePointer<OpaquePointer?>) -> CUresult
+    let cuGraphInstantiateWithFlags: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, OpaquePointer?, UInt64) -> CUresult
+    let cuGraphLaunch: @convention(c) (OpaquePointer?, OpaquePointer?) -> CUresult
+    let cuGraphExecDestroy: @convention(c) (OpaquePointer?) -> CUresult
+    let cuGraphDestroy: @convention(c) (OpaquePointer?) -> CUresult
 
     /// The process's driver, opened and initialized once; the failure is kept and rethrown.
     static let shared: Result<Driver, CUDAError> = Result { try Driver(library: "libcuda.so.1") }
@@ -107,6 +113,12 @@ final class Driver: @unchecked Sendable {
         cuEventSynchronize = try symbol("cuEventSynchronize")
         cuEventElapsedTime = try symbol("cuEventElapsedTime_v2")
         cuEventDestroy = try symbol("cuEventDestroy_v2")
+        cuStreamBeginCapture = try symbol("cuStreamBeginCapture_v2")
+        cuStreamEndCapture = try symbol("cuStreamEndCapture")
+        cuGraphInstantiateWithFlags = try symbol("cuGraphInstantiateWithFlags")
+        cuGraphLaunch = try symbol("cuGraphLaunch")
+        cuGraphExecDestroy = try symbol("cuGraphExecDestroy")
+        cuGraphDestroy = try symbol("cuGraphDestroy")
         try check(cuInit(0), "cuInit")
     }
 

@@ -57,7 +57,7 @@ public final class KernelModule: @unchecked Sendable {
 
     /// A kernel argument as the kernel declares it.
     public enum Argument {
-        case pointer(UInt64), int32(Int32), float(Float)
+        case pointer(UInt64), int32(Int32), float(Float), double(Double)
     }
 
     /// Enqueues `f` on `stream`. With `overlapPrevious` the kernel may start while the
@@ -74,6 +74,7 @@ public final class KernelModule: @unchecked Sendable {
             case .pointer(let p): slots[i] = p
             case .int32(let v): slots[i] = UInt64(UInt32(bitPattern: v))
             case .float(let v): slots[i] = UInt64(v.bitPattern)
+            case .double(let v): slots[i] = v.bitPattern
             }
         }
         let d = device.driver

@@ -1,7 +1,7 @@
 // Checks and times the CUDA kernels on a GPU machine (scripts/gpu-check runs it there):
 // every kernel against the CPU executor on fresh random inputs, then device-to-device copy
 // bandwidth and each kernel's achieved bandwidth, timed with events after warm-up.
-// Arguments name the kernel families to check (moe, gemv); none checks all.
+// Arguments name the kernel families to check (executor, moe, gemv); none checks all.
 // Exits 1 on any mismatch, 2 when the GPU or the kernels cannot be used.
 import Foundation
 import Fulgur
@@ -159,8 +159,9 @@ func run() throws -> Bool {
     var rows: [Row] = []
     var seed: UInt64 = UInt64(Date().timeIntervalSince1970)  // fresh inputs every run
     let families = CommandLine.arguments.dropFirst()
+    let executorPassed = families.isEmpty || families.contains("executor") ? try runExecutorChecks(device, module) : true
     let moePassed = families.isEmpty || families.contains("moe") ? try runMoE(device, module, stream, copy: copy, seed: seed + 1000) : true
-    guard families.isEmpty || families.contains("gemv") else { return moePassed }
+    guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed }
     for format in Format.allCases {
         // Edge shapes: rows not a multiple of a block's rows, fewer chunks than lanes, ragged chunk counts.
         for (n, k) in [(37, 96), (200, 4160)] {
@@ -194,7 +195,7 @@ func run() throws -> Bool {
     let small = rows.filter { $0.timings.isEmpty }
     print("edge shapes (37x96, 200x4160), T = 1...16, both formats: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
     print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
-    return failed.isEmpty && moePassed
+    return failed.isEmpty && moePassed && executorPassed
 }
 
 do {

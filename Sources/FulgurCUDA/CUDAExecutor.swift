@@ -1,0 +1,521 @@
+import Fulgur
+
+/// Runs a plan on one GPU: the same ops as the CPU executor, in f32 activations, with the
+/// weights in their stored formats (MXFP4, FP8, BF16; others decoded to f32 at upload). A
+/// step of T <= 16 tokens is a fixed list of launches with no host round-trip; it is
+/// captured once per T as a CUDA graph and replayed. Longer inputs run in chunks of 16.
+///
+/// Lowering fuses what the plan keeps apart where that saves launches: a residual add rides
+/// in the norm after it; q/k/v (and gate/up) products from the same input become one product
+/// over stacked weights when their formats allow; the q/k norms, RoPE, value scale and the
+/// KV-cache write are one kernel before attention.
+public final class CUDAExecutor: @unchecked Sendable {
+    public let plan: Plan
+    public let device: CUDADevice
+    public let module: KernelModule
+    public let stream: CUDAStream
+    public let maxStepTokens: Int
+    public let maxPositions: Int
+    /// Positions held (the next token's position).
+    public private(set) var length = 0
+    /// Bytes of weights one decode step reads (experts at top-k), as stored on the GPU.
+    public private(set) var bytesPerDecodeStep = 0
+    /// Kernel launches per step.
+    public var launchesPerStep: Int { launches.count }
+    /// Replay steps from CUDA graphs (one per token count, captured on first use).
+    public var useGraphs = true
+
+    private var launches: [(Int) throws -> Void] = []
+    private var graphs: [Int: CUDAGraph] = [:]
+    private var keep: [AnyObject] = []  // device objects the launches point into
+    private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
+    private let caches: [LayerCache]
+    private let vocab: Int
+
+    struct LayerCache {
+        let keys: DeviceBuffer, values: DeviceBuffer
+        let capacity: Int, window: Int?
+    }
+
+    public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
+                progress: ((Int, Int) -> Void)? = nil) throws {
+        precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
+        self.plan = plan
+        self.device = device
+        self.module = module
+        self.maxStepTokens = maxStepTokens
+        self.maxPositions = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
+        stream = try device.makeStream()
+        vocab = plan.lmHead.outFeatures
+        tokens = try device.allocate(4 * maxStepTokens)
+        positions = try device.allocate(4 * maxStepTokens)
+        ids = try device.allocate(4 * maxStepTokens)
+        logits = try device.allocate(4 * maxStepTokens * vocab)
+        let context = self.maxPositions
+        caches = try plan.spec.layers.map { l in
+            let a = l.attention
+            let capacity = a.window.map { min($0 + maxStepTokens, context) } ?? context
+            return LayerCache(keys: try device.allocate(4 * capacity * a.kvHeads * a.headDim),
+                              values: try device.allocate(4 * capacity * a.kvHeads * a.valueHeadDim), capacity: capacity, window: a.window)
+        }
+        try lower(progress: progress)
+    }
+
+    public var vocabSize: Int { vocab }
+
+    public func reset() { length = 0 }
+
+    /// Whether the cache can rewind to `position`: a ring keeps its window only while the
+    /// positions written since fit in its slack (as KVCache.canTruncate).
+    public func canTruncate(to position: Int) -> Bool {
+        guard position >= 0, position <= length else { return false }
+        for c in caches {
+            if let w = c.window, c.capacity < maxPositions, length - position > c.capacity - w { return false }
+        }
+        return true
+    }
+
+    public func truncate(to position: Int) {
+        precondition(canTruncate(to: position), "KV cache cannot rewind from \(length) to \(position)")
+        length = position
+    }
+
+    /// Runs `tokens` at the next positions and returns logits (`[T, vocab]` for `.all`,
+    /// `[vocab]` for `.last`), as CPUExecutor.forward.
+    public func forward(_ input: [Int], logits want: CPUExecutor.Logits = .last) throws -> [Float] {
+        var result: [Float] = []
+        try run(input) { count, isLast in
+            switch want {
+            case .all:
+                var l = [Float](repeating: 0, count: count * vocab)
+                try l.withUnsafeMutableBytes { try logits.download(into: $0, stream: stream) }
+                try stream.synchronize()
+                result += l
+            case .last where isLast:
+                result = [Float](repeating: 0, count: vocab)
+                try result.withUnsafeMutableBytes { try logits.download(into: $0, offset: 4 * (count - 1) * vocab, stream: stream) }
+                try stream.synchronize()
+            default:
+                break
+            }
+        }
+        return result
+    }
+
+    /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
+    public func argmax(_ input: [Int]) throws -> [Int] {
+        var result: [Int] = []
+        try run(input) { count, isLast in
+            guard isLast else { return }
+            var got = [Int32](repeating: 0, count: count)
+            try got.withUnsafeMutableBytes { try ids.download(into: $0, stream: stream) }
+            try stream.synchronize()
+            result = got.map { Int($0) }
+        }
+        return result
+    }
+
+    private func run(_ input: [Int], after: (Int, Bool) throws -> Void) throws {
+        guard !input.isEmpty else { return }
+        let table = plan.embedding.table.shape[0]
+        for t in input where t < 0 || t >= table {
+            throw FulgurError(.usage, "token id \(t) is outside the vocabulary (0..<\(table))")
+        }
+        guard length + input.count <= maxPositions else {
+            throw FulgurError(.usage, "context is full: \(length) + \(input.count) tokens exceed the \(maxPositions)-position context")
+        }
+        var start = 0
+        while start < input.count {
+            let chunk = Array(input[start..<min(start + maxStepTokens, input.count)])
+            start += chunk.count
+            let ints = chunk.map { Int32($0) }, pos = (0..<chunk.count).map { Int32(length + $0) }
+            try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
+            try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+            try enqueueStep(chunk.count)
+            length += chunk.count
+            try after(chunk.count, start == input.count)
+        }
+    }
+
+    /// Enqueues one step of `T` tokens (tokens and positions already on the device).
+    private func enqueueStep(_ T: Int) throws {
+        guard useGraphs else {
+            for l in launches { try l(T) }
+            return
+        }
+        if graphs[T] == nil {
+            graphs[T] = try CUDAGraph(capturing: stream) { for l in launches { try l(T) } }
+        }
+        try graphs[T]!.launch(stream)
+    }
+
+    // MARK: Benchmark support
+
+    /// Times `steps` decode steps of `T` tokens replayed back to back on the GPU: each step's
+    /// greedy tokens feed the next step's embedding and the positions advance on the device,
+    /// so the host only launches graphs. Returns milliseconds per step (events, after
+    /// `warmup` steps). The cache must hold `(warmup + steps) * T` more positions.
+    public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5) throws -> Double {
+        precondition((1...maxStepTokens).contains(T))
+        guard length + (warmup + steps) * T <= maxPositions else {
+            throw FulgurError(.usage, "the benchmark needs \((warmup + steps) * T) positions after \(length); the context holds \(maxPositions)")
+        }
+        let advance = try module.function("advance_positions")
+        let ints = [Int32](repeating: 1, count: T), pos = (0..<T).map { Int32(length + $0) }
+        try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
+        try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+        let copyIds = { [self] in
+            try tokens.copy(from: ids, bytes: 4 * T, stream: stream)
+            try module.launch(advance, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
+        }
+        let graph = try CUDAGraph(capturing: stream) {
+            for l in launches { try l(T) }
+            try copyIds()
+        }
+        for _ in 0..<warmup { try graph.launch(stream) }
+        let start = try device.makeEvent(), end = try device.makeEvent()
+        try start.record(stream)
+        for _ in 0..<steps { try graph.launch(stream) }
+        try end.record(stream)
+        let ms = try end.milliseconds(since: start)
+        length += (warmup + steps) * T
+        return ms / Double(steps)
+    }
+
+    // MARK: Lowering the plan to launches
+
+    private typealias Launch = (String, (Int, Int, Int), Int, Int, [KernelModule.Argument]) throws -> Void
+
+    private func lower(progress: ((Int, Int) -> Void)?) throws {
+        let spec = plan.spec, hidden = spec.hiddenSize, S = maxStepTokens
+        let w = plan.widths
+        // Activation buffers. q, k and v share one region (a token's row is [q | k | v] at the
+        // widest layer's sizes), so one stacked product can write all three; gate and up too.
+        let qkvStride = (w[.q] ?? 0) + (w[.k] ?? 0) + (w[.v] ?? 0)
+        let interMax = w[.gate] ?? 0
+        let x = try device.allocate(4 * S * hidden), h = try device.allocate(4 * S * hidden), out = try device.allocate(4 * S * hidden)
+        let qkv = try device.allocate(4 * S * max(qkvStride, 1)), attn = try device.allocate(4 * S * max(w[.attn] ?? 0, 1))
+        let gu = try device.allocate(4 * S * max(2 * interMax, 1)), act = try device.allocate(4 * S * max(interMax, 1))
+        keep += [x, h, out, qkv, attn, gu, act]
+        func address(_ b: Buffer) throws -> UInt64 {
+            switch b {
+            case .x: return x.address
+            case .h: return h.address
+            case .out: return out.address
+            case .attn: return attn.address
+            case .act: return act.address
+            default: throw FulgurError(.unsupported, "CUDA executor: a product reads or writes \(b) outside the q/k/v and gate/up groups")
+            }
+        }
+        func floats(_ v: [Float]) throws -> DeviceBuffer {
+            let b = try v.withUnsafeBytes { try device.upload($0) }
+            keep.append(b)
+            return b
+        }
+        let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode",
+                     "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax"]
+        let module = self.module, stream = self.stream, positions = self.positions
+        let f = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
+        let launch: Launch = { name, grid, block, shared, args in
+            try module.launch(f[name]!, grid: grid, block: (block, 1, 1), sharedBytes: shared, stream: stream, overlapPrevious: true, args)
+        }
+        var bytes = 0
+
+        // Embedding: f32 / bf16 / f16 tables as stored, anything else decoded to f32.
+        let table = plan.embedding.table
+        let (tableBuffer, tableType): (DeviceBuffer, Int32)
+        switch table.dtype {
+        case .f32, .bf16, .f16:
+            tableBuffer = try device.upload(UnsafeRawBufferPointer(start: table.data, count: table.byteCount))
+            tableType = table.dtype == .f32 ? 0 : table.dtype == .bf16 ? 1 : 2
+        default:
+            var rows = [Float](repeating: 0, count: table.shape[0] * hidden)
+            rows.withUnsafeMutableBufferPointer { r in
+                for i in 0..<table.shape[0] { Dequant.row(table.dtype, table.data + i * table.rowBytes, hidden, r.baseAddress! + i * hidden) }
+            }
+            tableBuffer = try rows.withUnsafeBytes { try device.upload($0) }
+            tableType = 0
+        }
+        keep.append(tableBuffer)
+        bytes += table.dtype.byteCount(elements: hidden)
+
+        // State carried between ops of a layer.
+        var qOff = 0, kOff = 0, vOff = 0, qW = 0, kW = 0, vW = 0, inter = 0
+        var pendingResidual: Buffer? = nil
+        var qNorm: DeviceBuffer? = nil, kNorm: DeviceBuffer? = nil, headEps: Float = 0, rope: RoPESpec? = nil, vScale: Float = 1
+        var ropeFrequencies: [[Double]: DeviceBuffer] = [:]
+
+        func flushResidual() throws {
+            guard let src = pendingResidual else { return }
+            pendingResidual = nil
+            let s = try address(src)
+            launches.append { T in try launch("add_inplace", ((T * hidden + 255) / 256, 1, 1), 256, 0, [.pointer(x.address), .pointer(s), .int32(Int32(T * hidden))]) }
+        }
+        func norm(src: Buffer, dst: Buffer, weight: [Float], eps: Float) throws {
+            guard src == .x, weight.count == hidden else {
+                throw FulgurError(.unsupported, "CUDA executor: RMSNorm of \(src) over \(weight.count) values (full-width norms read x; head norms are on q and k)")
+            }
+            let wb = try floats(weight), add = try pendingResidual.map { try address($0) } ?? 0, d = try address(dst)
+            pendingResidual = nil
+            launches.append { T in
+                try launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(x.address), .pointer(add), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
+            }
+        }
+        func product(_ lin: CUDALinear, x xs: UInt64, out o: UInt64, outStride: Int) {
+            keep.append(lin)
+            bytes += lin.weightBytes
+            launches.append { T in try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream) }
+        }
+        func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, attend: Bool) throws {
+            guard !attend || qW == a.heads * a.headDim, kW == a.kvHeads * a.headDim, vW == a.kvHeads * a.valueHeadDim else {
+                throw FulgurError(.unsupported, "CUDA executor: layer \(layer)'s q/k/v widths \(qW)/\(kW)/\(vW) do not match its attention shape")
+            }
+            guard a.valueHeadDim <= 256 else {
+                throw FulgurError(.unsupported, "CUDA executor: value heads of \(a.valueHeadDim) dimensions (up to 256)")
+            }
+            let cache = caches[layer]
+            let r = rope ?? RoPESpec.standard(theta: 1, rotaryDim: 0)
+            var freq: UInt64 = 0
+            if !r.inverseFrequencies.isEmpty {
+                if ropeFrequencies[r.inverseFrequencies] == nil {
+                    let b = try r.inverseFrequencies.withUnsafeBytes { try device.upload($0) }
+                    keep.append(b)
+                    ropeFrequencies[r.inverseFrequencies] = b
+                }
+                freq = ropeFrequencies[r.inverseFrequencies]!.address
+            }
+            let q = qkv.address + UInt64(4 * qOff), k = qkv.address + UInt64(4 * kOff), v = qkv.address + UInt64(4 * vOff)
+            let qn = qNorm?.address ?? 0, kn = kNorm?.address ?? 0, eps = headEps, vs = vScale, heads = attend ? a.heads : 0
+            let sinkAddress = try sinks.map { try floats($0).address } ?? 0
+            let stride = Int32(qkvStride)
+            launches.append { T in
+                try launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
+                    .pointer(q), .int32(stride), .pointer(k), .int32(stride), .pointer(v), .int32(stride), .int32(Int32(heads)),
+                    .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)), .pointer(qn), .pointer(kn), .float(eps),
+                    .int32(Int32(r.rotaryDim)), .int32(r.style == .neox ? 1 : 0), .pointer(freq), .double(r.attentionFactor), .float(vs),
+                    .pointer(positions.address), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity))])
+            }
+            if attend {
+                launches.append { T in
+                    try launch("attention_decode", (a.heads, T, 1), 128, 4 * (a.headDim + 128), [
+                        .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
+                        .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),
+                        .pointer(positions.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
+                        .pointer(sinkAddress), .float(a.softmaxScale), .pointer(attn.address), .int32(Int32(a.heads * a.valueHeadDim))])
+                }
+            }
+            qNorm = nil; kNorm = nil; rope = nil; vScale = 1
+        }
+
+        let ops = plan.ops
+        var i = 0, layersDone = 0
+        while i < ops.count {
+            let op = ops[i]
+            i += 1
+            switch op {
+            case .embed:
+                let tokens = self.tokens
+                launches.append { T in
+                    try launch("embed", (T, 1, 1), 256, 0, [.pointer(tableBuffer.address), .int32(tableType), .pointer(tokens.address), .int32(Int32(hidden)), .pointer(x.address)])
+                }
+            case .rmsNorm(let src, let dst, let weight, let eps):
+                switch (src, dst) {
+                case (.q, .q): qNorm = try floats(weight); headEps = eps
+                case (.k, .k): kNorm = try floats(weight); headEps = eps
+                default: try norm(src: src, dst: dst, weight: weight, eps: eps)
+                }
+            case .finalNorm(let weight, let eps):
+                try norm(src: .x, dst: .h, weight: weight, eps: eps)
+            case .residual(let src):
+                try flushResidual()
+                pendingResidual = src
+            case .linear(let src, let dst, let weight, let bias):
+                try flushResidual()
+                let xs = try address(src)
+                let family: [Buffer] = [.q, .k, .v].contains(dst) ? [.q, .k, .v] : [.gate, .up].contains(dst) ? [.gate, .up] : []
+                if family.isEmpty {
+                    product(try CUDALinear(weight, bias: bias, module: module), x: xs, out: try address(dst), outStride: weight.outFeatures)
+                    continue
+                }
+                // The run of products from the same input into the family, in q | k | v or
+                // gate | up order in its region.
+                var group: [Buffer: (LinearWeight, [Float]?)] = [dst: (weight, bias)]
+                while i < ops.count, case .linear(let s2, let d2, let w2, let b2) = ops[i], s2 == src, family.contains(d2), group[d2] == nil {
+                    group[d2] = (w2, b2)
+                    i += 1
+                }
+                let ordered = family.compactMap { group[$0] }
+                guard ordered.count == family.count else {
+                    throw FulgurError(.unsupported, "CUDA executor: products from \(src) into \(group.keys.map { "\($0)" }.sorted()) do not cover \(family)")
+                }
+                var offsets: [Int] = [], o = 0
+                for g in ordered { offsets.append(o); o += g.0.outFeatures }
+                let region: DeviceBuffer, stride: Int
+                if family == [.q, .k, .v] {
+                    (qOff, kOff, vOff) = (offsets[0], offsets[1], offsets[2])
+                    (qW, kW, vW) = (ordered[0].0.outFeatures, ordered[1].0.outFeatures, ordered[2].0.outFeatures)
+                    (region, stride) = (qkv, qkvStride)
+                } else {
+                    guard ordered[0].0.outFeatures == ordered[1].0.outFeatures else {
+                        throw FulgurError(.unsupported, "CUDA executor: gate and up of different sizes (\(ordered[0].0.outFeatures), \(ordered[1].0.outFeatures))")
+                    }
+                    inter = ordered[0].0.outFeatures
+                    (region, stride) = (gu, 2 * interMax)
+                }
+                let parts = ordered.map(\.0)
+                if CUDALinear.canStack(parts) {
+                    product(try CUDALinear(stacking: parts, biases: ordered.map(\.1), name: parts.map(\.name).joined(separator: " + "), module: module),
+                            x: xs, out: region.address, outStride: stride)
+                } else {
+                    for (g, off) in zip(ordered, offsets) {
+                        product(try CUDALinear(g.0, bias: g.1, module: module), x: xs, out: region.address + UInt64(4 * off), outStride: stride)
+                    }
+                }
+            case .fusedQKV(let chunks, let qRows, let kRows, let vRows):
+                try flushResidual()
+                let rows = qRows + kRows + vRows, n = chunks.count
+                let part = try device.allocate(4 * S * n * rows)
+                keep.append(part)
+                for (c, cw) in chunks.enumerated() {
+                    product(try CUDALinear(cw, module: module), x: h.address, out: part.address + UInt64(4 * c * rows), outStride: n * rows)
+                }
+                (qW, kW, vW) = (n * qRows, n * kRows, n * vRows)
+                (qOff, kOff, vOff) = (0, qW, qW + kW)
+                let stride = Int32(qkvStride), base = qkv.address, (ko, vo) = (kOff, vOff)
+                launches.append { T in
+                    try launch("qkv_scatter", (n, T, 1), 128, 0, [
+                        .pointer(part.address), .int32(Int32(qRows)), .int32(Int32(kRows)), .int32(Int32(vRows)), .pointer(base), .int32(stride),
+                        .pointer(base + UInt64(4 * ko)), .int32(stride), .pointer(base + UInt64(4 * vo)), .int32(stride)])
+                }
+            case .rope(let buffer, _, let r):
+                guard buffer == .q || buffer == .k, rope == nil || rope == r else {
+                    throw FulgurError(.unsupported, "CUDA executor: RoPE on \(buffer) (only q and k, with one rotation per layer)")
+                }
+                rope = r
+            case .scale(let buffer, let factor):
+                guard buffer == .v else { throw FulgurError(.unsupported, "CUDA executor: scaling \(buffer) (only v)") }
+                vScale = factor
+            case .attention(let layer, let a, let sinks):
+                try attention(layer: layer, spec: a, sinks: sinks, attend: true)
+            case .storeKV(let layer):
+                try attention(layer: layer, spec: spec.layers[layer].attention, sinks: nil, attend: false)
+            case .layerEnd:
+                layersDone += 1
+                progress?(layersDone, spec.layerCount)
+            case .glu(let activation):
+                try flushResidual()
+                let (clamped, alpha, limit) = Self.activationArguments(activation)
+                let n = inter, stride = 2 * interMax
+                launches.append { T in
+                    try launch("glu", ((T * n + 255) / 256, 1, 1), 256, 0, [
+                        .pointer(gu.address), .int32(Int32(n)), .int32(Int32(stride)), .pointer(act.address), .int32(Int32(T)), .int32(clamped), .float(alpha), .float(limit)])
+                }
+            case .moe(let src, let dst, let weights):
+                try flushResidual()
+                guard src == .h, dst == .out else {
+                    throw FulgurError(.unsupported, "CUDA executor: MoE from \(src) into \(dst) (expected h into out)")
+                }
+                if weights.experts.allSatisfy({ e in e.down.format == .mxfp4 && [e.gateUp, e.gate, e.up].allSatisfy { $0 == nil || $0!.format == .mxfp4 } }) {
+                    let moe = try CUDAMoE(weights, module: module)
+                    keep.append(moe)
+                    bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes
+                    launches.append { T in try moe.run(h, tokens: T, into: out, stream: stream) }
+                } else {
+                    bytes += try lowerDenseMoE(weights, x: h.address, out: out.address, launch: launch)
+                }
+            }
+        }
+        try flushResidual()
+        let head = try CUDALinear(plan.lmHead, module: module)
+        let logits = self.logits, ids = self.ids, vocab = self.vocab
+        product(head, x: h.address, out: logits.address, outStride: vocab)
+        launches.append { T in try launch("argmax", (T, 1, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
+        bytesPerDecodeStep = bytes
+    }
+
+    static func activationArguments(_ a: Activation) -> (Int32, Float, Float) {
+        switch a {
+        case .silu: return (0, 0, 0)
+        case .clampedSwiGLU(let alpha, let limit): return (1, alpha, limit)
+        }
+    }
+
+    /// The MoE layer for experts the MXFP4 kernels do not take: routing on the GPU (the same
+    /// kernel as CUDAMoE), then every expert over every token (one product over all experts'
+    /// stacked gate/up rows, the GLU, one grouped product over all down rows) and the weighted
+    /// sum of the chosen ones. Right for small models; it reads every expert. Returns the bytes
+    /// it reads per step.
+    private func lowerDenseMoE(_ m: MoEWeights, x: UInt64, out: UInt64, launch: @escaping Launch) throws -> Int {
+        let s = m.spec, E = s.experts, k = s.topK, I = s.intermediate, H = plan.spec.hiddenSize, S = maxStepTokens
+        func unsupported(_ why: String) -> FulgurError {
+            FulgurError(.unsupported, "CUDA executor: MoE layer (router '\(m.router.name)'): \(why)")
+        }
+        guard E <= CUDAMoE.maxExperts, (1...CUDAMoE.maxTopK).contains(k), m.router.outFeatures == E else {
+            throw unsupported("\(E) experts, top-\(k) (up to \(CUDAMoE.maxExperts) experts, top-\(CUDAMoE.maxTopK))")
+        }
+        if case .sigmoidWithBias(_, _, let groups, _) = s.routing, groups > CUDAMoE.maxGroups || E % groups != 0 {
+            throw unsupported("\(groups) expert groups")
+        }
+        let device = self.device, stream = self.stream
+        // The router as f32 rows [E, H] (the routing kernel reads BF16 or F32).
+        var routerRows = [Float](repeating: 0, count: E * H)
+        routerRows.withUnsafeMutableBufferPointer { r in
+            if m.router.transposed {
+                var row = [Float](repeating: 0, count: E)
+                for i in 0..<H {
+                    row.withUnsafeMutableBufferPointer { m.router.dequantizeRow(i, into: $0.baseAddress!) }
+                    for e in 0..<E { r[e * H + i] = row[e] }
+                }
+            } else {
+                for e in 0..<E { m.router.dequantizeRow(e, into: r.baseAddress! + e * H) }
+            }
+        }
+        func upload(_ v: [Float]) throws -> DeviceBuffer {
+            let b = try v.withUnsafeBytes { try device.upload($0) }
+            keep.append(b)
+            return b
+        }
+        let router = try upload(routerRows)
+        let routerBias = try m.routerBias.map(upload), correction = try m.correctionBias.map(upload)
+        let layout = CUDAMoE.routesLayout(experts: E, topK: k)
+        let routes = try upload([Float](repeating: 0, count: layout.total))  // zero words: the arrival counter starts at 0
+        let logits = try device.allocate(4 * CUDAMoE.maxTokens * E)
+        keep.append(logits)
+
+        let gateUpParts = m.experts.flatMap { e in e.gateUp.map { [$0] } ?? [e.gate!, e.up!] }
+        let gateUpBiases: [[Float]?] = m.experts.flatMap { e in e.gateUp != nil ? [e.gateUpBias] : [e.gateUpBias, nil] }
+        guard CUDALinear.canStack(gateUpParts), CUDALinear.canStack(m.experts.map(\.down)) else {
+            throw unsupported("experts of mixed formats")
+        }
+        let gateUp = try CUDALinear(stacking: gateUpParts, biases: gateUpBiases, name: "experts gate/up", module: module)
+        let down = try CUDALinear(stacking: m.experts.map(\.down), biases: m.experts.map(\.downBias), name: "experts down", module: module)
+        guard down.storage == .f32 || down.storage == .bf16 else {
+            throw unsupported("experts stored as \(down.storage); the dense fallback takes f32/bf16 (MXFP4 experts run the MoE kernels)")
+        }
+        keep += [gateUp, down]
+        let gu = try device.allocate(4 * S * E * 2 * I), act = try device.allocate(4 * S * E * I), y = try device.allocate(4 * S * E * H)
+        keep += [gu, act, y]
+        let (mode, normalize, scaling, groups, topKGroups): (Int32, Bool, Float, Int, Int) = switch s.routing {
+        case .softmaxTopK(let n): (0, n, 1, 1, 1)
+        case .topKSoftmax: (1, false, 1, 1, 1)
+        case .sigmoidWithBias(let n, let sc, let g, let kg): (2, n, sc, g, kg)
+        }
+        let (clamped, alpha, limit) = Self.activationArguments(s.activation)
+        let interleaved: Int32 = m.experts[0].gateUp != nil && m.experts[0].interleaved ? 1 : 0
+        launches.append { T in
+            try launch("moe_route", ((E + 3) / 4, 1, 1), 128, 0, [
+                .pointer(router.address), .int32(0), .pointer(routerBias?.address ?? 0), .pointer(correction?.address ?? 0), .int32(mode),
+                .int32(normalize ? 1 : 0), .float(scaling), .int32(Int32(groups)), .int32(Int32(topKGroups)), .pointer(x), .int32(Int32(T)),
+                .int32(Int32(H)), .int32(Int32(E)), .int32(Int32(k)), .pointer(logits.address), .pointer(routes.address)])
+            try gateUp.apply(x: x, tokens: T, out: gu.address, stream: stream)
+            try launch("moe_dense_glu", ((T * E * I + 255) / 256, 1, 1), 256, 0, [
+                .pointer(gu.address), .pointer(act.address), .int32(Int32(T)), .int32(Int32(E)), .int32(Int32(I)), .int32(interleaved),
+                .int32(clamped), .float(alpha), .float(limit)])
+            try down.apply(x: act.address, tokens: T, out: y.address, xStride: E * I, groupRows: H, stream: stream)
+            try launch("moe_dense_combine", ((T * H + 255) / 256, 1, 1), 256, 0, [
+                .pointer(y.address), .pointer(routes.address + UInt64(4 * layout.chosen)), .pointer(routes.address + UInt64(4 * layout.chosenWeight)),
+                .pointer(out), .int32(Int32(T)), .int32(Int32(E)), .int32(Int32(k)), .int32(Int32(H))])
+        }
+        return router.byteCount + gateUp.weightBytes + down.weightBytes
+    }
+}

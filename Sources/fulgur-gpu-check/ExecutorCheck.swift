@@ -1,0 +1,113 @@
+// The whole-model CUDA executor against the CPU executor and transformers, on the tiny
+// checkpoints of every architecture (Tests/FulgurTests/Fixtures/models, made by transformers
+// 5.17 with recipes/fixtures/make_tiny_models.py; the quantized ones hold MXFP4 experts and
+// FP8 block-scaled layers): logits at every prompt position (24 tokens, prefilled as one
+// 16-token step and one 8-token step, so the sliding-window rings of 8 wrap), then 32 greedy
+// tokens one step at a time, and a verify-sized step of 8 tokens after a prefix.
+import Foundation
+import Fulgur
+import FulgurCUDA
+
+/// GPU vs CPU: both f32 with the same weights; only the order of sums differs.
+let executorTolerance = 1e-4
+/// Either vs transformers (as ArchitectureParityTests uses for the CPU).
+let transformersTolerance = 1e-3
+
+struct ExecutorRow {
+    let model: String
+    let vsCPU: Double, vsTransformers: Double, verifyVsCPU: Double, graphVsEager: Double
+    let greedyMatches: Bool, greedyMatchesCPU: Bool
+    let launches: Int
+    var passed: Bool {
+        vsCPU <= executorTolerance && vsTransformers <= transformersTolerance && verifyVsCPU <= executorTolerance
+            && graphVsEager == 0 && greedyMatches && greedyMatchesCPU
+    }
+}
+
+/// Largest relative L2 error over rows of `width`.
+func worstRowError(_ got: [Float], _ want: [Float], width: Int) -> Double {
+    guard got.count == want.count, !want.isEmpty else { return .nan }
+    var worst = 0.0
+    for r in 0..<(want.count / width) {
+        var d = 0.0, n = 0.0
+        for i in (r * width)..<((r + 1) * width) {
+            let e = Double(got[i]) - Double(want[i])
+            d += e * e; n += Double(want[i]) * Double(want[i])
+        }
+        let err = got[(r * width)..<((r + 1) * width)].allSatisfy { $0.isFinite } ? (d / max(n, 1e-30)).squareRoot() : .nan
+        worst = err.isNaN || worst.isNaN ? .nan : max(worst, err)
+    }
+    return worst
+}
+
+func checkExecutor(_ device: CUDADevice, _ module: KernelModule, name: String) throws -> ExecutorRow {
+    let dir = "Tests/FulgurTests/Fixtures/models/\(name)"
+    let model = try Model(path: dir)
+    let ref = try SafetensorsFile(path: dir + "/reference.safetensors")
+    let ids = try ref.tensor("input_ids").floats().map { Int($0) }
+    let refLogits = try ref.tensor("logits").floats()
+    let refGreedy = try ref.tensor("greedy").floats().map { Int($0) }
+    let vocab = model.plan.lmHead.outFeatures
+
+    let cpu = CPUExecutor(plan: model.plan, maxPositions: 256, maxStepTokens: 16)
+    let cpuLogits = try cpu.forward(ids, logits: .all)
+    let gpu = try CUDAExecutor(plan: model.plan, device: device, module: module, maxPositions: 256)
+    let gpuLogits = try gpu.forward(ids, logits: .all)
+
+    // Greedy, one token a step, on both.
+    var cpuGreedy: [Int] = [], gpuGreedy: [Int] = []
+    var next = Sampler.argmax(Array(cpuLogits.suffix(vocab)))
+    for _ in 0..<refGreedy.count {
+        cpuGreedy.append(next)
+        next = Sampler.argmax(try cpu.forward([next]))
+    }
+    gpu.reset()
+    var g = try gpu.argmax(ids).last!
+    for _ in 0..<refGreedy.count {
+        gpuGreedy.append(g)
+        g = try gpu.argmax([g]).last!
+    }
+
+    // A verify-sized step: 8 tokens after the first 12 of the prompt, all positions' logits.
+    cpu.cache.reset(); gpu.reset()
+    _ = try cpu.forward(Array(ids.prefix(12)), logits: .none)
+    _ = try gpu.forward(Array(ids.prefix(12)), logits: .none)
+    let block = Array(ids[12..<20])
+    let verifyCPU = try cpu.forward(block, logits: .all), verifyGPU = try gpu.forward(block, logits: .all)
+
+    // The same launches run eagerly must give the same bits as the captured graphs.
+    let eager = try CUDAExecutor(plan: model.plan, device: device, module: module, maxPositions: 256)
+    eager.useGraphs = false
+    let eagerLogits = try eager.forward(ids, logits: .all)
+    let graphVsEager = zip(eagerLogits, gpuLogits).contains { $0.bitPattern != $1.bitPattern } || eagerLogits.count != gpuLogits.count ? 1.0 : 0.0
+
+    return ExecutorRow(model: name, vsCPU: worstRowError(gpuLogits, cpuLogits, width: vocab),
+                       vsTransformers: worstRowError(gpuLogits, refLogits, width: vocab),
+                       verifyVsCPU: worstRowError(verifyGPU, verifyCPU, width: vocab), graphVsEager: graphVsEager,
+                       greedyMatches: gpuGreedy == refGreedy, greedyMatchesCPU: gpuGreedy == cpuGreedy, launches: gpu.launchesPerStep)
+}
+
+func runExecutorChecks(_ device: CUDADevice, _ module: KernelModule) throws -> Bool {
+    let names = ["llama", "qwen3", "qwen3_moe", "mimo_v2_flash", "gpt_oss", "mimo_v2_flash_quantized", "gpt_oss_quantized"]
+    var rows: [ExecutorRow] = []
+    for name in names {
+        do {
+            rows.append(try checkExecutor(device, module, name: name))
+        } catch {
+            print("executor \(name): ERROR \(error)")
+            rows.append(ExecutorRow(model: name, vsCPU: .nan, vsTransformers: .nan, verifyVsCPU: .nan, graphVsEager: 1,
+                                    greedyMatches: false, greedyMatchesCPU: false, launches: 0))
+        }
+    }
+    print("\nwhole-model CUDA executor vs CPU executor (bound \(executorTolerance)) and transformers (bound \(transformersTolerance)), worst position")
+    print("model                      vs CPU     vs HF      verify-8 vs CPU  graph==eager  greedy==HF  greedy==CPU  launches/step")
+    for r in rows {
+        let yes = { (b: Bool) in b ? "yes" : "NO " }
+        print(r.model.padding(toLength: 25, withPad: " ", startingAt: 0)
+              + String(format: "  %.2e   %.2e   %.2e         ", r.vsCPU, r.vsTransformers, r.verifyVsCPU)
+              + "\(yes(r.graphVsEager == 0))          \(yes(r.greedyMatches))         \(yes(r.greedyMatchesCPU))          \(r.launches)")
+    }
+    let failed = rows.filter { !$0.passed }
+    print(failed.isEmpty ? "executor PASS: \(rows.count) models" : "executor FAIL: \(failed.map(\.model).joined(separator: ", "))")
+    return failed.isEmpty
+}

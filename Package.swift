@@ -43,7 +43,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "fulgur",
-            dependencies: ["Fulgur", "FulgurServer", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["Fulgur", "FulgurCUDA", "FulgurServer", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         // The CUDA executor: the driver is opened at run time, so this builds without CUDA.
         .target(

@@ -25,7 +25,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Replay steps from CUDA graphs (one per token count, captured on first use).
     public var useGraphs = true
 
-    private var launches: [(Int) throws -> Void] = []
+    /// The step: each launch with the kernel family it belongs to (for per-kernel timings).
+    private var launches: [(kind: String, run: (Int) throws -> Void)] = []
     private var graphs: [Int: CUDAGraph] = [:]
     private var keep: [AnyObject] = []  // device objects the launches point into
     private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
@@ -140,11 +141,11 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Enqueues one step of `T` tokens (tokens and positions already on the device).
     private func enqueueStep(_ T: Int) throws {
         guard useGraphs else {
-            for l in launches { try l(T) }
+            for l in launches { try l.run(T) }
             return
         }
         if graphs[T] == nil {
-            graphs[T] = try CUDAGraph(capturing: stream) { for l in launches { try l(T) } }
+            graphs[T] = try CUDAGraph(capturing: stream) { for l in launches { try l.run(T) } }
         }
         try graphs[T]!.launch(stream)
     }
@@ -169,7 +170,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             try module.launch(advance, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
         }
         let graph = try CUDAGraph(capturing: stream) {
-            for l in launches { try l(T) }
+            for l in launches { try l.run(T) }
             try copyIds()
         }
         for _ in 0..<warmup { try graph.launch(stream) }
@@ -182,7 +183,38 @@ public final class CUDAExecutor: @unchecked Sendable {
         return ms / Double(steps)
     }
 
+    /// Per kernel family, microseconds of one step of `T` tokens: every launch timed alone
+    /// between events (so without the overlap of programmatic launches; the sum exceeds a
+    /// replayed step), median of `rounds`. The step runs at the current positions without
+    /// advancing them.
+    public func profile(tokens T: Int, rounds: Int = 10) throws -> [(kind: String, launches: Int, micros: Double)] {
+        let ints = [Int32](repeating: 1, count: T), pos = (0..<T).map { Int32(length + $0) }
+        try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
+        try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+        let events = try (0...launches.count).map { _ in try device.makeEvent() }
+        var times = [[Double]](repeating: [], count: launches.count)
+        for _ in 0..<(rounds + 2) {
+            try events[0].record(stream)
+            for (i, l) in launches.enumerated() {
+                try l.run(T)
+                try events[i + 1].record(stream)
+            }
+            try stream.synchronize()
+            for i in launches.indices { times[i].append(try events[i + 1].milliseconds(since: events[i]) * 1e3) }
+        }
+        var order: [String] = [], sums: [String: (Int, Double)] = [:]
+        for (i, l) in launches.enumerated() {
+            let median = times[i].dropFirst(2).sorted()[rounds / 2]  // the first two rounds warm up
+            if sums[l.kind] == nil { order.append(l.kind) }
+            let s = sums[l.kind] ?? (0, 0)
+            sums[l.kind] = (s.0 + 1, s.1 + median)
+        }
+        return order.map { ($0, sums[$0]!.0, sums[$0]!.1) }
+    }
+
     // MARK: Lowering the plan to launches
+
+    private func add(_ kind: String, _ run: @escaping (Int) throws -> Void) { launches.append((kind, run)) }
 
     private typealias Launch = (String, (Int, Int, Int), Int, Int, [KernelModule.Argument]) throws -> Void
 
@@ -249,22 +281,22 @@ public final class CUDAExecutor: @unchecked Sendable {
             guard let src = pendingResidual else { return }
             pendingResidual = nil
             let s = try address(src)
-            launches.append { T in try launch("add_inplace", ((T * hidden + 255) / 256, 1, 1), 256, 0, [.pointer(x.address), .pointer(s), .int32(Int32(T * hidden))]) }
+            add("norm") { T in try launch("add_inplace", ((T * hidden + 255) / 256, 1, 1), 256, 0, [.pointer(x.address), .pointer(s), .int32(Int32(T * hidden))]) }
         }
         func norm(src: Buffer, dst: Buffer, weight: [Float], eps: Float) throws {
             guard src == .x, weight.count == hidden else {
                 throw FulgurError(.unsupported, "CUDA executor: RMSNorm of \(src) over \(weight.count) values (full-width norms read x; head norms are on q and k)")
             }
-            let wb = try floats(weight), add = try pendingResidual.map { try address($0) } ?? 0, d = try address(dst)
+            let wb = try floats(weight), residual = try pendingResidual.map { try address($0) } ?? 0, d = try address(dst)
             pendingResidual = nil
-            launches.append { T in
-                try launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(x.address), .pointer(add), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
+            add("norm") { T in
+                try launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(x.address), .pointer(residual), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
             }
         }
-        func product(_ lin: CUDALinear, x xs: UInt64, out o: UInt64, outStride: Int) {
+        func product(_ lin: CUDALinear, _ kind: String, x xs: UInt64, out o: UInt64, outStride: Int) {
             keep.append(lin)
             bytes += lin.weightBytes
-            launches.append { T in try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream) }
+            add(kind) { T in try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream) }
         }
         func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, attend: Bool) throws {
             guard !attend || qW == a.heads * a.headDim, kW == a.kvHeads * a.headDim, vW == a.kvHeads * a.valueHeadDim else {
@@ -288,7 +320,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             let qn = qNorm?.address ?? 0, kn = kNorm?.address ?? 0, eps = headEps, vs = vScale, heads = attend ? a.heads : 0
             let sinkAddress = try sinks.map { try floats($0).address } ?? 0
             let stride = Int32(qkvStride)
-            launches.append { T in
+            add("attention") { T in
                 try launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
                     .pointer(q), .int32(stride), .pointer(k), .int32(stride), .pointer(v), .int32(stride), .int32(Int32(heads)),
                     .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)), .pointer(qn), .pointer(kn), .float(eps),
@@ -296,7 +328,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                     .pointer(positions.address), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity))])
             }
             if attend {
-                launches.append { T in
+                add("attention") { T in
                     try launch("attention_decode", (a.heads, T, 1), 128, 4 * (a.headDim + 128), [
                         .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
                         .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),
@@ -315,7 +347,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             switch op {
             case .embed:
                 let tokens = self.tokens
-                launches.append { T in
+                add("embed") { T in
                     try launch("embed", (T, 1, 1), 256, 0, [.pointer(tableBuffer.address), .int32(tableType), .pointer(tokens.address), .int32(Int32(hidden)), .pointer(x.address)])
                 }
             case .rmsNorm(let src, let dst, let weight, let eps):
@@ -334,7 +366,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                 let xs = try address(src)
                 let family: [Buffer] = [.q, .k, .v].contains(dst) ? [.q, .k, .v] : [.gate, .up].contains(dst) ? [.gate, .up] : []
                 if family.isEmpty {
-                    product(try CUDALinear(weight, bias: bias, module: module), x: xs, out: try address(dst), outStride: weight.outFeatures)
+                    product(try CUDALinear(weight, bias: bias, module: module), src == .attn ? "o_proj" : dst == .out ? "mlp" : "other", x: xs, out: try address(dst), outStride: weight.outFeatures)
                     continue
                 }
                 // The run of products from the same input into the family, in q | k | v or
@@ -365,10 +397,10 @@ public final class CUDAExecutor: @unchecked Sendable {
                 let parts = ordered.map(\.0)
                 if CUDALinear.canStack(parts) {
                     product(try CUDALinear(stacking: parts, biases: ordered.map(\.1), name: parts.map(\.name).joined(separator: " + "), module: module),
-                            x: xs, out: region.address, outStride: stride)
+                            family == [.q, .k, .v] ? "qkv" : "mlp", x: xs, out: region.address, outStride: stride)
                 } else {
                     for (g, off) in zip(ordered, offsets) {
-                        product(try CUDALinear(g.0, bias: g.1, module: module), x: xs, out: region.address + UInt64(4 * off), outStride: stride)
+                        product(try CUDALinear(g.0, bias: g.1, module: module), family == [.q, .k, .v] ? "qkv" : "mlp", x: xs, out: region.address + UInt64(4 * off), outStride: stride)
                     }
                 }
             case .fusedQKV(let chunks, let qRows, let kRows, let vRows):
@@ -377,12 +409,12 @@ public final class CUDAExecutor: @unchecked Sendable {
                 let part = try device.allocate(4 * S * n * rows)
                 keep.append(part)
                 for (c, cw) in chunks.enumerated() {
-                    product(try CUDALinear(cw, module: module), x: h.address, out: part.address + UInt64(4 * c * rows), outStride: n * rows)
+                    product(try CUDALinear(cw, module: module), "qkv", x: h.address, out: part.address + UInt64(4 * c * rows), outStride: n * rows)
                 }
                 (qW, kW, vW) = (n * qRows, n * kRows, n * vRows)
                 (qOff, kOff, vOff) = (0, qW, qW + kW)
                 let stride = Int32(qkvStride), base = qkv.address, (ko, vo) = (kOff, vOff)
-                launches.append { T in
+                add("qkv") { T in
                     try launch("qkv_scatter", (n, T, 1), 128, 0, [
                         .pointer(part.address), .int32(Int32(qRows)), .int32(Int32(kRows)), .int32(Int32(vRows)), .pointer(base), .int32(stride),
                         .pointer(base + UInt64(4 * ko)), .int32(stride), .pointer(base + UInt64(4 * vo)), .int32(stride)])
@@ -406,7 +438,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                 try flushResidual()
                 let (clamped, alpha, limit) = Self.activationArguments(activation)
                 let n = inter, stride = 2 * interMax
-                launches.append { T in
+                add("mlp") { T in
                     try launch("glu", ((T * n + 255) / 256, 1, 1), 256, 0, [
                         .pointer(gu.address), .int32(Int32(n)), .int32(Int32(stride)), .pointer(act.address), .int32(Int32(T)), .int32(clamped), .float(alpha), .float(limit)])
                 }
@@ -419,7 +451,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                     let moe = try CUDAMoE(weights, module: module)
                     keep.append(moe)
                     bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes
-                    launches.append { T in try moe.run(h, tokens: T, into: out, stream: stream) }
+                    add("moe") { T in try moe.run(h, tokens: T, into: out, stream: stream) }
                 } else {
                     bytes += try lowerDenseMoE(weights, x: h.address, out: out.address, launch: launch)
                 }
@@ -428,8 +460,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         try flushResidual()
         let head = try CUDALinear(plan.lmHead, module: module)
         let logits = self.logits, ids = self.ids, vocab = self.vocab
-        product(head, x: h.address, out: logits.address, outStride: vocab)
-        launches.append { T in try launch("argmax", (T, 1, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
+        product(head, "lm head", x: h.address, out: logits.address, outStride: vocab)
+        add("sampling") { T in try launch("argmax", (T, 1, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
         bytesPerDecodeStep = bytes
     }
 
@@ -502,7 +534,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
         let (clamped, alpha, limit) = Self.activationArguments(s.activation)
         let interleaved: Int32 = m.experts[0].gateUp != nil && m.experts[0].interleaved ? 1 : 0
-        launches.append { T in
+        add("moe") { T in
             try launch("moe_route", ((E + 3) / 4, 1, 1), 128, 0, [
                 .pointer(router.address), .int32(0), .pointer(routerBias?.address ?? 0), .pointer(correction?.address ?? 0), .int32(mode),
                 .int32(normalize ? 1 : 0), .float(scaling), .int32(Int32(groups)), .int32(Int32(topKGroups)), .pointer(x), .int32(Int32(T)),
@@ -519,3 +551,5 @@ public final class CUDAExecutor: @unchecked Sendable {
         return router.byteCount + gateUp.weightBytes + down.weightBytes
     }
 }
+
+extension CUDAExecutor: Executor {}

@@ -8,10 +8,16 @@ public final class KernelModule: @unchecked Sendable {
     public let path: String
     let handle: OpaquePointer?
 
+    /// `$FULGUR_KERNELS`, else `fulgur.fatbin` next to the executable, else the checkout's
+    /// `Kernels/build/fulgur.fatbin` when the executable is a `swift build` product in it.
     public static func defaultPath() -> String {
         if let p = ProcessInfo.processInfo.environment["FULGUR_KERNELS"], !p.isEmpty { return p }
-        let exe = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-        return exe.deletingLastPathComponent().appendingPathComponent("fulgur.fatbin").path
+        let dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+        let beside = dir.appendingPathComponent("fulgur.fatbin").path
+        // .build/<triple>/release/fulgur -> the checkout is three levels up.
+        let checkout = dir.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("Kernels/build/fulgur.fatbin").path
+        return FileManager.default.fileExists(atPath: beside) || !FileManager.default.fileExists(atPath: checkout) ? beside : checkout
     }
 
     public init(device: CUDADevice, path: String = KernelModule.defaultPath()) throws {

@@ -59,33 +59,9 @@ func randomFloats(_ count: Int, _ rng: inout SeededGenerator) -> [Float] {
 
 func median(_ xs: [Double]) -> Double { xs.sorted()[xs.count / 2] }
 
-/// Two 1 GiB buffers of random bytes: the copy bandwidth measurement, then the queue filler.
-struct Copy {
-    let src: DeviceBuffer; let dst: DeviceBuffer; let gbps: Double
-    /// Microseconds the GPU takes to copy `bytes`.
-    func micros(_ bytes: Int) -> Double { 2 * Double(bytes) / (gbps * 1e3) }
-}
+typealias Copy = CopyBandwidth
 
-/// Device-to-device copy of 1 GiB of random bytes, counting bytes read plus written.
-func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Copy {
-    let bytes = 1 << 30
-    var rng = SeededGenerator(seed: 1)
-    let src = try device.allocate(bytes), dst = try device.allocate(bytes)
-    let chunk = HostBytes(64 << 20, &rng)
-    for offset in stride(from: 0, to: bytes, by: chunk.count) {
-        try src.upload(UnsafeRawBufferPointer(start: chunk.pointer, count: chunk.count), offset: offset)
-    }
-    let start = try device.makeEvent(), end = try device.makeEvent()
-    for _ in 0..<3 { try dst.copy(from: src, bytes: bytes, stream: stream) }
-    var times: [Double] = []
-    for _ in 0..<10 {
-        try start.record(stream)
-        try dst.copy(from: src, bytes: bytes, stream: stream)
-        try end.record(stream)
-        times.append(try end.milliseconds(since: start))
-    }
-    return Copy(src: src, dst: dst, gbps: 2 * Double(bytes) / (median(times) * 1e-3) / 1e9)
-}
+func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Copy { try CopyBandwidth(device, stream) }
 
 /// One check; `timings` holds (microseconds, GB/s, rounds of 20 in which the host may have
 /// queued launches slower than the GPU ran them) launched plainly, then overlapping the

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Fulgur
+import FulgurCUDA
 import Foundation
 
 @main
@@ -7,7 +8,7 @@ struct FulgurCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fulgur",
         abstract: "Fast inference of Mixture-of-Experts language models.",
-        subcommands: [Generate.self, Chat.self, Serve.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self])
+        subcommands: [Generate.self, Chat.self, Serve.self, Bench.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self])
 }
 
 /// Options every command that loads a model shares.
@@ -21,10 +22,14 @@ struct ModelOptions: ParsableArguments {
     @Flag(help: "Read the whole checkpoint into memory at load instead of on first use.")
     var prefault = false
 
+    @Option(help: "Where to run: auto (the GPU when there is one and its kernels are built), cpu or cuda.")
+    var device: DeviceChoice = .auto
+
     func load() throws -> Engine {
         let path = try model ?? DefaultModel.ensure(log: { Terminal.status($0) })
         let bar = ProgressBar(label: "Loading \(URL(fileURLWithPath: path).lastPathComponent)")
-        let engine = try Engine(modelPath: path, contextLength: context, progress: { bar.update($0, $1) })
+        let engine = try Engine(modelPath: path, contextLength: context, progress: { bar.update($0, $1) },
+                                executor: device.executorFactory(log: { Terminal.status($0) }))
         bar.finish()
         if prefault { engine.model.prefault() }
         return engine
@@ -63,6 +68,9 @@ func reportingErrors<T>(_ body: () throws -> T) throws -> T {
     do {
         return try body()
     } catch let e as FulgurError {
+        Terminal.error(e.message)
+        throw ExitCode(1)
+    } catch let e as CUDAError {
         Terminal.error(e.message)
         throw ExitCode(1)
     }

@@ -27,19 +27,24 @@ public final class Engine {
     /// Ids that end a generation: the model's and the tokenizer's EOS.
     public var stopTokenIds: [Int] { Array(Set(model.spec.eosTokenIds + tokenizer.eosTokenIds)).sorted() }
 
-    public init(modelPath: String, contextLength: Int? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
+    /// `executor` makes the executor for the plan and a context length (default: the CPU
+    /// executor); the CLI passes one that picks the GPU when there is one.
+    public init(modelPath: String, contextLength: Int? = nil, progress: ((Int, Int) -> Void)? = nil,
+                executor makeExecutor: ((Plan, Int) throws -> any Executor)? = nil) throws {
         model = try Model(path: modelPath, progress: progress)
         tokenizer = try Self.loadTokenizer(modelPath: modelPath, gguf: model.gguf)
         chatTemplate = try Self.loadChatTemplate(modelPath: modelPath, gguf: model.gguf)
         let context = min(contextLength ?? 8192, model.spec.maxPositions)
         guard context > 0 else { throw FulgurError(.usage, "context length must be positive") }
-        generator = Generator(executor: CPUExecutor(plan: model.plan, maxPositions: context))
+        generator = Generator(executor: try makeExecutor?(model.plan, context) ?? CPUExecutor(plan: model.plan, maxPositions: context))
     }
 
     /// Loads the DFlash drafter in `directory`; later generations decode speculatively with
     /// blocks of `blockSize` (default: the size the drafter was trained for).
     public func useDrafter(directory: String, blockSize: Int? = nil) throws {
-        let executor = generator.executor
+        guard let executor = generator.executor as? CPUExecutor else {
+            throw FulgurError(.unsupported, "DFlash decoding runs on the CPU executor only for now; run with --device cpu to use a drafter")
+        }
         let drafter = try DFlashDrafter(directory: directory, target: model, maxPositions: executor.cache.maxPositions,
                                         maxStepTokens: executor.maxStepTokens)
         speculative = try SpeculativeGenerator(target: executor, drafter: drafter, blockSize: blockSize ?? min(drafter.blockSize, 16))
@@ -86,7 +91,7 @@ public final class Engine {
     }
 
     /// The most tokens a prompt and its generation can hold together.
-    public var contextLength: Int { generator.executor.cache.maxPositions }
+    public var contextLength: Int { generator.executor.maxPositions }
 
     /// Generates after `text` (special tokens written in the text, as chat templates do, are
     /// recognised), streaming the new text to `onText`.

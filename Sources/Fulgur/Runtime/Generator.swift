@@ -191,12 +191,12 @@ func tokenLimit(prompt: [Int], parameters: GenerationParameters, maxPositions: I
 /// Prefill, then the decode loop: sample, stream text, stop on EOS, a stop string or the
 /// token limit.
 public final class Generator {
-    public let executor: CPUExecutor
+    public let executor: any Executor
     /// The tokens whose keys and values the cache holds, so that a prompt extending them (the
     /// next turn of a chat) prefills only what is new.
     private var cachedTokens: [Int] = []
 
-    public init(executor: CPUExecutor) {
+    public init(executor: any Executor) {
         self.executor = executor
     }
 
@@ -207,7 +207,7 @@ public final class Generator {
     public func generate(prompt: [Int], parameters: GenerationParameters, decode: (Int) -> String,
                          onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
                          onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
-        let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: executor.cache.maxPositions)
+        let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: executor.maxPositions)
         return try withoutActuallyEscaping(decode) { decode in
           try withoutActuallyEscaping(onToken) { onToken in
             try withoutActuallyEscaping(onText) { onText in
@@ -215,16 +215,16 @@ public final class Generator {
                                      onToken: onToken, onText: onText)
                 // Reuse the cached prefix; at least the last prompt token is run again for its logits.
                 var reuse = zip(cachedTokens, prompt).prefix { $0 == $1 }.count
-                reuse = min(reuse, prompt.count - 1, executor.cache.length)
-                if executor.cache.canTruncate(to: reuse) { executor.cache.truncate(to: reuse) } else { executor.cache.reset(); reuse = 0 }
+                reuse = min(reuse, prompt.count - 1, executor.length)
+                if executor.canTruncate(to: reuse) { executor.truncate(to: reuse) } else { executor.reset(); reuse = 0 }
                 cachedTokens = Array(prompt[..<reuse])
                 var sampler = Sampler(parameters.sampling)
-                var logits = try executor.forward(Array(prompt[reuse...]))
+                var logits = try executor.forward(Array(prompt[reuse...]), logits: .last)
                 cachedTokens = prompt
                 while sink.open {
                     let token = sampler.sample(logits)
                     guard sink.take(token, logits: logits) else { break }
-                    logits = try executor.forward([token])
+                    logits = try executor.forward([token], logits: .last)
                     cachedTokens.append(token)
                 }
                 return sink.finish()

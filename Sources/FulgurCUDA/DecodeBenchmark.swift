@@ -1,0 +1,91 @@
+import Foundation
+import Fulgur
+
+/// Decode speed of a plan on one GPU against the memory roofline: the card's copy bandwidth
+/// is measured first, then steps of 1 token (decode) and of 8 and 16 (verify blocks) are
+/// replayed back to back from CUDA graphs after a prefix of `context` positions, and one step
+/// is profiled per kernel family. `fulgur bench` and fulgur-gpu-check print it.
+public struct DecodeBenchmark: Codable {
+    public struct Step: Codable {
+        public let tokens: Int
+        public let millisecondsPerStep: Double
+        public let tokensPerSecond: Double
+    }
+    public struct Kernel: Codable {
+        public let kind: String
+        public let launches: Int
+        public let microsecondsPerStep: Double
+    }
+
+    public let model: String
+    public let card: String
+    public let date: String
+    public let layers: Int
+    public let context: Int
+    public let copyGBps: Double
+    /// Weight bytes one 1-token step reads (experts at top-k, as stored on the GPU).
+    public let bytesPerStep: Int
+    /// bytesPerStep at the copy bandwidth.
+    public let rooflineMilliseconds: Double
+    public let launchesPerStep: Int
+    public let steps: [Step]
+    public let kernels: [Kernel]
+
+    /// The 1-token step's share of the roofline.
+    public var rooflineFraction: Double { rooflineMilliseconds / (steps.first { $0.tokens == 1 }?.millisecondsPerStep ?? .nan) }
+
+    public static func run(plan: Plan, model: String, device: CUDADevice, module: KernelModule, context: Int = 512,
+                           steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
+        let stream = try device.makeStream()
+        let copy = try CopyBandwidth(device, stream)
+        log(String(format: "copy bandwidth %.0f GB/s", copy.gbps))
+        let warmup = 5
+        let positions = context + tokenCounts.reduce(0) { $0 + ($1 * (count + warmup)) } + 16
+        let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: positions,
+                                        progress: { done, all in if done == all { log("weights on the GPU") } })
+        var rng = SeededGenerator(seed: 7)
+        let vocab = min(plan.embedding.table.shape[0], plan.spec.vocabSize)
+        if context > 0 {
+            _ = try executor.forward((0..<context).map { _ in Int(rng.next() % UInt64(vocab)) }, logits: .none)
+        }
+        log("prefilled \(context) positions")
+        let kernels = try executor.profile(tokens: 1).map { Kernel(kind: $0.kind, launches: $0.launches, microsecondsPerStep: $0.micros) }
+        var steps: [Step] = []
+        for T in tokenCounts {
+            let ms = try executor.timeReplayedSteps(tokens: T, steps: count, warmup: warmup)
+            steps.append(Step(tokens: T, millisecondsPerStep: ms, tokensPerSecond: Double(T) * 1000 / ms))
+            log(String(format: "T = %d: %.3f ms a step", T, ms))
+        }
+        let date = ISO8601DateFormatter().string(from: Date()).prefix(10)
+        return DecodeBenchmark(model: model, card: device.name, date: String(date), layers: plan.spec.layerCount, context: context,
+                               copyGBps: copy.gbps, bytesPerStep: executor.bytesPerDecodeStep,
+                               rooflineMilliseconds: copy.readMicros(executor.bytesPerDecodeStep) / 1e3,
+                               launchesPerStep: executor.launchesPerStep, steps: steps, kernels: kernels)
+    }
+
+    public var table: String {
+        var lines: [String] = []
+        lines.append("\(model), \(layers) layers, \(card), \(date); context \(context); copy \(String(format: "%.0f", copyGBps)) GB/s")
+        lines.append(String(format: "weights per 1-token step %.1f MB, roofline %.3f ms (%.0f tokens/s); %d launches a step",
+                            Double(bytesPerStep) / 1e6, rooflineMilliseconds, 1000 / rooflineMilliseconds, launchesPerStep))
+        let one = steps.first { $0.tokens == 1 }?.millisecondsPerStep
+        lines.append("tokens/step   ms/step   tokens/s   vs 1-token step")
+        for s in steps {
+            lines.append(String(format: "%11d   %7.3f   %8.1f   %6.2fx", s.tokens, s.millisecondsPerStep, s.tokensPerSecond, s.millisecondsPerStep / (one ?? .nan)))
+        }
+        lines.append(String(format: "1-token step at %.1f%% of the roofline", 100 * rooflineFraction))
+        lines.append("per kernel family, 1-token step, each launch timed alone (us):")
+        let total = kernels.reduce(0) { $0 + $1.microsecondsPerStep }
+        for k in kernels.sorted(by: { $0.microsecondsPerStep > $1.microsecondsPerStep }) {
+            lines.append("  " + k.kind.padding(toLength: 10, withPad: " ", startingAt: 0)
+                         + String(format: " %4d launches  %9.1f us  %5.1f%%", k.launches, k.microsecondsPerStep, 100 * k.microsecondsPerStep / total))
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    public var json: String {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return String(decoding: try! e.encode(self), as: UTF8.self)
+    }
+}

@@ -1,0 +1,55 @@
+import ArgumentParser
+import Foundation
+import Fulgur
+import FulgurCUDA
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Decode speed on one GPU against the memory roofline.",
+        discussion: """
+            Builds random weights at the shape of a published model (presets: \(RandomModel.presets.joined(separator: ", "))) \
+            or loads a checkpoint, measures the card's copy bandwidth, then replays decode steps of 1 token and \
+            verify steps of 8 and 16 from CUDA graphs (greedy tokens feed the next step on the GPU) and times one step \
+            per kernel family. The roofline is the weight bytes a 1-token step reads (experts at top-k) over the copy \
+            bandwidth.
+            """)
+
+    @Option(help: "A preset name or a checkpoint path.") var model = "gpt-oss-20b"
+    @Option(help: "Keep only the first N layers of a preset (to fit one card).") var layers: Int?
+    @Option(help: "Expert weights of a preset: mxfp4 or bf16.") var experts: RandomModel.ExpertFormat = .mxfp4
+    @Option(help: "Other linear layers of a preset: fp8 (128x128 block scales) or bf16.") var linear: RandomModel.LinearFormat = .fp8
+    @Option(help: "Seed of a preset's weights.") var seed: UInt64 = 0
+    @Option(help: "Positions filled before timing (attention reads them).") var context = 512
+    @Option(help: "Timed steps per step size.") var steps = 100
+    @Option(name: .customLong("tokens"), help: "Step sizes to time, comma-separated (1...16).") var tokenList = "1,8,16"
+    @Option(help: "Also write the report as JSON to this file.") var json: String?
+
+    func run() throws {
+        try reportingErrors {
+            let sizes = tokenList.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+            guard !sizes.isEmpty, sizes.allSatisfy({ (1...16).contains($0) }) else {
+                throw FulgurError(.usage, "--tokens takes step sizes from 1 to 16, e.g. 1,8,16; got '\(tokenList)'")
+            }
+            guard steps >= 1, context >= 0 else { throw FulgurError(.usage, "--steps must be at least 1 and --context at least 0") }
+            let device = try CUDADevice()
+            let module = try KernelModule(device: device)
+            let plan: Plan, name: String
+            let start = Date()
+            if FileManager.default.fileExists(atPath: model) {
+                plan = try Model(path: model).plan
+                name = URL(fileURLWithPath: model).lastPathComponent
+            } else {
+                let random = try RandomModel(preset: model, layers: layers, seed: seed, experts: experts, linear: linear)
+                let bar = ProgressBar(label: "Building random weights")
+                plan = try random.build(progress: { bar.update($0, $1) }).plan
+                bar.finish()
+                name = random.description
+            }
+            Terminal.status(String(format: "%@ ready in %.1f s", name, Date().timeIntervalSince(start)))
+            let report = try DecodeBenchmark.run(plan: plan, model: name, device: device, module: module, context: context,
+                                                 steps: steps, tokenCounts: sizes, log: { Terminal.status($0) })
+            print(report.table)
+            if let json { try report.json.write(toFile: json, atomically: true, encoding: .utf8) }
+        }
+    }
+}

@@ -7,7 +7,7 @@ struct FulgurCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fulgur",
         abstract: "Fast inference of Mixture-of-Experts language models.",
-        subcommands: [Generate.self, Chat.self, Serve.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self])
+        subcommands: [Generate.self, Chat.self, Serve.self, Tokenize.self, Inspect.self, QuantizeCommand.self, RandomModelCommand.self, Pull.self])
 }
 
 /// Options every command that loads a model shares.

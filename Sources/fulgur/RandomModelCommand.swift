@@ -34,7 +34,8 @@ struct RandomModelCommand: ParsableCommand {
                 let bar = ProgressBar(label: "Writing")
                 try random.export(to: export, for: reader, shardBytes: Int(shardGB * 1e9), progress: { bar.update($0, $1) })
                 bar.finish()
-                Terminal.status(String(format: "Wrote %@ (%@, for %@) in %.1f s", export, random.description, reader.rawValue,
+                let written = reader == .transformers ? random.transformersTwin : random
+                Terminal.status(String(format: "Wrote %@ for %@: %@ in %.1f s", export, reader.rawValue, written.description,
                                        Date().timeIntervalSince(start)))
             } else {
                 let bar = ProgressBar(label: "Building")

@@ -215,4 +215,28 @@ import Testing
         #expect(try Self.logits(loaded, tokens) == Self.logits(random.transformersTwin.build(), tokens))
         #expect(Self.relativeError(try Self.logits(loaded, tokens), try Self.logits(random.build(), tokens)) < 1e-5)
     }
+
+    // MARK: Against Hugging Face transformers
+
+    /// transformers 5.17 ran the tiny models exported for it (recipes/fixtures/
+    /// make_random_model_references.py); Fulgur runs them as built in memory, with MXFP4
+    /// experts and FP8 layers: the same weights, so the logits agree at every position.
+    @Test(arguments: tiny)
+    func logitsMatchTransformers(_ preset: String) throws {
+        let f = try SafetensorsFile(path: Fixtures.path("random_models/\(preset).safetensors"))
+        #expect(f.metadata["generator"]?.contains("fulgur random-model \(preset) --seed \(Self.referenceSeed) (mxfp4 experts, fp8 layers") == true)
+        let ids = try f.tensor("input_ids").floats().map { Int($0) }, want = try f.tensor("logits").floats()
+        let greedy = try f.tensor("greedy").floats().map { Int($0) }
+        let model = try RandomModel(preset: preset, seed: Self.referenceSeed, experts: .mxfp4, linear: .fp8).build()
+        let got = try Self.logits(model, ids), vocab = model.spec.vocabSize
+        #expect(got.count == want.count)
+        for t in 0..<ids.count {
+            let range = (t * vocab)..<((t + 1) * vocab)
+            let err = Self.relativeError(Array(got[range]), Array(want[range]))
+            #expect(err <= 1e-3, "\(preset): position \(t) relative error \(err)")
+        }
+        let gen = Generator(executor: CPUExecutor(plan: model.plan, maxStepTokens: 16))
+        let result = try gen.generate(prompt: ids, parameters: GenerationParameters(maxTokens: greedy.count), decode: { _ in "" })
+        #expect(result.tokens == greedy)
+    }
 }

@@ -8,7 +8,8 @@ struct FulgurCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "fulgur",
         abstract: "Fast inference of Mixture-of-Experts language models.",
-        subcommands: [Generate.self, Chat.self, Serve.self, Bench.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self])
+        subcommands: [Generate.self, Chat.self, Serve.self, Bench.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self,
+                      RandomModelCommand.self])
 }
 
 /// Options every command that loads a model shares.

@@ -15,7 +15,19 @@ public enum Architectures {
 
     /// The spec of a Hugging Face checkpoint directory (config.json, generation_config.json).
     public static func spec(directory: String) throws -> ModelSpec {
-        let config = try HFConfig(path: directory + "/config.json")
+        var spec = try spec(config: HFConfig(path: directory + "/config.json"))
+        let genPath = directory + "/generation_config.json"
+        if FileManager.default.fileExists(atPath: genPath) {
+            let gen = try HFConfig(path: genPath)
+            let eos = gen.ids("eos_token_id")
+            if !eos.isEmpty { spec.eosTokenIds = eos }
+            if let bos = gen.ids("bos_token_id").first { spec.bosTokenId = bos }
+        }
+        return spec
+    }
+
+    /// The spec of a `config.json` (its `quantization_config` included).
+    public static func spec(config: HFConfig) throws -> ModelSpec {
         guard let arch = try config.strings("architectures")?.first else {
             throw FulgurError(.config, "\(config.path): field 'architectures' is missing, expected e.g. [\"LlamaForCausalLM\"]")
         }
@@ -24,13 +36,6 @@ public enum Architectures {
         }
         var spec = try build(config)
         spec.quantization = try QuantizationSpec.parse(config)
-        let genPath = directory + "/generation_config.json"
-        if FileManager.default.fileExists(atPath: genPath) {
-            let gen = try HFConfig(path: genPath)
-            let eos = gen.ids("eos_token_id")
-            if !eos.isEmpty { spec.eosTokenIds = eos }
-            if let bos = gen.ids("bos_token_id").first { spec.bosTokenId = bos }
-        }
         return spec
     }
 }

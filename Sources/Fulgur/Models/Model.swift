@@ -35,6 +35,16 @@ public final class Model {
         plan = try PlanBuilder.build(spec: spec, tensors: tensors, progress: progress)
     }
 
+    /// A model whose tensors are already at hand (a `RandomModel` built in memory);
+    /// `path` is the source's description.
+    public init(spec: ModelSpec, tensors: TensorSource, progress: ((Int, Int) -> Void)? = nil) throws {
+        path = tensors.sourceDescription
+        self.spec = spec
+        self.tensors = tensors
+        gguf = nil
+        plan = try PlanBuilder.build(spec: spec, tensors: tensors, progress: progress)
+    }
+
     private var prefaultChecksum: UInt8 = 0
 
     /// Reads one byte of every page of every tensor, so the whole checkpoint is resident

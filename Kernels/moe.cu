@@ -630,12 +630,24 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cas
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+// Every wait here ends within microseconds when the kernel is right; one that lasts about two
+// seconds means a bug (a phase or count off by one, a block not resident), and trapping turns
+// it into a launch failure the check reports, instead of a hang that eats the device call.
+constexpr long long kHangClocks = 4000000000LL;
+__device__ __forceinline__ void check_hang(long long since) {
+    if (clock64() - since > kHangClocks) __trap();
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
     uint32_t done;
-    do {
-        asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    } while (!done);
+    asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    return done;
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    const long long since = clock64();
+    while (!mbar_try_wait(bar, parity)) check_hang(since);
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
     asm volatile("{\n\t.reg .b64 s;\n\tmbarrier.arrive.shared::cta.b64 s, [%0];\n\t}" ::"r"(bar) : "memory");
@@ -1110,15 +1122,18 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
 
     if (warp == kSignaler) {
         int done = 0;
+        long long since = clock64();
         while (done < units.count) {
             int fin = done;
             if (lane == 0)
                 while (fin < units.count && load_acquire_block(&finished[fin % kConsumers]) > fin / kConsumers) ++fin;
             fin = __shfl_sync(0xffffffffu, fin, 0);
             if (fin == done) {
+                check_hang(since);
                 __nanosleep(128);
                 continue;
             }
+            since = clock64();
             __threadfence();  // publishes those units' act / partial rows (ordered before `finished`)
             for (int base = done; base < fin; base += 32) {
                 const int i = base + lane;
@@ -1156,7 +1171,11 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
             consumers_sync();  // every warp is done with the staged rows and its epilogues
             if (tid == 0) {
                 if (phase == 1) {
-                    while (load_acquire(sync + kSyncSlots + s) < tilesG) __nanosleep(64);
+                    const long long since = clock64();
+                    while (load_acquire(sync + kSyncSlots + s) < tilesG) {
+                        check_hang(since);
+                        __nanosleep(64);
+                    }
                     __threadfence();
                 }
                 for (int j = 0; j < n; ++j) {

@@ -204,6 +204,8 @@ func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream
         let out = try device.allocate(4 * t * H)
         var results: [MoEResult] = []
         for (v, gpu) in gpus.enumerated() {
+            // A kernel that traps (moe2's hang watchdog) kills the context: the log's last line says where.
+            print("moe: \(s.name) T = \(t) version \(gpu.version)")
             try out.fill(byte: 0xFF, stream: stream)  // NaN: an element the kernels skip fails the check
             try gpu.run(xd, tokens: t, into: out, stream: stream)
             try stream.synchronize()

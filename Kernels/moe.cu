@@ -1,5 +1,9 @@
-// Mixture-of-experts feed-forward for 1-16 tokens, MXFP4 experts (split E8M0 scales), in three
-// launches, none of which needs the host between them:
+// Mixture-of-experts feed-forward for 1-16 tokens, MXFP4 experts (split E8M0 scales). Two
+// versions, kept side by side so one GPU run can time both (CUDAMoE's `version`): version 2,
+// the default, is after namespace moe (the router, then one persistent launch on the tensor
+// cores; its comment has its budget); version 1 is described here.
+//
+// Version 1: three launches, none of which needs the host between them:
 //   moe_route:      router logits (BF16 or F32 weight [E, H], optional bias); the last block
 //                   to finish routes every token (softmax-top-k, top-k-softmax or sigmoid with
 //                   correction bias and groups; ties to the lower expert id, as MoE.route) and
@@ -161,9 +165,13 @@ __device__ void route_token(const RouterArgs& a, const float* logits, int E, int
         }
     }
     uint32_t taken = 0;  // bit j: expert lane + 32j already chosen
+    // Loops over the top-k unrolled with guards, so idx and w stay in registers (a run-time
+    // index put them in local memory, on the routing's critical path).
     int idx[kMaxTopK];
     float w[kMaxTopK];
-    for (int n = 0; n < k; ++n) {
+#pragma unroll
+    for (int n = 0; n < kMaxTopK; ++n) {
+        if (n >= k) break;
         float v = -INFINITY;
         int i = INT_MAX;
 #pragma unroll
@@ -183,17 +191,29 @@ __device__ void route_token(const RouterArgs& a, const float* logits, int E, int
     if (lane != 0) return;
     if (a.mode == kTopKSoftmax) {
         float mx = w[0];
-        for (int n = 1; n < k; ++n) mx = fmaxf(mx, w[n]);
+#pragma unroll
+        for (int n = 1; n < kMaxTopK; ++n)
+            if (n < k) mx = fmaxf(mx, w[n]);
         float sum = 0;
-        for (int n = 0; n < k; ++n) { w[n] = expf(w[n] - mx); sum += w[n]; }
-        for (int n = 0; n < k; ++n) w[n] /= sum;
+#pragma unroll
+        for (int n = 0; n < kMaxTopK; ++n)
+            if (n < k) { w[n] = expf(w[n] - mx); sum += w[n]; }
+#pragma unroll
+        for (int n = 0; n < kMaxTopK; ++n)
+            if (n < k) w[n] /= sum;
     } else if (a.normalize) {
         float sum = 0;
-        for (int n = 0; n < k; ++n) sum += w[n];
+#pragma unroll
+        for (int n = 0; n < kMaxTopK; ++n)
+            if (n < k) sum += w[n];
         if (a.mode == kSigmoidWithBias) sum += 1e-20f;
-        for (int n = 0; n < k; ++n) w[n] /= sum;
+#pragma unroll
+        for (int n = 0; n < kMaxTopK; ++n)
+            if (n < k) w[n] /= sum;
     }
-    for (int n = 0; n < k; ++n) {
+#pragma unroll
+    for (int n = 0; n < kMaxTopK; ++n) {
+        if (n >= k) break;
         r.chosen()[t * k + n] = idx[n];
         r.chosenWeight()[t * k + n] = a.mode == kSigmoidWithBias ? w[n] * a.scaling : w[n];
     }
@@ -527,3 +547,683 @@ extern "C" __global__ void __launch_bounds__(128) moe_route(
         moe::down<TB>(moe::Routes{const_cast<int*>(routes), E, k}, act, T, H, I, moe::ExpertArgs{codes, scales, bias}, out); \
     }
 MOE_ENTRY(1) MOE_ENTRY(2) MOE_ENTRY(4) MOE_ENTRY(8) MOE_ENTRY(16)
+
+// =============================================================================================
+// Version 2: the router in one small launch, then every expert product in one persistent
+// launch that streams the touched experts' weights at the memory rate.
+//
+//   moe2_route:   logits[t, e] (a block per expert row: its 5.8 KB of BF16 loaded before the
+//                 previous kernel ends, x read once it has) and, from block 0, the exponent of
+//                 max |x[t]| per token; zeroes the counters moe2_experts uses.
+//   moe2_experts: grid = SMs x resident blocks (the host asks the driver), one block per SM at
+//                 the shapes here, all resident at once. Every block routes every token itself
+//                 (MoE.route's rules, v1's route_token and group_pairs, tens of floats from L2:
+//                 cheaper than a grid-wide exchange) and cuts the work the same way: slots of up
+//                 to 8 tokens of one expert (an expert with more tokens streams its weights once
+//                 per slot), units of 16 weight rows by the whole K, slot-major. Block b takes
+//                 units [b U / G, (b+1) U / G) of the gate_up list, then the same share of the
+//                 down list, so every block streams the same bytes within one unit (24.5 KB at
+//                 gpt-oss) per phase. Warp roles:
+//     producer (1 thread): 1-D bulk copies (cp.async.bulk, no tensor map) of 17 KB chunks into
+//                 a ring of 2-8 slots in shared memory, completing on mbarriers; it runs ahead
+//                 through the block's whole list, down units too, limited only by free slots.
+//     8 consumer warps: each takes 4 of a chunk's 32 steps (16 rows x 64 columns), dequantizes
+//                 E2M1 to f16 in registers and multiplies on the tensor cores (mma.sync
+//                 m16n8k16, f32 accumulate), x in f16 hi + lo columns; warp partials meet in
+//                 shared memory at the end of each unit, where one of them (in turn) finishes
+//                 it: GLU into act[pair] (gate_up) or weight * (y + bias) into partial[pair].
+//     signaler:   turns finished units into global counters off the consumers' path (one fence
+//                 per batch): gate_up units per slot, which down units of that slot wait for
+//                 before staging act (every block is resident, so the wait ends), and down units
+//                 per 16-row tile; the block that finishes a tile's last unit sums its pairs'
+//                 partial rows in ascending expert order into out. No float atomics: the
+//                 summation order is fixed and a token's result does not depend on the others
+//                 in the step.
+// Why one persistent launch and counters rather than two launches with programmatic
+// dependent launch: the down weights stream into the ring while the gate_up units finish, with
+// no launch or grid drain between the phases, and the ring and x fit in one block's 227 KB
+// (two co-resident kernels would halve both). The cost is the residency requirement: the
+// grid is sized from the occupancy query, dependents are allowed to launch only once every
+// block runs, and two such kernels must not share the GPU from different streams.
+//
+// Weights are repacked at upload (CUDAMoE.tiled) so each step is one contiguous 544-byte
+// record: 512 bytes of codes in mma fragment order (lane 4g+t loads word t of rows g and g+8
+// of the step's two 32-column blocks with one 16-byte load) and 32 bytes of scales. gate_up
+// tiles hold 8 gate rows and the matching 8 up rows, so a lane holds both halves of its GLU.
+// E2M1 bits placed in an f16 are the value times 2^-14 (e2m1_pairs), exact; x is split per token
+// into f16 hi + lo columns after scaling by a power of two that puts max |x| in [2^14, 2^15)
+// (no overflow, about 2^-22 relative error, f32-like), so a 16-row tile of n <= 4 tokens is
+// one m16n8k16 per 16 columns; the per-32-column E8M0 scale is applied to each block's fresh
+// f32 product (4 FFMA a lane). A warp spends about 70 instructions on 1024 weights (44 of them
+// the E2M1 decode; SASS of a full chunk: 258 for 4 steps), at any token count up to 4, where
+// version 1's FFMA path spends about 120 at one token and 240 at four: at the roofline an SM
+// takes 1024 weights every 32 clocks and issues at most 128 warp instructions in them, so
+// version 2 needs about 55% of the issue slots and version 1 more than all of them.
+//
+// Budget (gpt-oss-20b, H = I = 2880, top-4): bytes as version 1 (53.2 MB at T = 1, 371 MB for
+// 28 experts at T = 16) plus x, act and partial rows through L2 (under 2 MB). Roofline at 4.2
+// TB/s: 12.7 us (T = 1), 88.5 us (T = 16). Predicted (H200, overlapped launches): T = 1
+// 17-20 us (65-75%: route kernel ~1.5 us, routing in every block ~1.5-2 us, first bytes ~1 us
+// and the final combine ~1 us around 13.3 us of streaming), T = 4 near 50 us (85-90%), T = 8
+// and 16 within 15% of the roofline. Kernels/NOTES.md has the measurement.
+namespace moe2 {
+
+using moe::kMaxExperts;
+using moe::kMaxTokens;
+using moe::kMaxTopK;
+
+constexpr int kConsumers = 8, kProducer = kConsumers, kSignaler = kConsumers + 1, kThreads = (kConsumers + 2) * 32;
+// A step: 16 rows x 64 columns, 512 bytes of codes then 32 of scales. A chunk (one bulk copy,
+// one ring slot): up to 32 steps of one unit, 4 per consumer warp, which amortizes the slot's
+// wait and release (about 40 instructions) over 4 steps of about 75.
+constexpr int kStepBytes = 544, kChunkSteps = 32, kSlotBytes = kChunkSteps * kStepBytes;
+constexpr int kMaxRing = 8, kSlotTokens = 8, kMaxSlots = kMaxTokens * kMaxTopK;
+// Warp partials of one unit: [warp][n8 block][value][lane] floats; two buffers.
+constexpr int kRedFloats = kConsumers * 2 * 4 * 32;
+constexpr int kRouteInts = 2 + 2 * kMaxExperts + 1 + 4 * kMaxTokens * kMaxTopK;
+// The int counters moe2_route zeroes (CUDAMoE mirrors the offsets): gate_up units finished
+// per slot, max |act| bits per pair, down units finished per 16-row tile.
+constexpr int kSyncSlots = 0, kSyncActMax = kMaxSlots, kSyncTiles = 2 * kMaxSlots;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// Every wait here ends within microseconds when the kernel is right; one that lasts about two
+// seconds means a bug (a phase or count off by one, a block not resident), and trapping turns
+// it into a launch failure the check reports, instead of a hang that eats the device call.
+constexpr long long kHangClocks = 4000000000LL;
+__device__ __forceinline__ void check_hang(long long since) {
+    if (clock64() - since > kHangClocks) __trap();
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    return done;
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    if (mbar_try_wait(bar, parity)) return;
+    const long long since = clock64();
+    while (!mbar_try_wait(bar, parity)) check_hang(since);
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("{\n\t.reg .b64 s;\n\tmbarrier.arrive.shared::cta.b64 s, [%0];\n\t}" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
+    asm volatile("{\n\t.reg .b64 s;\n\tmbarrier.arrive.expect_tx.shared::cta.b64 s, [%0], %1;\n\t}" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Weights are read once per call: evict them first, keeping x, act and partials in L2.
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar, uint64_t policy) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers * 32) : "memory"); }
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ int load_acquire_block(const int* p) {
+    int v;
+    asm volatile("ld.acquire.cta.shared::cta.s32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)) : "memory");
+    return v;
+}
+__device__ __forceinline__ void store_release_block(int* p, int v) {
+    asm volatile("st.release.cta.shared::cta.s32 [%0], %1;" ::"r"(smem_addr(p)), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Scale byte B of w as f32: code 0 is 2^-127 as in e8m0(); code 255 (NaN) comes out as
+// infinity, so such a row's outputs are infinite or NaN. Three instructions against e8m0's five.
+template <int B>
+__device__ __forceinline__ float scale_byte(uint32_t w) {
+    constexpr int shift = 23 - 8 * B;
+    const uint32_t bits = (shift >= 0 ? w << shift : w >> -shift) & 0x7F800000u;
+    return __uint_as_float(max(bits, 0x00400000u));
+}
+
+// The four f16x2 pairs of a repacked code word: pair I is (column 8t+I, column 8t+I+4) times
+// 2^-14, as e2m1x2<I> makes from a checkpoint's word, but with the nibbles' bits placed by
+// CUDAMoE.tiled so that pair 0 needs one instruction and pair 1 two: 11 for the word against
+// e2m1x2's 15. Per 16-bit half: pair 0 magnitude bits 9-11 and sign 15, pair 1 bits 6-8 and
+// 12, pair 2 bits 3-5 and 13, pair 3 bits 0-2 and 14 (high half: the column + 4).
+__device__ __forceinline__ void e2m1_pairs(uint32_t w, uint32_t (&h)[4]) {
+    h[0] = w & 0x8E008E00u;
+    h[1] = (w << 3) & 0x8E008E00u;
+    h[2] = ((w << 6) & 0x0E000E00u) | ((w << 2) & 0x80008000u);
+    h[3] = ((w << 9) & 0x0E000E00u) | ((w << 1) & 0x80008000u);
+}
+
+__device__ __forceinline__ uint32_t f16x2(float lo, float hi) {
+    uint32_t d;
+    asm("cvt.rn.f16x2.f32 %0, %2, %1;" : "=r"(d) : "f"(lo), "f"(hi));
+    return d;
+}
+
+// One 32-column block of a step: rows g and g+8 (code words wg, wg8; scale bytes SB, SB+1 of
+// sw) against NB groups of 4 tokens (xb: the lane's 16 bytes of B, columns 8t + (0,4 | 1,5 |
+// 2,6 | 3,7) of token column g/2, hi or lo part by g's low bit). The pairs e2m1_pairs makes,
+// (8t+I, 8t+I+4), are the k-order both fragments use, so no shuffles are needed.
+template <int SB, int NB>
+__device__ __forceinline__ void block32(uint32_t wg, uint32_t wg8, uint32_t sw, const uint4 (&xb)[NB], float (&acc)[NB][4]) {
+    uint32_t hg[4], hg8[4];
+    e2m1_pairs(wg, hg);
+    e2m1_pairs(wg8, hg8);
+    const uint32_t a0[4] = {hg[0], hg8[0], hg[1], hg8[1]};
+    const uint32_t a1[4] = {hg[2], hg8[2], hg[3], hg8[3]};
+    const float sg = scale_byte<SB>(sw), sg8 = scale_byte<SB + 1>(sw);
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_f16(d, a0, xb[nb].x, xb[nb].y);
+        mma_f16(d, a1, xb[nb].z, xb[nb].w);
+        acc[nb][0] = fmaf(d[0], sg, acc[nb][0]);
+        acc[nb][1] = fmaf(d[1], sg, acc[nb][1]);
+        acc[nb][2] = fmaf(d[2], sg8, acc[nb][2]);
+        acc[nb][3] = fmaf(d[3], sg8, acc[nb][3]);
+    }
+}
+
+// One step (16 rows x 64 columns) from the ring slot; b[nb]: the lane's B bytes at this step.
+template <int NB>
+__device__ __forceinline__ void step(const uint8_t* w, const uint8_t* const (&b)[2], int lane, float (&acc)[NB][4]) {
+    const uint4 q = *reinterpret_cast<const uint4*>(w + lane * 16);
+    const uint32_t sw = *reinterpret_cast<const uint32_t*>(w + 512 + (lane >> 2) * 4);
+    uint4 x0[NB], x1[NB];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        x0[nb] = *reinterpret_cast<const uint4*>(b[nb]);
+        x1[nb] = *reinterpret_cast<const uint4*>(b[nb] + 128);
+    }
+    block32<0, NB>(q.x, q.y, sw, x0, acc);
+    block32<2, NB>(q.z, q.w, sw, x1, acc);
+}
+
+// One unit's chunks from the ring: warp w takes steps w, w + 8, ... of each chunk. The warp's
+// partial sums go to red (layout of kRedFloats).
+template <int NB>
+__device__ __forceinline__ void consume(const uint8_t* ring, int ringSlots, uint32_t fullBar, uint32_t emptyBar, int& pos,
+                                        uint32_t& round, int steps, const uint8_t* const (&bLane)[2], float* red) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float acc[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[nb][v] = 0.f;
+    for (int c0 = 0; c0 < steps; c0 += kChunkSteps) {
+        const int n = min(kChunkSteps, steps - c0);
+        mbar_wait(fullBar + pos * 8, round & 1);
+        const uint8_t* chunk = ring + pos * kSlotBytes;
+        // B holds 2 blocks of 128 bytes per step (hi 64 + lo 64 each). A full chunk has no
+        // guards, so the compiler may issue the later steps' shared loads early.
+        if (n == kChunkSteps) {
+#pragma unroll
+            for (int h = 0; h < kChunkSteps / kConsumers; ++h) {
+                const int s = warp + h * kConsumers;
+                const uint8_t* const b[2] = {bLane[0] + (c0 + s) * 256, bLane[1] + (c0 + s) * 256};
+                step<NB>(chunk + s * kStepBytes, b, lane, acc);
+            }
+        } else {
+#pragma unroll
+            for (int h = 0; h < kChunkSteps / kConsumers; ++h) {
+                const int s = warp + h * kConsumers;
+                if (s < n) {
+                    const uint8_t* const b[2] = {bLane[0] + (c0 + s) * 256, bLane[1] + (c0 + s) * 256};
+                    step<NB>(chunk + s * kStepBytes, b, lane, acc);
+                }
+            }
+        }
+        __syncwarp();  // every lane's reads of the slot are done (their values were used)
+        if (lane == 0) mbar_arrive(emptyBar + pos * 8);
+        if (++pos == ringSlots) { pos = 0; ++round; }
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) red[((warp * 2 + nb) * 4 + v) * 32 + lane] = acc[nb][v];
+}
+
+// The 8 warps' partials of a unit, summed in warp order. Lane (g, t) gets, per group of 4
+// tokens, token t's hi and lo column sums for row g (v[.][0], v[.][1]) and row g + 8.
+template <int NB>
+__device__ __forceinline__ void reduce(const float* red, float (&v)[NB][4]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < kConsumers; ++w) s += red[((w * 2 + nb) * 4 + q) * 32 + lane];
+            v[nb][q] = s;
+        }
+}
+
+// gate_up unit epilogue (one warp): intermediate index i = 8 * tile + g; act and the pair's
+// max |act| (for down's x scaling).
+template <int NB>
+__device__ __forceinline__ void finish_gate_up(const float* red, int n, int p0, int I, int i, float bg, float bu,
+                                               const float* unscale, int clamped, float alpha, float limit,
+                                               float* __restrict__ act, int* actMax) {
+    float v[NB][4];
+    reduce<NB>(red, v);
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        const int j = 4 * nb + (lane & 3);
+        float m = 0.f;
+        if (j < n) {
+            const float u = unscale[j];
+            const float y = moe::glu((v[nb][0] + v[nb][1]) * u + bg, (v[nb][2] + v[nb][3]) * u + bu, clamped, alpha, limit);
+            act[(size_t)(p0 + j) * I + i] = y;
+            m = fabsf(y);
+        }
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+        if (j < n && lane < 4) atomicMax(actMax + p0 + j, __float_as_int(m));  // non-negative floats order as ints
+    }
+}
+
+// down unit epilogue (one warp): rows 16 * tile + g and + 8, weighted by the pair's routing
+// weight, into the pair's partial row.
+template <int NB>
+__device__ __forceinline__ void finish_down(const float* red, int n, int p0, int H, int row, float b0, float b1,
+                                            const float* unscale, const float* weight, float* __restrict__ partial) {
+    float v[NB][4];
+    reduce<NB>(red, v);
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        const int j = 4 * nb + (lane & 3);
+        if (j < n) {
+            const float u = unscale[j], w = weight[p0 + j];
+            float* p = partial + (size_t)(p0 + j) * H + row;
+            p[0] = w * ((v[nb][0] + v[nb][1]) * u + b0);
+            p[8] = w * ((v[nb][2] + v[nb][3]) * u + b1);
+        }
+    }
+}
+
+// Rows (tokens or pairs) rows[j] < n of src [*, K] into the B layout, scaled by 2^(141 - exps[j])
+// and split into f16 hi + lo: per token stride steps * 256 bytes, per 32-column block 64 bytes
+// of hi then 64 of lo, each four 16-byte chunks t holding columns 8t + (0, 4, 1, 5, 2, 6, 3, 7).
+// Columns past K (an odd number of blocks) are zeros. The consumer warps call it.
+__device__ __forceinline__ void stage(uint8_t* b, const float* __restrict__ src, const int* rows, const int* exps, int K,
+                                      int steps, int n) {
+    constexpr int threads = kConsumers * 32, U = 4;
+    const int per = steps * 8, total = n * per, stride = steps * 256;
+    for (int i0 = threadIdx.x; i0 < total; i0 += U * threads) {
+        float4 v[U][2];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * threads, j = i / per, c = i - j * per;
+            v[u][0] = v[u][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i < total && 8 * c < K) {
+                const float4* p = reinterpret_cast<const float4*>(src + (size_t)rows[j] * K + 8 * c);
+                v[u][0] = __ldcg(p);
+                v[u][1] = __ldcg(p + 1);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * threads, j = i / per, c = i - j * per;
+            if (i < total) {
+                const float sc = __uint_as_float(static_cast<uint32_t>(268 - exps[j]) << 23);
+                const float q[8] = {v[u][0].x * sc, v[u][0].y * sc, v[u][0].z * sc, v[u][0].w * sc,
+                                    v[u][1].x * sc, v[u][1].y * sc, v[u][1].z * sc, v[u][1].w * sc};
+                uint32_t hi[4], lo[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    hi[e] = f16x2(q[e], q[e + 4]);
+                    lo[e] = f16x2(q[e] - f16lo(hi[e]), q[e + 4] - f16hi(hi[e]));
+                }
+                uint8_t* d = b + j * stride + (c >> 2) * 128 + (c & 3) * 16;
+                *reinterpret_cast<uint4*>(d) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+                *reinterpret_cast<uint4*>(d + 64) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+            }
+        }
+    }
+}
+
+// The sum over a token's experts (ascending id, as MoE.run adds them) of 16 rows of partial,
+// for every token: out is written, never accumulated. One warp.
+__device__ __forceinline__ void combine(int tile, int T, int H, int k, const int (*tokenPairs)[kMaxTopK],
+                                        const float* partial, float* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int m = 0; m < kMaxTokens * 16 / 32; ++m) {
+        const int idx = lane + 32 * m, t = idx >> 4, row = tile * 16 + (idx & 15);
+        if (t < T) {
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < kMaxTopK; ++q)
+                if (q < k) s += __ldcg(partial + (size_t)tokenPairs[t][q] * H + row);
+            out[(size_t)t * H + row] = s;
+        }
+    }
+}
+
+// A block's units: gate_up units [g0, g0 + gCount) of the slot-major list, then down units
+// from d0, `count` in all.
+struct Units {
+    int g0, gCount, d0, count, tilesG, tilesD;
+    __device__ void at(int i, int& phase, int& slot, int& tile) const {
+        phase = i < gCount ? 0 : 1;
+        const int u = phase == 0 ? g0 + i : d0 + (i - gCount), tiles = phase == 0 ? tilesG : tilesD;
+        slot = u / tiles;
+        tile = u - slot * tiles;
+    }
+};
+
+}  // namespace moe2
+
+// Router logits for version 2. Launch with 256 threads and E blocks; H a multiple of 8 and at
+// most 8192. Block 0 also writes xexp[t] (the biased exponent of max |x[t]|) and zeroes the
+// syncCount ints of sync that moe2_experts counts in.
+// The register caps of both kernels (96 x 256 + 128 x 320 = the 64K register file) let the
+// next call's router wait beside a running moe2_experts block and start the moment it ends.
+extern "C" __global__ void __maxnreg__(96) moe2_route(const void* w, int bf16, const float* bias, const float* x,
+                                                             int T, int H, int E, float* logits, int* xexp, int* sync,
+                                                             int syncCount) {
+    constexpr int threads = 256, warps = threads / 32, C = 4;  // up to C chunks of 8 columns per thread
+    __shared__ float part[warps][4], peak[warps][4];
+    const int e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, chunks = H / 8;
+    // The row's weights do not depend on the previous kernel: load them before waiting for it.
+    float wv[C][8];
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+        const int c = tid + i * threads;
+        if (c >= chunks) {
+#pragma unroll
+            for (int q = 0; q < 8; ++q) wv[i][q] = 0.f;
+        } else if (bf16) {
+            const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + (size_t)e * H + 8 * c));
+            wv[i][0] = moe::bf16lo(u.x); wv[i][1] = moe::bf16hi(u.x); wv[i][2] = moe::bf16lo(u.y); wv[i][3] = moe::bf16hi(u.y);
+            wv[i][4] = moe::bf16lo(u.z); wv[i][5] = moe::bf16hi(u.z); wv[i][6] = moe::bf16lo(u.w); wv[i][7] = moe::bf16hi(u.w);
+        } else {
+            const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(w) + (size_t)e * H + 8 * c);
+            const float4 a = __ldg(p), b = __ldg(p + 1);
+            wv[i][0] = a.x; wv[i][1] = a.y; wv[i][2] = a.z; wv[i][3] = a.w; wv[i][4] = b.x; wv[i][5] = b.y; wv[i][6] = b.z; wv[i][7] = b.w;
+        }
+    }
+    wait_for_previous_kernel();
+    allow_next_kernel();
+    if (e == 0)
+        for (int i = tid; i < syncCount; i += threads) sync[i] = 0;
+    // Four tokens at a time: their x loads in flight together.
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f}, mx[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+            const int c = tid + i * threads;
+            if (c >= chunks) break;
+            float4 xa[4], xb[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (t0 + u < T) {
+                    const float4* p = reinterpret_cast<const float4*>(x + (size_t)(t0 + u) * H + 8 * c);
+                    xa[u] = __ldcg(p);
+                    xb[u] = __ldcg(p + 1);
+                }
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (t0 + u < T) {
+                    const float xv[8] = {xa[u].x, xa[u].y, xa[u].z, xa[u].w, xb[u].x, xb[u].y, xb[u].z, xb[u].w};
+#pragma unroll
+                    for (int q = 0; q < 8; ++q) {
+                        acc[u] = fmaf(wv[i][q], xv[q], acc[u]);
+                        mx[u] = fmaxf(mx[u], fabsf(xv[q]));
+                    }
+                }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const float s = warp_sum(acc[u]), m = moe::warp_max(mx[u]);
+            if (lane == 0) { part[warp][u] = s; peak[warp][u] = m; }
+        }
+        __syncthreads();
+        if (tid < 4 && t0 + tid < T) {
+            float s = 0.f, m = 0.f;
+#pragma unroll
+            for (int q = 0; q < warps; ++q) { s += part[q][tid]; m = fmaxf(m, peak[q][tid]); }
+            logits[(t0 + tid) * E + e] = s + (bias ? bias[e] : 0.f);
+            if (e == 0) xexp[t0 + tid] = static_cast<int>(__float_as_uint(m) >> 23);
+        }
+        __syncthreads();
+    }
+}
+
+// Every expert product for version 2 (see the comment above namespace moe2). Launch with
+// moe2::kThreads threads, as many blocks as can be resident at once, and ringSlots *
+// kSlotBytes + bBytes + 2 * kRedFloats * 4 bytes of dynamic shared memory, bBytes >=
+// tokensPerSlot (<= 8) * 256 * ceil(max(H, I) / 64). gateUp and down: the repacked tiles of
+// CUDAMoE.tiled; gateUpBias [E, 2, I] (gate, then up), downBias [E, H], either may be null.
+// act [16k, I], partial [16k, H]; sync zeroed by moe2_route; routes gets v1's layout (checks).
+// Same limits as version 1; 1 <= ringSlots <= 8.
+extern "C" __global__ void __maxnreg__(128) moe2_experts(
+    const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
+    const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias,
+    const uint8_t* down, const float* downBias, int clamped, float alpha, float limit, float* act, float* partial,
+    int* sync, int* routes, float* out, int ringSlots, int tokensPerSlot, int bBytes) {
+    using namespace moe2;
+    extern __shared__ __align__(128) uint8_t smem[];
+    __shared__ __align__(8) uint64_t full[kMaxRing], empty[kMaxRing];
+    __shared__ int routeInts[kRouteInts];
+    __shared__ int slotExpert[kMaxSlots], slotFirst[kMaxSlots], slotCount[kMaxSlots];
+    __shared__ int tokenPairs[kMaxTokens][kMaxTopK];
+    __shared__ int stagedRow[kSlotTokens], stagedExp[kSlotTokens];
+    __shared__ float unscale[kSlotTokens];
+    // Epilogues finished by each consumer warp (unit i's is warp i % 8's), for the signaler.
+    __shared__ int finished[kConsumers];
+    __shared__ int slotTotal;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid == 0) {
+        for (int i = 0; i < ringSlots; ++i) {
+            mbar_init(smem_addr(&full[i]), 1);
+            mbar_init(smem_addr(&empty[i]), kConsumers);
+        }
+        for (int w = 0; w < kConsumers; ++w) finished[w] = 0;
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    wait_for_previous_kernel();  // logits, xexp and sync come from moe2_route, x from before it
+    // Dependents may start now: every block of this grid runs, so none of them can hold the
+    // room a block of ours still needs.
+    allow_next_kernel();
+
+    // Routing, the same in every block.
+    const moe::Routes r{routeInts, E, k};
+    const moe::RouterArgs ra{correction, mode, normalize, scaling, groups, topKGroups};
+    for (int t = warp; t < T; t += kThreads / 32) moe::route_token(ra, logits, E, k, t, r);
+    __syncthreads();
+    moe::group_pairs(T, E, k, r);
+    __syncthreads();
+    if (warp == 0) {
+        // Slots: each touched expert's tokens in groups of tokensPerSlot.
+        const int touched = *r.touched();
+        int base = 0;
+        for (int s0 = 0; s0 < touched; s0 += 32) {
+            const int s = s0 + lane, first = s < touched ? r.start()[s] : 0, n = s < touched ? r.start()[s + 1] - first : 0;
+            const int c = (n + tokensPerSlot - 1) / tokensPerSlot;
+            int incl = c;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            for (int i = 0, at = base + incl - c; i < c; ++i) {
+                slotExpert[at + i] = r.expert()[s];
+                slotFirst[at + i] = first + i * tokensPerSlot;
+                slotCount[at + i] = min(tokensPerSlot, n - i * tokensPerSlot);
+            }
+            base += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) slotTotal = base;
+    } else if (warp == 1) {
+        // Each token's pairs in ascending expert order (pairs are grouped by ascending expert).
+        if (lane < T)
+            for (int q = 0, c = 0; q < T * k; ++q)
+                if (r.token()[q] == lane) tokenPairs[lane][c++] = q;
+    } else if (warp == 2 && blockIdx.x == 0) {
+        const moe::Routes g{routes, E, k};
+        for (int i = lane; i < T * k; i += 32) {
+            g.chosen()[i] = r.chosen()[i];
+            g.chosenWeight()[i] = r.chosenWeight()[i];
+        }
+        if (lane == 0) *g.touched() = *r.touched();
+    }
+    __syncthreads();
+
+    const int S = slotTotal, stepsG = (H + 63) / 64, stepsD = (I + 63) / 64, tilesG = I / 8, tilesD = H / 16;
+    Units units;
+    {
+        const long long ug = (long long)S * tilesG, ud = (long long)S * tilesD, G = gridDim.x, b = blockIdx.x;
+        units.g0 = (int)(b * ug / G);
+        units.gCount = (int)((b + 1) * ug / G) - units.g0;
+        units.d0 = (int)(b * ud / G);
+        units.count = units.gCount + (int)((b + 1) * ud / G) - units.d0;
+        units.tilesG = tilesG;
+        units.tilesD = tilesD;
+    }
+    uint8_t* ring = smem;
+    uint8_t* bsm = smem + ringSlots * kSlotBytes;
+    float* red = reinterpret_cast<float*>(bsm + bBytes);
+    const uint32_t fullBar = smem_addr(full), emptyBar = smem_addr(empty);
+
+    if (warp == kProducer) {
+        if (lane != 0) return;
+        uint64_t policy;
+        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+        int pos = 0;
+        uint32_t round = 0;
+        for (int i = 0; i < units.count; ++i) {
+            int phase, s, tile;
+            units.at(i, phase, s, tile);
+            const int steps = phase == 0 ? stepsG : stepsD, tiles = phase == 0 ? tilesG : tilesD;
+            const uint8_t* src = (phase == 0 ? gateUp : down) + ((size_t)slotExpert[s] * tiles + tile) * steps * kStepBytes;
+            for (int c0 = 0; c0 < steps; c0 += kChunkSteps) {
+                const uint32_t bytes = min(kChunkSteps, steps - c0) * kStepBytes;
+                if (round > 0) mbar_wait(emptyBar + pos * 8, (round - 1) & 1);
+                mbar_expect(fullBar + pos * 8, bytes);
+                bulk_load(smem_addr(ring + pos * kSlotBytes), src + (size_t)c0 * kStepBytes, bytes, fullBar + pos * 8, policy);
+                if (++pos == ringSlots) { pos = 0; ++round; }
+            }
+        }
+        return;
+    }
+
+    if (warp == kSignaler) {
+        int done = 0;
+        long long since = clock64();
+        while (done < units.count) {
+            int fin = done;
+            if (lane == 0)
+                while (fin < units.count && load_acquire_block(&finished[fin % kConsumers]) > fin / kConsumers) ++fin;
+            fin = __shfl_sync(0xffffffffu, fin, 0);
+            if (fin == done) {
+                check_hang(since);
+                __nanosleep(128);
+                continue;
+            }
+            since = clock64();
+            __threadfence();  // publishes those units' act / partial rows (ordered before `finished`)
+            for (int base = done; base < fin; base += 32) {
+                const int i = base + lane;
+                int phase = 0, s = 0, tile = 0;
+                bool last = false;
+                if (i < fin) {
+                    units.at(i, phase, s, tile);
+                    if (phase == 0) atomicAdd(sync + kSyncSlots + s, 1);
+                    else last = atomicAdd(sync + kSyncTiles + tile, 1) == S - 1;
+                }
+                uint32_t lastMask = __ballot_sync(0xffffffffu, last);
+                if (lastMask) {
+                    __threadfence();  // the other blocks' partial rows of these tiles are visible
+                    while (lastMask) {
+                        const int src = __ffs(lastMask) - 1;
+                        lastMask &= lastMask - 1;
+                        combine(__shfl_sync(0xffffffffu, tile, src), T, H, k, tokenPairs, partial, out);
+                    }
+                }
+            }
+            done = fin;
+        }
+        return;
+    }
+
+    // Consumers.
+    int pos = 0, buf = 0, stagedPhase = -1, stagedSlot = -1;
+    uint32_t round = 0;
+    const uint8_t* bLane[2] = {bsm, bsm};
+    for (int i = 0; i < units.count; ++i) {
+        int phase, s, tile;
+        units.at(i, phase, s, tile);
+        const int e = slotExpert[s], p0 = slotFirst[s], n = slotCount[s], steps = phase == 0 ? stepsG : stepsD;
+        if (phase != stagedPhase || s != stagedSlot) {
+            consumers_sync();  // every warp is done with the staged rows and its epilogues
+            if (tid == 0) {
+                if (phase == 1) {
+                    const long long since = clock64();
+                    while (load_acquire(sync + kSyncSlots + s) < tilesG) {
+                        check_hang(since);
+                        __nanosleep(64);
+                    }
+                    __threadfence();
+                }
+                for (int j = 0; j < n; ++j) {
+                    const int ex = phase == 0 ? __ldcg(xexp + r.token()[p0 + j]) : (int)((uint32_t)__ldcg(sync + kSyncActMax + p0 + j) >> 23);
+                    stagedRow[j] = phase == 0 ? r.token()[p0 + j] : p0 + j;
+                    stagedExp[j] = min(max(ex, 15), 255);
+                    unscale[j] = __uint_as_float(static_cast<uint32_t>(stagedExp[j]) << 23);
+                }
+            }
+            consumers_sync();
+            stage(bsm, phase == 0 ? x : act, stagedRow, stagedExp, phase == 0 ? H : I, steps, n);
+            consumers_sync();
+            stagedPhase = phase;
+            stagedSlot = s;
+            const int g = lane >> 2, t = lane & 3, stride = steps * 256, at = (g & 1) * 64 + t * 16;
+            bLane[0] = bsm + min(g >> 1, tokensPerSlot - 1) * stride + at;
+            bLane[1] = bsm + min(4 + (g >> 1), tokensPerSlot - 1) * stride + at;
+        }
+        // The unit's epilogue is one warp's, in turn, so no warp does more than its share. Its
+        // inputs are loaded now, to arrive while the unit streams.
+        const bool mine = warp == i % kConsumers;
+        float bias0 = 0.f, bias1 = 0.f;
+        if (mine) {
+            const int g = lane >> 2;
+            if (phase == 0 && gateUpBias) {
+                bias0 = __ldg(gateUpBias + (size_t)e * 2 * I + tile * 8 + g);
+                bias1 = __ldg(gateUpBias + (size_t)e * 2 * I + I + tile * 8 + g);
+            } else if (phase == 1 && downBias) {
+                bias0 = __ldg(downBias + (size_t)e * H + tile * 16 + g);
+                bias1 = __ldg(downBias + (size_t)e * H + tile * 16 + g + 8);
+            }
+        }
+        float* rb = red + buf * kRedFloats;
+        if (n > 4) consume<2>(ring, ringSlots, fullBar, emptyBar, pos, round, steps, bLane, rb);
+        else consume<1>(ring, ringSlots, fullBar, emptyBar, pos, round, steps, bLane, rb);
+        consumers_sync();
+        if (mine) {
+            const int g = lane >> 2;
+            if (phase == 0) {
+                if (n > 4) finish_gate_up<2>(rb, n, p0, I, tile * 8 + g, bias0, bias1, unscale, clamped, alpha, limit, act, sync + kSyncActMax);
+                else finish_gate_up<1>(rb, n, p0, I, tile * 8 + g, bias0, bias1, unscale, clamped, alpha, limit, act, sync + kSyncActMax);
+            } else {
+                if (n > 4) finish_down<2>(rb, n, p0, H, tile * 16 + g, bias0, bias1, unscale, r.weight(), partial);
+                else finish_down<1>(rb, n, p0, H, tile * 16 + g, bias0, bias1, unscale, r.weight(), partial);
+            }
+            __syncwarp();
+            if (lane == 0) store_release_block(&finished[warp], i / kConsumers + 1);
+        }
+        buf ^= 1;
+    }
+}

@@ -1,40 +1,73 @@
+import Dispatch
 import Fulgur
 
 /// A mixture-of-experts layer copied to the GPU and run by the kernels of Kernels/moe.cu for
 /// 1-16 tokens: router and routing, grouping by expert, gate+up with the GLU, down and the
-/// weighted sum, in three launches and no host round-trip. Experts must be MXFP4 with split
-/// scales: a fused gate+up weight (gpt-oss `_blocks`/`_scales`, gate and up interleaved, or
-/// stacked with gate rows first) or separate gate and up weights (MiMo), which are uploaded as
-/// one gate-rows-first matrix. The router is BF16 or F32.
+/// weighted sum, with no host round-trip. Experts must be MXFP4 with split scales: a fused
+/// gate+up weight (gpt-oss `_blocks`/`_scales`, gate and up interleaved, or stacked with gate
+/// rows first) or separate gate and up weights (MiMo). The router is BF16 or F32.
+///
+/// `version` picks the kernels: 2 (the default) routes in a small launch and runs every expert
+/// product in one persistent launch on the tensor cores, from weights repacked at upload
+/// (`tiled`); 1 is the first version (three launches, FFMA), kept so one GPU run can time both.
 public final class CUDAMoE: @unchecked Sendable {
     public static let maxTokens = 16
     static let maxExperts = 256, maxTopK = 8, maxGroups = 32
     public let spec: MoESpec
     public let hidden: Int
+    public let version: Int
     /// Bytes one touched expert reads (codes, scales, biases), and the router's bytes.
     public let expertBytes: Int
     public let routerBytes: Int
     let module: KernelModule
-    let routeKernel: KernelModule.Function
-    /// gate_up and down kernels for the token bins 1, 2, 4, 8, 16.
-    let gateUpKernels: [KernelModule.Function]
-    let downKernels: [KernelModule.Function]
     let router: DeviceBuffer, routerIsBF16: Bool
     let routerBias: DeviceBuffer?, correctionBias: DeviceBuffer?
-    let gateUpCodes: DeviceBuffer, gateUpScales: DeviceBuffer, gateUpBias: DeviceBuffer?
-    let downCodes: DeviceBuffer, downScales: DeviceBuffer, downBias: DeviceBuffer?
-    let interleaved: Bool
-    /// Scratch: logits [16, E], the routing buffer (layout in moe::Routes), act [16 * k, I].
-    let logits: DeviceBuffer, routes: DeviceBuffer, act: DeviceBuffer
+    /// Scratch: logits [16, E]; the routing buffer (layout in moe::Routes), which both versions
+    /// fill for `lastRoutes`.
+    let logits: DeviceBuffer, routes: DeviceBuffer
+    let kernels: Kernels
+
+    enum Kernels {
+        case v1(Version1)
+        case v2(Version2)
+    }
+
+    struct Version1 {
+        let route: KernelModule.Function
+        /// gate_up and down kernels for the token bins 1, 2, 4, 8, 16.
+        let gateUp: [KernelModule.Function], down: [KernelModule.Function]
+        let gateUpCodes: DeviceBuffer, gateUpScales: DeviceBuffer, gateUpBias: DeviceBuffer?
+        let downCodes: DeviceBuffer, downScales: DeviceBuffer, downBias: DeviceBuffer?
+        let interleaved: Bool
+        /// act [16 * k, I]
+        let act: DeviceBuffer
+    }
+
+    struct Version2 {
+        let route: KernelModule.Function, experts: KernelModule.Function
+        /// Weights in `tiled` layout; gateUpBias [E, 2, I] (gate, then up), downBias [E, H].
+        let gateUp: DeviceBuffer, gateUpBias: DeviceBuffer?, down: DeviceBuffer, downBias: DeviceBuffer?
+        /// xexp [16]; sync: the counters moe2_route zeroes; act [16k, I]; partial [16k, H].
+        let xexp: DeviceBuffer, sync: DeviceBuffer, act: DeviceBuffer, partial: DeviceBuffer
+        let syncCount: Int
+        let plan: Plan
+    }
+
+    /// moe2_experts' launch: blocks (all resident at once), dynamic shared memory split into a
+    /// ring of `ringSlots` chunks, x for `tokensPerSlot` tokens (`xBytes`) and the warp partials.
+    struct Plan {
+        let blocks: Int, ringSlots: Int, tokensPerSlot: Int, xBytes: Int, sharedBytes: Int
+    }
 
     static let bins = [1, 2, 4, 8, 16]
 
-    public init(_ m: MoEWeights, module: KernelModule) throws {
+    public init(_ m: MoEWeights, module: KernelModule, version: Int = 2) throws {
         let s = m.spec, E = s.experts, k = s.topK, I = s.intermediate, H = m.router.inFeatures
         func unsupported(_ why: String) -> FulgurError {
-            FulgurError(.unsupported, "MoE layer (router '\(m.router.name)'): \(why); the CUDA MoE kernel takes MXFP4 experts with split scales, up to \(Self.maxExperts) experts, top-k up to \(Self.maxTopK), hidden and intermediate sizes that are multiples of 32")
+            FulgurError(.unsupported, "MoE layer (router '\(m.router.name)'): \(why); the CUDA MoE kernel takes MXFP4 experts with split scales, up to \(Self.maxExperts) experts, top-k up to \(Self.maxTopK), hidden and intermediate sizes that are multiples of 32 (version 2: hidden at most 8192)")
         }
-        guard E <= Self.maxExperts, E == m.experts.count, (1...Self.maxTopK).contains(k), H % 32 == 0, I % 32 == 0 else {
+        guard version == 1 || version == 2 else { throw unsupported("kernel version \(version) (there are 1 and 2)") }
+        guard E <= Self.maxExperts, E == m.experts.count, (1...Self.maxTopK).contains(k), H % 32 == 0, I % 32 == 0, version == 1 || H <= 8192 else {
             throw unsupported("\(E) experts, top-\(k), hidden \(H), intermediate \(I)")
         }
         guard m.router.outFeatures == E, !m.router.transposed, m.router.format == .plain(.bf16) || m.router.format == .plain(.f32) else {
@@ -54,16 +87,9 @@ public final class CUDAMoE: @unchecked Sendable {
         }
         self.spec = s
         self.hidden = H
+        self.version = version
         self.module = module
-        self.interleaved = m.experts[0].gateUp != nil && m.experts[0].interleaved
         let device = module.device
-        routeKernel = try module.function("moe_route")
-        gateUpKernels = try Self.bins.map { try module.function("moe_gate_up_t\($0)") }
-        downKernels = try Self.bins.map { try module.function("moe_down_t\($0)") }
-        for (i, b) in Self.bins.enumerated() {
-            try module.allowSharedMemory(gateUpKernels[i], bytes: Self.sharedBytes(bin: b))
-            try module.allowSharedMemory(downKernels[i], bytes: Self.sharedBytes(bin: b))
-        }
 
         router = try device.upload(m.router.storage.codes)
         routerIsBF16 = m.router.format == .plain(.bf16)
@@ -71,34 +97,69 @@ public final class CUDAMoE: @unchecked Sendable {
         func floats(_ v: [Float]?) throws -> DeviceBuffer? { try v.map { a in try a.withUnsafeBytes { try device.upload($0) } } }
         routerBias = try floats(m.routerBias)
         correctionBias = try floats(m.correctionBias)
-
-        // Experts stacked [E, rows, ...]: each expert's weights copied in at its offset.
-        func stack(_ rows: Int, _ columns: Int, _ parts: (ExpertWeights) -> [LinearWeight]) throws -> (DeviceBuffer, DeviceBuffer) {
-            let codeBytes = rows * columns / 2, scaleBytes = rows * columns / 32
-            let codes = try device.allocate(E * codeBytes), scales = try device.allocate(E * scaleBytes)
-            for (e, x) in m.experts.enumerated() {
-                var c = e * codeBytes, sc = e * scaleBytes
-                for w in parts(x) {
-                    let (wc, ws) = w.storage
-                    try codes.upload(wc, offset: c)
-                    try scales.upload(ws!, offset: sc)
-                    c += wc.count; sc += ws!.count
-                }
-            }
-            return (codes, scales)
-        }
-        (gateUpCodes, gateUpScales) = try stack(2 * I, H) { x in x.gateUp.map { [$0] } ?? [x.gate!, x.up!] }
-        (downCodes, downScales) = try stack(H, I) { [$0.down] }
-        gateUpBias = try floats(m.experts[0].gateUpBias.map { _ in m.experts.flatMap { $0.gateUpBias! } })
-        downBias = try floats(m.experts[0].downBias.map { _ in m.experts.flatMap { $0.downBias! } })
-        expertBytes = (2 * I * H + H * I) * 17 / 32 + 4 * ((gateUpBias == nil ? 0 : 2 * I) + (downBias == nil ? 0 : H))
-
+        let hasGateUpBias = m.experts[0].gateUpBias != nil, hasDownBias = m.experts[0].downBias != nil
+        expertBytes = (2 * I * H + H * I) * 17 / 32 + 4 * ((hasGateUpBias ? 2 * I : 0) + (hasDownBias ? H : 0))
         logits = try device.allocate(4 * Self.maxTokens * E)
         let routeInts = Self.routesLayout(experts: E, topK: k).total
         let routes = try device.allocate(4 * routeInts)
-        try [Int32](repeating: 0, count: routeInts).withUnsafeBytes { try routes.upload($0) }  // the arrival counter starts at 0
+        try [Int32](repeating: 0, count: routeInts).withUnsafeBytes { try routes.upload($0) }  // v1's arrival counter starts at 0
         self.routes = routes
-        act = try device.allocate(4 * Self.maxTokens * k * I)
+        let interleaved = m.experts[0].gateUp != nil && m.experts[0].interleaved
+        let downBias = try floats(hasDownBias ? m.experts.flatMap { $0.downBias! } : nil)
+
+        if version == 1 {
+            let route = try module.function("moe_route")
+            let gateUpKernels = try Self.bins.map { try module.function("moe_gate_up_t\($0)") }
+            let downKernels = try Self.bins.map { try module.function("moe_down_t\($0)") }
+            for (i, b) in Self.bins.enumerated() {
+                try module.allowSharedMemory(gateUpKernels[i], bytes: Self.sharedBytes(bin: b))
+                try module.allowSharedMemory(downKernels[i], bytes: Self.sharedBytes(bin: b))
+            }
+            // Experts stacked [E, rows, ...]: each expert's weights copied in at its offset.
+            func stack(_ rows: Int, _ columns: Int, _ parts: (ExpertWeights) -> [LinearWeight]) throws -> (DeviceBuffer, DeviceBuffer) {
+                let codeBytes = rows * columns / 2, scaleBytes = rows * columns / 32
+                let codes = try device.allocate(E * codeBytes), scales = try device.allocate(E * scaleBytes)
+                for (e, x) in m.experts.enumerated() {
+                    var c = e * codeBytes, sc = e * scaleBytes
+                    for w in parts(x) {
+                        let (wc, ws) = w.storage
+                        try codes.upload(wc, offset: c)
+                        try scales.upload(ws!, offset: sc)
+                        c += wc.count; sc += ws!.count
+                    }
+                }
+                return (codes, scales)
+            }
+            let (gateUpCodes, gateUpScales) = try stack(2 * I, H) { x in x.gateUp.map { [$0] } ?? [x.gate!, x.up!] }
+            let (downCodes, downScales) = try stack(H, I) { [$0.down] }
+            let gateUpBias = try floats(hasGateUpBias ? m.experts.flatMap { $0.gateUpBias! } : nil)
+            kernels = .v1(Version1(route: route, gateUp: gateUpKernels, down: downKernels, gateUpCodes: gateUpCodes, gateUpScales: gateUpScales,
+                                   gateUpBias: gateUpBias, downCodes: downCodes, downScales: downScales, downBias: downBias,
+                                   interleaved: interleaved, act: try device.allocate(4 * Self.maxTokens * k * I)))
+            return
+        }
+
+        let route = try module.function("moe2_route"), experts = try module.function("moe2_experts")
+        let plan = try Self.plan(experts, module: module, hidden: H, intermediate: I)
+        try module.allowSharedMemory(experts, bytes: plan.sharedBytes)
+        // gate_up tile i: rows 0-7 are gate rows 8i..8i+7, rows 8-15 the matching up rows.
+        let gateUp = try CUDAMoE.upload(device, CUDAMoE.tiled(experts: E, tiles: I / 8, columns: H) { e, tile, r in
+            let x = m.experts[e], j = 8 * tile + r % 8, gate = r < 8
+            if let fused = x.gateUp { return CUDAMoE.row(fused, interleaved ? 2 * j + (gate ? 0 : 1) : (gate ? 0 : I) + j) }
+            return CUDAMoE.row(gate ? x.gate! : x.up!, j)
+        })
+        let down = try CUDAMoE.upload(device, CUDAMoE.tiled(experts: E, tiles: H / 16, columns: I) { e, tile, r in
+            CUDAMoE.row(m.experts[e].down, 16 * tile + r)
+        })
+        let gateUpBias = try floats(hasGateUpBias ? m.experts.flatMap { x -> [Float] in
+            let b = x.gateUpBias!
+            return interleaved ? (0..<I).map { b[2 * $0] } + (0..<I).map { b[2 * $0 + 1] } : b
+        } : nil)
+        let syncCount = 2 * Self.maxTokens * Self.maxTopK + H / 16
+        kernels = .v2(Version2(route: route, experts: experts, gateUp: gateUp, gateUpBias: gateUpBias, down: down, downBias: downBias,
+                               xexp: try device.allocate(4 * Self.maxTokens), sync: try device.allocate(4 * syncCount),
+                               act: try device.allocate(4 * Self.maxTokens * k * I), partial: try device.allocate(4 * Self.maxTokens * k * H),
+                               syncCount: syncCount, plan: plan))
     }
 
     /// Int32 offsets in the routing buffer; mirrors moe::Routes in Kernels/moe.cu.
@@ -107,19 +168,142 @@ public final class CUDAMoE: @unchecked Sendable {
         return (token + 2 * pairs, token + 3 * pairs, token + 4 * pairs)
     }
 
-    /// Dynamic shared memory of the bin's kernels; mirrors moe::Tile (NT * 32 * unroll chunks
-    /// of 36 floats, unroll 4 / 2 / 1 for NT <= 2 / <= 8 / 16).
+    /// Dynamic shared memory of version 1's kernels for a token bin; mirrors moe::Tile (NT * 32
+    /// * unroll chunks of 36 floats, unroll 4 / 2 / 1 for NT <= 2 / <= 8 / 16).
     static func sharedBytes(bin: Int) -> Int {
         let unroll = bin <= 2 ? 4 : bin <= 8 ? 2 : 1
         return 4 * bin * 32 * unroll * 36
     }
 
+    // Mirrors moe2:: in Kernels/moe.cu.
+    static let v2Threads = 320, stepBytes = 544, chunkBytes = 32 * 544, maxRingSlots = 8
+    static let partialBytes = 2 * 8 * 2 * 4 * 32 * 4
+
+    /// Splits the block's shared memory: x for as many tokens per slot as fit (8, else 4, 2,
+    /// 1) beside a ring of at least 2 chunks, then as many chunks as fit, up to 8. 4 KB stay free
+    /// so the next call's router block can start beside a running block.
+    static func plan(_ experts: KernelModule.Function, module: KernelModule, hidden H: Int, intermediate I: Int) throws -> Plan {
+        let steps = max((H / 32 + 1) / 2, (I / 32 + 1) / 2)
+        let room = module.device.maxSharedMemoryPerBlock - (try module.staticSharedBytes(experts)) - partialBytes - 4096
+        guard let tokens = [8, 4, 2, 1].first(where: { $0 * 256 * steps + 2 * chunkBytes <= room }) else {
+            throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): one token's activations (\(256 * steps) bytes) and two weight chunks do not fit the \(room) bytes of shared memory a block has here")
+        }
+        let xBytes = tokens * 256 * steps, ring = min(maxRingSlots, (room - xBytes) / chunkBytes)
+        let shared = ring * chunkBytes + xBytes + partialBytes
+        let perSM = try module.residentBlocksPerMultiprocessor(experts, threads: v2Threads, sharedBytes: shared)
+        guard perSM >= 1 else {
+            throw FulgurError(.unsupported, "moe2_experts with \(shared) bytes of shared memory cannot run on \(module.device.name)")
+        }
+        return Plan(blocks: perSM * module.device.multiprocessors, ringSlots: ring, tokensPerSlot: tokens, xBytes: xBytes, sharedBytes: shared)
+    }
+
+    /// Codes and E8M0 scales of row `r` of an MXFP4 weight.
+    static func row(_ w: LinearWeight, _ r: Int) -> (codes: UnsafeRawPointer, scales: UnsafeRawPointer) {
+        let (codes, scales) = w.storage
+        return (codes.baseAddress! + r * w.inFeatures / 2, scales!.baseAddress! + r * w.inFeatures / 32)
+    }
+
+    static func upload(_ device: CUDADevice, _ bytes: [UInt8]) throws -> DeviceBuffer {
+        try bytes.withUnsafeBytes { try device.upload($0) }
+    }
+
+    /// MXFP4 matrices of `experts` x `tiles` x 16 rows, `columns` wide, in moe2_experts' layout:
+    /// per tile, steps of 64 columns, each 544 bytes. Bytes 0-511 are the codes in the order of
+    /// the mma A fragment: lane 4g + t's 16 bytes are word t (columns 8t..8t+7) of rows g and
+    /// g + 8 of the step's first 32-column block, then of its second; each word's nibble bits
+    /// rearranged by `placed`. Bytes 512-543: for g = 0..7, the scales of rows g and g + 8 of
+    /// the first block, then of the second. A block past the end of the row (an odd number of
+    /// blocks) is zero codes with scale 1. `rows(e, tile, r)` gives tile row r of expert e.
+    static func tiled(experts: Int, tiles: Int, columns: Int,
+                      rows: @escaping (Int, Int, Int) -> (codes: UnsafeRawPointer, scales: UnsafeRawPointer)) -> [UInt8] {
+        let blocks = columns / 32, steps = (blocks + 1) / 2, tileBytes = steps * stepBytes
+        var out = [UInt8](repeating: 0, count: experts * tiles * tileBytes)
+        let table = placedTable
+        out.withUnsafeMutableBytes { buffer in
+            let base = buffer.baseAddress!
+            // Each expert's tiles are its own bytes: the experts repack in parallel.
+            DispatchQueue.concurrentPerform(iterations: experts) { e in
+                for tile in 0..<tiles {
+                    let source = (0..<16).map { rows(e, tile, $0) }
+                    for s in 0..<steps {
+                        let step = base + (e * tiles + tile) * tileBytes + s * stepBytes
+                        for g in 0..<8 {
+                            for h in 0..<2 {
+                                let b = 2 * s + h
+                                for q in 0..<2 {
+                                    let (codes, scales) = source[g + 8 * q]
+                                    step.storeBytes(of: b < blocks ? scales.load(fromByteOffset: b, as: UInt8.self) : 127,
+                                                    toByteOffset: 512 + 4 * g + 2 * h + q, as: UInt8.self)
+                                    for t in 0..<4 {
+                                        var word: UInt32 = 0
+                                        if b < blocks {
+                                            let c = codes + 16 * b + 4 * t
+                                            word = table[Int(c.load(as: UInt8.self))] | table[256 + Int(c.load(fromByteOffset: 1, as: UInt8.self))]
+                                                | table[512 + Int(c.load(fromByteOffset: 2, as: UInt8.self))] | table[768 + Int(c.load(fromByteOffset: 3, as: UInt8.self))]
+                                        }
+                                        step.storeBytes(of: word, toByteOffset: 16 * (4 * g + t) + 4 * (2 * h + q), as: UInt32.self)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        return out
+    }
+
+    /// A checkpoint code word (nibble q = column q, sign in its top bit) with its bits moved to
+    /// where moe2::e2m1_pairs reads them: pair I = (nibble I, nibble I + 4) has its magnitude
+    /// bits at 9, 6, 3, 0 (I = 0..3) and its sign at 15, 12, 13, 14 in the low half for nibble
+    /// I, the same plus 16 for nibble I + 4.
+    static func placed(_ word: UInt32) -> UInt32 {
+        let magnitudeAt: [UInt32] = [9, 6, 3, 0], signAt: [UInt32] = [15, 12, 13, 14]
+        var out: UInt32 = 0
+        for q in 0..<8 {
+            let nibble = (word >> (4 * UInt32(q))) & 0xF, pair = q % 4, half = UInt32(16 * (q / 4))
+            out |= (nibble & 7) << (magnitudeAt[pair] + half) | (nibble >> 3) << (signAt[pair] + half)
+        }
+        return out
+    }
+
+    /// placed() per byte of the word: entry 256 * byte + value; a word's image is the OR of its
+    /// four bytes' entries.
+    static let placedTable: [UInt32] = (0..<4).flatMap { byte in (0..<256).map { placed(UInt32($0) << (8 * UInt32(byte))) } }
+
+    /// Kernel names in launch order, for `stageEvents`.
+    public var stageNames: [String] {
+        switch kernels {
+        case .v1: ["route", "gate_up", "down"]
+        case .v2: ["route", "experts"]
+        }
+    }
+
+    /// Launch shape, for logs.
+    public var planDescription: String {
+        switch kernels {
+        case .v1: "version 1: route, gate_up, down"
+        case .v2(let v):
+            "version 2: \(v.plan.blocks) blocks of \(Self.v2Threads) threads, \(v.plan.sharedBytes) bytes of shared memory (ring of \(v.plan.ringSlots) x \(Self.chunkBytes), x for \(v.plan.tokensPerSlot) tokens)"
+        }
+    }
+
     /// out[t] = MoE(x[t]) for `tokens` rows of f32 `x` ([tokens, hidden]) into f32 `out`
     /// ([tokens, hidden]), enqueued on `stream`. With `overlapPrevious` (the default) each
-    /// kernel is launched as a programmatic dependent of the one before it.
-    public func run(_ x: DeviceBuffer, tokens: Int, into out: DeviceBuffer, stream: CUDAStream, overlapPrevious: Bool = true) throws {
+    /// kernel is launched as a programmatic dependent of the one before it. With `stageEvents`
+    /// (one more than `stageNames`), each launch is preceded by a record of the next event and
+    /// the last event follows them; launches are then plain, so the events time each kernel.
+    public func run(_ x: DeviceBuffer, tokens: Int, into out: DeviceBuffer, stream: CUDAStream, overlapPrevious: Bool = true,
+                    stageEvents: [CUDAEvent] = []) throws {
         precondition((1...Self.maxTokens).contains(tokens), "CUDAMoE takes 1 to \(Self.maxTokens) tokens")
         precondition(x.byteCount >= 4 * tokens * hidden && out.byteCount >= 4 * tokens * hidden, "activation buffers too small for \(tokens) tokens")
+        precondition(stageEvents.isEmpty || stageEvents.count == stageNames.count + 1, "stageEvents: one more than the \(stageNames.count) kernels")
+        let overlap = overlapPrevious && stageEvents.isEmpty
+        var stage = 0
+        func mark() throws {
+            if stage < stageEvents.count { try stageEvents[stage].record(stream) }
+            stage += 1
+        }
         let E = Int32(spec.experts), k = Int32(spec.topK), H = Int32(hidden), I = Int32(spec.intermediate), T = Int32(tokens)
         let (mode, normalize, scaling, groups, topKGroups): (Int32, Bool, Float, Int, Int) = switch spec.routing {
         case .softmaxTopK(let n): (0, n, 1, 1, 1)
@@ -131,19 +315,39 @@ public final class CUDAMoE: @unchecked Sendable {
         case .clampedSwiGLU(let a, let l): (1, a, l)
         }
         func ptr(_ b: DeviceBuffer?) -> KernelModule.Argument { .pointer(b?.address ?? 0) }
-        try module.launch(routeKernel, grid: ((spec.experts + 3) / 4, 1, 1), block: (128, 1, 1), stream: stream, overlapPrevious: overlapPrevious, [
-            ptr(router), .int32(routerIsBF16 ? 1 : 0), ptr(routerBias), ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0),
-            .float(scaling), .int32(Int32(groups)), .int32(Int32(topKGroups)), ptr(x), .int32(T), .int32(H), .int32(E), .int32(k),
-            ptr(logits), ptr(routes)])
-        let bin = Self.bins.firstIndex { $0 >= tokens }!, b = Self.bins[bin], shared = Self.sharedBytes(bin: b)
-        let pairsPerWarp = b == 2 || b == 4 ? 2 : 1, rowsPerWarp = b == 1 ? 1 : 2
-        try module.launch(gateUpKernels[bin], grid: ((spec.intermediate + 4 * pairsPerWarp - 1) / (4 * pairsPerWarp), 1, 1), block: (128, 1, 1),
-                          sharedBytes: shared, stream: stream, overlapPrevious: overlapPrevious, [
-            ptr(routes), .int32(E), .int32(k), ptr(x), .int32(H), .int32(I), ptr(gateUpCodes), ptr(gateUpScales), ptr(gateUpBias),
-            .int32(interleaved ? 1 : 0), .int32(clamped), .float(alpha), .float(limit), ptr(act)])
-        try module.launch(downKernels[bin], grid: ((hidden + 4 * rowsPerWarp - 1) / (4 * rowsPerWarp), 1, 1), block: (128, 1, 1),
-                          sharedBytes: shared, stream: stream, overlapPrevious: overlapPrevious, [
-            ptr(routes), .int32(E), .int32(k), ptr(act), .int32(T), .int32(H), .int32(I), ptr(downCodes), ptr(downScales), ptr(downBias), ptr(out)])
+        switch kernels {
+        case .v1(let v):
+            try mark()
+            try module.launch(v.route, grid: ((spec.experts + 3) / 4, 1, 1), block: (128, 1, 1), stream: stream, overlapPrevious: overlap, [
+                ptr(router), .int32(routerIsBF16 ? 1 : 0), ptr(routerBias), ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0),
+                .float(scaling), .int32(Int32(groups)), .int32(Int32(topKGroups)), ptr(x), .int32(T), .int32(H), .int32(E), .int32(k),
+                ptr(logits), ptr(routes)])
+            let bin = Self.bins.firstIndex { $0 >= tokens }!, b = Self.bins[bin], shared = Self.sharedBytes(bin: b)
+            let pairsPerWarp = b == 2 || b == 4 ? 2 : 1, rowsPerWarp = b == 1 ? 1 : 2
+            try mark()
+            try module.launch(v.gateUp[bin], grid: ((spec.intermediate + 4 * pairsPerWarp - 1) / (4 * pairsPerWarp), 1, 1), block: (128, 1, 1),
+                              sharedBytes: shared, stream: stream, overlapPrevious: overlap, [
+                ptr(routes), .int32(E), .int32(k), ptr(x), .int32(H), .int32(I), ptr(v.gateUpCodes), ptr(v.gateUpScales), ptr(v.gateUpBias),
+                .int32(v.interleaved ? 1 : 0), .int32(clamped), .float(alpha), .float(limit), ptr(v.act)])
+            try mark()
+            try module.launch(v.down[bin], grid: ((hidden + 4 * rowsPerWarp - 1) / (4 * rowsPerWarp), 1, 1), block: (128, 1, 1),
+                              sharedBytes: shared, stream: stream, overlapPrevious: overlap, [
+                ptr(routes), .int32(E), .int32(k), ptr(v.act), .int32(T), .int32(H), .int32(I), ptr(v.downCodes), ptr(v.downScales), ptr(v.downBias), ptr(out)])
+        case .v2(let v):
+            try mark()
+            try module.launch(v.route, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, [
+                ptr(router), .int32(routerIsBF16 ? 1 : 0), ptr(routerBias), ptr(x), .int32(T), .int32(H), .int32(E),
+                ptr(logits), ptr(v.xexp), ptr(v.sync), .int32(Int32(v.syncCount))])
+            try mark()
+            try module.launch(v.experts, grid: (v.plan.blocks, 1, 1), block: (Self.v2Threads, 1, 1), sharedBytes: v.plan.sharedBytes,
+                              stream: stream, overlapPrevious: overlap, [
+                ptr(logits), ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling), .int32(Int32(groups)),
+                .int32(Int32(topKGroups)), ptr(x), ptr(v.xexp), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k),
+                ptr(v.gateUp), ptr(v.gateUpBias), ptr(v.down), ptr(v.downBias), .int32(clamped), .float(alpha), .float(limit),
+                ptr(v.act), ptr(v.partial), ptr(v.sync), ptr(routes), ptr(out),
+                .int32(Int32(v.plan.ringSlots)), .int32(Int32(v.plan.tokensPerSlot)), .int32(Int32(v.plan.xBytes))])
+        }
+        try mark()
     }
 
     /// The last run's routing, read back once `stream` is synchronized (for checks and statistics): each

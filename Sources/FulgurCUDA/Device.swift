@@ -6,6 +6,8 @@ public final class CUDADevice: @unchecked Sendable {
     public let ordinal: Int32
     public let name: String
     public let multiprocessors: Int
+    /// The most shared memory one block may use (static plus dynamic, after opting in).
+    public let maxSharedMemoryPerBlock: Int
     public let totalMemory: Int
     public let pool: DevicePool
     let driver: Driver
@@ -19,12 +21,14 @@ public final class CUDADevice: @unchecked Sendable {
             throw CUDAError(operation: "open GPU \(ordinal)", code: nil,
                             message: "GPU \(ordinal) does not exist: the driver sees \(count) GPU\(count == 1 ? "" : "s")")
         }
-        var device: Int32 = 0, sms: Int32 = 0, memory = 0
+        var device: Int32 = 0, sms: Int32 = 0, shared: Int32 = 0, memory = 0
         try d.check(d.cuDeviceGet(&device, ordinal), "cuDeviceGet(\(ordinal))")
         var nameBytes = [CChar](repeating: 0, count: 256)
         try d.check(d.cuDeviceGetName(&nameBytes, 256, device), "cuDeviceGetName")
         let multiprocessorCount: Int32 = 16  // CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
         try d.check(d.cuDeviceGetAttribute(&sms, multiprocessorCount, device), "cuDeviceGetAttribute(multiprocessor count)")
+        let sharedOptIn: Int32 = 97  // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        try d.check(d.cuDeviceGetAttribute(&shared, sharedOptIn, device), "cuDeviceGetAttribute(max shared memory per block, opt-in)")
         try d.check(d.cuDeviceTotalMem(&memory, device), "cuDeviceTotalMem")
         var ctx: OpaquePointer?
         try d.check(d.cuDevicePrimaryCtxRetain(&ctx, device), "cuDevicePrimaryCtxRetain")
@@ -32,6 +36,7 @@ public final class CUDADevice: @unchecked Sendable {
         self.ordinal = ordinal
         self.name = String(decoding: nameBytes.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         self.multiprocessors = Int(sms)
+        self.maxSharedMemoryPerBlock = Int(shared)
         self.totalMemory = memory
         self.driver = d
         self.context = ctx

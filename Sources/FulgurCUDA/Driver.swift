@@ -46,6 +46,8 @@ final class Driver: @unchecked Sendable {
     let cuLaunchKernelEx: @convention(c) (UnsafeRawPointer, OpaquePointer?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
                                           UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> CUresult
     let cuFuncSetAttribute: @convention(c) (OpaquePointer?, Int32, Int32) -> CUresult
+    let cuFuncGetAttribute: @convention(c) (UnsafeMutablePointer<Int32>, Int32, OpaquePointer?) -> CUresult
+    let cuOccupancyMaxActiveBlocksPerMultiprocessor: @convention(c) (UnsafeMutablePointer<Int32>, OpaquePointer?, Int32, Int) -> CUresult
     let cuModuleGetGlobal: @convention(c) (UnsafeMutablePointer<CUdeviceptr>, UnsafeMutablePointer<Int>, OpaquePointer?, UnsafePointer<CChar>) -> CUresult
     let cuLaunchKernel: @convention(c) (OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
                                         UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> CUresult
@@ -103,6 +105,8 @@ final class Driver: @unchecked Sendable {
         cuModuleGetFunction = try symbol("cuModuleGetFunction")
         cuModuleGetGlobal = try symbol("cuModuleGetGlobal_v2")
         cuFuncSetAttribute = try symbol("cuFuncSetAttribute")
+        cuFuncGetAttribute = try symbol("cuFuncGetAttribute")
+        cuOccupancyMaxActiveBlocksPerMultiprocessor = try symbol("cuOccupancyMaxActiveBlocksPerMultiprocessor")
         cuLaunchKernelEx = try symbol("cuLaunchKernelEx")
         cuLaunchKernel = try symbol("cuLaunchKernel")
         cuStreamCreate = try symbol("cuStreamCreate")

@@ -61,6 +61,23 @@ public final class KernelModule: @unchecked Sendable {
                                 "cuFuncSetAttribute(\(f.name), max dynamic shared memory \(bytes))")
     }
 
+    /// Bytes of statically declared shared memory `f` uses (its dynamic shared memory comes on top).
+    public func staticSharedBytes(_ f: Function) throws -> Int {
+        let sharedSizeBytes: Int32 = 1  // CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+        var bytes: Int32 = 0
+        try device.driver.check(device.driver.cuFuncGetAttribute(&bytes, sharedSizeBytes, f.handle), "cuFuncGetAttribute(\(f.name), shared size)")
+        return Int(bytes)
+    }
+
+    /// How many blocks of `f` (`threads` threads, `sharedBytes` of dynamic shared memory) one
+    /// multiprocessor holds at once, by the driver's occupancy calculation.
+    public func residentBlocksPerMultiprocessor(_ f: Function, threads: Int, sharedBytes: Int) throws -> Int {
+        var blocks: Int32 = 0
+        try device.driver.check(device.driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, f.handle, Int32(threads), sharedBytes),
+                                "cuOccupancyMaxActiveBlocksPerMultiprocessor(\(f.name), \(threads) threads, \(sharedBytes) bytes shared)")
+        return Int(blocks)
+    }
+
     /// A kernel argument as the kernel declares it.
     public enum Argument {
         case pointer(UInt64), int32(Int32), float(Float), double(Double)

@@ -114,21 +114,71 @@ func routingGap(_ logits: ArraySlice<Float>, _ m: MoEWeights) -> Float {
     return min(gap, sorted[k - 1] - sorted[k])
 }
 
+/// One kernel version's result for a check: error against the CPU, tokens whose expert set
+/// differs from MoE.route's, and (timed shapes) us per call launched plainly / overlapping the
+/// previous kernel, and the median us of each kernel with events between the launches.
+struct MoEResult {
+    let error: Double; let routeMismatches: Int; let touched: Int
+    let timings: [Timing]; let stages: [Double]
+    var passed: Bool { error <= tolerance && routeMismatches == 0 }
+}
+
 struct MoERow {
-    let shape: String; let tokens: Int; let touched: Int; let error: Double; let routeMismatches: Int
-    let bytes: Int
-    /// (us per call, launched plainly / overlapping the previous kernel, rounds host-paced)
-    let timings: [Timing]
+    let shape: String; let tokens: Int; let bytes: Int
+    /// Versions 1 and 2.
+    let results: [MoEResult]
+}
+
+let moeVersions = [1, 2]
+
+/// us per call over 10 rounds of `calls` calls rotating over `copies`, each round queued behind
+/// three 1 GiB copies so the events time the GPU, not the host's launch rate; the median round.
+func timeMoE(_ copies: [CUDAMoE], _ x: DeviceBuffer, tokens t: Int, _ out: DeviceBuffer, overlap: Bool, _ device: CUDADevice,
+             _ stream: CUDAStream, copy: Copy) throws -> Timing {
+    let calls = 20
+    let start = try device.makeEvent(), end = try device.makeEvent()
+    for i in 0..<(2 * copies.count) { try copies[i % copies.count].run(x, tokens: t, into: out, stream: stream, overlapPrevious: overlap) }
+    var times: [Double] = [], hostPaced = 0
+    for _ in 0..<10 {
+        for _ in 0..<3 { try copy.dst.copy(from: copy.src, bytes: copy.src.byteCount, stream: stream) }
+        let queued = DispatchTime.now().uptimeNanoseconds
+        try start.record(stream)
+        for i in 0..<calls { try copies[i % copies.count].run(x, tokens: t, into: out, stream: stream, overlapPrevious: overlap) }
+        try end.record(stream)
+        let hostMicros = Double(DispatchTime.now().uptimeNanoseconds - queued) / 1e3
+        if hostMicros > 0.8 * copy.micros(3 * copy.src.byteCount) { hostPaced += 1 }
+        times.append(try end.milliseconds(since: start) * 1e3 / Double(calls))
+    }
+    return (median(times), 0, hostPaced)
+}
+
+/// Median us of each kernel of a call, from events recorded between plain launches (queued
+/// behind copies as in timeMoE; 5 rounds of `calls`).
+func timeStages(_ copies: [CUDAMoE], _ x: DeviceBuffer, tokens t: Int, _ out: DeviceBuffer, _ device: CUDADevice,
+                _ stream: CUDAStream, copy: Copy) throws -> [Double] {
+    let calls = 20, stages = copies[0].stageNames.count
+    let events = try (0..<calls).map { _ in try (0...stages).map { _ in try device.makeEvent() } }
+    var samples = [[Double]](repeating: [], count: stages)
+    for _ in 0..<5 {
+        for _ in 0..<3 { try copy.dst.copy(from: copy.src, bytes: copy.src.byteCount, stream: stream) }
+        for i in 0..<calls { try copies[i % copies.count].run(x, tokens: t, into: out, stream: stream, stageEvents: events[i]) }
+        for e in events {
+            for s in 0..<stages { samples[s].append(try e[s + 1].milliseconds(since: e[s]) * 1e3) }
+        }
+    }
+    return samples.map(median)
 }
 
 func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _ s: MoEShape, tokens: [Int],
               timed: [Int], copy: Copy, seed: UInt64) throws -> [MoERow] {
     var rng = SeededGenerator(seed: seed)
     let m = try randomMoE(s, &rng)
-    let gpu = try CUDAMoE(m, module: module)
+    let gpus = try moeVersions.map { try CUDAMoE(m, module: module, version: $0) }
+    print("\(s.name): \(gpus[1].planDescription)")
     let H = s.hidden, E = s.experts
     // Copies so that consecutive calls touch other weights: more than L2 between two reads.
-    let copies = timed.isEmpty ? [gpu] : [gpu] + (try (1..<max(2, min(4, (2 << 30) / (E * gpu.expertBytes)))).map { _ in try CUDAMoE(m, module: module) })
+    let copyCount = max(2, min(4, (2 << 30) / (E * gpus[0].expertBytes)))
+    let copies = try gpus.map { g in timed.isEmpty ? [g] : [g] + (try (1..<copyCount).map { _ in try CUDAMoE(m, module: module, version: g.version) }) }
     var rows: [MoERow] = []
     for t in tokens {
         var x = [Float](repeating: 0, count: t * H)
@@ -152,72 +202,70 @@ func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream
         x.withUnsafeMutableBufferPointer { xp in want.withUnsafeMutableBufferPointer { MoE.run(m, x: xp.baseAddress!, tokens: t, hidden: H, out: $0.baseAddress!) } }
         let xd = try x.withUnsafeBytes { try device.upload($0) }
         let out = try device.allocate(4 * t * H)
-        try out.fill(byte: 0xFF, stream: stream)  // NaN: an element the kernels skip fails the check
-        try gpu.run(xd, tokens: t, into: out, stream: stream)
-        try stream.synchronize()
-        var got = [Float](repeating: 0, count: t * H)
-        try got.withUnsafeMutableBytes { try out.download(into: $0) }
-        let (chosen, touched) = try gpu.lastRoutes(tokens: t)
-        var mismatches = 0
-        for token in 0..<t {
-            let cpu = MoE.route(Array(logits[(token * E)..<((token + 1) * E)]), m)
-            if Set(cpu.map(\.expert)) != Set(chosen[token].map(\.expert)) { mismatches += 1 }
-        }
-        var diff = 0.0, norm = 0.0
-        for i in 0..<got.count {
-            let d = Double(got[i]) - Double(want[i])
-            diff += d * d; norm += Double(want[i]) * Double(want[i])
-        }
-        let error = got.allSatisfy { $0.isFinite } ? (diff / norm).squareRoot() : .nan
-        let bytes = touched * gpu.expertBytes + gpu.routerBytes
-        var timings: [Timing] = []
-        for overlap in timed.contains(t) ? [false, true] : [] {
-            let calls = 20
-            let start = try device.makeEvent(), end = try device.makeEvent()
-            for i in 0..<(2 * copies.count) { try copies[i % copies.count].run(xd, tokens: t, into: out, stream: stream, overlapPrevious: overlap) }
-            var times: [Double] = [], hostPaced = 0
-            for _ in 0..<10 {
-                // Queued behind three 1 GiB copies, as the gemv timing: the events time the GPU,
-                // not the host's launch rate.
-                for _ in 0..<3 { try copy.dst.copy(from: copy.src, bytes: copy.src.byteCount, stream: stream) }
-                let queued = DispatchTime.now().uptimeNanoseconds
-                try start.record(stream)
-                for i in 0..<calls { try copies[i % copies.count].run(xd, tokens: t, into: out, stream: stream, overlapPrevious: overlap) }
-                try end.record(stream)
-                let hostMicros = Double(DispatchTime.now().uptimeNanoseconds - queued) / 1e3
-                if hostMicros > 0.8 * copy.micros(3 * copy.src.byteCount) { hostPaced += 1 }
-                times.append(try end.milliseconds(since: start) * 1e3 / Double(calls))
+        var results: [MoEResult] = []
+        for (v, gpu) in gpus.enumerated() {
+            // A kernel that traps (moe2's hang watchdog) kills the context: the log's last line says where.
+            print("moe: \(s.name) T = \(t) version \(gpu.version)")
+            try out.fill(byte: 0xFF, stream: stream)  // NaN: an element the kernels skip fails the check
+            try gpu.run(xd, tokens: t, into: out, stream: stream)
+            try stream.synchronize()
+            var got = [Float](repeating: 0, count: t * H)
+            try got.withUnsafeMutableBytes { try out.download(into: $0) }
+            let (chosen, touched) = try gpu.lastRoutes(tokens: t)
+            var mismatches = 0
+            for token in 0..<t {
+                let cpu = MoE.route(Array(logits[(token * E)..<((token + 1) * E)]), m)
+                if Set(cpu.map(\.expert)) != Set(chosen[token].map(\.expert)) { mismatches += 1 }
             }
-            let micros = median(times)
-            timings.append((micros, Double(bytes) / (micros * 1e-6) / 1e9, hostPaced))
+            var diff = 0.0, norm = 0.0
+            for i in 0..<got.count {
+                let d = Double(got[i]) - Double(want[i])
+                diff += d * d; norm += Double(want[i]) * Double(want[i])
+            }
+            let error = got.allSatisfy { $0.isFinite } ? (diff / norm).squareRoot() : .nan
+            var timings: [Timing] = [], stages: [Double] = []
+            if timed.contains(t) {
+                for overlap in [false, true] { timings.append(try timeMoE(copies[v], xd, tokens: t, out, overlap: overlap, device, stream, copy: copy)) }
+                stages = try timeStages(copies[v], xd, tokens: t, out, device, stream, copy: copy)
+            }
+            results.append(MoEResult(error: error, routeMismatches: mismatches, touched: touched, timings: timings, stages: stages))
         }
-        rows.append(MoERow(shape: s.name, tokens: t, touched: touched, error: error, routeMismatches: mismatches, bytes: bytes, timings: timings))
+        let bytes = results[1].touched * gpus[1].expertBytes + gpus[1].routerBytes
+        rows.append(MoERow(shape: s.name, tokens: t, bytes: bytes, results: results))
     }
     return rows
 }
 
-/// Checks and times every MoE shape; prints the table; true when all pass.
+/// Checks and times every MoE shape with both kernel versions; prints the table; true when all pass.
 func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, copy: Copy, seed: UInt64) throws -> Bool {
     var rows: [MoERow] = []
     for (i, s) in moeShapes.enumerated() {
-        rows += try checkMoE(device, module, stream, s, tokens: [1, 2, 3, 4, 5, 8, 12, 16], timed: s.timed ? [1, 4, 8, 16] : [],
-                             copy: copy, seed: seed + UInt64(i))
+        let tokens = [1, 2, 3, 4, 5, 8, 12, 16]
+        rows += try checkMoE(device, module, stream, s, tokens: tokens, timed: s.timed ? tokens : [], copy: copy, seed: seed + UInt64(i))
     }
-    let failed = rows.filter { !($0.error <= tolerance) || $0.routeMismatches > 0 }
+    let checks = rows.count * moeVersions.count
+    let failed = rows.filter { !$0.results.allSatisfy(\.passed) }
+    func pct(_ roof: Double, _ us: Double) -> String { String(format: "%7.2f %5.1f%%", us, 100 * roof / us) }
     print("\nMoE (Kernels/moe.cu), seed base \(seed); tolerance ‖gpu − cpu‖/‖cpu‖ <= \(tolerance), routed expert sets identical")
-    print("roofline: router + touched experts' bytes over the copy bandwidth (\(String(format: "%.0f", copy.gbps)) GB/s)")
-    print("shape        T  experts  rel.err   MB      roofline us   plain: us  % roofline   overlapping: us  % roofline")
-    for r in rows where !r.timings.isEmpty || failed.contains(where: { $0.shape == r.shape && $0.tokens == r.tokens }) {
+    print("roofline: router + touched experts' bytes over the copy bandwidth (\(String(format: "%.0f", copy.gbps)) GB/s); us per call (% of roofline)")
+    print("plain: cuLaunchKernel; overlap: each kernel a programmatic dependent of the one before; kernels: median us of each, events between plain launches")
+    print("shape        T  experts      MB  roofline | rel.err v1  v2       | v1 plain        v1 overlap      | v2 plain        v2 overlap      | v1 route gate_up down | v2 route experts")
+    for r in rows where !r.results[0].timings.isEmpty || failed.contains(where: { $0.shape == r.shape && $0.tokens == r.tokens }) {
         let roof = copy.micros(r.bytes) / 2
         var line = r.shape.padding(toLength: 11, withPad: " ", startingAt: 0)
-            + String(format: "%3d  %5d    %.2e  %6.1f  %8.2f", r.tokens, r.touched, r.error, Double(r.bytes) / 1e6, roof)
-        if r.routeMismatches > 0 { line += "  ROUTING DIFFERS for \(r.routeMismatches) tokens" }
-        for t in r.timings {
-            line += String(format: "   %10.2f  %6.1f%%", t.micros, 100 * roof / t.micros) + (t.hostPaced > 0 ? " host-paced in \(t.hostPaced)/10" : "")
+            + String(format: "%3d  %7d  %6.1f  %8.2f | %.2e %.2e |", r.tokens, r.results[1].touched, Double(r.bytes) / 1e6, roof, r.results[0].error, r.results[1].error)
+        for res in r.results {
+            line += res.timings.map { " " + pct(roof, $0.micros) + ($0.hostPaced > 0 ? " (host-paced \($0.hostPaced)/10)" : "") }.joined() + " |"
+        }
+        for res in r.results { line += res.stages.map { String(format: " %6.2f", $0) }.joined() + " |" }
+        for (v, res) in r.results.enumerated() where res.routeMismatches > 0 || res.touched != r.results[1].touched {
+            line += "  v\(moeVersions[v]): ROUTING DIFFERS for \(res.routeMismatches) tokens, \(res.touched) experts touched"
         }
         print(line)
     }
-    print("MoE checks: \(rows.count) (T = 1, 2, 3, 4, 5, 8, 12, 16 on \(moeShapes.map(\.name).joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map(\.error).max() ?? 0))")
-    print(failed.isEmpty ? "MoE PASS: \(rows.count) checks" : "MoE FAIL: \(failed.count) of \(rows.count) checks")
+    for v in moeVersions.indices {
+        print("MoE v\(moeVersions[v]): \(rows.count) checks (T = 1, 2, 3, 4, 5, 8, 12, 16 on \(moeShapes.map(\.name).joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map { $0.results[v].error }.max() ?? 0)), \(rows.filter { !$0.results[v].passed }.count) failed")
+    }
+    print(failed.isEmpty ? "MoE PASS: \(checks) checks" : "MoE FAIL: \(failed.count) of \(rows.count) shapes x T (\(checks) checks)")
     return failed.isEmpty
 }

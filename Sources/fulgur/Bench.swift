@@ -23,6 +23,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Timed steps per step size.") var steps = 100
     @Option(name: .customLong("tokens"), help: "Step sizes to time, comma-separated (1...16).") var tokenList = "1,8,16"
     @Option(help: "Also write the report as JSON to this file.") var json: String?
+    @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
+    var compareLogits: String?
 
     func run() throws {
         try reportingErrors {
@@ -46,6 +48,10 @@ struct Bench: ParsableCommand {
                 name = random.description
             }
             Terminal.status(String(format: "%@ ready in %.1f s", name, Date().timeIntervalSince(start)))
+            if let compareLogits {
+                let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: 4096)
+                try compareLogitsFile(compareLogits, executor, vocab: plan.lmHead.outFeatures)
+            }
             let report = try DecodeBenchmark.run(plan: plan, model: name, device: device, module: module, context: context,
                                                  steps: steps, tokenCounts: sizes, log: { Terminal.status($0) })
             print(report.table)

@@ -49,29 +49,30 @@ struct RandomModelCommand: ParsableCommand {
                 }
                 print("\(random.description): \(size(try random.parameterCount(), "")) parameters, \(size(model.weightBytes, "B")) of weights, "
                       + "\(size(model.plan.bytesPerDecodeStep, "B")) read per decode step; built in \(String(format: "%.1f", seconds)) s")
-                if let compareLogits { try compare(model, compareLogits) }
+                if let compareLogits { try compareLogitsFile(compareLogits, CPUExecutor(plan: model.plan, maxStepTokens: 16), vocab: model.spec.vocabSize) }
             }
         }
     }
+}
 
-    /// Fulgur's logits for the file's ids against the file's: per-position relative error
-    /// (‖got − want‖ / ‖want‖) and how often the argmax agrees.
-    func compare(_ model: Model, _ path: String) throws {
-        let file = try SafetensorsFile(path: path)
-        let ids = try file.tensor("input_ids").floats().map { Int($0) }, want = try file.tensor("logits").floats()
-        let vocab = model.spec.vocabSize
-        guard want.count == ids.count * vocab else {
-            throw FulgurError(.shape, "\(path): logits hold \(want.count) values, expected \(ids.count) x \(vocab) for this model")
-        }
-        let got = try CPUExecutor(plan: model.plan, maxStepTokens: 16).forward(ids, logits: .all)
-        var errors: [Double] = [], argmaxAgree = 0
-        for t in 0..<ids.count {
-            let g = got[(t * vocab)..<((t + 1) * vocab)], w = want[(t * vocab)..<((t + 1) * vocab)]
-            let diff = zip(g, w).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }
-            errors.append((diff / w.reduce(0.0) { $0 + Double($1) * Double($1) }).squareRoot())
-            if g.indices.max(by: { g[$0] < g[$1] }) == w.indices.max(by: { w[$0] < w[$1] }) { argmaxAgree += 1 }
-        }
-        print(String(format: "logits vs %@: relative error max %.2e, mean %.2e over %d positions; argmax agrees at %d of %d",
-                     path, errors.max() ?? 0, errors.reduce(0, +) / Double(max(errors.count, 1)), ids.count, argmaxAgree, ids.count))
+/// Fulgur's logits for a file's ids against the file's logits (recipes/peer/transformers_decode.py
+/// --logits-out): per-position relative error (‖got − want‖ / ‖want‖) and how often the argmax
+/// agrees, printed.
+func compareLogitsFile(_ path: String, _ executor: any Executor, vocab: Int) throws {
+    let file = try SafetensorsFile(path: path)
+    let ids = try file.tensor("input_ids").floats().map { Int($0) }, want = try file.tensor("logits").floats()
+    guard want.count == ids.count * vocab else {
+        throw FulgurError(.shape, "\(path): logits hold \(want.count) values, expected \(ids.count) x \(vocab) for this model")
     }
+    executor.reset()
+    let got = try executor.forward(ids, logits: .all)
+    var errors: [Double] = [], argmaxAgree = 0
+    for t in 0..<ids.count {
+        let g = got[(t * vocab)..<((t + 1) * vocab)], w = want[(t * vocab)..<((t + 1) * vocab)]
+        let diff = zip(g, w).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }
+        errors.append((diff / w.reduce(0.0) { $0 + Double($1) * Double($1) }).squareRoot())
+        if g.indices.max(by: { g[$0] < g[$1] }) == w.indices.max(by: { w[$0] < w[$1] }) { argmaxAgree += 1 }
+    }
+    print(String(format: "logits vs %@: relative error max %.2e, mean %.2e over %d positions; argmax agrees at %d of %d",
+                 path, errors.max() ?? 0, errors.reduce(0, +) / Double(max(errors.count, 1)), ids.count, argmaxAgree, ids.count))
 }

@@ -38,13 +38,17 @@ public final class CUDAExecutor: @unchecked Sendable {
         let capacity: Int, window: Int?
     }
 
+    /// Which MoE kernels run MXFP4 experts (Kernels/moe.cu versions 1 and 2).
+    public let moeVersion: Int
+
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
-                progress: ((Int, Int) -> Void)? = nil) throws {
+                moeVersion: Int = 2, progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         self.plan = plan
         self.device = device
         self.module = module
         self.maxStepTokens = maxStepTokens
+        self.moeVersion = moeVersion
         self.maxPositions = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
         stream = try device.makeStream()
         vocab = plan.lmHead.outFeatures
@@ -448,7 +452,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                     throw FulgurError(.unsupported, "CUDA executor: MoE from \(src) into \(dst) (expected h into out)")
                 }
                 if weights.experts.allSatisfy({ e in e.down.format == .mxfp4 && [e.gateUp, e.gate, e.up].allSatisfy { $0 == nil || $0!.format == .mxfp4 } }) {
-                    let moe = try CUDAMoE(weights, module: module)
+                    let moe = try CUDAMoE(weights, module: module, version: moeVersion)
                     keep.append(moe)
                     bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes
                     add("moe") { T in try moe.run(h, tokens: T, into: out, stream: stream) }

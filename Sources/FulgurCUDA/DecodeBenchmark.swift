@@ -35,13 +35,13 @@ public struct DecodeBenchmark: Codable {
     public var rooflineFraction: Double { rooflineMilliseconds / (steps.first { $0.tokens == 1 }?.millisecondsPerStep ?? .nan) }
 
     public static func run(plan: Plan, model: String, device: CUDADevice, module: KernelModule, context: Int = 512,
-                           steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
+                           steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], moeVersion: Int = 2, log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
         let stream = try device.makeStream()
         let copy = try CopyBandwidth(device, stream)
         log(String(format: "copy bandwidth %.0f GB/s", copy.gbps))
         let warmup = 5
         let positions = context + tokenCounts.reduce(0) { $0 + ($1 * (count + warmup)) } + 16
-        let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: positions,
+        let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: positions, moeVersion: moeVersion,
                                         progress: { done, all in if done == all { log("weights on the GPU") } })
         var rng = SeededGenerator(seed: 7)
         let vocab = min(plan.embedding.table.shape[0], plan.spec.vocabSize)

@@ -22,6 +22,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Positions filled before timing (attention reads them).") var context = 512
     @Option(help: "Timed steps per step size.") var steps = 100
     @Option(name: .customLong("tokens"), help: "Step sizes to time, comma-separated (1...16).") var tokenList = "1,8,16"
+    @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 2 (one persistent launch) or 1 (the first version).") var moeVersion = 2
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
@@ -49,11 +50,11 @@ struct Bench: ParsableCommand {
             }
             Terminal.status(String(format: "%@ ready in %.1f s", name, Date().timeIntervalSince(start)))
             if let compareLogits {
-                let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: 4096)
+                let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: 4096, moeVersion: moeVersion)
                 try compareLogitsFile(compareLogits, executor, vocab: plan.lmHead.outFeatures)
             }
             let report = try DecodeBenchmark.run(plan: plan, model: name, device: device, module: module, context: context,
-                                                 steps: steps, tokenCounts: sizes, log: { Terminal.status($0) })
+                                                 steps: steps, tokenCounts: sizes, moeVersion: moeVersion, log: { Terminal.status($0) })
             print(report.table)
             if let json { try report.json.write(toFile: json, atomically: true, encoding: .utf8) }
         }

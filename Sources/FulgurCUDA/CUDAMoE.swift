@@ -190,6 +190,9 @@ public final class CUDAMoE: @unchecked Sendable {
         }
         let xBytes = tokens * 256 * steps, ring = min(maxRingSlots, (room - xBytes) / chunkBytes)
         let shared = ring * chunkBytes + xBytes + partialBytes
+        // The occupancy calculation counts only up to the dynamic shared memory the function
+        // is allowed (48 KiB until raised), so raise it first.
+        try module.allowSharedMemory(experts, bytes: shared)
         let perSM = try module.residentBlocksPerMultiprocessor(experts, threads: v2Threads, sharedBytes: shared)
         guard perSM >= 1 else {
             throw FulgurError(.unsupported, "moe2_experts with \(shared) bytes of shared memory cannot run on \(module.device.name)")

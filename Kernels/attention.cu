@@ -9,9 +9,8 @@
 // come from memory (the heads of a group share them). gpt-oss-20b at L = 1024 full / 128
 // window: 8 * 1024 * 128 * 4 = 4 MB from memory on a full layer (1 us at 4 TB/s), small next
 // to the layer's 55 MB of weights; flops 4 * T * heads * L * d, negligible.
-// This version is one block per (head, token) walking its keys in chunks of 128 with an
-// online softmax: right for the short contexts of the decode benchmarks; long contexts want
-// the keys split across blocks (flash-decoding), which this does not do yet.
+// Version 2 splits each (head, token)'s keys over several blocks (flash-decoding) and merges
+// the shares in the last block to finish.
 
 #include "common.cuh"
 
@@ -47,66 +46,123 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // out[t, h * valueDim ..] = softmax over keys j in the query's range of (q . k_j * scale),
 // with the head's sink logit in the denominator, times v_j. Query t's position is
 // positions[t]; its keys run from max(0, pos - window + 1) (window 0: from 0) to pos
-// (causal) or, non-causal, to min(positions[T - 1], pos + window - 1). Grid (heads, T),
-// 128 threads, dynamic shared memory (headDim + 128) floats. valueDim <= 256.
+// (causal) or, non-causal, to min(positions[T - 1], pos + window - 1).
+//
+// The keys are split over gridDim.z blocks per (head, token) so that a decode step has
+// hundreds of blocks in flight, not one per head (version 1: 59 us a layer at 512 positions
+// on an H200, half of a gpt-oss step). Each block walks its share in chunks of 64 keys with an
+// online softmax and writes (max, sum, unnormalized output) to `partial`; the last block of
+// the (head, token) to finish (an arrival counter, reset by that block) merges the shares
+// and the sink. Grid (heads, T, splits), 128 threads, dynamic shared memory headDim floats.
+// partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between calls.
+// valueDim <= 256.
+namespace attention {
+constexpr int kChunk = 64;
+}
+
 extern "C" __global__ void __launch_bounds__(128) attention_decode(
     const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads, int kvHeads,
     int headDim, int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale,
-    float* out, int outStride) {
+    float* out, int outStride, float* partial, int* counters) {
     using namespace attention;
-    extern __shared__ float shared[];
-    float* qs = shared;             // headDim
-    float* p = shared + headDim;    // kThreads probabilities of the current chunk
+    extern __shared__ float qs[];  // headDim
+    __shared__ float p[kChunk];
     __shared__ float scratch[kThreads / 32];
+    __shared__ float merge[kThreads];
+    __shared__ int last;
     wait_for_previous_kernel();
     allow_next_kernel();
-    const int h = blockIdx.x, t = blockIdx.y, kvh = h / (heads / kvHeads);
-    const int pos = positions[t], last = positions[T - 1];
+    const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z, kvh = h / (heads / kvHeads);
+    const int pos = positions[t], lastPos = positions[T - 1];
     const int first = window > 0 ? max(0, pos - window + 1) : 0;
-    const int end = causal ? pos : window > 0 ? min(last, pos + window - 1) : last;
+    const int end = causal ? pos : window > 0 ? min(lastPos, pos + window - 1) : lastPos;
+    const int per = (end - first + splits) / splits;  // ceil((end - first + 1) / splits)
+    const int lo = first + split * per, hi = min(end, lo + per - 1);
     for (int i = threadIdx.x; i < headDim; i += kThreads) qs[i] = q[(size_t)t * qStride + h * headDim + i];
     __syncthreads();
-    // Running max and denominator; the sink starts them as a logit that has no value.
-    float m = sinks ? sinks[h] : -INFINITY, l = sinks ? 1.f : 0.f;
-    float acc[2] = {0.f, 0.f};  // value dims threadIdx.x and threadIdx.x + 128
-    const bool vectorK = headDim % 4 == 0;
-    for (int c0 = first; c0 <= end; c0 += kThreads) {
-        const int j = c0 + threadIdx.x;
-        float s = -INFINITY;
-        if (j <= end) {
+    // Scores: two threads per key, each half of the dimensions. Values: a thread per value
+    // dimension (two when valueDim > 128), and for valueDim <= 64 two groups of threads
+    // taking alternate keys.
+    const int key = threadIdx.x / 2, half = threadIdx.x & 1, halfDim = headDim / 2;
+    const bool vectorK = headDim % 8 == 0;
+    const int groups = valueDim <= 64 ? 2 : 1, group = valueDim <= 64 ? threadIdx.x / 64 : 0;
+    const int d0 = valueDim <= 64 ? threadIdx.x % 64 : threadIdx.x;
+    float m = -INFINITY, l = 0.f, acc[2] = {0.f, 0.f};
+    for (int c0 = lo; c0 <= hi; c0 += kChunk) {
+        const int j = c0 + key;
+        float s = 0.f;
+        if (j <= hi) {
             const float* kr = cacheK + ((size_t)(j % capacity) * kvHeads + kvh) * headDim;
-            float d = 0.f;
             if (vectorK) {
-                for (int i = 0; i < headDim; i += 4) {
+#pragma unroll 4
+                for (int i = half * halfDim; i < (half + 1) * halfDim; i += 4) {
                     const float4 kv = *reinterpret_cast<const float4*>(kr + i);
-                    d = fmaf(qs[i], kv.x, d); d = fmaf(qs[i + 1], kv.y, d); d = fmaf(qs[i + 2], kv.z, d); d = fmaf(qs[i + 3], kv.w, d);
+                    s = fmaf(qs[i], kv.x, s); s = fmaf(qs[i + 1], kv.y, s); s = fmaf(qs[i + 2], kv.z, s); s = fmaf(qs[i + 3], kv.w, s);
                 }
-            } else {
-                for (int i = 0; i < headDim; ++i) d = fmaf(qs[i], kr[i], d);
+            } else if (half == 0) {
+                for (int i = 0; i < headDim; ++i) s = fmaf(qs[i], kr[i], s);
             }
-            s = d * scale;
         }
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s = j <= hi ? s * scale : -INFINITY;
         const float mNew = fmaxf(m, block_max(s, scratch));
-        const float e = j <= end ? expf(s - mNew) : 0.f;
-        p[threadIdx.x] = e;
-        const float correction = expf(m - mNew);  // 0 while m is -inf (no sink, first chunk)
-        l = l * correction + block_sum(e, scratch);  // block_sum's barriers also publish p
+        const float e = j <= hi ? expf(s - mNew) : 0.f;
+        if (half == 0) p[key] = e;
+        const float correction = expf(m - mNew);  // 0 on the first chunk (m = -inf)
+        l = l * correction + block_sum(half == 0 ? e : 0.f, scratch);  // its barriers also publish p
         m = mNew;
-        const int count = min(kThreads, end - c0 + 1);
+        const int count = min(kChunk, hi - c0 + 1);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int d = threadIdx.x + r * kThreads;
-            if (d >= valueDim) break;
+            const int d = d0 + r * kThreads;
+            if (d >= valueDim || (r == 1 && valueDim <= 64)) break;
             float a = acc[r] * correction;
-            for (int jj = 0; jj < count; ++jj)
-                a = fmaf(p[jj], cacheV[((size_t)((c0 + jj) % capacity) * kvHeads + kvh) * valueDim + d], a);
+            const float* vcol = cacheV + (size_t)kvh * valueDim + d;
+#pragma unroll 8
+            for (int jj = group; jj < count; jj += groups)
+                a = fmaf(p[jj], vcol[(size_t)((c0 + jj) % capacity) * kvHeads * valueDim], a);
             acc[r] = a;
         }
         __syncthreads();  // p is rewritten by the next chunk
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int d = threadIdx.x + r * kThreads;
-        if (d < valueDim) out[(size_t)t * outStride + h * valueDim + d] = acc[r] / l;
+    // This block's share: (m, l, acc) with the two key groups of small value heads merged.
+    float* mine = partial + (((size_t)t * heads + h) * splits + split) * (valueDim + 2);
+    if (groups == 2) {
+        merge[threadIdx.x] = acc[0];
+        __syncthreads();
+        if (group == 0) acc[0] += merge[threadIdx.x + 64];
+    }
+    if (group == 0) {
+        for (int r = 0; r < 2; ++r) {
+            const int d = d0 + r * kThreads;
+            if (d < valueDim && !(r == 1 && valueDim <= 64)) mine[2 + d] = acc[r];
+        }
+    }
+    if (threadIdx.x == 0) { mine[0] = m; mine[1] = l; }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int arrived = atomicAdd(counters + t * heads + h, 1);
+        last = arrived == splits - 1;
+        if (last) counters[t * heads + h] = 0;  // ready for the next call
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const float* shares = partial + ((size_t)t * heads + h) * splits * (valueDim + 2);
+    float M = sinks ? sinks[h] : -INFINITY;
+    for (int s = 0; s < splits; ++s) M = fmaxf(M, __ldcg(shares + s * (valueDim + 2)));
+    float L = sinks ? expf(sinks[h] - M) : 0.f;
+    for (int s = 0; s < splits; ++s) {
+        const float ms = __ldcg(shares + s * (valueDim + 2));
+        if (ms != -INFINITY) L += __ldcg(shares + s * (valueDim + 2) + 1) * expf(ms - M);
+    }
+    for (int d = threadIdx.x; d < valueDim; d += kThreads) {
+        float o = 0.f;
+        for (int s = 0; s < splits; ++s) {
+            const float ms = __ldcg(shares + s * (valueDim + 2));
+            if (ms != -INFINITY) o += __ldcg(shares + s * (valueDim + 2) + 2 + d) * expf(ms - M);
+        }
+        out[(size_t)t * outStride + h * valueDim + d] = o / L;
     }
 }

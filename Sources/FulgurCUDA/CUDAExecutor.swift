@@ -218,6 +218,9 @@ public final class CUDAExecutor: @unchecked Sendable {
 
     // MARK: Lowering the plan to launches
 
+    /// Blocks that share one (head, token)'s keys: enough for the longest range the layer sees.
+    static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
+
     private func add(_ kind: String, _ run: @escaping (Int) throws -> Void) { launches.append((kind, run)) }
 
     private typealias Launch = (String, (Int, Int, Int), Int, Int, [KernelModule.Argument]) throws -> Void
@@ -233,6 +236,16 @@ public final class CUDAExecutor: @unchecked Sendable {
         let qkv = try device.allocate(4 * S * max(qkvStride, 1)), attn = try device.allocate(4 * S * max(w[.attn] ?? 0, 1))
         let gu = try device.allocate(4 * S * max(2 * interMax, 1)), act = try device.allocate(4 * S * max(interMax, 1))
         keep += [x, h, out, qkv, attn, gu, act]
+        // Attention's per-split results and arrival counters, shared by every layer (one runs
+        // at a time); the counters start at zero and the kernel leaves them there.
+        var partialFloats = 1, counterCount = 1
+        for (l, c) in zip(spec.layers, caches) {
+            partialFloats = max(partialFloats, S * l.attention.heads * Self.attentionSplits(c.capacity) * (l.attention.valueHeadDim + 2))
+            counterCount = max(counterCount, S * l.attention.heads)
+        }
+        let partial = try device.allocate(4 * partialFloats), counters = try device.allocate(4 * counterCount)
+        try [Int32](repeating: 0, count: counterCount).withUnsafeBytes { try counters.upload($0) }
+        keep += [partial, counters]
         func address(_ b: Buffer) throws -> UInt64 {
             switch b {
             case .x: return x.address
@@ -332,12 +345,14 @@ public final class CUDAExecutor: @unchecked Sendable {
                     .pointer(positions.address), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity))])
             }
             if attend {
+                let splits = Self.attentionSplits(cache.capacity)
                 add("attention") { T in
-                    try launch("attention_decode", (a.heads, T, 1), 128, 4 * (a.headDim + 128), [
+                    try launch("attention_decode", (a.heads, T, splits), 128, 4 * a.headDim, [
                         .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
                         .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),
                         .pointer(positions.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
-                        .pointer(sinkAddress), .float(a.softmaxScale), .pointer(attn.address), .int32(Int32(a.heads * a.valueHeadDim))])
+                        .pointer(sinkAddress), .float(a.softmaxScale), .pointer(attn.address), .int32(Int32(a.heads * a.valueHeadDim)),
+                        .pointer(partial.address), .pointer(counters.address)])
                 }
             }
             qNorm = nil; kNorm = nil; rope = nil; vScale = 1

@@ -202,3 +202,16 @@ extern "C" __global__ void moe_dense_combine(const float* y, const int* chosen, 
         out[n] = s;
     }
 }
+
+// features[t * stride + i] = x[t, i] (+ add[t, i]) for i < hidden: a layer's output hidden
+// state for the DFlash drafter, with the residual the next norm will fold in added here
+// without touching x. Grid T.
+extern "C" __global__ void capture_rows(const float* x, const float* add, int hidden, float* features, int stride) {
+    wait_for_previous_kernel();
+    allow_next_kernel();
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = x[(size_t)t * hidden + i];
+        features[(size_t)t * stride + i] = add ? v + add[(size_t)t * hidden + i] : v;
+    }
+}

@@ -16,12 +16,12 @@ public final class CUDAExecutor: @unchecked Sendable {
     public let stream: CUDAStream
     public let maxStepTokens: Int
     public let maxPositions: Int
-    /// Positions held (the next token's position).
-    public private(set) var length = 0
+    /// Positions held (the next token's position), shared with executors made by `sharingCache`.
+    public var length: Int { cache.length }
     /// Bytes of weights one decode step reads (experts at top-k), as stored on the GPU.
     public private(set) var bytesPerDecodeStep = 0
     /// Kernel launches per step.
-    public var launchesPerStep: Int { launches.count }
+    public var launchesPerStep: Int { launches.filter { $0.kind != "capture" }.count }
     /// Replay steps from CUDA graphs (one per token count, captured on first use).
     public var useGraphs = true
 
@@ -30,45 +30,69 @@ public final class CUDAExecutor: @unchecked Sendable {
     private var graphs: [Int: CUDAGraph] = [:]
     private var keep: [AnyObject] = []  // device objects the launches point into
     private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
-    private let caches: [LayerCache]
+    private let cache: Cache
+    private var caches: [Cache.Layer] { cache.layers }
     private let vocab: Int
+    /// x rows of `forward(rows:)` and the captured features ([T, captureLayers.count * hidden]).
+    private let x: DeviceBuffer, features: DeviceBuffer
 
-    struct LayerCache {
-        let keys: DeviceBuffer, values: DeviceBuffer
-        let capacity: Int, window: Int?
+    /// Keys and values of every layer, f32, [capacity, kvHeads, dim] per layer; a sliding
+    /// layer keeps a ring of window + maxStepTokens positions (see KVCache).
+    final class Cache {
+        struct Layer {
+            let keys: DeviceBuffer, values: DeviceBuffer
+            let capacity: Int, window: Int?
+        }
+        let layers: [Layer]
+        var length = 0
+        let maxPositions: Int
+
+        init(spec: ModelSpec, device: CUDADevice, maxPositions: Int, maxStepTokens: Int) throws {
+            self.maxPositions = maxPositions
+            layers = try spec.layers.map { l in
+                let a = l.attention
+                let capacity = a.window.map { min($0 + maxStepTokens, maxPositions) } ?? maxPositions
+                return Layer(keys: try device.allocate(4 * capacity * a.kvHeads * a.headDim),
+                             values: try device.allocate(4 * capacity * a.kvHeads * a.valueHeadDim), capacity: capacity, window: a.window)
+            }
+        }
     }
 
     /// Which MoE kernels run MXFP4 experts (Kernels/moe.cu versions 1 and 2).
     public let moeVersion: Int
 
+    /// `sharing`: an executor over the same layers whose cache (and positions) this one uses.
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
-                moeVersion: Int = 2, progress: ((Int, Int) -> Void)? = nil) throws {
+                moeVersion: Int = 2, sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         self.plan = plan
         self.device = device
         self.module = module
         self.maxStepTokens = maxStepTokens
         self.moeVersion = moeVersion
-        self.maxPositions = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
+        var context = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
+        if let sharing { context = sharing.maxPositions }
+        self.maxPositions = context
         stream = try device.makeStream()
         vocab = plan.lmHead.outFeatures
         tokens = try device.allocate(4 * maxStepTokens)
         positions = try device.allocate(4 * maxStepTokens)
         ids = try device.allocate(4 * maxStepTokens)
         logits = try device.allocate(4 * maxStepTokens * vocab)
-        let context = self.maxPositions
-        caches = try plan.spec.layers.map { l in
-            let a = l.attention
-            let capacity = a.window.map { min($0 + maxStepTokens, context) } ?? context
-            return LayerCache(keys: try device.allocate(4 * capacity * a.kvHeads * a.headDim),
-                              values: try device.allocate(4 * capacity * a.kvHeads * a.valueHeadDim), capacity: capacity, window: a.window)
+        if let sharing {
+            precondition(sharing.maxStepTokens == maxStepTokens && sharing.plan.spec.layerCount == plan.spec.layerCount, "sharing a cache of other layers")
+            cache = sharing.cache
+        } else {
+            cache = try Cache(spec: plan.spec, device: device, maxPositions: context, maxStepTokens: maxStepTokens)
         }
+        x = try device.allocate(4 * maxStepTokens * max(plan.widths[.x] ?? 0, plan.spec.hiddenSize))
+        features = try device.allocate(4 * maxStepTokens * plan.spec.layerCount * plan.spec.hiddenSize)
         try lower(progress: progress)
     }
 
     public var vocabSize: Int { vocab }
 
-    public func reset() { length = 0 }
+    public func reset() { cache.length = 0 }
 
     /// Whether the cache can rewind to `position`: a ring keeps its window only while the
     /// positions written since fit in its slack (as KVCache.canTruncate).
@@ -82,7 +106,7 @@ public final class CUDAExecutor: @unchecked Sendable {
 
     public func truncate(to position: Int) {
         precondition(canTruncate(to: position), "KV cache cannot rewind from \(length) to \(position)")
-        length = position
+        cache.length = position
     }
 
     /// Runs `tokens` at the next positions and returns logits (`[T, vocab]` for `.all`,
@@ -107,6 +131,61 @@ public final class CUDAExecutor: @unchecked Sendable {
         return result
     }
 
+    /// Runs a plan that starts from given rows of x (`[T, plan.widths[.x]]`) instead of token
+    /// embeddings (the DFlash drafter's context features), as CPUExecutor.forward(rows:).
+    public func forward(rows: [Float], logits want: CPUExecutor.Logits = .none) throws -> [Float] {
+        let width = plan.widths[.x]!
+        precondition(rows.count % width == 0, "rows of \(rows.count) floats do not split into rows of \(width)")
+        let count = rows.count / width
+        guard length + count <= maxPositions else {
+            throw FulgurError(.usage, "context is full: \(length) + \(count) rows exceed the \(maxPositions)-position context")
+        }
+        capturedFeatures.removeAll(keepingCapacity: true)
+        var result: [Float] = []
+        var start = 0
+        while start < count {
+            let n = min(maxStepTokens, count - start)
+            try rows.withUnsafeBytes { try x.upload(UnsafeRawBufferPointer(rebasing: $0[(4 * start * width)..<(4 * (start + n) * width)]), stream: stream) }
+            let pos = (0..<n).map { Int32(length + $0) }
+            try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+            try enqueueStep(n)
+            cache.length += n
+            start += n
+            try capture(n)
+            if want == .all || (want == .last && start == count) {
+                var l = [Float](repeating: 0, count: n * vocab)
+                try l.withUnsafeMutableBytes { try logits.download(into: $0, stream: stream) }
+                try stream.synchronize()
+                result = want == .all ? result + l : Array(l.suffix(vocab))
+            }
+        }
+        return result
+    }
+
+    /// Layers whose output hidden states each forward returns in `capturedFeatures`
+    /// (`[T, captureLayers.count * hidden]`), as CPUExecutor.captureLayers.
+    public var captureLayers: [Int] = [] {
+        didSet {
+            captureSlot = Array(repeating: nil, count: plan.spec.layerCount)
+            for (slot, layer) in captureLayers.enumerated() { captureSlot[layer] = slot }
+            graphs = [:]  // the captured graphs copy the old layers
+        }
+    }
+    public private(set) var capturedFeatures: [Float] = []
+    private var captureSlot: [Int?] = []
+
+    private func capture(_ T: Int) throws {
+        guard !captureLayers.isEmpty else { return }
+        var f = [Float](repeating: 0, count: T * captureLayers.count * plan.spec.hiddenSize)
+        try f.withUnsafeMutableBytes { try features.download(into: $0, stream: stream) }
+        try stream.synchronize()
+        capturedFeatures += f
+    }
+
+    public func sharingCache(plan other: Plan) throws -> any Executor {
+        try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, sharing: self)
+    }
+
     /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
     public func argmax(_ input: [Int]) throws -> [Int] {
         var result: [Int] = []
@@ -121,6 +200,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     }
 
     private func run(_ input: [Int], after: (Int, Bool) throws -> Void) throws {
+        capturedFeatures.removeAll(keepingCapacity: true)
         guard !input.isEmpty else { return }
         let table = plan.embedding.table.shape[0]
         for t in input where t < 0 || t >= table {
@@ -137,7 +217,8 @@ public final class CUDAExecutor: @unchecked Sendable {
             try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
             try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
             try enqueueStep(chunk.count)
-            length += chunk.count
+            cache.length += chunk.count
+            try capture(chunk.count)
             try after(chunk.count, start == input.count)
         }
     }
@@ -183,7 +264,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         for _ in 0..<steps { try graph.launch(stream) }
         try end.record(stream)
         let ms = try end.milliseconds(since: start)
-        length += (warmup + steps) * T
+        cache.length += (warmup + steps) * T
         return ms / Double(steps)
     }
 
@@ -232,7 +313,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         // widest layer's sizes), so one stacked product can write all three; gate and up too.
         let qkvStride = (w[.q] ?? 0) + (w[.k] ?? 0) + (w[.v] ?? 0)
         let interMax = w[.gate] ?? 0
-        let x = try device.allocate(4 * S * hidden), h = try device.allocate(4 * S * hidden), out = try device.allocate(4 * S * hidden)
+        let x = self.x, h = try device.allocate(4 * S * hidden), out = try device.allocate(4 * S * hidden)
         let qkv = try device.allocate(4 * S * max(qkvStride, 1)), attn = try device.allocate(4 * S * max(w[.attn] ?? 0, 1))
         let gu = try device.allocate(4 * S * max(2 * interMax, 1)), act = try device.allocate(4 * S * max(interMax, 1))
         keep += [x, h, out, qkv, attn, gu, act]
@@ -261,7 +342,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             keep.append(b)
             return b
         }
-        let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode",
+        let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode",
                      "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax"]
         let module = self.module, stream = self.stream, positions = self.positions
         let f = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
@@ -301,13 +382,14 @@ public final class CUDAExecutor: @unchecked Sendable {
             add("norm") { T in try launch("add_inplace", ((T * hidden + 255) / 256, 1, 1), 256, 0, [.pointer(x.address), .pointer(s), .int32(Int32(T * hidden))]) }
         }
         func norm(src: Buffer, dst: Buffer, weight: [Float], eps: Float) throws {
-            guard src == .x, weight.count == hidden else {
-                throw FulgurError(.unsupported, "CUDA executor: RMSNorm of \(src) over \(weight.count) values (full-width norms read x; head norms are on q and k)")
+            guard [.x, .h, .out].contains(src), weight.count == hidden else {
+                throw FulgurError(.unsupported, "CUDA executor: RMSNorm of \(src) over \(weight.count) values (full-width norms of x, h or out; head norms on q and k)")
             }
-            let wb = try floats(weight), residual = try pendingResidual.map { try address($0) } ?? 0, d = try address(dst)
+            if src != .x { try flushResidual() }
+            let wb = try floats(weight), residual = try pendingResidual.map { try address($0) } ?? 0, sa = try address(src), d = try address(dst)
             pendingResidual = nil
             add("norm") { T in
-                try launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(x.address), .pointer(residual), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
+                try launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(sa), .pointer(residual), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
             }
         }
         func product(_ lin: CUDALinear, _ kind: String, x xs: UInt64, out o: UInt64, outStride: Int) {
@@ -395,16 +477,19 @@ public final class CUDAExecutor: @unchecked Sendable {
                     group[d2] = (w2, b2)
                     i += 1
                 }
-                let ordered = family.compactMap { group[$0] }
-                guard ordered.count == family.count else {
-                    throw FulgurError(.unsupported, "CUDA executor: products from \(src) into \(group.keys.map { "\($0)" }.sorted()) do not cover \(family)")
+                // Keys and values alone are the DFlash drafter's context path (no queries).
+                let members = family == [.q, .k, .v] && group[.q] == nil ? [Buffer.k, .v] : family
+                let ordered = members.compactMap { group[$0] }
+                guard ordered.count == members.count else {
+                    throw FulgurError(.unsupported, "CUDA executor: products from \(src) into \(group.keys.map { "\($0)" }.sorted()) do not cover \(members)")
                 }
                 var offsets: [Int] = [], o = 0
                 for g in ordered { offsets.append(o); o += g.0.outFeatures }
                 let region: DeviceBuffer, stride: Int
                 if family == [.q, .k, .v] {
-                    (qOff, kOff, vOff) = (offsets[0], offsets[1], offsets[2])
-                    (qW, kW, vW) = (ordered[0].0.outFeatures, ordered[1].0.outFeatures, ordered[2].0.outFeatures)
+                    let q = members.count == 3
+                    (qOff, kOff, vOff) = q ? (offsets[0], offsets[1], offsets[2]) : (0, offsets[0], offsets[1])
+                    (qW, kW, vW) = (q ? ordered[0].0.outFeatures : 0, ordered[q ? 1 : 0].0.outFeatures, ordered[q ? 2 : 1].0.outFeatures)
                     (region, stride) = (qkv, qkvStride)
                 } else {
                     guard ordered[0].0.outFeatures == ordered[1].0.outFeatures else {
@@ -450,7 +535,17 @@ public final class CUDAExecutor: @unchecked Sendable {
                 try attention(layer: layer, spec: a, sinks: sinks, attend: true)
             case .storeKV(let layer):
                 try attention(layer: layer, spec: spec.layers[layer].attention, sinks: nil, attend: false)
-            case .layerEnd:
+            case .layerEnd(let layer):
+                // x after this layer, with a residual still pending added on the way, into the
+                // features buffer when the layer is captured (decided when the step is enqueued).
+                let residual = try pendingResidual.map { try address($0) } ?? 0
+                let features = self.features
+                add("capture") { [unowned self] T in
+                    guard let slot = self.captureSlot.count > layer ? self.captureSlot[layer] : nil else { return }
+                    try launch("capture_rows", (T, 1, 1), 256, 0, [
+                        .pointer(x.address), .pointer(residual), .int32(Int32(hidden)), .pointer(features.address + UInt64(4 * slot * hidden)),
+                        .int32(Int32(self.captureLayers.count * hidden))])
+                }
                 layersDone += 1
                 progress?(layersDone, spec.layerCount)
             case .glu(let activation):
@@ -477,6 +572,11 @@ public final class CUDAExecutor: @unchecked Sendable {
             }
         }
         try flushResidual()
+        // A plan without a final norm (the DFlash drafter's context path) ends without logits.
+        guard ops.contains(where: { if case .finalNorm = $0 { return true }; return false }) else {
+            bytesPerDecodeStep = bytes
+            return
+        }
         let head = try CUDALinear(plan.lmHead, module: module)
         let logits = self.logits, ids = self.ids, vocab = self.vocab
         product(head, "lm head", x: h.address, out: logits.address, outStride: vocab)

@@ -111,3 +111,42 @@ func runExecutorChecks(_ device: CUDADevice, _ module: KernelModule) throws -> B
     print(failed.isEmpty ? "executor PASS: \(rows.count) models" : "executor FAIL: \(failed.map(\.model).joined(separator: ", "))")
     return failed.isEmpty
 }
+
+// DFlash on the GPU (issue 5, Done-means 1 on the GPU): target and drafter both on the CUDA
+// executor, greedy, 200 tokens past EOS for two prompts at blocks 2, 8 and 16, against plain
+// greedy decoding on the same GPU and on the CPU. The drafters are the tiny random fixtures
+// (Tests/FulgurTests/Fixtures/drafters), so most guesses are wrong and the rollback paths run.
+func runSpeculativeChecks(_ device: CUDADevice, _ module: KernelModule) throws -> Bool {
+    let names = ["llama", "qwen3", "qwen3_moe", "mimo_v2_flash", "gpt_oss"]
+    let prompts = [[1, 17, 42, 99, 3], [1, 200, 7, 7, 7, 150, 31, 64, 9, 88, 120, 5]]
+    let parameters = GenerationParameters(maxTokens: 200, sampling: SamplingParameters(temperature: 0), stopTokenIds: [])
+    var failures: [String] = [], checks = 0
+    print("\nDFlash on the GPU: speculative greedy == plain greedy (GPU and CPU), 200 tokens")
+    for name in names {
+        let model = try Model(path: "Tests/FulgurTests/Fixtures/models/\(name)")
+        let make: (Plan, Int) throws -> any Executor = { plan, context in
+            try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: context)
+        }
+        var line = name.padding(toLength: 15, withPad: " ", startingAt: 0)
+        for (p, prompt) in prompts.enumerated() {
+            let cpu = try Generator(executor: CPUExecutor(plan: model.plan, maxPositions: 512)).generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
+            let gpu = try Generator(executor: make(model.plan, 512)).generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
+            if gpu.tokens != cpu.tokens { failures.append("\(name) prompt \(p): GPU plain != CPU plain") }
+            for block in [2, 8, 16] {
+                let target = try make(model.plan, 512)
+                let drafter = try DFlashDrafter(directory: "Tests/FulgurTests/Fixtures/drafters/\(name)", target: model,
+                                                maxPositions: 512, maxStepTokens: 16, executor: make)
+                let spec = try SpeculativeGenerator(target: target, drafter: drafter, blockSize: block)
+                let r = try spec.generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
+                checks += 1
+                let ok = r.tokens == gpu.tokens && r.tokens.count == 200
+                if !ok { failures.append("\(name) prompt \(p) block \(block): speculative != plain") }
+                let mean = r.speculative.map { Double($0.acceptanceLengths.reduce(0, +)) / Double(max($0.acceptanceLengths.count, 1)) } ?? 0
+                line += "  p\(p)/b\(block) \(ok ? "ok" : "DIFF")" + String(format: " (acc %.2f)", mean)
+            }
+        }
+        print(line)
+    }
+    print(failures.isEmpty ? "speculative PASS: \(checks) runs" : "speculative FAIL: " + failures.joined(separator: "; "))
+    return failures.isEmpty
+}

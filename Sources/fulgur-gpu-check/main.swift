@@ -1,7 +1,7 @@
 // Checks and times the CUDA kernels on a GPU machine (scripts/gpu-check runs it there):
 // every kernel against the CPU executor on fresh random inputs, then device-to-device copy
 // bandwidth and each kernel's achieved bandwidth, timed with events after warm-up.
-// Arguments name the kernel families to check (executor, moe, gemv); none checks all.
+// Arguments name the kernel families to check (executor, speculative, moe, gemv); none checks all.
 // Exits 1 on any mismatch, 2 when the GPU or the kernels cannot be used.
 import Foundation
 import Fulgur
@@ -135,7 +135,9 @@ func run() throws -> Bool {
     var rows: [Row] = []
     var seed: UInt64 = UInt64(Date().timeIntervalSince1970)  // fresh inputs every run
     let families = CommandLine.arguments.dropFirst()
-    let executorPassed = families.isEmpty || families.contains("executor") ? try runExecutorChecks(device, module) : true
+    let wholeModel = families.isEmpty || families.contains("executor") ? try runExecutorChecks(device, module) : true
+    let speculative = families.isEmpty || families.contains("speculative") ? try runSpeculativeChecks(device, module) : true
+    let executorPassed = wholeModel && speculative
     let moePassed = families.isEmpty || families.contains("moe") ? try runMoE(device, module, stream, copy: copy, seed: seed + 1000) : true
     guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed }
     for format in Format.allCases {

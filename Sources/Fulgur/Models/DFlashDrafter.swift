@@ -18,12 +18,14 @@ public final class DFlashDrafter {
     public let blockSize: Int
     public let maskTokenId: Int
     public let targetLayerIds: [Int]
-    let context: CPUExecutor
-    let block: CPUExecutor
+    let context: any Executor
+    let block: any Executor
 
     /// Opens the drafter in `directory` for `target`; `maxStepTokens` bounds a block (and the
-    /// slack of sliding-window rings).
-    public init(directory: String, target: Model, maxPositions: Int, maxStepTokens: Int) throws {
+    /// slack of sliding-window rings). `executor` makes the executor of the block plan for a
+    /// context length (default: the CPU executor); the context plan shares its cache.
+    public init(directory: String, target: Model, maxPositions: Int, maxStepTokens: Int,
+                executor makeExecutor: ((Plan, Int) throws -> any Executor)? = nil) throws {
         path = directory
         let c = try HFConfig(path: directory + "/config.json")
         let arch = try c.strings("architectures")?.first
@@ -72,8 +74,8 @@ public final class DFlashDrafter {
         var contextWidths = widths
         contextWidths[.x] = features
         let contextPlan = Plan(spec: spec, ops: contextOps, widths: contextWidths, embedding: target.plan.embedding, lmHead: target.plan.lmHead)
-        block = CPUExecutor(plan: blockPlan, maxPositions: maxPositions, maxStepTokens: maxStepTokens)
-        context = CPUExecutor(plan: contextPlan, maxPositions: maxPositions, maxStepTokens: maxStepTokens, cache: block.cache)
+        block = try makeExecutor?(blockPlan, maxPositions) ?? CPUExecutor(plan: blockPlan, maxPositions: maxPositions, maxStepTokens: maxStepTokens)
+        context = try block.sharingCache(plan: contextPlan)
     }
 
     /// Qwen3 decoder layers with non-causal attention; with `use_swa`, the layers marked
@@ -103,20 +105,20 @@ public final class DFlashDrafter {
     }
 
     /// Positions of context the drafter holds.
-    public var contextLength: Int { block.cache.length }
+    public var contextLength: Int { block.length }
 
-    public func reset() { block.cache.reset() }
+    public func reset() { block.reset() }
 }
 
 extension DFlashDrafter: Drafter {
     public func extend(tokens: [Int], features: [Float]) throws {
-        _ = try context.forward(rows: features)
+        _ = try context.forward(rows: features, logits: .none)
     }
 
     public func propose(after token: Int, count: Int) throws -> [Int] {
-        let start = block.cache.length
+        let start = block.length
         let logits = try block.forward([token] + Array(repeating: maskTokenId, count: count), logits: .all)
-        block.cache.truncate(to: start)
+        block.truncate(to: start)
         let vocab = block.vocabSize
         return logits.withUnsafeBufferPointer { l in
             (1...count).map { Sampler.argmax(UnsafeBufferPointer(rebasing: l[($0 * vocab)..<(($0 + 1) * vocab)])) }

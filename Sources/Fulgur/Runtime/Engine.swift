@@ -21,6 +21,7 @@ public final class Engine {
     /// DFlash decoding over the same executor, once a drafter is loaded; generation then goes
     /// through it.
     public private(set) var speculative: SpeculativeGenerator?
+    private let makeExecutor: ((Plan, Int) throws -> any Executor)?
 
     public var name: String { URL(fileURLWithPath: model.path).lastPathComponent }
 
@@ -37,16 +38,15 @@ public final class Engine {
         let context = min(contextLength ?? 8192, model.spec.maxPositions)
         guard context > 0 else { throw FulgurError(.usage, "context length must be positive") }
         generator = Generator(executor: try makeExecutor?(model.plan, context) ?? CPUExecutor(plan: model.plan, maxPositions: context))
+        self.makeExecutor = makeExecutor
     }
 
     /// Loads the DFlash drafter in `directory`; later generations decode speculatively with
     /// blocks of `blockSize` (default: the size the drafter was trained for).
     public func useDrafter(directory: String, blockSize: Int? = nil) throws {
-        guard let executor = generator.executor as? CPUExecutor else {
-            throw FulgurError(.unsupported, "DFlash decoding runs on the CPU executor only for now; run with --device cpu to use a drafter")
-        }
-        let drafter = try DFlashDrafter(directory: directory, target: model, maxPositions: executor.cache.maxPositions,
-                                        maxStepTokens: executor.maxStepTokens)
+        let executor = generator.executor
+        let drafter = try DFlashDrafter(directory: directory, target: model, maxPositions: executor.maxPositions,
+                                        maxStepTokens: executor.maxStepTokens, executor: makeExecutor)
         speculative = try SpeculativeGenerator(target: executor, drafter: drafter, blockSize: blockSize ?? min(drafter.blockSize, 16))
     }
 

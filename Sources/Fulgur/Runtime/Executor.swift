@@ -2,6 +2,7 @@
 /// sequence and return logits, and move the end of that sequence. The CPU executor (the
 /// oracle) and the CUDA executor (FulgurCUDA) both are one.
 public protocol Executor: AnyObject {
+    var plan: Plan { get }
     /// Tokens one step takes; longer inputs run in chunks of this many.
     var maxStepTokens: Int { get }
     var vocabSize: Int { get }
@@ -11,6 +12,18 @@ public protocol Executor: AnyObject {
     /// Runs `tokens` at the next positions and returns logits (`[T, vocab]` for `.all`,
     /// `[vocab]` for `.last`, nothing for `.none`).
     func forward(_ tokens: [Int], logits: CPUExecutor.Logits) throws -> [Float]
+    /// Runs a plan that starts from given rows of x (`[T, plan.widths[.x]]`) instead of token
+    /// embeddings (the DFlash drafter's context features).
+    func forward(rows: [Float], logits: CPUExecutor.Logits) throws -> [Float]
+    /// Layers whose output hidden states each forward returns in `capturedFeatures`
+    /// (`[T, captureLayers.count * hidden]`, side by side in this order): the DFlash drafter
+    /// conditions on them, so they come with the forward pass instead of a second one.
+    var captureLayers: [Int] { get set }
+    var capturedFeatures: [Float] { get }
+    /// An executor for another plan over this one's cache (the same layers' keys and values
+    /// and the same positions): the DFlash drafter writes its context with one plan and drafts
+    /// with another.
+    func sharingCache(plan: Plan) throws -> any Executor
     /// Whether the cache can rewind to `position` (a sliding-window ring may have overwritten
     /// what it would need).
     func canTruncate(to position: Int) -> Bool
@@ -25,4 +38,7 @@ extension CPUExecutor: Executor {
     public func canTruncate(to position: Int) -> Bool { cache.canTruncate(to: position) }
     public func truncate(to position: Int) { cache.truncate(to: position) }
     public func reset() { cache.reset() }
+    public func sharingCache(plan: Plan) throws -> any Executor {
+        CPUExecutor(plan: plan, maxPositions: cache.maxPositions, maxStepTokens: maxStepTokens, cache: cache)
+    }
 }

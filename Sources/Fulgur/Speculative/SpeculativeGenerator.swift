@@ -5,18 +5,18 @@ import Foundation
 /// target's cache back to them and give the drafter their hidden states. Output is the plain
 /// Generator's, token for token (see `TargetSampling`).
 public final class SpeculativeGenerator {
-    public let target: CPUExecutor
+    public let target: any Executor
     public let drafter: Drafter
     public let blockSize: Int
     let rule: AcceptanceRule
 
     /// `blockSize` in 2...16, at most the target's `maxStepTokens` (a verify block must run
     /// as one step, and sliding-window rings keep that much slack for rejected tokens).
-    public convenience init(target: CPUExecutor, drafter: Drafter, blockSize: Int = 8) throws {
+    public convenience init(target: any Executor, drafter: Drafter, blockSize: Int = 8) throws {
         try self.init(target: target, drafter: drafter, blockSize: blockSize, rule: TargetSampling())
     }
 
-    init(target: CPUExecutor, drafter: Drafter, blockSize: Int, rule: AcceptanceRule) throws {
+    init(target: any Executor, drafter: Drafter, blockSize: Int, rule: AcceptanceRule) throws {
         guard (2...16).contains(blockSize) else { throw FulgurError(.usage, "block size must be in 2...16, got \(blockSize)") }
         guard blockSize <= target.maxStepTokens else {
             throw FulgurError(.usage, "block size \(blockSize) exceeds the executor's \(target.maxStepTokens)-token steps")
@@ -32,7 +32,7 @@ public final class SpeculativeGenerator {
     public func generate(prompt: [Int], parameters: GenerationParameters, decode: (Int) -> String,
                          onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
                          onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
-        let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: target.cache.maxPositions)
+        let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: target.maxPositions)
         return try withoutActuallyEscaping(decode) { decode in
           try withoutActuallyEscaping(onToken) { onToken in
             try withoutActuallyEscaping(onText) { onText in
@@ -44,16 +44,16 @@ public final class SpeculativeGenerator {
                 let vocab = target.vocabSize
                 var stats = SpeculativeStats(blockSize: blockSize)
                 var sampler = Sampler(parameters.sampling)
-                target.cache.reset()
+                target.reset()
                 drafter.reset()
-                let logits = try target.forward(prompt)
+                let logits = try target.forward(prompt, logits: .last)
                 try drafter.extend(tokens: prompt, features: target.capturedFeatures)
                 var token = sampler.sample(logits)
                 var going = sink.open && sink.take(token, logits: wantLogits ? logits : nil)
                 while going {
                     // The block is `token` (already emitted, not yet in the target's cache) and
                     // the guesses after it; it emits at most its size, so it never passes the limit.
-                    let start = target.cache.length
+                    let start = target.length
                     let size = min(blockSize, sink.limit - sink.result.tokens.count)
                     let t0 = DispatchTime.now().uptimeNanoseconds
                     let draft = size > 1 ? try drafter.propose(after: token, count: size - 1) : []
@@ -66,7 +66,7 @@ public final class SpeculativeGenerator {
                     stats.acceptanceLengths.append(emitted.count)
                     // Keep the block tokens that led to accepted ones: `token` and the matching guesses.
                     let kept = emitted.count
-                    target.cache.truncate(to: start + kept)
+                    target.truncate(to: start + kept)
                     let width = drafter.targetLayerIds.count * target.plan.spec.hiddenSize
                     try drafter.extend(tokens: [token] + draft.prefix(kept - 1),
                                        features: Array(target.capturedFeatures[0..<(kept * width)]))

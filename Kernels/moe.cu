@@ -617,7 +617,7 @@ constexpr int kConsumers = 8, kProducer = kConsumers, kSignaler = kConsumers + 1
 // one ring slot): up to 32 steps of one unit, 4 per consumer warp, which amortizes the slot's
 // wait and release (about 40 instructions) over 4 steps of about 75.
 constexpr int kStepBytes = 544, kChunkSteps = 32, kSlotBytes = kChunkSteps * kStepBytes;
-constexpr int kMaxRing = 8, kSlotTokens = 8, kMaxSlots = kMaxTokens * kMaxTopK;
+constexpr int kMaxRing = 16, kSlotTokens = 8, kMaxSlots = kMaxTokens * kMaxTopK;
 // Warp partials of one unit: [warp][n8 block][value][lane] floats; two buffers.
 constexpr int kRedFloats = kConsumers * 2 * 4 * 32;
 constexpr int kRouteInts = 2 + 2 * kMaxExperts + 1 + 4 * kMaxTokens * kMaxTopK;
@@ -661,6 +661,14 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(policy) : "memory");
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers * 32) : "memory"); }
+// Named barriers of the split unit end (version 3): 2 + b, "partials of red buffer b are
+// stored" (7 warps arrive, the unit's epilogue warp waits); 4 + b, "red buffer b is free
+// again" (the epilogue warp arrives once it has read it, the other 7 wait before storing).
+// Immediate ids (a register id makes ptxas reserve all 16 barriers).
+template <int ID>
+__device__ __forceinline__ void consumers_bar_sync() { asm volatile("bar.sync %0, %1;" ::"n"(ID), "n"(kConsumers * 32) : "memory"); }
+template <int ID>
+__device__ __forceinline__ void consumers_bar_arrive() { asm volatile("bar.arrive %0, %1;" ::"n"(ID), "n"(kConsumers * 32) : "memory"); }
 __device__ __forceinline__ int load_acquire(const int* p) {
     int v;
     asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -747,21 +755,21 @@ __device__ __forceinline__ void step(const uint8_t* w, const uint8_t* const (&b)
     block32<2, NB>(q.z, q.w, sw, x1, acc);
 }
 
-// One unit's chunks from the ring: warp w takes steps w, w + 8, ... of each chunk. The warp's
-// partial sums go to red (layout of kRedFloats).
+// One unit's chunks from the ring: warp w takes steps w, w + 8, ... of each chunk of up to
+// chunkSteps (<= kChunkSteps) steps. acc: the warp's partial sums (the caller stores them).
 template <int NB>
-__device__ __forceinline__ void consume(const uint8_t* ring, int ringSlots, uint32_t fullBar, uint32_t emptyBar, int& pos,
-                                        uint32_t& round, int steps, const uint8_t* const (&bLane)[2], float* red) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float acc[NB][4];
+__device__ __forceinline__ void consume(const uint8_t* ring, int ringSlots, int chunkSteps, uint32_t fullBar, uint32_t emptyBar,
+                                        int& pos, uint32_t& round, int steps, const uint8_t* const (&bLane)[2],
+                                        float (&acc)[NB][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slotBytes = chunkSteps * kStepBytes;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
         for (int v = 0; v < 4; ++v) acc[nb][v] = 0.f;
-    for (int c0 = 0; c0 < steps; c0 += kChunkSteps) {
-        const int n = min(kChunkSteps, steps - c0);
+    for (int c0 = 0; c0 < steps; c0 += chunkSteps) {
+        const int n = min(chunkSteps, steps - c0);
         mbar_wait(fullBar + pos * 8, round & 1);
-        const uint8_t* chunk = ring + pos * kSlotBytes;
+        const uint8_t* chunk = ring + pos * slotBytes;
         // B holds 2 blocks of 128 bytes per step (hi 64 + lo 64 each). A full chunk has no
         // guards, so the compiler may issue the later steps' shared loads early.
         if (n == kChunkSteps) {
@@ -785,6 +793,12 @@ __device__ __forceinline__ void consume(const uint8_t* ring, int ringSlots, uint
         if (lane == 0) mbar_arrive(emptyBar + pos * 8);
         if (++pos == ringSlots) { pos = 0; ++round; }
     }
+}
+
+// The warp's partials of a unit into red (layout of kRedFloats).
+template <int NB>
+__device__ __forceinline__ void store_partials(float* red, const float (&acc)[NB][4]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
@@ -1008,13 +1022,26 @@ extern "C" __global__ void __maxnreg__(96) moe2_route(const void* w, int bf16, c
 // tokensPerSlot (<= 8) * 256 * ceil(max(H, I) / 64). gateUp and down: the repacked tiles of
 // CUDAMoE.tiled; gateUpBias [E, 2, I] (gate, then up), downBias [E, H], either may be null.
 // act [16k, I], partial [16k, H]; sync zeroed by moe2_route; routes gets v1's layout (checks).
-// Same limits as version 1; 1 <= ringSlots <= 8.
-extern "C" __global__ void __maxnreg__(128) moe2_experts(
+// Same limits as version 1; 1 <= ringSlots <= 16; chunkSteps (steps per bulk copy and ring
+// slot, whose size is chunkSteps * kStepBytes) 8 to 32. Split (version 3): a unit's end is
+// named barriers that only its epilogue warp waits at (see consumers_bar_sync), instead of a
+// barrier of all 8 consumer warps. trace (null: off): per block 8 int64, [0] %globaltimer
+// at entry, [1..7] clock64 since entry at: routing done, first unit consumed (warp 0), last
+// gate_up unit consumed (warp 0), first down unit's wait for its slot over (thread 0), all
+// units consumed (warp 0), signaler done, producer done.
+namespace moe2 {
+__device__ __forceinline__ long long globaltimer() {
+    long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
+}
+
+template <bool Split>
+__device__ __forceinline__ void experts(
     const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
     const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias,
     const uint8_t* down, const float* downBias, int clamped, float alpha, float limit, float* act, float* partial,
-    int* sync, int* routes, float* out, int ringSlots, int tokensPerSlot, int bBytes) {
-    using namespace moe2;
+    int* sync, int* routes, float* out, int ringSlots, int tokensPerSlot, int bBytes, int chunkSteps, long long* trace) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ __align__(8) uint64_t full[kMaxRing], empty[kMaxRing];
     __shared__ int routeInts[kRouteInts];
@@ -1026,6 +1053,9 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
     __shared__ int finished[kConsumers];
     __shared__ int slotTotal;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const long long clock0 = clock64();
+    long long* tr = trace ? trace + 8 * blockIdx.x : nullptr;
+    if (tr && tid == 0) tr[0] = globaltimer();
     if (tid == 0) {
         for (int i = 0; i < ringSlots; ++i) {
             mbar_init(smem_addr(&full[i]), 1);
@@ -1082,6 +1112,7 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
     }
     __syncthreads();
 
+    if (tr && tid == 0) tr[1] = clock64() - clock0;
     const int S = slotTotal, stepsG = (H + 63) / 64, stepsD = (I + 63) / 64, tilesG = I / 8, tilesD = H / 16;
     Units units;
     {
@@ -1094,7 +1125,8 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
         units.tilesD = tilesD;
     }
     uint8_t* ring = smem;
-    uint8_t* bsm = smem + ringSlots * kSlotBytes;
+    const int slotBytes = chunkSteps * kStepBytes;
+    uint8_t* bsm = smem + ringSlots * slotBytes;
     float* red = reinterpret_cast<float*>(bsm + bBytes);
     const uint32_t fullBar = smem_addr(full), emptyBar = smem_addr(empty);
 
@@ -1109,14 +1141,15 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
             units.at(i, phase, s, tile);
             const int steps = phase == 0 ? stepsG : stepsD, tiles = phase == 0 ? tilesG : tilesD;
             const uint8_t* src = (phase == 0 ? gateUp : down) + ((size_t)slotExpert[s] * tiles + tile) * steps * kStepBytes;
-            for (int c0 = 0; c0 < steps; c0 += kChunkSteps) {
-                const uint32_t bytes = min(kChunkSteps, steps - c0) * kStepBytes;
+            for (int c0 = 0; c0 < steps; c0 += chunkSteps) {
+                const uint32_t bytes = min(chunkSteps, steps - c0) * kStepBytes;
                 if (round > 0) mbar_wait(emptyBar + pos * 8, (round - 1) & 1);
                 mbar_expect(fullBar + pos * 8, bytes);
-                bulk_load(smem_addr(ring + pos * kSlotBytes), src + (size_t)c0 * kStepBytes, bytes, fullBar + pos * 8, policy);
+                bulk_load(smem_addr(ring + pos * slotBytes), src + (size_t)c0 * kStepBytes, bytes, fullBar + pos * 8, policy);
                 if (++pos == ringSlots) { pos = 0; ++round; }
             }
         }
+        if (tr) tr[7] = clock64() - clock0;
         return;
     }
 
@@ -1156,6 +1189,7 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
             }
             done = fin;
         }
+        if (tr && lane == 0) tr[6] = clock64() - clock0;
         return;
     }
 
@@ -1177,6 +1211,7 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
                         __nanosleep(64);
                     }
                     __threadfence();
+                    if (tr && i == units.gCount) tr[4] = clock64() - clock0;
                 }
                 for (int j = 0; j < n; ++j) {
                     const int ex = phase == 0 ? __ldcg(xexp + r.token()[p0 + j]) : (int)((uint32_t)__ldcg(sync + kSyncActMax + p0 + j) >> 23);
@@ -1209,9 +1244,32 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
             }
         }
         float* rb = red + buf * kRedFloats;
-        if (n > 4) consume<2>(ring, ringSlots, fullBar, emptyBar, pos, round, steps, bLane, rb);
-        else consume<1>(ring, ringSlots, fullBar, emptyBar, pos, round, steps, bLane, rb);
-        consumers_sync();
+        const auto unit = [&](auto nbTag) {
+            constexpr int NB = decltype(nbTag)::value;
+            float acc[NB][4];
+            consume<NB>(ring, ringSlots, chunkSteps, fullBar, emptyBar, pos, round, steps, bLane, acc);
+            if constexpr (Split) {
+                // Buffer buf was last read by unit i - 2's epilogue warp, which arrived once done.
+                if (i >= 2 && warp != (i - 2) % kConsumers) {
+                    if (buf) consumers_bar_sync<5>();
+                    else consumers_bar_sync<4>();
+                }
+                store_partials<NB>(rb, acc);
+                if (mine) {
+                    if (buf) consumers_bar_sync<3>();
+                    else consumers_bar_sync<2>();
+                } else {
+                    if (buf) consumers_bar_arrive<3>();
+                    else consumers_bar_arrive<2>();
+                }
+            } else {
+                store_partials<NB>(rb, acc);
+                consumers_sync();
+            }
+        };
+        if (n > 4) unit(moe::Tokens<2>{});
+        else unit(moe::Tokens<1>{});
+        if (tr && tid == 0 && (i == 0 || i == units.gCount - 1)) tr[i == 0 ? 2 : 3] = clock64() - clock0;
         if (mine) {
             const int g = lane >> 2;
             if (phase == 0) {
@@ -1222,8 +1280,31 @@ extern "C" __global__ void __maxnreg__(128) moe2_experts(
                 else finish_down<1>(rb, n, p0, H, tile * 16 + g, bias0, bias1, unscale, r.weight(), partial);
             }
             __syncwarp();
+            if constexpr (Split) {
+                if (i + 2 < units.count) {  // red[buf] read: free for unit i + 2
+                    if (buf) consumers_bar_arrive<5>();
+                    else consumers_bar_arrive<4>();
+                }
+            }
             if (lane == 0) store_release_block(&finished[warp], i / kConsumers + 1);
         }
         buf ^= 1;
     }
+    if (tr && tid == 0) tr[5] = clock64() - clock0;
 }
+
+}  // namespace moe2
+
+#define MOE2_EXPERTS_ENTRY(NAME, SPLIT)                                                                                  \
+    extern "C" __global__ void __maxnreg__(128) NAME(                                                                   \
+        const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
+        const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias, \
+        const uint8_t* down, const float* downBias, int clamped, float alpha, float limit, float* act, float* partial,  \
+        int* sync, int* routes, float* out, int ringSlots, int tokensPerSlot, int bBytes, int chunkSteps, long long* trace) { \
+        moe2::experts<SPLIT>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, k,     \
+                             gateUp, gateUpBias, down, downBias, clamped, alpha, limit, act, partial, sync, routes, out,   \
+                             ringSlots, tokensPerSlot, bBytes, chunkSteps, trace);                                        \
+    }
+// Version 2: every consumer warp waits at each unit's end. Version 3: only the epilogue warp.
+MOE2_EXPERTS_ENTRY(moe2_experts, false)
+MOE2_EXPERTS_ENTRY(moe3_experts, true)

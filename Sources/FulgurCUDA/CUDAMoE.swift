@@ -10,6 +10,9 @@ import Fulgur
 /// `version` picks the kernels: 2 (the default) routes in a small launch and runs every expert
 /// product in one persistent launch on the tensor cores, from weights repacked at upload
 /// (`tiled`); 1 is the first version (three launches, FFMA), kept so one GPU run can time both.
+/// 3 is version 2's kernel with a deeper ring (a launch plan per token bin, so x takes only the
+/// room the call's tokens need; chunks sized to fill their ring slots) and a unit end that only
+/// the unit's epilogue warp waits at (`moe3_experts`).
 public final class CUDAMoE: @unchecked Sendable {
     public static let maxTokens = 16
     static let maxExperts = 256, maxTopK = 8, maxGroups = 32
@@ -50,14 +53,23 @@ public final class CUDAMoE: @unchecked Sendable {
         /// xexp [16]; sync: the counters moe2_route zeroes; act [16k, I]; partial [16k, H].
         let xexp: DeviceBuffer, sync: DeviceBuffer, act: DeviceBuffer, partial: DeviceBuffer
         let syncCount: Int
-        let plan: Plan
+        /// Launch plans for calls of up to 1, 2, 4 and 8+ tokens (version 2: the same plan).
+        let plans: [Plan]
+        var plan: Plan { plans[3] }
+        func plan(tokens: Int) -> Plan { plans[tokens <= 1 ? 0 : tokens <= 2 ? 1 : tokens <= 4 ? 2 : 3] }
     }
 
     /// moe2_experts' launch: blocks (all resident at once), dynamic shared memory split into a
     /// ring of `ringSlots` chunks, x for `tokensPerSlot` tokens (`xBytes`) and the warp partials.
     struct Plan {
         let blocks: Int, ringSlots: Int, tokensPerSlot: Int, xBytes: Int, sharedBytes: Int
+        /// Steps (544 bytes each) per bulk copy and ring slot.
+        var chunkSteps = 32
+        var slotBytes: Int { chunkSteps * CUDAMoE.stepBytes }
     }
+
+    /// moe2_experts' per-block timestamps of the last run (`tracing`), 8 Int64 per block.
+    public private(set) var trace: DeviceBuffer?
 
     static let bins = [1, 2, 4, 8, 16]
 
@@ -66,7 +78,7 @@ public final class CUDAMoE: @unchecked Sendable {
         func unsupported(_ why: String) -> FulgurError {
             FulgurError(.unsupported, "MoE layer (router '\(m.router.name)'): \(why); the CUDA MoE kernel takes MXFP4 experts with split scales, up to \(Self.maxExperts) experts, top-k up to \(Self.maxTopK), hidden and intermediate sizes that are multiples of 32 (version 2: hidden at most 8192)")
         }
-        guard version == 1 || version == 2 else { throw unsupported("kernel version \(version) (there are 1 and 2)") }
+        guard (1...3).contains(version) else { throw unsupported("kernel version \(version) (there are 1, 2 and 3)") }
         guard E <= Self.maxExperts, E == m.experts.count, (1...Self.maxTopK).contains(k), H % 32 == 0, I % 32 == 0, version == 1 || H <= 8192 else {
             throw unsupported("\(E) experts, top-\(k), hidden \(H), intermediate \(I)")
         }
@@ -139,9 +151,15 @@ public final class CUDAMoE: @unchecked Sendable {
             return
         }
 
-        let route = try module.function("moe2_route"), experts = try module.function("moe2_experts")
-        let plan = try Self.plan(experts, module: module, hidden: H, intermediate: I)
-        try module.allowSharedMemory(experts, bytes: plan.sharedBytes)
+        let route = try module.function("moe2_route"), experts = try module.function(version == 3 ? "moe3_experts" : "moe2_experts")
+        let plans: [Plan]
+        if version == 3 {
+            plans = try Self.plans3(experts, module: module, hidden: H, intermediate: I)
+        } else {
+            let plan = try Self.plan(experts, module: module, hidden: H, intermediate: I)
+            try module.allowSharedMemory(experts, bytes: plan.sharedBytes)
+            plans = [plan, plan, plan, plan]
+        }
         // gate_up tile i: rows 0-7 are gate rows 8i..8i+7, rows 8-15 the matching up rows.
         let gateUp = try CUDAMoE.upload(device, CUDAMoE.tiled(experts: E, tiles: I / 8, columns: H) { e, tile, r in
             let x = m.experts[e], j = 8 * tile + r % 8, gate = r < 8
@@ -159,7 +177,7 @@ public final class CUDAMoE: @unchecked Sendable {
         kernels = .v2(Version2(route: route, experts: experts, gateUp: gateUp, gateUpBias: gateUpBias, down: down, downBias: downBias,
                                xexp: try device.allocate(4 * Self.maxTokens), sync: try device.allocate(4 * syncCount),
                                act: try device.allocate(4 * Self.maxTokens * k * I), partial: try device.allocate(4 * Self.maxTokens * k * H),
-                               syncCount: syncCount, plan: plan))
+                               syncCount: syncCount, plans: plans))
     }
 
     /// Int32 offsets in the routing buffer; mirrors moe::Routes in Kernels/moe.cu.
@@ -176,7 +194,7 @@ public final class CUDAMoE: @unchecked Sendable {
     }
 
     // Mirrors moe2:: in Kernels/moe.cu.
-    static let v2Threads = 320, stepBytes = 544, chunkBytes = 32 * 544, maxRingSlots = 8
+    static let v2Threads = 320, stepBytes = 544, chunkBytes = 32 * 544, maxRingSlots = 8, maxRingSlots3 = 16
     static let partialBytes = 2 * 8 * 2 * 4 * 32 * 4
 
     /// Splits the block's shared memory: x for as many tokens per slot as fit (8, else 4, 2,
@@ -198,6 +216,54 @@ public final class CUDAMoE: @unchecked Sendable {
             throw FulgurError(.unsupported, "moe2_experts with \(shared) bytes of shared memory cannot run on \(module.device.name)")
         }
         return Plan(blocks: perSM * module.device.multiprocessors, ringSlots: ring, tokensPerSlot: tokens, xBytes: xBytes, sharedBytes: shared)
+    }
+
+    /// Version 3's plans, for calls of up to 1, 2, 4 and 8 or more tokens: x for that many tokens
+    /// per slot, chunks of `chunkSteps` = the unit's steps split evenly into pieces of at most 32
+    /// (gpt-oss: 45 steps in 2 chunks of 23, where 32 + 13 left slots 30% empty), and as many
+    /// ring slots as fit, up to 16. The same 4 KB stay free as in `plan`.
+    static func plans3(_ experts: KernelModule.Function, module: KernelModule, hidden H: Int, intermediate I: Int) throws -> [Plan] {
+        let stepsG = (H / 32 + 1) / 2, stepsD = (I / 32 + 1) / 2, steps = max(stepsG, stepsD)
+        func even(_ s: Int) -> Int { let pieces = (s + 31) / 32; return (s + pieces - 1) / pieces }
+        let chunkSteps = max(even(stepsG), even(stepsD)), slotBytes = chunkSteps * stepBytes
+        let room = module.device.maxSharedMemoryPerBlock - (try module.staticSharedBytes(experts)) - partialBytes - 4096
+        var shapes: [(tokens: Int, xBytes: Int, ring: Int, shared: Int)] = []
+        for bin in [1, 2, 4, 8] {
+            // A bin whose x does not fit takes the largest token count that does.
+            guard let tokens = [8, 4, 2, 1].filter({ $0 <= bin }).first(where: { $0 * 256 * steps + 2 * slotBytes <= room }) else {
+                throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): one token's activations (\(256 * steps) bytes) and two weight chunks do not fit the \(room) bytes of shared memory a block has here")
+            }
+            let xBytes = tokens * 256 * steps, ring = min(maxRingSlots3, (room - xBytes) / slotBytes)
+            shapes.append((tokens, xBytes, ring, ring * slotBytes + xBytes + partialBytes))
+        }
+        // Raise the dynamic limit to the largest plan before the occupancy queries (see plan).
+        try module.allowSharedMemory(experts, bytes: shapes.map(\.shared).max()!)
+        return try shapes.map { p in
+            let perSM = try module.residentBlocksPerMultiprocessor(experts, threads: v2Threads, sharedBytes: p.shared)
+            guard perSM >= 1 else {
+                throw FulgurError(.unsupported, "moe3_experts with \(p.shared) bytes of shared memory cannot run on \(module.device.name)")
+            }
+            return Plan(blocks: perSM * module.device.multiprocessors, ringSlots: p.ring, tokensPerSlot: p.tokens, xBytes: p.xBytes,
+                        sharedBytes: p.shared, chunkSteps: chunkSteps)
+        }
+    }
+
+    /// Turns the per-block timestamps of versions 2 and 3 on or off (`trace`, `lastTrace`).
+    public func setTracing(_ on: Bool) throws {
+        guard case .v2(let v) = kernels else { return }
+        trace = on ? try module.device.allocate(8 * 8 * v.plans.map(\.blocks).max()!) : nil
+    }
+
+    /// The last run's timestamps, once `stream` is synchronized: per block, [0] %globaltimer (ns)
+    /// at entry, then SM clocks since entry at: routing done, first unit consumed, last gate_up
+    /// unit consumed, first down unit's wait over, all units consumed, signaler done, producer
+    /// done (0: not reached, or no such unit).
+    public func lastTrace(tokens: Int) throws -> [[Int64]] {
+        guard case .v2(let v) = kernels, let trace else { return [] }
+        let blocks = v.plan(tokens: tokens).blocks
+        var raw = [Int64](repeating: 0, count: 8 * blocks)
+        try raw.withUnsafeMutableBytes { try trace.download(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<(64 * blocks)])) }
+        return (0..<blocks).map { Array(raw[(8 * $0)..<(8 * $0 + 8)]) }
     }
 
     /// Codes and E8M0 scales of row `r` of an MXFP4 weight.
@@ -287,7 +353,10 @@ public final class CUDAMoE: @unchecked Sendable {
         switch kernels {
         case .v1: "version 1: route, gate_up, down"
         case .v2(let v):
-            "version 2: \(v.plan.blocks) blocks of \(Self.v2Threads) threads, \(v.plan.sharedBytes) bytes of shared memory (ring of \(v.plan.ringSlots) x \(Self.chunkBytes), x for \(v.plan.tokensPerSlot) tokens)"
+            "version \(version): \(v.plan.blocks) blocks of \(Self.v2Threads) threads; " + (version == 3 ? [0, 1, 2, 3] : [3]).map { i in
+                let p = v.plans[i]
+                return (version == 3 ? "T <= \([1, 2, 4, 16][i]): " : "") + "\(p.sharedBytes) bytes of shared memory (ring of \(p.ringSlots) x \(p.slotBytes), x for \(p.tokensPerSlot) tokens)"
+            }.joined(separator: ", ")
         }
     }
 
@@ -337,18 +406,21 @@ public final class CUDAMoE: @unchecked Sendable {
                               sharedBytes: shared, stream: stream, overlapPrevious: overlap, [
                 ptr(routes), .int32(E), .int32(k), ptr(v.act), .int32(T), .int32(H), .int32(I), ptr(v.downCodes), ptr(v.downScales), ptr(v.downBias), ptr(out)])
         case .v2(let v):
+            let plan = v.plan(tokens: tokens)
+            if let trace { try trace.fill(byte: 0, stream: stream) }
             try mark()
             try module.launch(v.route, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, [
                 ptr(router), .int32(routerIsBF16 ? 1 : 0), ptr(routerBias), ptr(x), .int32(T), .int32(H), .int32(E),
                 ptr(logits), ptr(v.xexp), ptr(v.sync), .int32(Int32(v.syncCount))])
             try mark()
-            try module.launch(v.experts, grid: (v.plan.blocks, 1, 1), block: (Self.v2Threads, 1, 1), sharedBytes: v.plan.sharedBytes,
+            try module.launch(v.experts, grid: (plan.blocks, 1, 1), block: (Self.v2Threads, 1, 1), sharedBytes: plan.sharedBytes,
                               stream: stream, overlapPrevious: overlap, [
                 ptr(logits), ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling), .int32(Int32(groups)),
                 .int32(Int32(topKGroups)), ptr(x), ptr(v.xexp), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k),
                 ptr(v.gateUp), ptr(v.gateUpBias), ptr(v.down), ptr(v.downBias), .int32(clamped), .float(alpha), .float(limit),
                 ptr(v.act), ptr(v.partial), ptr(v.sync), ptr(routes), ptr(out),
-                .int32(Int32(v.plan.ringSlots)), .int32(Int32(v.plan.tokensPerSlot)), .int32(Int32(v.plan.xBytes))])
+                .int32(Int32(plan.ringSlots)), .int32(Int32(plan.tokensPerSlot)), .int32(Int32(plan.xBytes)),
+                .int32(Int32(plan.chunkSteps)), ptr(trace)])
         }
         try mark()
     }

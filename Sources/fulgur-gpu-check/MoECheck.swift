@@ -129,7 +129,7 @@ struct MoERow {
     let results: [MoEResult]
 }
 
-let moeVersions = [1, 2]
+let moeVersions = [1, 2, 3]
 
 /// us per call over 10 rounds of `calls` calls rotating over `copies`, each round queued behind
 /// three 1 GiB copies so the events time the GPU, not the host's launch rate; the median round.
@@ -174,7 +174,7 @@ func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream
     var rng = SeededGenerator(seed: seed)
     let m = try randomMoE(s, &rng)
     let gpus = try moeVersions.map { try CUDAMoE(m, module: module, version: $0) }
-    print("\(s.name): \(gpus[1].planDescription)")
+    for g in gpus.dropFirst() { print("\(s.name): \(g.planDescription)") }
     let H = s.hidden, E = s.experts
     // Copies so that consecutive calls touch other weights: more than L2 between two reads.
     let copyCount = max(2, min(4, (2 << 30) / (E * gpus[0].expertBytes)))
@@ -228,12 +228,36 @@ func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream
                 for overlap in [false, true] { timings.append(try timeMoE(copies[v], xd, tokens: t, out, overlap: overlap, device, stream, copy: copy)) }
                 stages = try timeStages(copies[v], xd, tokens: t, out, device, stream, copy: copy)
             }
+            if timed.contains(t) && gpu.version >= 2 && [1, 4, 8, 12, 16].contains(t) { try printTrace(gpu, copies[v], xd, tokens: t, out, stream, shape: s.name) }
             results.append(MoEResult(error: error, routeMismatches: mismatches, touched: touched, timings: timings, stages: stages))
         }
         let bytes = results[1].touched * gpus[1].expertBytes + gpus[1].routerBytes
         rows.append(MoERow(shape: s.name, tokens: t, bytes: bytes, results: results))
     }
     return rows
+}
+
+/// One traced run of the experts kernel (after warm calls over the timing copies, behind a copy
+/// as in timeMoE, plain launches): per phase, the median and largest SM clock count since a
+/// block's entry, in thousands of clocks (about 2 per us at the H200's 1.98 GHz), and the spread
+/// of the blocks' entry times.
+func printTrace(_ gpu: CUDAMoE, _ copies: [CUDAMoE], _ x: DeviceBuffer, tokens t: Int, _ out: DeviceBuffer, _ stream: CUDAStream, shape: String) throws {
+    for c in copies { try c.run(x, tokens: t, into: out, stream: stream, overlapPrevious: false) }
+    try gpu.setTracing(true)
+    defer { try? gpu.setTracing(false) }
+    try gpu.run(x, tokens: t, into: out, stream: stream, overlapPrevious: false)
+    try stream.synchronize()
+    let blocks = try gpu.lastTrace(tokens: t)
+    guard !blocks.isEmpty else { return }
+    let entry = blocks.map { $0[0] }, first = entry.min()!
+    let names = ["routed", "unit 0", "gate_up", "down wait", "consumed", "signaler", "producer"]
+    var line = "trace \(shape) T = \(t) v\(gpu.version): entry spread \(String(format: "%.2f", Double(entry.max()! - first) / 1e3)) us; kclocks median/max:"
+    for (i, n) in names.enumerated() {
+        let v = blocks.map { Double($0[i + 1]) / 1e3 }.filter { $0 > 0 }.sorted()
+        if v.isEmpty { continue }
+        line += String(format: " %@ %.1f/%.1f", n, v[v.count / 2], v.last!)
+    }
+    print(line)
 }
 
 /// Checks and times every MoE shape with both kernel versions; prints the table; true when all pass.
@@ -249,11 +273,13 @@ func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, 
     print("\nMoE (Kernels/moe.cu), seed base \(seed); tolerance ‖gpu − cpu‖/‖cpu‖ <= \(tolerance), routed expert sets identical")
     print("roofline: router + touched experts' bytes over the copy bandwidth (\(String(format: "%.0f", copy.gbps)) GB/s); us per call (% of roofline)")
     print("plain: cuLaunchKernel; overlap: each kernel a programmatic dependent of the one before; kernels: median us of each, events between plain launches")
-    print("shape        T  experts      MB  roofline | rel.err v1  v2       | v1 plain        v1 overlap      | v2 plain        v2 overlap      | v1 route gate_up down | v2 route experts")
+    print("shape        T  experts      MB  roofline | rel.err " + moeVersions.map { "v\($0)" .padding(toLength: 9, withPad: " ", startingAt: 0) }.joined() + "| "
+          + moeVersions.map { "v\($0) plain        v\($0) overlap      | " }.joined() + "v1 route gate_up down | " + moeVersions.dropFirst().map { "v\($0) route experts | " }.joined())
     for r in rows where !r.results[0].timings.isEmpty || failed.contains(where: { $0.shape == r.shape && $0.tokens == r.tokens }) {
         let roof = copy.micros(r.bytes) / 2
         var line = r.shape.padding(toLength: 11, withPad: " ", startingAt: 0)
-            + String(format: "%3d  %7d  %6.1f  %8.2f | %.2e %.2e |", r.tokens, r.results[1].touched, Double(r.bytes) / 1e6, roof, r.results[0].error, r.results[1].error)
+            + String(format: "%3d  %7d  %6.1f  %8.2f |", r.tokens, r.results[1].touched, Double(r.bytes) / 1e6, roof)
+            + r.results.map { String(format: " %.2e", $0.error) }.joined() + " |"
         for res in r.results {
             line += res.timings.map { " " + pct(roof, $0.micros) + ($0.hostPaced > 0 ? " (host-paced \($0.hostPaced)/10)" : "") }.joined() + " |"
         }

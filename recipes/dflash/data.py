@@ -134,7 +134,7 @@ def math_problem(rng):
         lambda: f"The price of a {rng.choice(['bike', 'phone', 'lamp', 'jacket'])} is ${a * 10}. It is reduced by {rng.choice([10, 20, 25, 50])}%. What is the new price?",
     ]
     problem = rng.choice(kinds)()
-    return problem + rng.choice(["", "", " Show your steps.", " Explain your reasoning."])
+    return problem if "Explain" in problem else problem + rng.choice(["", "", " Show your steps.", " Explain your reasoning."])
 
 
 def math_prompts(rng, count, fraction_held_out, held):

@@ -42,11 +42,11 @@ public final class Scheduler: @unchecked Sendable {
 
     private var sessionsOn: Bool { policy.sessionLength != nil }
 
-    public init(model: ServingModel, policy: AdmissionPolicy, metrics: ServerMetrics) {
+    public init(model: ServingModel, policy: AdmissionPolicy, metrics: ServerMetrics) throws {
         precondition(policy.lanes >= 1, "a scheduler needs at least one lane")
         self.policy = policy
         self.metrics = metrics
-        sequences = model.makeSequences(policy.lanes)
+        sequences = try model.makeSequences(policy.lanes)
         lanes = Array(repeating: nil, count: policy.lanes)
         quota = QuotaBook(limit: policy.keyQuota)
         metrics.lanes.record(policy.lanes)

@@ -37,11 +37,12 @@ public struct OpenAIServer: Sendable {
         "/v1/chat/completions": .post, "/v1/completions": .post, "/v1/models": .get, "/health": .get, "/metrics": .get,
     ]
 
-    public init(model: ServingModel, configuration: ServerConfiguration) {
+    /// Throws when the model cannot run `configuration.admission.lanes` sequences.
+    public init(model: ServingModel, configuration: ServerConfiguration) throws {
         self.model = model
         self.configuration = configuration
         metrics = ServerMetrics()
-        scheduler = Scheduler(model: model, policy: configuration.admission, metrics: metrics)
+        scheduler = try Scheduler(model: model, policy: configuration.admission, metrics: metrics)
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully: admissions end (new

@@ -16,8 +16,9 @@ public protocol ServingModel: Sendable {
     /// The bytes a token stands for, for logprobs.
     func bytes(of token: Int) -> [UInt8]
     /// `count` sequences that can generate at the same time: each holds the mutable state of
-    /// one generation (a KV cache) over weights they share. Called once, by the scheduler.
-    func makeSequences(_ count: Int) -> [any ModelSequence]
+    /// one generation (a KV cache) over weights they share. Called once, by the scheduler;
+    /// throws when the model cannot run that many.
+    func makeSequences(_ count: Int) throws -> [any ModelSequence]
 }
 
 /// One generation at a time, called only by the lane that owns the sequence.
@@ -46,8 +47,8 @@ public final class EngineModel: ServingModel, @unchecked Sendable {
     public func bytes(of token: Int) -> [UInt8] { engine.tokenizer.bytes(of: token) }
 
     /// The first lane uses the engine's own generator, the others new ones over the same plan.
-    public func makeSequences(_ count: Int) -> [any ModelSequence] {
-        (0..<count).map { EngineSequence(engine: engine, generator: $0 == 0 ? engine.generator : engine.makeGenerator()) }
+    public func makeSequences(_ count: Int) throws -> [any ModelSequence] {
+        try (0..<count).map { EngineSequence(engine: engine, generator: $0 == 0 ? engine.generator : try engine.makeGenerator()) }
     }
 }
 

@@ -75,7 +75,7 @@ struct Serve: AsyncParsableCommand {
             }
         }
         let engine = try reportingErrors { try modelOptions.load() }
-        let server = OpenAIServer(model: EngineModel(engine), configuration: configuration)
+        let server = try reportingErrors { try OpenAIServer(model: EngineModel(engine), configuration: configuration) }
         var logger = Logger(label: "fulgur.serve")
         logger.logLevel = .info
         let id = server.model.id

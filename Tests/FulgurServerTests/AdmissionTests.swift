@@ -33,7 +33,7 @@ private func submit(_ scheduler: Scheduler, _ prompt: Int, key: String? = nil, m
 func twoLanesRunTwoGenerationsAtOnceAndTheThirdWaits() async throws {
     let gate = DispatchSemaphore(value: 0)
     let model = FakeModel(reply: "ok", gate: gate)
-    let scheduler = Scheduler(model: model, policy: AdmissionPolicy(lanes: 2, maxQueue: 8), metrics: ServerMetrics())
+    let scheduler = try Scheduler(model: model, policy: AdmissionPolicy(lanes: 2, maxQueue: 8), metrics: ServerMetrics())
     defer { scheduler.shutdown() }
     let first = try submit(scheduler, 1), second = try submit(scheduler, 2), third = try submit(scheduler, 3)
     #expect([first.position, second.position, third.position] == [0, 0, 1])
@@ -48,7 +48,7 @@ func twoLanesRunTwoGenerationsAtOnceAndTheThirdWaits() async throws {
 func theQueueIsAdmittedInArrivalOrderAndAPlaceLeftIsSkipped() async throws {
     let gate = DispatchSemaphore(value: 0)
     let model = FakeModel(reply: "ok", gate: gate)
-    let scheduler = Scheduler(model: model, policy: AdmissionPolicy(lanes: 1, maxQueue: 8), metrics: ServerMetrics())
+    let scheduler = try Scheduler(model: model, policy: AdmissionPolicy(lanes: 1, maxQueue: 8), metrics: ServerMetrics())
     defer { scheduler.shutdown() }
     let tickets = try (1...5).map { try submit(scheduler, $0) }
     #expect(tickets.map(\.position) == [0, 1, 2, 3, 4])
@@ -61,7 +61,7 @@ func theQueueIsAdmittedInArrivalOrderAndAPlaceLeftIsSkipped() async throws {
 @Test(.timeLimit(.minutes(1)))
 func aKeyOverItsDailyQuotaGets429AndALeftPlaceIsGivenBack() async throws {
     let gate = DispatchSemaphore(value: 0)
-    let scheduler = Scheduler(model: FakeModel(gate: gate), policy: AdmissionPolicy(lanes: 1, maxQueue: 8, keyQuota: 2),
+    let scheduler = try Scheduler(model: FakeModel(gate: gate), policy: AdmissionPolicy(lanes: 1, maxQueue: 8, keyQuota: 2),
                               metrics: ServerMetrics())
     defer { scheduler.shutdown(); for _ in 0..<4 { gate.signal() } }
     let running = try submit(scheduler, 1, key: "a")
@@ -87,7 +87,7 @@ func aKeyOverItsDailyQuotaGets429AndALeftPlaceIsGivenBack() async throws {
 @Test(.timeLimit(.minutes(1)))
 func aSessionKeepsItsLaneForItsKeyUntilItsLengthRunsOut() async throws {
     let length = 0.5
-    let scheduler = Scheduler(model: FakeModel(reply: "ok"), policy: AdmissionPolicy(lanes: 1, maxQueue: 8, keyQuota: 1, sessionLength: length),
+    let scheduler = try Scheduler(model: FakeModel(reply: "ok"), policy: AdmissionPolicy(lanes: 1, maxQueue: 8, keyQuota: 1, sessionLength: length),
                               metrics: ServerMetrics())
     defer { scheduler.shutdown() }
     #expect(await outcome(try submit(scheduler, 1, key: "a")).result?.text == "ok")
@@ -109,7 +109,7 @@ func aSessionKeepsItsLaneForItsKeyUntilItsLengthRunsOut() async throws {
 @Test(.timeLimit(.minutes(1)))
 func aGenerationStillRunningAtTheEndOfItsSessionEndsWithSessionExpired() async throws {
     let model = FakeModel(reply: String(repeating: "z", count: 60000), contextLength: 65536, tokenDelay: .milliseconds(1))
-    let scheduler = Scheduler(model: model, policy: AdmissionPolicy(lanes: 1, sessionLength: 0.3), metrics: ServerMetrics())
+    let scheduler = try Scheduler(model: model, policy: AdmissionPolicy(lanes: 1, sessionLength: 0.3), metrics: ServerMetrics())
     defer { scheduler.shutdown() }
     let long = try scheduler.submit(prompt: [1], parameters: GenerationParameters(maxTokens: 60000), key: "a")
     let next = try submit(scheduler, 2, key: "b", maxTokens: 2)
@@ -129,7 +129,7 @@ func aGenerationStillRunningAtTheEndOfItsSessionEndsWithSessionExpired() async t
 
 @Test(.timeLimit(.minutes(1)))
 func anIdleReservedLaneIsReleasedToTheQueue() async throws {
-    let scheduler = Scheduler(model: FakeModel(reply: "ok"),
+    let scheduler = try Scheduler(model: FakeModel(reply: "ok"),
                               policy: AdmissionPolicy(lanes: 1, sessionLength: 3600, idleRelease: 0.3), metrics: ServerMetrics())
     defer { scheduler.shutdown() }
     #expect(await outcome(try submit(scheduler, 1, key: "a")).result?.text == "ok")
@@ -144,7 +144,7 @@ func anIdleReservedLaneIsReleasedToTheQueue() async throws {
 @Test(.timeLimit(.minutes(1)))
 func drainingEndsWaitingRequestsAtOnceAndRunningOnesAfterTheGrace() async throws {
     let model = FakeModel(reply: String(repeating: "z", count: 60000), contextLength: 65536, tokenDelay: .milliseconds(1))
-    let scheduler = Scheduler(model: model, policy: AdmissionPolicy(lanes: 1), metrics: ServerMetrics())
+    let scheduler = try Scheduler(model: model, policy: AdmissionPolicy(lanes: 1), metrics: ServerMetrics())
     let running = try scheduler.submit(prompt: [1], parameters: GenerationParameters(maxTokens: 60000))
     let waiting = try submit(scheduler, 2)
     #expect(waiting.position == 1)

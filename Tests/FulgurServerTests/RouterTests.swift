@@ -31,7 +31,7 @@ private struct TestClient {
     init(model: ServingModel = FakeModel(), configure: (inout ServerConfiguration) -> Void = { _ in }) {
         var configuration = ServerConfiguration()
         configure(&configuration)
-        server = OpenAIServer(model: model, configuration: configuration)
+        server = try! OpenAIServer(model: model, configuration: configuration)
         responder = server.router().buildResponder()
     }
 

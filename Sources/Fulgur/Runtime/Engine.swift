@@ -102,8 +102,12 @@ public final class Engine {
 
     /// Another sequence over the same weights: a KV cache and activation buffers of its own,
     /// the plan (read-only weights) shared. A server runs one per lane, each on its own thread.
-    public func makeGenerator() -> Generator {
-        Generator(executor: CPUExecutor(plan: model.plan, maxPositions: contextLength))
+    /// Only CPU executors share weights this way; a CUDA executor uploads its own copy.
+    public func makeGenerator() throws -> Generator {
+        guard generator.executor is CPUExecutor else {
+            throw FulgurError(.unsupported, "several sequences over one copy of the weights need the CPU executor for now (a CUDA executor uploads its own copy of the weights); run with --device cpu, or one lane")
+        }
+        return Generator(executor: CPUExecutor(plan: model.plan, maxPositions: contextLength))
     }
 
     /// Generates after the token ids `prompt`; see `Generator.generate` for the callbacks.

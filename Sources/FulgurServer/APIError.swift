@@ -58,6 +58,16 @@ public struct APIError: Error, Equatable, Sendable {
                  code: "request_too_large")
     }
 
+    static func requestTimeout(_ seconds: Double) -> APIError {
+        APIError(.requestTimeout, "The request body did not arrive within \(Self.seconds(seconds)); send the whole request at once",
+                 code: "request_timeout")
+    }
+
+    /// "30 s", "0.5 s".
+    static func seconds(_ s: Double) -> String {
+        s == s.rounded() && abs(s) < 1e15 ? "\(Int(s)) s" : "\(s) s"
+    }
+
     /// A generation that failed inside the engine after it was admitted.
     static func engine(_ error: Error) -> APIError {
         let message = (error as? FulgurError)?.message ?? "\(error)"

@@ -5,10 +5,14 @@ public struct RequestLimits: Sendable {
     /// The most tokens one request may ask for; also the default when it names none.
     public var maxTokens: Int
     public var maxBodyBytes: Int
+    /// Seconds a client has to send a request body (else 408). A connection that stalls
+    /// before its request head, or sits idle between requests, is closed after twice this.
+    public var requestTimeout: Double
 
-    public init(maxTokens: Int = 4096, maxBodyBytes: Int = 4 << 20) {
+    public init(maxTokens: Int = 4096, maxBodyBytes: Int = 4 << 20, requestTimeout: Double = 30) {
         self.maxTokens = maxTokens
         self.maxBodyBytes = maxBodyBytes
+        self.requestTimeout = requestTimeout
     }
 }
 

@@ -14,151 +14,324 @@ enum GenerationEvent: Sendable {
     case failed(APIError)
 }
 
-/// Admits generations in arrival order from a bounded queue and runs them on lanes. A lane
-/// is a dedicated thread that owns one sequence of the model, because a generation is a long
-/// blocking loop that must not occupy Swift's cooperative threads. This first version has one
-/// lane, as the Engine holds one KV cache; several lanes (one per KV slot) or continuous
-/// batching replace `runLane` and keep `submit` and `Ticket` as they are.
+/// Admits generations to lanes by the `AdmissionPolicy` and runs them. A lane is a dedicated
+/// thread that owns one sequence of the model (its KV cache), because a generation is a long
+/// blocking loop that must not occupy Swift's cooperative threads. Continuous batching would
+/// replace the lanes and keep `submit` and `Ticket` as they are.
+///
+/// Every admission is a `Session` (with sessions off, a session of one request): it waits in
+/// `queue` until a lane frees, then holds that lane until it ends.
 public final class Scheduler: @unchecked Sendable {
-    let model: ServingModel
-    /// How many requests may wait while the lane is busy.
-    public let maxQueue: Int
+    public let policy: AdmissionPolicy
     let metrics: ServerMetrics
+    private let sequences: [any ModelSequence]
 
-    // Guarded by `condition`.
+    // Guarded by `condition`; lanes and submitters wait on it.
     private let condition = NSCondition()
-    private var waiting: [Job] = []
-    private var running: Job?
+    private var queue: [Session] = []
+    /// The session holding each lane.
+    private var lanes: [Session?]
+    /// Sessions by key, waiting or on a lane (sessions on only).
+    private var sessions: [String: Session] = [:]
+    private var quota: QuotaBook
+    private var running = 0
+    /// Set by `drain`: no new admissions; running generations stop at `graceDeadline`.
+    private var draining = false
+    private var graceDeadline = Double.infinity
     private var stopped = false
 
-    public init(model: ServingModel, maxQueue: Int, metrics: ServerMetrics) {
-        self.model = model
-        self.maxQueue = maxQueue
-        self.metrics = metrics
-        // The lane keeps the scheduler alive until `shutdown`.
-        let lane = Thread { [self] in runLane() }
-        lane.name = "fulgur-lane-0"
-        lane.start()
-    }
+    private var sessionsOn: Bool { policy.sessionLength != nil }
 
-    /// Lets the lane finish its current generation and exit; jobs still waiting fail.
-    public func shutdown() {
-        condition.lock()
-        stopped = true
-        let dropped = waiting
-        for job in dropped { job.done = true }
-        waiting.removeAll()
-        condition.broadcast()
-        condition.unlock()
-        for job in dropped {
-            job.continuation.yield(.failed(APIError(.serviceUnavailable, "The server is shutting down", type: "server_error")))
-            job.continuation.finish()
+    public init(model: ServingModel, policy: AdmissionPolicy, metrics: ServerMetrics) throws {
+        precondition(policy.lanes >= 1, "a scheduler needs at least one lane")
+        self.policy = policy
+        self.metrics = metrics
+        sequences = try model.makeSequences(policy.lanes)
+        lanes = Array(repeating: nil, count: policy.lanes)
+        quota = QuotaBook(limit: policy.keyQuota)
+        metrics.lanes.record(policy.lanes)
+        // The lanes keep the scheduler alive until `shutdown`.
+        for index in 0..<policy.lanes {
+            let lane = Thread { [self] in runLane(index) }
+            lane.name = "fulgur-lane-\(index)"
+            lane.start()
         }
     }
 
-    /// Queues a generation; its events arrive on the ticket. Throws `queueFull` at once when
-    /// `maxQueue` requests already wait, so that the client hears it before any stream starts.
-    func submit(prompt: [Int], parameters: GenerationParameters) throws(APIError) -> Ticket {
+    /// Queues a generation for `key` (nil without API keys); its events arrive on the ticket.
+    /// Throws at once when the key's quota is used up or the queue is full, so that the client
+    /// hears it before any stream starts.
+    func submit(prompt: [Int], parameters: GenerationParameters, key: String? = nil) throws(APIError) -> Ticket {
         let (events, continuation) = AsyncStream.makeStream(of: GenerationEvent.self)
         let job = Job(prompt: prompt, parameters: parameters, continuation: continuation)
         condition.lock()
         defer { condition.unlock() }
-        guard !stopped else { throw APIError(.serviceUnavailable, "The server is shutting down", type: "server_error") }
-        let ahead = waiting.count + (running == nil ? 0 : 1)
-        guard ahead <= maxQueue else { throw .queueFull(maxQueue) }
+        guard !draining else { throw .shuttingDown }
+        let session: Session
+        if sessionsOn, let key, let own = sessions[key], isLive(own) {
+            session = own
+        } else {
+            let free = lanes.firstIndex { $0 == nil }
+            guard free != nil || queue.count < policy.maxQueue else {
+                metrics.refused(.queueFull)
+                throw .queueFull(policy.maxQueue)
+            }
+            let day: Int
+            do { day = try quota.charge(key) } catch {
+                metrics.refused(.quota)
+                throw error
+            }
+            session = Session(key: key, chargedDay: day)
+            if sessionsOn, let key { sessions[key] = session }
+            if let free {
+                admit(session, to: free)
+            } else {
+                queue.append(session)
+                metrics.queueDepth.record(queue.count)
+            }
+        }
+        job.session = session
+        session.jobs.append(job)
         // A stream dropped unread (a response that was never written) cancels its job too.
         continuation.onTermination = { [self, job] _ in cancel(job) }
-        waiting.append(job)
-        if ahead > 0 { continuation.yield(.queued(position: waiting.count)) }
-        metrics.queueDepth.record(waiting.count)
-        condition.signal()
-        return Ticket(events: events) { [self, job] in cancel(job) }
+        let position = queue.firstIndex { $0 === session }.map { $0 + 1 } ?? 0
+        if position > 0 { continuation.yield(.queued(position: position)) }
+        condition.broadcast()
+        return Ticket(events: events, position: position) { [self, job] in cancel(job) }
     }
 
-    /// A waiting job leaves the queue at once; a running one stops at its next token.
+    /// Ends admissions and lets running generations go on for `grace` seconds; those still
+    /// running then end with a `server_shutting_down` error, as do the ones that waited.
+    /// Returns when every lane is free.
+    public func drain(grace: Double) async {
+        beginDrain(grace: grace)
+        while !isIdle { try? await Task.sleep(for: .milliseconds(20)) }
+    }
+
+    /// Stops the lanes once their current generation ends, at its next token; jobs still
+    /// waiting fail.
+    public func shutdown() {
+        condition.lock()
+        stopped = true
+        condition.unlock()
+        beginDrain(grace: 0)
+    }
+
+    private func beginDrain(grace: Double) {
+        condition.lock()
+        draining = true
+        graceDeadline = min(graceDeadline, now() + grace)
+        var dropped = queue.flatMap(\.jobs)
+        for session in queue { forget(session) }
+        queue.removeAll()
+        for case let session? in lanes {
+            dropped += session.jobs
+            session.jobs.removeAll()
+        }
+        for job in dropped { job.done = true }
+        metrics.queueDepth.record(0)
+        condition.broadcast()
+        condition.unlock()
+        for job in dropped {
+            job.continuation.yield(.failed(.shuttingDown))
+            job.continuation.finish()
+        }
+    }
+
+    public var isDraining: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return draining
+    }
+
+    private var isIdle: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return lanes.allSatisfy { $0 == nil }
+    }
+
+    /// A waiting job leaves at once; a running one stops at its next token.
     private func cancel(_ job: Job) {
         condition.lock()
-        guard !job.cancelled, !job.done else { condition.unlock(); return }
+        guard !job.cancelled, !job.done, let session = job.session else { condition.unlock(); return }
         job.cancelled = true
         metrics.cancelled.increment()
-        let index = waiting.firstIndex { $0 === job }
+        let index = session.jobs.firstIndex { $0 === job }
         if let index {
-            waiting.remove(at: index)
-            reportPositions(from: index)
-            metrics.queueDepth.record(waiting.count)
+            session.jobs.remove(at: index)
+            // A session that waited for nothing else leaves the queue and gets its admission back.
+            if session.jobs.isEmpty, let place = queue.firstIndex(where: { $0 === session }) {
+                queue.remove(at: place)
+                forget(session)
+                quota.refund(session.key, day: session.chargedDay)
+                reportPositions(from: place)
+                metrics.queueDepth.record(queue.count)
+            }
         }
+        condition.broadcast()
         condition.unlock()
         // Outside the lock: finishing runs onTermination, which cancels again.
         if index != nil { job.continuation.finish() }
     }
 
-    private func reportPositions(from index: Int) {
-        for i in index..<waiting.count { waiting[i].continuation.yield(.queued(position: i + 1)) }
+    // MARK: - Under the lock
+
+    /// Whether a session can take another request: not past its end, although its lane may
+    /// not have noticed yet.
+    private func isLive(_ session: Session) -> Bool {
+        let t = now()
+        guard t < session.deadline else { return false }
+        guard let idle = policy.idleRelease, session.lane != nil, session.jobs.isEmpty, !session.running else { return true }
+        return t < session.lastActive + idle
     }
 
-    private func isCancelled(_ job: Job) -> Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        return job.cancelled
+    private func admit(_ session: Session, to lane: Int) {
+        let t = now()
+        lanes[lane] = session
+        session.lane = lane
+        session.deadline = policy.sessionLength.map { t + $0 } ?? .infinity
+        session.lastActive = t
+        metrics.admissions.increment()
+        metrics.reservedLanes.record(lanes.filter { $0 != nil }.count)
     }
 
-    private func runLane() {
-        while true {
-            condition.lock()
-            while waiting.isEmpty && !stopped { condition.wait() }
-            if stopped { condition.unlock(); return }
-            let job = waiting.removeFirst()
-            running = job
+    /// Frees the session's lane and gives it to the first in the queue.
+    private func end(_ session: Session, reason: SessionEnd) {
+        guard let lane = session.lane else { return }
+        lanes[lane] = nil
+        forget(session)
+        if sessionsOn { metrics.sessionEnded(reason) }
+        if !draining, !queue.isEmpty {
+            admit(queue.removeFirst(), to: lane)
             reportPositions(from: 0)
-            metrics.queueDepth.record(waiting.count)
-            metrics.running.record(1)
-            condition.unlock()
-            metrics.queueWait.recordNanoseconds(DispatchTime.now().uptimeNanoseconds - job.submitted)
-            run(job)
+            metrics.queueDepth.record(queue.count)
+        }
+        metrics.reservedLanes.record(lanes.filter { $0 != nil }.count)
+    }
+
+    private func forget(_ session: Session) {
+        if let key = session.key, sessions[key] === session { sessions[key] = nil }
+    }
+
+    private func reportPositions(from index: Int) {
+        for i in index..<queue.count {
+            for job in queue[i].jobs { job.continuation.yield(.queued(position: i + 1)) }
         }
     }
 
-    /// Marked before the last event goes out, so that the handler's cancel on its way out
-    /// is not counted as a cancellation.
-    private func finish(_ job: Job) {
+    // MARK: - Lanes
+
+    private func runLane(_ index: Int) {
         condition.lock()
-        running = nil
-        job.done = true
-        metrics.running.record(0)
+        while true {
+            guard let session = lanes[index] else {
+                if stopped { break }
+                condition.wait()
+                continue
+            }
+            let t = now()
+            if t >= session.deadline {
+                let expired = session.jobs
+                session.jobs.removeAll()
+                for job in expired { job.done = true }
+                end(session, reason: .length)
+                condition.unlock()
+                for job in expired {
+                    job.continuation.yield(.failed(.sessionExpired(length: policy.sessionLength ?? 0)))
+                    job.continuation.finish()
+                }
+                condition.lock()
+                continue
+            }
+            if !session.jobs.isEmpty {
+                let job = session.jobs.removeFirst()
+                session.running = true
+                running += 1
+                metrics.running.record(running)
+                condition.unlock()
+                run(job, on: sequences[index], in: session)
+                condition.lock()
+                session.running = false
+                session.lastActive = now()
+                running -= 1
+                metrics.running.record(running)
+                continue
+            }
+            // Nothing to run: one request's admission ends with it; a session may idle.
+            if !sessionsOn || draining {
+                end(session, reason: .done)
+                continue
+            }
+            let idleEnd = policy.idleRelease.map { session.lastActive + $0 } ?? .infinity
+            if t >= idleEnd {
+                end(session, reason: .idle)
+                continue
+            }
+            let wake = min(session.deadline, idleEnd)
+            if wake.isFinite { _ = condition.wait(until: Date(timeIntervalSinceNow: wake - t)) } else { condition.wait() }
+        }
         condition.unlock()
     }
 
-    private func run(_ job: Job) {
+    /// Whether the job may take another token; records why not.
+    private func mayContinue(_ job: Job, _ session: Session) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        if job.cancelled { return false }
+        let t = now()
+        if t >= session.deadline { job.stop = .sessionExpired } else if t >= graceDeadline { job.stop = .shuttingDown }
+        return job.stop == nil
+    }
+
+    private func run(_ job: Job, on sequence: any ModelSequence, in session: Session) {
         let events = job.continuation
+        metrics.queueWait.recordNanoseconds(DispatchTime.now().uptimeNanoseconds - job.submitted)
+        let outcome: GenerationEvent
         do {
-            let result = try model.generate(
+            let result = try sequence.generate(
                 prompt: job.prompt, parameters: job.parameters,
                 onToken: { events.yield(.token($0, $1)) },
                 onText: { text in
                     events.yield(.text(text))
-                    return !isCancelled(job)
+                    return mayContinue(job, session)
                 })
             metrics.promptTokens.increment(by: result.promptTokens)
             metrics.completionTokens.increment(by: result.tokens.count)
             metrics.timeToFirstToken.recordSeconds(result.timeToFirstToken)
             if result.tokens.count > 1 { metrics.interTokenLatency.recordSeconds(result.decodeSeconds / Double(result.tokens.count - 1)) }
-            finish(job)
-            events.yield(.finished(result))
+            switch job.stop {
+            case .sessionExpired: outcome = .failed(.sessionExpired(length: policy.sessionLength ?? 0))
+            case .shuttingDown: outcome = .failed(.shuttingDown)
+            case nil: outcome = .finished(result)
+            }
         } catch {
-            finish(job)
-            events.yield(.failed(.engine(error)))
+            outcome = .failed(.engine(error))
         }
+        // Marked before the last event goes out, so that the handler's cancel on its way out
+        // is not counted as a cancellation.
+        condition.lock()
+        job.done = true
+        condition.unlock()
+        events.yield(outcome)
         events.finish()
     }
 
-    /// `@unchecked Sendable`: `cancelled` and `done` change only under the scheduler's lock.
+    private func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+    enum SessionEnd: String { case done, length, idle }
+
+    /// `@unchecked Sendable`: the mutable fields change only under the scheduler's lock.
     final class Job: @unchecked Sendable {
         let prompt: [Int]
         let parameters: GenerationParameters
         let continuation: AsyncStream<GenerationEvent>.Continuation
         let submitted = DispatchTime.now().uptimeNanoseconds
+        var session: Session?
         var cancelled = false
         var done = false
+        var stop: Stop?
+
+        enum Stop { case sessionExpired, shuttingDown }
 
         init(prompt: [Int], parameters: GenerationParameters, continuation: AsyncStream<GenerationEvent>.Continuation) {
             self.prompt = prompt
@@ -166,11 +339,31 @@ public final class Scheduler: @unchecked Sendable {
             self.continuation = continuation
         }
     }
+
+    /// One admission: waiting in the queue (`lane` nil), then holding a lane until it ends.
+    final class Session {
+        let key: String?
+        /// The day its admission was counted against the key's quota.
+        let chargedDay: Int
+        var jobs: [Job] = []
+        var running = false
+        var lane: Int?
+        /// Uptime seconds.
+        var deadline = Double.infinity
+        var lastActive = 0.0
+
+        init(key: String?, chargedDay: Int) {
+            self.key = key
+            self.chargedDay = chargedDay
+        }
+    }
 }
 
-/// A submitted generation: its events, and a way to give it up. Cancelling after it ended
-/// does nothing, so a handler can cancel on every way out.
+/// A submitted generation: its events, its place in the queue on arrival (0: admitted at
+/// once), and a way to give it up. Cancelling after it ended does nothing, so a handler can
+/// cancel on every way out.
 struct Ticket: Sendable {
     let events: AsyncStream<GenerationEvent>
+    let position: Int
     let cancel: @Sendable () -> Void
 }

@@ -1,18 +1,24 @@
 import Foundation
 import Fulgur
+import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
+import NIOHTTP1
+import ServiceLifecycle
 
 /// How `fulgur serve` runs.
 public struct ServerConfiguration: Sendable {
     /// Loopback unless the operator opens it up.
     public var host = "127.0.0.1"
     public var port = 8080
-    /// When set, every route but /health needs `Authorization: Bearer <apiKey>`.
-    public var apiKey: String?
-    public var maxQueue = 64
+    /// When not empty, every route but /health needs `Authorization: Bearer <one of them>`,
+    /// and the key is what quotas and sessions count by.
+    public var apiKeys: [String] = []
+    public var admission = AdmissionPolicy()
     public var limits = RequestLimits()
+    /// Seconds running generations may go on after SIGTERM or SIGINT before they are ended.
+    public var shutdownGrace = 10.0
 
     public init() {}
 }
@@ -31,17 +37,35 @@ public struct OpenAIServer: Sendable {
         "/v1/chat/completions": .post, "/v1/completions": .post, "/v1/models": .get, "/health": .get, "/metrics": .get,
     ]
 
-    public init(model: ServingModel, configuration: ServerConfiguration) {
+    /// Throws when the model cannot run `configuration.admission.lanes` sequences.
+    public init(model: ServingModel, configuration: ServerConfiguration) throws {
         self.model = model
         self.configuration = configuration
         metrics = ServerMetrics()
-        scheduler = Scheduler(model: model, maxQueue: configuration.maxQueue, metrics: metrics)
+        scheduler = try Scheduler(model: model, policy: configuration.admission, metrics: metrics)
+    }
+
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully: admissions end (new
+    /// requests get 503 `server_shutting_down`, /health too), running generations get
+    /// `shutdownGrace` seconds to finish and are then ended with an error event, and once the
+    /// lanes are free the HTTP server stops, after the last responses are written.
+    public func run(logger: Logger, onListening: @escaping @Sendable (String) -> Void = { _ in }) async throws {
+        // A group shuts its services down last to first: the scheduler drains before the
+        // HTTP server waits for its open responses.
+        let group = ServiceGroup(configuration: .init(
+            services: [application(logger: logger, onListening: onListening), DrainService(server: self, logger: logger)],
+            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
     }
 
     /// `onListening` gets the bound address, so that port 0 (any free port) can be used.
     public func application(logger: Logger, onListening: @escaping @Sendable (String) -> Void = { _ in }) -> some ApplicationProtocol {
         Application(
             router: router(),
+            // The idle timeout closes connections that stall before their request head is
+            // read, or sit idle between requests. Twice the request timeout, so that a body
+            // that stalls gets its 408 first.
+            server: .http1(configuration: .init(idleTimeout: .milliseconds(Int64(configuration.limits.requestTimeout * 2000)))),
             configuration: .init(address: .hostname(configuration.host, port: configuration.port), serverName: "fulgur"),
             onServerRunning: { channel in
                 let address = channel.localAddress
@@ -53,8 +77,10 @@ public struct OpenAIServer: Sendable {
     func router() -> Router<BasicRequestContext> {
         let router = Router()
         router.add(middleware: ErrorMiddleware(metrics: metrics, maxBodyBytes: configuration.limits.maxBodyBytes))
-        if let key = configuration.apiKey { router.add(middleware: BearerAuthMiddleware(key: key)) }
-        router.get("/health") { _, _ in json(["status": "ok"]) }
+        if !configuration.apiKeys.isEmpty { router.add(middleware: BearerAuthMiddleware(keys: configuration.apiKeys)) }
+        router.get("/health") { _, _ in
+            scheduler.isDraining ? json(["status": "shutting_down"], status: .serviceUnavailable) : json(["status": "ok"])
+        }
         router.get("/metrics") { _, _ in
             Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                      body: .init(byteBuffer: ByteBuffer(string: metrics.render())))
@@ -76,10 +102,12 @@ public struct OpenAIServer: Sendable {
     }
 
     private func complete(_ request: Request, _ context: BasicRequestContext, _ endpoint: CompletionRequest.Endpoint) async throws -> Response {
-        var request = request
-        let body = try await request.collectBody(upTo: configuration.limits.maxBodyBytes)
+        let body = try await collectBody(request)
         let parsed = try CompletionRequest(body: body.readableBytesView, endpoint: endpoint, model: model, limits: configuration.limits)
-        let ticket = try scheduler.submit(prompt: parsed.prompt, parameters: parsed.parameters)
+        let key = configuration.apiKeys.isEmpty ? nil : BearerAuthMiddleware.bearer(request)
+        let ticket = try scheduler.submit(prompt: parsed.prompt, parameters: parsed.parameters, key: key)
+        // The place in the queue on arrival (0: admitted at once); streams also get it as it changes.
+        let admissionHeaders: HTTPFields = [Self.queuePosition: String(ticket.position)]
         let builder = ResponseBuilder(endpoint: endpoint, model: model, wantsLogprobs: parsed.parameters.topLogprobs != nil)
         let logger = context.logger
         logger.info("generation queued", metadata: [
@@ -97,7 +125,9 @@ public struct OpenAIServer: Sendable {
                 case .text(let piece): text += piece
                 case .finished(let result):
                     logFinished(result, logger)
-                    return json(builder.completion(text: text, logprobs: logprobs, result: result))
+                    var response = json(builder.completion(text: text, logprobs: logprobs, result: result))
+                    response.headers.append(contentsOf: admissionHeaders)
+                    return response
                 case .failed(let error): throw error
                 }
             }
@@ -106,7 +136,7 @@ public struct OpenAIServer: Sendable {
         let includeUsage = parsed.includeUsage
         return Response(
             status: .ok,
-            headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"],
+            headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"] + admissionHeaders,
             body: ResponseBody { writer in
                 // A write that fails means the client left: the deferred cancel stops the
                 // generation at its next token, or takes it out of the queue.
@@ -137,6 +167,26 @@ public struct OpenAIServer: Sendable {
                 try await writer.write(ByteBuffer(string: "data: [DONE]\n\n"))
                 try await writer.finish(nil)
             })
+    }
+
+    static let queuePosition = HTTPField.Name("X-Queue-Position")!
+
+    /// The body, within the size limit and within `requestTimeout` seconds: a client that
+    /// trickles its body (slowloris) gets 408 instead of holding a connection forever.
+    private func collectBody(_ request: Request) async throws -> ByteBuffer {
+        let limits = configuration.limits
+        return try await withThrowingTaskGroup(of: ByteBuffer.self) { group in
+            group.addTask {
+                var request = request
+                return try await request.collectBody(upTo: limits.maxBodyBytes)
+            }
+            group.addTask {
+                try await Task.sleep(for: .milliseconds(Int(limits.requestTimeout * 1000)))
+                throw APIError.requestTimeout(limits.requestTimeout)
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
     }
 
     private func logFinished(_ result: GenerationResult, _ logger: Logger) {
@@ -172,6 +222,9 @@ struct ErrorMiddleware: RouterMiddleware {
             if apiError.status.code >= 500 { context.logger.error("request failed: \(apiError.message)") }
             var r = json(apiError.json, status: apiError.status)
             if apiError.code == "queue_full" { r.headers[.retryAfter] = "1" }
+            if apiError.code == "insufficient_quota" { r.headers[HTTPField.Name("x-should-retry")!] = "false" }
+            // The rest of a body that did not arrive in time would be read as the next request.
+            if apiError.code == "request_timeout" { r.headers[.connection] = "close" }
             if apiError.status == .methodNotAllowed, let allowed = OpenAIServer.routes[request.uri.path] {
                 r.headers[.allow] = allowed.rawValue
             }
@@ -190,6 +243,8 @@ struct ErrorMiddleware: RouterMiddleware {
                 return APIError(.methodNotAllowed, "\(request.method) is not allowed on \(path)", code: "method_not_allowed")
             }
             return APIError(.notFound, "Unknown route: \(request.method) \(path)", code: "unknown_url")
+        case let e as HTTPParserError:
+            return APIError(.badRequest, "The request is not valid HTTP/1.1: \(e)", code: "invalid_http")
         case let e as HTTPResponseError where e.status == .contentTooLarge:
             return .tooLarge(maxBodyBytes)
         case let e as HTTPResponseError:
@@ -200,18 +255,27 @@ struct ErrorMiddleware: RouterMiddleware {
     }
 }
 
-/// `Authorization: Bearer <key>` on every route but /health, which load balancers probe.
+/// `Authorization: Bearer <key>` with one of the server's keys on every route but /health,
+/// which load balancers probe.
 struct BearerAuthMiddleware: RouterMiddleware {
     typealias Context = BasicRequestContext
-    let key: String
+    let keys: [[UInt8]]
+
+    init(keys: [String]) { self.keys = keys.map { Array($0.utf8) } }
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         guard request.uri.path != "/health" else { return try await next(request, context) }
-        let header = request.headers[.authorization] ?? ""
-        guard header.hasPrefix("Bearer "), Self.constantTimeEqual(Array(header.utf8.dropFirst(7)), Array(key.utf8)) else {
-            throw APIError.unauthorized
-        }
+        let given = Array((Self.bearer(request) ?? "").utf8)
+        // Every key is compared, so the time taken does not tell which one came close.
+        var matched = false
+        for key in keys where Self.constantTimeEqual(given, key) { matched = true }
+        guard matched else { throw APIError.unauthorized }
         return try await next(request, context)
+    }
+
+    static func bearer(_ request: Request) -> String? {
+        guard let header = request.headers[.authorization], header.hasPrefix("Bearer ") else { return nil }
+        return String(header.dropFirst(7))
     }
 
     /// Compares without an early exit, so response time does not reveal how much of a guess was right.
@@ -220,5 +284,23 @@ struct BearerAuthMiddleware: RouterMiddleware {
         var difference: UInt8 = 0
         for (x, y) in zip(a, b) { difference |= x ^ y }
         return difference == 0
+    }
+}
+
+/// Waits for the service group's graceful shutdown, then drains the scheduler.
+struct DrainService: Service {
+    let server: OpenAIServer
+    let logger: Logger
+
+    func run() async throws {
+        do { try await gracefulShutdown() } catch {
+            server.scheduler.shutdown()  // cancelled: the group is going down without grace
+            return
+        }
+        let grace = server.configuration.shutdownGrace
+        logger.info("shutting down: no new admissions; running generations get \(grace) s to finish")
+        await server.scheduler.drain(grace: grace)
+        server.scheduler.shutdown()
+        logger.info("lanes free; closing connections once their responses are written")
     }
 }

@@ -7,9 +7,13 @@ import Prometheus
 public struct ServerMetrics: Sendable {
     let registry = PrometheusCollectorRegistry()
     private let factory: PrometheusMetricsFactory
-    /// Requests waiting for the lane, and generations running on it.
+    /// Admissions waiting for a lane, and generations running on lanes.
     let queueDepth: CoreMetrics.Gauge
     let running: CoreMetrics.Gauge
+    /// Lanes configured, and lanes held by an admission (running, or reserved by a session).
+    let lanes: CoreMetrics.Gauge
+    let reservedLanes: CoreMetrics.Gauge
+    let admissions: CoreMetrics.Counter
     let promptTokens: CoreMetrics.Counter
     let completionTokens: CoreMetrics.Counter
     /// Generations ended because their client went away.
@@ -30,6 +34,9 @@ public struct ServerMetrics: Sendable {
         self.factory = factory
         queueDepth = CoreMetrics.Gauge(label: "fulgur_queue_depth", factory: factory)
         running = CoreMetrics.Gauge(label: "fulgur_running_generations", factory: factory)
+        lanes = CoreMetrics.Gauge(label: "fulgur_lanes", factory: factory)
+        reservedLanes = CoreMetrics.Gauge(label: "fulgur_reserved_lanes", factory: factory)
+        admissions = CoreMetrics.Counter(label: "fulgur_admissions_total", factory: factory)
         promptTokens = CoreMetrics.Counter(label: "fulgur_prompt_tokens_total", factory: factory)
         completionTokens = CoreMetrics.Counter(label: "fulgur_completion_tokens_total", factory: factory)
         cancelled = CoreMetrics.Counter(label: "fulgur_cancelled_generations_total", factory: factory)
@@ -38,6 +45,21 @@ public struct ServerMetrics: Sendable {
         interTokenLatency = CoreMetrics.Timer(label: "fulgur_inter_token_latency_seconds", factory: factory)
         queueDepth.record(0)
         running.record(0)
+        reservedLanes.record(0)
+    }
+
+    enum Refusal: String { case quota, queueFull = "queue_full" }
+
+    /// Counts a request turned away before admission.
+    func refused(_ reason: Refusal) {
+        CoreMetrics.Counter(label: "fulgur_refused_requests_total", dimensions: [("reason", reason.rawValue)], factory: factory)
+            .increment()
+    }
+
+    /// Counts an ended session by why it ended: `done` (drained at shutdown), `length`, `idle`.
+    func sessionEnded(_ reason: Scheduler.SessionEnd) {
+        CoreMetrics.Counter(label: "fulgur_sessions_ended_total", dimensions: [("reason", reason.rawValue)], factory: factory)
+            .increment()
     }
 
     /// Counts one answered request by route and status.

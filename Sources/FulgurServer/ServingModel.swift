@@ -1,8 +1,7 @@
 import Fulgur
 
-/// What the server needs from a model. Everything but `generate` is safe to call from any
-/// request handler at once; `generate` is called by the scheduler's lane, one generation at
-/// a time, because the engine holds one sequence's KV cache.
+/// What the server needs from a model. Everything here is safe to call from any request
+/// handler at once; generation goes through sequences, one per lane of the scheduler.
 public protocol ServingModel: Sendable {
     /// The name clients pass as `model`.
     var id: String { get }
@@ -16,13 +15,20 @@ public protocol ServingModel: Sendable {
     func renderChat(_ messages: [ChatMessage]) throws -> String
     /// The bytes a token stands for, for logprobs.
     func bytes(of token: Int) -> [UInt8]
+    /// `count` sequences that can generate at the same time: each holds the mutable state of
+    /// one generation (a KV cache) over weights they share. Called once, by the scheduler;
+    /// throws when the model cannot run that many.
+    func makeSequences(_ count: Int) throws -> [any ModelSequence]
+}
+
+/// One generation at a time, called only by the lane that owns the sequence.
+public protocol ModelSequence: AnyObject {
     func generate(prompt: [Int], parameters: GenerationParameters,
                   onToken: (Int, TokenLogprobs?) -> Void, onText: (String) -> Bool) throws -> GenerationResult
 }
 
-/// An Engine served over HTTP. `@unchecked Sendable`: the tokenizer and template are
-/// immutable, and the scheduler's single lane is the only caller of `generate`, the one
-/// method that touches the engine's mutable state.
+/// An Engine served over HTTP. `@unchecked Sendable`: the tokenizer, template and weights are
+/// immutable; the engine's generators, the only mutable state, are each used by one lane.
 public final class EngineModel: ServingModel, @unchecked Sendable {
     let engine: Engine
     public let id: String
@@ -40,8 +46,23 @@ public final class EngineModel: ServingModel, @unchecked Sendable {
     public func renderChat(_ messages: [ChatMessage]) throws -> String { try engine.renderChat(messages, addGenerationPrompt: true) }
     public func bytes(of token: Int) -> [UInt8] { engine.tokenizer.bytes(of: token) }
 
-    public func generate(prompt: [Int], parameters: GenerationParameters,
-                         onToken: (Int, TokenLogprobs?) -> Void, onText: (String) -> Bool) throws -> GenerationResult {
-        try engine.generate(prompt: prompt, parameters: parameters, onToken: onToken, onText: onText)
+    /// The first lane uses the engine's own generator, the others new ones over the same plan.
+    public func makeSequences(_ count: Int) throws -> [any ModelSequence] {
+        try (0..<count).map { EngineSequence(engine: engine, generator: $0 == 0 ? engine.generator : try engine.makeGenerator()) }
+    }
+}
+
+final class EngineSequence: ModelSequence {
+    let engine: Engine
+    let generator: Generator
+
+    init(engine: Engine, generator: Generator) {
+        self.engine = engine
+        self.generator = generator
+    }
+
+    func generate(prompt: [Int], parameters: GenerationParameters,
+                  onToken: (Int, TokenLogprobs?) -> Void, onText: (String) -> Bool) throws -> GenerationResult {
+        try engine.generate(prompt: prompt, parameters: parameters, on: generator, onToken: onToken, onText: onText)
     }
 }

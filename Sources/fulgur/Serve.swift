@@ -1,43 +1,103 @@
 import ArgumentParser
+import Foundation
 import Fulgur
 import FulgurServer
 import Logging
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve the model over an OpenAI-compatible HTTP API (chat/completions, completions, models, health, metrics).")
+        abstract: "Serve the model over an OpenAI-compatible HTTP API (chat/completions, completions, models, health, metrics).",
+        discussion: """
+            Admission (latency first): --lanes generations run at once, each on its own KV cache over \
+            the shared weights. A request that finds every lane taken waits in a FIFO queue of at most \
+            --max-queue and learns its place (SSE comments ': queue position N', and the X-Queue-Position \
+            header on arrival); a full queue answers 503. With API keys: --key-quota caps admissions per \
+            key per UTC day (a request that takes a lane or a place in the queue is one; a place given up \
+            before its turn is given back), answering 429. --session-length makes an admission reserve \
+            its lane for its key for that many seconds: the key's further requests run on it without \
+            queueing or quota, a generation still running at the end is stopped with a 'session_expired' \
+            error, and --idle-release frees the lane early once the key has had nothing running or waiting \
+            for that long. The seed's trial: --lanes 1 --key-quota 10 --session-length 1800 --idle-release 300.
+
+            SIGTERM or SIGINT: new requests get 503, running generations get --shutdown-grace seconds and \
+            then end with an error event and [DONE]; the process exits 0.
+            """)
 
     @OptionGroup var modelOptions: ModelOptions
     @Option(help: "Address to listen on; the default accepts connections from this machine only.") var host = "127.0.0.1"
     @Option(help: "Port to listen on (0: any free port, printed at start).") var port = 8080
-    @Option(name: .customLong("api-key"), help: "Require 'Authorization: Bearer KEY' on every route but /health.") var apiKey: String?
-    @Option(name: .customLong("max-queue"), help: "Requests that may wait while one generates; more get 503.") var maxQueue = 64
+    @Option(name: .customLong("api-key"), help: "Require 'Authorization: Bearer KEY' on every route but /health (repeatable: any of the keys).")
+    var apiKeys: [String] = []
+    @Option(name: .customLong("api-keys-file"), help: "A file of API keys, one a line ('#' starts a comment line); adds to --api-key.")
+    var apiKeysFile: String?
+    @Option(help: "Generations that run at once, each on its own KV cache (size them to the cores: lanes share them).") var lanes = 1
+    @Option(name: .customLong("max-queue"), help: "Admissions that may wait for a lane; more get 503.") var maxQueue = 64
+    @Option(name: .customLong("key-quota"), help: "Admissions one API key may make per UTC day; more get 429 (needs API keys).") var keyQuota: Int?
+    @Option(name: .customLong("session-length"), help: "Seconds an admission reserves its lane for its key (needs API keys; default: one request).")
+    var sessionLength: Double?
+    @Option(name: .customLong("idle-release"), help: "Seconds after which a reserved lane its key leaves idle is released (needs --session-length).")
+    var idleRelease: Double?
     @Option(name: .customLong("max-tokens-limit"), help: "The most tokens one request may generate (also the default).") var maxTokensLimit = 4096
     @Option(name: .customLong("max-body-bytes"), help: "Largest request body accepted; larger ones get 413.") var maxBodyBytes = 4 << 20
+    @Option(name: .customLong("request-timeout"), help: "Seconds a client has to send its request body (408 after); a connection idle for twice this is closed.")
+    var requestTimeout = 30.0
+    @Option(name: .customLong("shutdown-grace"), help: "Seconds running generations may go on after SIGTERM/SIGINT.") var shutdownGrace = 10.0
 
     func run() async throws {
+        let keys = try reportingErrors { try allKeys() }
         var configuration = ServerConfiguration()
         configuration.host = host
         configuration.port = port
-        configuration.apiKey = apiKey
-        configuration.maxQueue = maxQueue
-        configuration.limits = RequestLimits(maxTokens: maxTokensLimit, maxBodyBytes: maxBodyBytes)
+        configuration.apiKeys = keys
+        configuration.admission = AdmissionPolicy(lanes: lanes, maxQueue: maxQueue, keyQuota: keyQuota,
+                                                  sessionLength: sessionLength, idleRelease: idleRelease)
+        configuration.limits = RequestLimits(maxTokens: maxTokensLimit, maxBodyBytes: maxBodyBytes, requestTimeout: requestTimeout)
+        configuration.shutdownGrace = shutdownGrace
         try reportingErrors {
             guard (0...65535).contains(port) else { throw FulgurError(.usage, "--port must be in 0...65535, got \(port)") }
+            guard (1...256).contains(lanes) else { throw FulgurError(.usage, "--lanes must be in 1...256, got \(lanes)") }
             guard maxQueue >= 0 else { throw FulgurError(.usage, "--max-queue must be >= 0, got \(maxQueue)") }
             guard maxTokensLimit >= 1 else { throw FulgurError(.usage, "--max-tokens-limit must be at least 1, got \(maxTokensLimit)") }
             guard maxBodyBytes >= 1024 else { throw FulgurError(.usage, "--max-body-bytes must be at least 1024, got \(maxBodyBytes)") }
-            if apiKey?.isEmpty == true { throw FulgurError(.usage, "--api-key must not be empty") }
+            guard requestTimeout > 0 else { throw FulgurError(.usage, "--request-timeout must be positive, got \(requestTimeout)") }
+            guard shutdownGrace >= 0 else { throw FulgurError(.usage, "--shutdown-grace must be >= 0, got \(shutdownGrace)") }
+            if let keyQuota {
+                guard keyQuota >= 1 else { throw FulgurError(.usage, "--key-quota must be at least 1, got \(keyQuota)") }
+                guard !keys.isEmpty else { throw FulgurError(.usage, "--key-quota counts per API key: give keys with --api-key or --api-keys-file") }
+            }
+            if let sessionLength {
+                guard sessionLength > 0 else { throw FulgurError(.usage, "--session-length must be positive, got \(sessionLength)") }
+                guard !keys.isEmpty else { throw FulgurError(.usage, "--session-length reserves a lane per API key: give keys with --api-key or --api-keys-file") }
+            }
+            if let idleRelease {
+                guard idleRelease > 0 else { throw FulgurError(.usage, "--idle-release must be positive, got \(idleRelease)") }
+                guard sessionLength != nil else { throw FulgurError(.usage, "--idle-release releases reserved lanes: it needs --session-length") }
+            }
         }
         let engine = try reportingErrors { try modelOptions.load() }
-        let server = OpenAIServer(model: EngineModel(engine), configuration: configuration)
+        let server = try reportingErrors { try OpenAIServer(model: EngineModel(engine), configuration: configuration) }
         var logger = Logger(label: "fulgur.serve")
         logger.logLevel = .info
         let id = server.model.id
-        let app = server.application(logger: logger) { address in
+        try await server.run(logger: logger) { address in
             Terminal.status("Serving \(id) on http://\(address)/v1 (Ctrl-C stops)")
         }
-        try await app.runService()
-        server.scheduler.shutdown()
+    }
+
+    private func allKeys() throws -> [String] {
+        var keys = apiKeys
+        if let apiKeysFile {
+            let text: String
+            do { text = try String(contentsOfFile: apiKeysFile, encoding: .utf8) } catch {
+                throw FulgurError(.io, "--api-keys-file \(apiKeysFile): cannot read it (\(error.localizedDescription))")
+            }
+            keys += text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
+                .filter { !$0.isEmpty && !$0.hasPrefix("#") }
+            if keys.isEmpty { throw FulgurError(.usage, "--api-keys-file \(apiKeysFile) holds no keys") }
+        }
+        for key in keys where key.isEmpty || key.contains(where: { $0.isWhitespace }) {
+            throw FulgurError(.usage, "API keys must be non-empty and without spaces, got '\(key)'")
+        }
+        return keys
     }
 }

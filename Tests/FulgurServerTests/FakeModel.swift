@@ -6,7 +6,7 @@ import Foundation
 /// generation spells `reply` one byte per token. `gate`, when set, holds every generation
 /// until the test signals it, so that tests can fill the queue; `tokenDelay` paces tokens
 /// like a real model, so that a client can leave mid-generation.
-final class FakeModel: ServingModel, @unchecked Sendable {
+final class FakeModel: ServingModel, ModelSequence, @unchecked Sendable {
     let id = "fake"
     let contextLength: Int
     let vocabularySize = 256
@@ -14,6 +14,10 @@ final class FakeModel: ServingModel, @unchecked Sendable {
     let reply: String
     let gate: DispatchSemaphore?
     let tokenDelay: Duration
+    private let lock = NSLock()
+    private var startedPrompts: [[Int]] = []
+    /// The prompts of the generations started so far, in the order they started.
+    var started: [[Int]] { lock.withLock { startedPrompts } }
 
     init(reply: String = "Hello, world!", contextLength: Int = 64, gate: DispatchSemaphore? = nil, tokenDelay: Duration = .zero) {
         self.reply = reply
@@ -27,9 +31,12 @@ final class FakeModel: ServingModel, @unchecked Sendable {
         messages.map { "\($0.role): \($0.content ?? "")\n" }.joined()
     }
     func bytes(of token: Int) -> [UInt8] { [UInt8(token)] }
+    /// Stateless, so every lane can share it.
+    func makeSequences(_ count: Int) -> [any ModelSequence] { Array(repeating: self, count: count) }
 
     func generate(prompt: [Int], parameters: GenerationParameters,
                   onToken: (Int, TokenLogprobs?) -> Void, onText: (String) -> Bool) throws -> GenerationResult {
+        lock.withLock { startedPrompts.append(prompt) }
         gate?.wait()
         var result = GenerationResult()
         result.promptTokens = prompt.count

@@ -31,7 +31,7 @@ private struct TestClient {
     init(model: ServingModel = FakeModel(), configure: (inout ServerConfiguration) -> Void = { _ in }) {
         var configuration = ServerConfiguration()
         configure(&configuration)
-        server = OpenAIServer(model: model, configuration: configuration)
+        server = try! OpenAIServer(model: model, configuration: configuration)
         responder = server.router().buildResponder()
     }
 
@@ -114,7 +114,7 @@ private func errorCode(_ body: String) throws -> String? {
 }
 
 @Test func apiKeyGuardsEveryRouteButHealth() async throws {
-    let client = TestClient { $0.apiKey = "secret" }
+    let client = TestClient { $0.apiKeys = ["secret", "other"] }
     #expect(try await client.send(.get, "/health").status == 200)
     let missing = try await client.send(.get, "/v1/models")
     #expect(missing.status == 401)
@@ -123,6 +123,7 @@ private func errorCode(_ body: String) throws -> String? {
     let ok = try await client.send(.get, "/v1/models", headers: [.authorization: "Bearer secret"])
     #expect(ok.status == 200)
     #expect(try JSONValue(parsing: ok.body)["data"]?.array?.first?["id"] == "fake")
+    #expect(try await client.send(.get, "/v1/models", headers: [.authorization: "Bearer other"]).status == 200)
 }
 
 @Test func metricsAreInPrometheusTextFormat() async throws {

@@ -13,7 +13,7 @@ private func reaches(_ ticket: Ticket, _ position: Int) async -> Bool {
 
 @Test func aFullQueueRefusesAtOnceWithServerBusy() throws {
     let gate = DispatchSemaphore(value: 0)
-    let scheduler = Scheduler(model: FakeModel(gate: gate), maxQueue: 1, metrics: ServerMetrics())
+    let scheduler = try Scheduler(model: FakeModel(gate: gate), policy: AdmissionPolicy(maxQueue: 1), metrics: ServerMetrics())
     defer { scheduler.shutdown(); gate.signal(); gate.signal() }
     // Held: a ticket dropped unread cancels its generation.
     let running = try scheduler.submit(prompt: [1], parameters: GenerationParameters())
@@ -28,7 +28,7 @@ private func reaches(_ ticket: Ticket, _ position: Int) async -> Bool {
 @Test(.timeLimit(.minutes(1)))
 func waitingRequestsLearnTheirPositionAndMoveUpWhenOneAheadLeaves() async throws {
     let gate = DispatchSemaphore(value: 0)
-    let scheduler = Scheduler(model: FakeModel(reply: "ab", gate: gate), maxQueue: 4, metrics: ServerMetrics())
+    let scheduler = try Scheduler(model: FakeModel(reply: "ab", gate: gate), policy: AdmissionPolicy(maxQueue: 4), metrics: ServerMetrics())
     defer { scheduler.shutdown() }
     let first = try scheduler.submit(prompt: [1], parameters: GenerationParameters())
     let second = try scheduler.submit(prompt: [1], parameters: GenerationParameters())

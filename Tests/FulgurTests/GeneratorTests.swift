@@ -171,3 +171,26 @@ func reusingTheCachedPrefixGivesTheSameTokensAsAFreshStart(_ name: String) throw
     let sampled = try run(SamplingParameters(temperature: 0.3, topK: 1, seed: 1))
     #expect(sampled == greedy)
 }
+
+/// Serving lanes: generators over one plan share only its read-only weights, so generations
+/// running at the same time on different threads give what each gives alone.
+@Test(.timeLimit(.minutes(2)))
+func generatorsOverOnePlanRunningAtOnceGiveWhatEachGivesAlone() async throws {
+    let plan = try tinyLlama.get().plan
+    let prompts = (0..<4).map { lane in (0..<12).map { ($0 * 31 + lane * 7 + 3) % 256 } }
+    let parameters = GenerationParameters(maxTokens: 24)
+    func run(_ prompt: [Int]) throws -> [Int] {
+        try Generator(executor: CPUExecutor(plan: plan, maxPositions: 128)).generate(prompt: prompt, parameters: parameters, decode: { _ in "" }).tokens
+    }
+    let alone = try prompts.map(run)
+    let together = try await withThrowingTaskGroup(of: (Int, [Int]).self) { group in
+        for (i, prompt) in prompts.enumerated() {
+            group.addTask { (i, try run(prompt)) }
+        }
+        var out = [[Int]](repeating: [], count: prompts.count)
+        for try await (i, tokens) in group { out[i] = tokens }
+        return out
+    }
+    #expect(together == alone)
+    #expect(Set(alone).count > 1)
+}

@@ -100,12 +100,25 @@ public final class Engine {
         try generate(prompt: tokenizer.encode(text, addSpecialTokens: true), parameters: parameters, onText: onText)
     }
 
+    /// Another sequence over the same weights: a KV cache and activation buffers of its own,
+    /// the plan (read-only weights) shared. A server runs one per lane, each on its own thread.
+    /// Only CPU executors share weights this way; a CUDA executor uploads its own copy.
+    public func makeGenerator() throws -> Generator {
+        guard generator.executor is CPUExecutor else {
+            throw FulgurError(.unsupported, "several sequences over one copy of the weights need the CPU executor for now (a CUDA executor uploads its own copy of the weights); run with --device cpu, or one lane")
+        }
+        return Generator(executor: CPUExecutor(plan: model.plan, maxPositions: contextLength))
+    }
+
     /// Generates after the token ids `prompt`; see `Generator.generate` for the callbacks.
-    public func generate(prompt: [Int], parameters: GenerationParameters,
+    /// `generator`: one from `makeGenerator` to run on instead of the engine's own (which is
+    /// the only one DFlash decodes on).
+    public func generate(prompt: [Int], parameters: GenerationParameters, on generator: Generator? = nil,
                          onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
                          onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
         var detokenizer = StreamingDetokenizer(tokenizer: tokenizer, skipSpecialTokens: false)
-        var result = try speculative.map {
+        let generator = generator ?? self.generator
+        var result = try (generator === self.generator ? speculative : nil).map {
             try $0.generate(prompt: prompt, parameters: parameters, decode: { detokenizer.append($0) }, onToken: onToken, onText: onText)
         } ?? generator.generate(prompt: prompt, parameters: parameters, decode: { detokenizer.append($0) }, onToken: onToken, onText: onText)
         let tail = detokenizer.finish()

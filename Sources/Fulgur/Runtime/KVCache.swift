@@ -1,3 +1,5 @@
+import Foundation
+
 /// Keys and values of every layer, f32. A full-attention layer keeps every position; a
 /// sliding-window layer keeps a ring of `window + slack` positions, where the slack covers
 /// the tokens of one step (a prefill chunk or a verify block): the step's own keys are written
@@ -29,16 +31,16 @@ public final class KVCache {
         layers = spec.layers.map { l in
             let a = l.attention
             let cap = Self.capacity(a, maxPositions: maxPositions, maxStepTokens: maxStepTokens)
-            let keys = UnsafeMutablePointer<Float>.allocate(capacity: cap * a.kvHeads * a.headDim)
-            let values = UnsafeMutablePointer<Float>.allocate(capacity: cap * a.kvHeads * a.valueHeadDim)
-            keys.initialize(repeating: 0, count: cap * a.kvHeads * a.headDim)
-            values.initialize(repeating: 0, count: cap * a.kvHeads * a.valueHeadDim)
+            // calloc: zeroed pages the kernel maps on first write, so a cache costs memory
+            // only as far as its sequences have reached (a server holds one per lane).
+            let keys = calloc(cap * a.kvHeads * a.headDim, 4)!.assumingMemoryBound(to: Float.self)
+            let values = calloc(cap * a.kvHeads * a.valueHeadDim, 4)!.assumingMemoryBound(to: Float.self)
             return Layer(capacity: cap, kvHeads: a.kvHeads, keyDim: a.headDim, valueDim: a.valueHeadDim, keys: keys, values: values)
         }
     }
 
     deinit {
-        for l in layers { l.keys.deallocate(); l.values.deallocate() }
+        for l in layers { free(l.keys); free(l.values) }
     }
 
     static func capacity(_ a: AttentionSpec, maxPositions: Int, maxStepTokens: Int) -> Int {

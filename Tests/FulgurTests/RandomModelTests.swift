@@ -163,14 +163,15 @@ import Testing
         }
     }
 
-    @Test func everyFormatHoldsTheSameWeights() throws {
+    @Test(arguments: tiny)
+    func everyFormatHoldsTheSameWeights(_ preset: String) throws {
         // The BF16 forms hold exactly what the MXFP4 and FP8 forms dequantize to, so logits
         // differ only by summation order.
-        let quantized = try RandomModel(preset: "tiny-gpt-oss", seed: 2).build()
+        let quantized = try RandomModel(preset: preset, seed: 2).build()
         let tokens = Self.prompt(quantized.spec.vocabSize, count: 12)
         let want = try Self.logits(quantized, tokens)
         for (experts, linear) in [(RandomModel.ExpertFormat.bf16, RandomModel.LinearFormat.fp8), (.mxfp4, .bf16), (.bf16, .bf16)] {
-            let got = try Self.logits(RandomModel(preset: "tiny-gpt-oss", seed: 2, experts: experts, linear: linear).build(), tokens)
+            let got = try Self.logits(RandomModel(preset: preset, seed: 2, experts: experts, linear: linear).build(), tokens)
             #expect(Self.relativeError(got, want) < 1e-5, "experts \(experts), linear \(linear)")
         }
     }

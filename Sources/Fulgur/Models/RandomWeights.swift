@@ -222,12 +222,12 @@ struct RandomTensor {
             entry: .init(name: name, dtype: .bf16, shape: shape), pieces: (count + per - 1) / per,
             pieceOffset: { 2 * min(count, $0 * per) },
             fill: { i, dst in
+                // The table costs 6% of a full piece's draws, and nothing until a piece is made.
+                let table = RandomFill.normal.map { floatToBF16(std * $0) }
                 var rng = RandomFill.generator(s, stream: 0, chunk: i)
-                let n = min(per, count - i * per), out = dst.assumingMemoryBound(to: UInt16.self)
-                let values = UnsafeMutablePointer<Float>.allocate(capacity: n)
-                defer { values.deallocate() }
-                RandomFill.normal.withUnsafeBufferPointer { RandomFill.draw($0, into: values, count: n, &rng) }
-                for j in 0..<n { out[j] = floatToBF16(std * values[j]) }
+                table.withUnsafeBufferPointer {
+                    RandomFill.draw($0, into: dst.assumingMemoryBound(to: UInt16.self), count: min(per, count - i * per), &rng)
+                }
             })
     }
 

@@ -77,10 +77,12 @@ def load(args, device, dtype):
         from transformers import Mxfp4Config
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     if device.type == "cuda":
-        kwargs["device_map"] = str(device)
+        kwargs["device_map"] = str(device)  # straight to the GPU, not through host memory
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, **kwargs)
     # Dequantized MXFP4 experts come out BF16 whatever dtype was asked for.
-    return model.to(device=device, dtype=dtype).eval()
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
+    return model.eval()
 
 
 def prompt_ids(args, vocab):

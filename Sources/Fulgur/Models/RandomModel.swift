@@ -19,8 +19,9 @@ public struct RandomModel: Sendable, CustomStringConvertible {
     public enum LinearFormat: String, CaseIterable, Sendable { case fp8, bf16 }
     /// Who an export is for.
     public enum Reader: String, CaseIterable, Sendable {
-        /// Every tensor as the model holds it (MXFP4 and FP8 in the MiMo FP4 release's
-        /// schema); Fulgur's loader reads it back bit for bit.
+        /// Every tensor as the model holds it, in published checkpoints' schemas (gpt-oss's
+        /// MXFP4; the MiMo FP4 release's MXFP4 + FP8, which transformers cannot read);
+        /// Fulgur's loader reads it back bit for bit.
         case fulgur
         /// What Hugging Face transformers 5.17 loads: BF16, except gpt-oss's MXFP4 experts
         /// (`_blocks`/`_scales`, `quant_method: mxfp4`), which it reads natively.
@@ -105,8 +106,7 @@ public struct RandomModel: Sendable, CustomStringConvertible {
     }
 
     /// Makes every weight in memory (in parallel over the machine's cores) and plans the
-    /// model. `progress` gets (layers done, layers) with the embedding and head counted as
-    /// one step each.
+    /// model. `progress` gets (steps done, steps): the embedding, each layer, the head.
     public func build(progress: ((Int, Int) -> Void)? = nil) throws -> Model {
         let spec = try spec()
         return try Model(spec: spec, tensors: tensors(spec, progress: progress))

@@ -42,9 +42,6 @@ enum RandomFill {
         Int((log2(std / (codeRMS * jitterRMS))).rounded())
     }
 
-    /// A BF16 table of N(0, std²) for one tensor.
-    static func bf16Table(std: Float) -> [UInt16] { normal.map { floatToBF16(std * $0) } }
-
     /// The stream of one chunk of one tensor. `stream` separates the tensor's codes from its
     /// scales, so each can be made without the other.
     static func generator(_ seed: UInt64, stream: UInt64, chunk: Int) -> SeededGenerator {
@@ -221,11 +218,12 @@ struct RandomTensor {
     /// BF16 N(0, std²), in pieces of 2^20 elements.
     static func normal(_ name: String, _ shape: [Int], std: Float, seed: UInt64) -> RandomTensor {
         let count = shape.reduce(1, *), per = 1 << 20, s = RandomFill.seed(seed, name)
-        let table = RandomFill.bf16Table(std: std)
         return RandomTensor(
             entry: .init(name: name, dtype: .bf16, shape: shape), pieces: (count + per - 1) / per,
             pieceOffset: { 2 * min(count, $0 * per) },
             fill: { i, dst in
+                // The table costs 6% of a full piece's draws, and nothing until a piece is made.
+                let table = RandomFill.normal.map { floatToBF16(std * $0) }
                 var rng = RandomFill.generator(s, stream: 0, chunk: i)
                 table.withUnsafeBufferPointer {
                     RandomFill.draw($0, into: dst.assumingMemoryBound(to: UInt16.self), count: min(per, count - i * per), &rng)

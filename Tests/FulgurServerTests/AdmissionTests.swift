@@ -86,7 +86,9 @@ func aKeyOverItsDailyQuotaGets429AndALeftPlaceIsGivenBack() async throws {
 
 @Test(.timeLimit(.minutes(1)))
 func aSessionKeepsItsLaneForItsKeyUntilItsLengthRunsOut() async throws {
-    let length = 0.5
+    // Long enough that the session cannot run out between two submissions on a loaded machine
+    // (0.5 s did, with the rest of the suite running beside it).
+    let length = 3.0
     let scheduler = try Scheduler(model: FakeModel(reply: "ok"), policy: AdmissionPolicy(lanes: 1, maxQueue: 8, keyQuota: 1, sessionLength: length),
                               metrics: ServerMetrics())
     defer { scheduler.shutdown() }
@@ -119,18 +121,19 @@ func aGenerationStillRunningAtTheEndOfItsSessionEndsWithSessionExpired() async t
     #expect(ended.result == nil)
     #expect(ended.text.count < 60000)
     // A request right after is a new admission, not one more on the session that ended
-    // (whose lane may not have noticed yet): it waits behind the next in line.
+    // (whose lane may not have noticed yet): it runs after the next in line. (Its queue
+    // position depends on whether that one already finished, so the order is what is checked.)
     let again = try submit(scheduler, 3, key: "a", maxTokens: 2)
-    #expect(again.position >= 1)
     // The lane went to the next in line.
     #expect(await outcome(next).result?.text == "zz")
     #expect(await outcome(again).result?.text == "zz")
+    #expect(model.started == [[1], [2], [3]])
 }
 
 @Test(.timeLimit(.minutes(1)))
 func anIdleReservedLaneIsReleasedToTheQueue() async throws {
     let scheduler = try Scheduler(model: FakeModel(reply: "ok"),
-                              policy: AdmissionPolicy(lanes: 1, sessionLength: 3600, idleRelease: 0.3), metrics: ServerMetrics())
+                              policy: AdmissionPolicy(lanes: 1, sessionLength: 3600, idleRelease: 2), metrics: ServerMetrics())
     defer { scheduler.shutdown() }
     #expect(await outcome(try submit(scheduler, 1, key: "a")).result?.text == "ok")
     let b = try submit(scheduler, 2, key: "b")

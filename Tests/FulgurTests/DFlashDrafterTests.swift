@@ -22,7 +22,7 @@ import Testing
 
         let start = drafter.contextLength
         let got = try drafter.block.forward(block, logits: .all)
-        drafter.block.cache.truncate(to: start)
+        drafter.block.truncate(to: start)
         #expect(got.count == want.count)
         for t in 0..<block.count {
             let g = got[(t * vocab)..<((t + 1) * vocab)], w = want[(t * vocab)..<((t + 1) * vocab)]

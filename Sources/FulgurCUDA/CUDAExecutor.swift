@@ -58,10 +58,11 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
     }
 
-    /// Which MoE kernels run MXFP4 experts (Kernels/moe.cu versions 1 and 2).
+    /// Which MoE kernels run MXFP4 experts (Kernels/moe.cu versions 1, 2 and 3).
     public let moeVersion: Int
 
-    /// `sharing`: an executor over the same layers whose cache (and positions) this one uses.
+    /// `sharing`: an executor over the same layers whose cache (and positions) this one uses;
+    /// the two also share a stream, so one's cache writes are ordered before the other's reads.
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
                 moeVersion: Int = 2, sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
@@ -73,7 +74,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         var context = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
         if let sharing { context = sharing.maxPositions }
         self.maxPositions = context
-        stream = try device.makeStream()
+        stream = try sharing?.stream ?? device.makeStream()
         vocab = plan.lmHead.outFeatures
         tokens = try device.allocate(4 * maxStepTokens)
         positions = try device.allocate(4 * maxStepTokens)

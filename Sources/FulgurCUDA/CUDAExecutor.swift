@@ -551,7 +551,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                 progress?(layersDone, spec.layerCount)
             case .glu(let activation):
                 try flushResidual()
-                let (clamped, alpha, limit) = Self.activationArguments(activation)
+                let (clamped, alpha, limit) = CUDAMoE.activationArguments(activation)
                 let n = inter, stride = 2 * interMax
                 add("mlp") { T in
                     try launch("glu", ((T * n + 255) / 256, 1, 1), 256, 0, [
@@ -585,13 +585,6 @@ public final class CUDAExecutor: @unchecked Sendable {
         bytesPerDecodeStep = bytes
     }
 
-    static func activationArguments(_ a: Activation) -> (Int32, Float, Float) {
-        switch a {
-        case .silu: return (0, 0, 0)
-        case .clampedSwiGLU(let alpha, let limit): return (1, alpha, limit)
-        }
-    }
-
     /// The MoE layer for experts the MXFP4 kernels do not take: routing on the GPU (the same
     /// kernel as CUDAMoE), then every expert over every token (one product over all experts'
     /// stacked gate/up rows, the GLU, one grouped product over all down rows) and the weighted
@@ -610,18 +603,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
         let device = self.device, stream = self.stream
         // The router as f32 rows [E, H] (the routing kernel reads BF16 or F32).
-        var routerRows = [Float](repeating: 0, count: E * H)
-        routerRows.withUnsafeMutableBufferPointer { r in
-            if m.router.transposed {
-                var row = [Float](repeating: 0, count: E)
-                for i in 0..<H {
-                    row.withUnsafeMutableBufferPointer { m.router.dequantizeRow(i, into: $0.baseAddress!) }
-                    for e in 0..<E { r[e * H + i] = row[e] }
-                }
-            } else {
-                for e in 0..<E { m.router.dequantizeRow(e, into: r.baseAddress! + e * H) }
-            }
-        }
+        let routerRows = CUDALinear.f32Rows([m.router])
         func upload(_ v: [Float]) throws -> DeviceBuffer {
             let b = try v.withUnsafeBytes { try device.upload($0) }
             keep.append(b)
@@ -647,12 +629,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         keep += [gateUp, down]
         let gu = try device.allocate(4 * S * E * 2 * I), act = try device.allocate(4 * S * E * I), y = try device.allocate(4 * S * E * H)
         keep += [gu, act, y]
-        let (mode, normalize, scaling, groups, topKGroups): (Int32, Bool, Float, Int, Int) = switch s.routing {
-        case .softmaxTopK(let n): (0, n, 1, 1, 1)
-        case .topKSoftmax: (1, false, 1, 1, 1)
-        case .sigmoidWithBias(let n, let sc, let g, let kg): (2, n, sc, g, kg)
-        }
-        let (clamped, alpha, limit) = Self.activationArguments(s.activation)
+        let (mode, normalize, scaling, groups, topKGroups) = CUDAMoE.routingArguments(s.routing)
+        let (clamped, alpha, limit) = CUDAMoE.activationArguments(s.activation)
         let interleaved: Int32 = m.experts[0].gateUp != nil && m.experts[0].interleaved ? 1 : 0
         add("moe") { T in
             try launch("moe_route", ((E + 3) / 4, 1, 1), 128, 0, [

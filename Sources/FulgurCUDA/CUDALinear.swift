@@ -65,22 +65,7 @@ public final class CUDALinear: @unchecked Sendable {
             codes = try concatenated(parts.map { $0.storage.codes })
             scales = storage == .bf16 ? nil : try concatenated(parts.map { $0.storage.scales! })
         case .f32:
-            var values = [Float](repeating: 0, count: rows * k)
-            var row0 = 0
-            values.withUnsafeMutableBufferPointer { v in
-                for p in parts {
-                    if p.transposed {
-                        var stored = [Float](repeating: 0, count: p.outFeatures)
-                        for i in 0..<k {
-                            stored.withUnsafeMutableBufferPointer { p.dequantizeRow(i, into: $0.baseAddress!) }
-                            for o in 0..<p.outFeatures { v[(row0 + o) * k + i] = stored[o] }
-                        }
-                    } else {
-                        for o in 0..<p.outFeatures { p.dequantizeRow(o, into: v.baseAddress! + (row0 + o) * k) }
-                    }
-                    row0 += p.outFeatures
-                }
-            }
+            let values = Self.f32Rows(parts)
             codes = try values.withUnsafeBytes { try device.upload($0) }
             scales = nil
         }
@@ -112,6 +97,29 @@ public final class CUDALinear: @unchecked Sendable {
             let functions = try bins.map { try module.function("\(family)_t\($0)") }
             kernels = (1...Self.maxTokens).map { t in functions[bins.firstIndex { $0 >= t }!] }
         }
+    }
+
+    /// `parts` decoded to f32 and stacked as `[sum of out, in]` rows (the [in, out] layout
+    /// transposed); exact for every stored format.
+    static func f32Rows(_ parts: [LinearWeight]) -> [Float] {
+        let k = parts[0].inFeatures
+        var values = [Float](repeating: 0, count: parts.reduce(0) { $0 + $1.outFeatures } * k)
+        var row0 = 0
+        values.withUnsafeMutableBufferPointer { v in
+            for p in parts {
+                if p.transposed {
+                    var stored = [Float](repeating: 0, count: p.outFeatures)
+                    for i in 0..<k {
+                        stored.withUnsafeMutableBufferPointer { p.dequantizeRow(i, into: $0.baseAddress!) }
+                        for o in 0..<p.outFeatures { v[(row0 + o) * k + i] = stored[o] }
+                    }
+                } else {
+                    for o in 0..<p.outFeatures { p.dequantizeRow(o, into: v.baseAddress! + (row0 + o) * k) }
+                }
+                row0 += p.outFeatures
+            }
+        }
+        return values
     }
 
     /// Launch shape of gemv_<format>_t<tokens>; mirrors gemv::Plan and kWarps in Kernels/gemv.cu:

@@ -377,15 +377,8 @@ public final class CUDAMoE: @unchecked Sendable {
             stage += 1
         }
         let E = Int32(spec.experts), k = Int32(spec.topK), H = Int32(hidden), I = Int32(spec.intermediate), T = Int32(tokens)
-        let (mode, normalize, scaling, groups, topKGroups): (Int32, Bool, Float, Int, Int) = switch spec.routing {
-        case .softmaxTopK(let n): (0, n, 1, 1, 1)
-        case .topKSoftmax: (1, false, 1, 1, 1)
-        case .sigmoidWithBias(let n, let s, let g, let kg): (2, n, s, g, kg)
-        }
-        let (clamped, alpha, limit): (Int32, Float, Float) = switch spec.activation {
-        case .silu: (0, 0, 0)
-        case .clampedSwiGLU(let a, let l): (1, a, l)
-        }
+        let (mode, normalize, scaling, groups, topKGroups) = Self.routingArguments(spec.routing)
+        let (clamped, alpha, limit) = Self.activationArguments(spec.activation)
         func ptr(_ b: DeviceBuffer?) -> KernelModule.Argument { .pointer(b?.address ?? 0) }
         switch kernels {
         case .v1(let v):
@@ -423,6 +416,24 @@ public final class CUDAMoE: @unchecked Sendable {
                 .int32(Int32(plan.chunkSteps)), ptr(trace)])
         }
         try mark()
+    }
+
+    /// The routing kernels' arguments for a routing rule: mode (0 softmax-top-k, 1 top-k-softmax,
+    /// 2 sigmoid with correction bias), normalize, scaling, groups, groups kept.
+    static func routingArguments(_ r: Routing) -> (mode: Int32, normalize: Bool, scaling: Float, groups: Int, topKGroups: Int) {
+        switch r {
+        case .softmaxTopK(let n): return (0, n, 1, 1, 1)
+        case .topKSoftmax: return (1, false, 1, 1, 1)
+        case .sigmoidWithBias(let n, let s, let g, let kg): return (2, n, s, g, kg)
+        }
+    }
+
+    /// The GLU kernels' arguments for an activation: clamped (gpt-oss), alpha, limit.
+    static func activationArguments(_ a: Activation) -> (clamped: Int32, alpha: Float, limit: Float) {
+        switch a {
+        case .silu: return (0, 0, 0)
+        case .clampedSwiGLU(let alpha, let limit): return (1, alpha, limit)
+        }
     }
 
     /// The last run's routing, read back once `stream` is synchronized (for checks and statistics): each

@@ -68,9 +68,9 @@ __device__ __forceinline__ float2 e4m3x2(uint32_t pair) {
 // Copies x[t, e0 .. e0 + elems) for every token into the padded shared tile. Each thread
 // issues at least 8 loads before its first store: one load at a time left every block
 // waiting out the L2 latency once per vector at small T.
-template <int T, int CE>
+template <int T, int CE, int threads = kWarps * 32>
 __device__ __forceinline__ void stage(float* tile, const float* __restrict__ x, int k, int e0, int elems, int tokenStride) {
-    constexpr int B = T >= 8 ? 1 : 8 / T, threads = kWarps * 32;
+    constexpr int B = T >= 8 ? 1 : 8 / T;
     for (int v0 = threadIdx.x; v0 < elems / 4; v0 += B * threads) {
         float4 v[B][T];
 #pragma unroll
@@ -294,6 +294,118 @@ __device__ void plain(const void* __restrict__ w, const float* __restrict__ bias
     }
 }
 
+
+// Wide products (the LM head: N = 100k-200k rows, hundreds of MB): version 2's layout gives
+// every block 4 rows, so each block stages x (as many bytes as its rows' weights) and pays
+// two barriers for 11 KB of weights; the LM head ran at 45% of copy bandwidth. Here a grid of
+// resident blocks stages x for the whole K once, and each warp then streams its rows (row
+// warp, warp + warps, ...) in pieces of up to 32 * kPiece chunks, the next piece's weight loads
+// issued before the current piece is summed (two register sets, so loads stay in flight
+// across rows). Every lane sums its chunks of a piece independently (kPiece chains), the warp
+// reduces a row once. Same per-chunk arithmetic as version 2, so the same error bound.
+// Shared memory: T * (K / CE) * (CE + 4) * 4 bytes (14.4 KB a token for K = 2880).
+constexpr int kWideWarps = 8, kPiece = 4;
+
+template <int T, bool MX>
+struct WidePiece {
+    uint4 codes[kPiece];
+    float scale[kPiece];
+};
+
+template <int T, bool MX>
+__device__ __forceinline__ void wide_load(WidePiece<T, MX>& p, const uint8_t* __restrict__ w, const void* __restrict__ scales,
+                                          int row, int piece, int chunks, int k, int tilesPerRow, int tileSize) {
+    constexpr int CE = MX ? 32 : 16;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < kPiece; ++u) {
+        const int c = piece * 32 * kPiece + u * 32 + lane;
+        if (c < chunks) {
+            if (MX) {
+                const size_t at = (size_t)row * chunks + c;
+                p.codes[u] = load_streaming(w + at * 16);
+                p.scale[u] = e8m0(reinterpret_cast<const uint8_t*>(scales)[at]) * 0x1p14f;
+            } else {
+                p.codes[u] = load_streaming(w + (size_t)row * k + c * CE);
+                p.scale[u] = reinterpret_cast<const float*>(scales)[(size_t)(row / tileSize) * tilesPerRow + c * CE / tileSize];
+            }
+        }
+    }
+}
+
+template <int T, bool MX>
+__device__ __forceinline__ void wide_sum(const WidePiece<T, MX>& p, const float* xs, int tokenStride, int piece, int chunks, float (&acc)[T]) {
+    constexpr int CE = MX ? 32 : 16;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < kPiece; ++u) {
+        const int c = piece * 32 * kPiece + u * 32 + lane;
+        if (c >= chunks) break;
+        const float* xc = xs + c * (CE + 4);
+        float part[1][1][T] = {};
+        if (MX) {
+            const uint4 codes[1] = {p.codes[u]};
+            mxfp4_chunk(codes, xc, tokenStride, part);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t q = word(p.codes[u], j);
+                const float2 lo = e4m3x2(q & 0xFFFF), hi = e4m3x2(q >> 16);
+                const float wv[4] = {lo.x, lo.y, hi.x, hi.y};
+#pragma unroll
+                for (int t = 0; t < T; ++t) {
+                    const float4 a = *reinterpret_cast<const float4*>(xc + t * tokenStride + 4 * j);
+                    part[0][0][t] = fmaf(wv[0], a.x, part[0][0][t]);
+                    part[0][0][t] = fmaf(wv[1], a.y, part[0][0][t]);
+                    part[0][0][t] = fmaf(wv[2], a.z, part[0][0][t]);
+                    part[0][0][t] = fmaf(wv[3], a.w, part[0][0][t]);
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < T; ++t) acc[t] = fmaf(part[0][0][t], p.scale[u], acc[t]);
+    }
+}
+
+template <int T, bool MX>
+__device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ scales, const float* __restrict__ bias,
+                     const float* __restrict__ x, float* __restrict__ out, int n, int k, int outStride, int tileSize) {
+    constexpr int CE = MX ? 32 : 16;
+    extern __shared__ float4 shared[];
+    float* xs = reinterpret_cast<float*>(shared);
+    const int lane = threadIdx.x & 31;
+    const int chunks = k / CE, tokenStride = chunks * (CE + 4), tilesPerRow = MX ? 0 : (k + tileSize - 1) / tileSize;
+    const int warp = blockIdx.x * kWideWarps + threadIdx.x / 32, warps = gridDim.x * kWideWarps;
+    const int pieces = (chunks + 32 * kPiece - 1) / (32 * kPiece);
+    const int rows = warp < n ? (n - 1 - warp) / warps + 1 : 0, items = rows * pieces;
+    WidePiece<T, MX> a, b;
+    if (items > 0) wide_load(a, w, scales, warp, 0, chunks, k, tilesPerRow, tileSize);
+    wait_for_previous_kernel();  // x is the previous kernel's output
+    allow_next_kernel();
+    stage<T, CE, kWideWarps * 32>(xs, x, k, 0, k, tokenStride);
+    __syncthreads();
+    float acc[T] = {};
+    auto finish = [&](int item) {
+        if (item % pieces != pieces - 1) return;
+        const int row = warp + (item / pieces) * warps;
+#pragma unroll
+        for (int t = 0; t < T; ++t) {
+            const float v = warp_sum(acc[t]);
+            if (lane == 0) out[(size_t)t * outStride + row] = bias ? v + bias[row] : v;
+            acc[t] = 0.f;
+        }
+    };
+    for (int i = 0; i < items; i += 2) {
+        if (i + 1 < items) wide_load(b, w, scales, warp + ((i + 1) / pieces) * warps, (i + 1) % pieces, chunks, k, tilesPerRow, tileSize);
+        wide_sum(a, xs, tokenStride, i % pieces, chunks, acc);
+        finish(i);
+        if (i + 1 >= items) break;
+        if (i + 2 < items) wide_load(a, w, scales, warp + ((i + 2) / pieces) * warps, (i + 2) % pieces, chunks, k, tilesPerRow, tileSize);
+        wide_sum(b, xs, tokenStride, (i + 1) % pieces, chunks, acc);
+        finish(i + 1);
+    }
+}
+
 }  // namespace gemv
 
 // One entry point per token count, named gemv_<format>_t<T>. Launch with 128 threads,
@@ -329,3 +441,40 @@ GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_E
         gemv::plain<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
     }
 PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
+
+// gemv_wide_<mxfp4|fp8>_t<T>: the wide-product layout above. Launch with kWideWarps * 32 = 256
+// threads, a grid of resident blocks (at most ceil(N / 8)), and
+// T * (K / elements) * (elements + 4) * 4 bytes of dynamic shared memory; arguments as
+// gemv_<format>_t<T> (scales: E8M0 bytes or FP8 tile multipliers; tile unused for MXFP4).
+#define WIDE_ENTRY(T)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) gemv_wide_mxfp4_t##T(                        \
+        const uint8_t* w, const uint8_t* scales, const float* bias, const float* x, float* out,    \
+        int n, int k, int outStride) {                                                             \
+        gemv::wide<T, true>(w, scales, bias, x, out, n, k, outStride, 0);                          \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) gemv_wide_fp8_t##T(                          \
+        const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
+        int n, int k, int outStride, int tile) {                                                   \
+        gemv::wide<T, false>(w, tiles, bias, x, out, n, k, outStride, tile);                       \
+    }
+WIDE_ENTRY(1) WIDE_ENTRY(2) WIDE_ENTRY(3) WIDE_ENTRY(4) WIDE_ENTRY(5) WIDE_ENTRY(6) WIDE_ENTRY(7) WIDE_ENTRY(8)
+WIDE_ENTRY(9) WIDE_ENTRY(10) WIDE_ENTRY(11) WIDE_ENTRY(12) WIDE_ENTRY(13) WIDE_ENTRY(14) WIDE_ENTRY(15) WIDE_ENTRY(16)
+
+// Warms L2 with weights a later kernel of the step will read: `ranges` holds `count` pairs
+// (device address, bytes), each 16-byte aligned with a size a multiple of 16 of at most 64 KB;
+// a thread per range issues one bulk prefetch (the copy engine fetches; nothing waits, so the
+// kernel ends at once). evictLast marks the lines evict-last so the step's streamed expert
+// weights (marked evict-first) do not push them out. Launched on a side branch of the step's
+// graph, beside a kernel that leaves DRAM bandwidth idle. Any grid, block 128.
+extern "C" __global__ void prefetch_l2(const unsigned long long* ranges, int count, int evictLast) {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+        const unsigned long long at = ranges[2 * i];
+        const unsigned bytes = (unsigned)ranges[2 * i + 1];
+        if (evictLast)
+            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" :: "l"(at), "r"(bytes), "l"(policy) : "memory");
+        else
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(at), "r"(bytes) : "memory");
+    }
+}

@@ -132,6 +132,9 @@ __device__ void route_token(const RouterArgs& a, const float* logits, int E, int
             choice[j] = e < E ? score[j] + a.correction[e] : -INFINITY;
         }
         if (a.groups > 1) {
+#pragma unroll
+            for (int j = 0; j < J; ++j)
+                if (isnan(choice[j])) choice[j] = -INFINITY;
             // Keep the topKGroups groups with the largest sum of their two best choices.
             const int per = E / a.groups;
             uint32_t keep = 0;  // groups <= 32
@@ -164,6 +167,12 @@ __device__ void route_token(const RouterArgs& a, const float* logits, int E, int
                 if (lane + 32 * j < E && !((keep >> ((lane + 32 * j) / per)) & 1)) choice[j] = -INFINITY;
         }
     }
+    // A NaN choice (NaN activations reaching the router) ranks below every number: without
+    // this the lanes' argmax disagreed and a token could be routed to expert INT_MAX (an
+    // out-of-bounds read that took the whole GPU context down); now NaN flows to the output.
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+        if (isnan(choice[j])) choice[j] = -INFINITY;
     uint32_t taken = 0;  // bit j: expert lane + 32j already chosen
     // Loops over the top-k unrolled with guards, so idx and w stay in registers (a run-time
     // index put them in local memory, on the routing's critical path).

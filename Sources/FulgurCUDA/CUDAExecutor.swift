@@ -21,7 +21,20 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Bytes of weights one decode step reads (experts at top-k), as stored on the GPU.
     public private(set) var bytesPerDecodeStep = 0
     /// Kernel launches per step.
-    public var launchesPerStep: Int { launches.filter { $0.kind != "capture" }.count }
+    public var launchesPerStep: Int { launches.filter { !["capture", "join"].contains($0.kind) }.count }
+    /// Kernel families of the step, in order of first launch.
+    public var kernelFamilies: [String] {
+        var seen: [String] = []
+        for l in launches where !["capture", "join"].contains(l.kind) && !seen.contains(l.kind) { seen.append(l.kind) }
+        return seen
+    }
+
+    /// Warming L2 with a layer's dense weights while the layer before it runs its MoE (which
+    /// leaves much of DRAM's bandwidth idle at batch 1): a side branch of the step's graph, a
+    /// tiny kernel issuing bulk prefetches of the next layer's q/k/v, o_proj and router bytes,
+    /// so those products read from L2. `.evictLast` marks the lines evict-last.
+    public enum L2Prefetch: String, Sendable, CaseIterable { case off, normal, evictLast = "evict-last" }
+    public let prefetch: L2Prefetch
     /// Replay steps from CUDA graphs (one per token count, captured on first use).
     public var useGraphs = true
 
@@ -64,13 +77,14 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// `sharing`: an executor over the same layers whose cache (and positions) this one uses;
     /// the two also share a stream, so one's cache writes are ordered before the other's reads.
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
-                moeVersion: Int = 2, sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
+                moeVersion: Int = 2, prefetch: L2Prefetch = .normal, sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         self.plan = plan
         self.device = device
         self.module = module
         self.maxStepTokens = maxStepTokens
         self.moeVersion = moeVersion
+        self.prefetch = prefetch
         var context = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
         if let sharing { context = sharing.maxPositions }
         self.maxPositions = context
@@ -184,7 +198,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     }
 
     public func sharingCache(plan other: Plan) throws -> any Executor {
-        try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, sharing: self)
+        try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch, sharing: self)
     }
 
     /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
@@ -242,21 +256,27 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// greedy tokens feed the next step's embedding and the positions advance on the device,
     /// so the host only launches graphs. Returns milliseconds per step (events, after
     /// `warmup` steps). The cache must hold `(warmup + steps) * T` more positions.
-    public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5) throws -> Double {
+    ///
+    /// `skipping`: kernel families left out of the graph (the step then computes garbage; for
+    /// measuring what a family costs inside the replayed step). `advance: false` leaves the
+    /// cache's length where it was, so the next timing runs at the same context.
+    public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5, skipping: Set<String> = [], advance: Bool = true) throws -> Double {
         precondition((1...maxStepTokens).contains(T))
+        var skip = skipping
+        if skip.contains("prefetch") { skip.insert("join") }
         guard length + (warmup + steps) * T <= maxPositions else {
             throw FulgurError(.usage, "the benchmark needs \((warmup + steps) * T) positions after \(length); the context holds \(maxPositions)")
         }
-        let advance = try module.function("advance_positions")
+        let advancePositions = try module.function("advance_positions")
         let ints = [Int32](repeating: 1, count: T), pos = (0..<T).map { Int32(length + $0) }
         try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
         try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
         let copyIds = { [self] in
             try tokens.copy(from: ids, bytes: 4 * T, stream: stream)
-            try module.launch(advance, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
+            try module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
         }
         let graph = try CUDAGraph(capturing: stream) {
-            for l in launches { try l.run(T) }
+            for l in launches where !skip.contains(l.kind) { try l.run(T) }
             try copyIds()
         }
         for _ in 0..<warmup { try graph.launch(stream) }
@@ -265,7 +285,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         for _ in 0..<steps { try graph.launch(stream) }
         try end.record(stream)
         let ms = try end.milliseconds(since: start)
-        cache.length += (warmup + steps) * T
+        if advance { cache.length += (warmup + steps) * T }
         return ms / Double(steps)
     }
 
@@ -289,7 +309,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             for i in launches.indices { times[i].append(try events[i + 1].milliseconds(since: events[i]) * 1e3) }
         }
         var order: [String] = [], sums: [String: (Int, Double)] = [:]
-        for (i, l) in launches.enumerated() {
+        for (i, l) in launches.enumerated() where l.kind != "join" {
             let median = times[i].dropFirst(2).sorted()[rounds / 2]  // the first two rounds warm up
             if sums[l.kind] == nil { order.append(l.kind) }
             let s = sums[l.kind] ?? (0, 0)
@@ -393,9 +413,15 @@ public final class CUDAExecutor: @unchecked Sendable {
                 try launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(sa), .pointer(residual), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
             }
         }
+        // Per layer, the device ranges of its dense weights, and where the layer before it
+        // runs its MoE (see L2Prefetch).
+        var layerRanges = [[(address: UInt64, bytes: Int)]](repeating: [], count: spec.layerCount)
+        var moeLaunch: [Int: Int] = [:]
+        var layersDone = 0
         func product(_ lin: CUDALinear, _ kind: String, x xs: UInt64, out o: UInt64, outStride: Int) {
             keep.append(lin)
             bytes += lin.weightBytes
+            if layersDone < spec.layerCount { layerRanges[layersDone] += lin.deviceRanges }
             add(kind) { T in try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream) }
         }
         func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, attend: Bool) throws {
@@ -442,7 +468,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
 
         let ops = plan.ops
-        var i = 0, layersDone = 0
+        var i = 0
         while i < ops.count {
             let op = ops[i]
             i += 1
@@ -565,6 +591,8 @@ public final class CUDAExecutor: @unchecked Sendable {
                 if weights.experts.allSatisfy({ e in e.down.format == .mxfp4 && [e.gateUp, e.gate, e.up].allSatisfy { $0 == nil || $0!.format == .mxfp4 } }) {
                     let moe = try CUDAMoE(weights, module: module, version: moeVersion)
                     keep.append(moe)
+                    if layersDone < spec.layerCount { layerRanges[layersDone] += moe.routerRanges }
+                    moeLaunch[layersDone] = launches.count
                     bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes
                     add("moe") { T in try moe.run(h, tokens: T, into: out, stream: stream) }
                 } else {
@@ -573,6 +601,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             }
         }
         try flushResidual()
+        try insertPrefetches(layerRanges, at: moeLaunch)
         // A plan without a final norm (the DFlash drafter's context path) ends without logits.
         guard ops.contains(where: { if case .finalNorm = $0 { return true }; return false }) else {
             bytesPerDecodeStep = bytes
@@ -583,6 +612,42 @@ public final class CUDAExecutor: @unchecked Sendable {
         product(head, "lm head", x: h.address, out: logits.address, outStride: vocab)
         add("sampling") { T in try launch("argmax", (T, 1, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
         bytesPerDecodeStep = bytes
+    }
+
+    /// Inserts, at the MoE launch of each layer, a side-branch launch that warms L2 with the
+    /// next layer's dense weights, and one join of the branch at the end of the step.
+    private func insertPrefetches(_ ranges: [[(address: UInt64, bytes: Int)]], at moeLaunch: [Int: Int]) throws {
+        guard prefetch != .off, !moeLaunch.isEmpty else { return }
+        let side = try device.makeStream(), fork = try device.makeMarker(), join = try device.makeMarker()
+        let kernel = try module.function("prefetch_l2"), stream = self.stream, module = self.module
+        let evictLast: Int32 = prefetch == .evictLast ? 1 : 0
+        keep += [side, fork, join]
+        for (layer, index) in moeLaunch.sorted(by: { $0.key > $1.key }) where layer + 1 < ranges.count && !ranges[layer + 1].isEmpty {
+            // Pieces of at most 64 KB, 16-byte aligned, sizes a multiple of 16.
+            var pieces: [UInt64] = []
+            for r in ranges[layer + 1] {
+                var at = (r.address + 15) & ~15
+                let end = (r.address + UInt64(r.bytes)) & ~15
+                while at < end {
+                    let n = min(end - at, 65536)
+                    pieces += [at, n]
+                    at += n
+                }
+            }
+            let table = try pieces.withUnsafeBytes { try device.upload($0) }
+            keep.append(table)
+            let count = pieces.count / 2
+            launches.insert(("prefetch", { _ in
+                try fork.record(stream)
+                try side.wait(for: fork)
+                try module.launch(kernel, grid: ((count + 127) / 128, 1, 1), block: (128, 1, 1), stream: side,
+                                  [.pointer(table.address), .int32(Int32(count)), .int32(evictLast)])
+            }), at: index)
+        }
+        add("join") { _ in
+            try join.record(side)
+            try stream.wait(for: join)
+        }
     }
 
     /// The MoE layer for experts the MXFP4 kernels do not take: routing on the GPU (the same

@@ -1,3 +1,4 @@
+import Foundation
 import Fulgur
 
 /// A linear weight (or several stacked by rows) copied to the GPU, applied by the kernels of
@@ -20,6 +21,28 @@ public final class CUDALinear: @unchecked Sendable {
     let codes: DeviceBuffer
     let scales: DeviceBuffer?
     let bias: DeviceBuffer?
+
+    /// How MXFP4 and FP8 products are laid out on the GPU (Kernels/gemv.cu): `.rows`, version
+    /// 2 (4 rows a block, x staged per block), or `.wide` (resident blocks stage x once and
+    /// stream many rows each; for products of many rows, the LM head). `.wide` falls back to
+    /// `.rows` for a token count whose x does not fit in shared memory.
+    public enum Layout: Sendable { case rows, wide }
+    public var layout: Layout
+    /// Take the wide layout at every token count (the kernel checks), not only up to wideMaxTokens.
+    public var forceWide = false
+    /// Products with at least this many rows take the wide layout by default, for 1-token
+    /// steps only: at 4 and 8 tokens it ran at half the rows layout's speed (one row per warp,
+    /// so each x value read from shared memory feeds one row; Kernels/NOTES.md).
+    /// `FULGUR_GEMV_LAYOUT=rows` turns it off (for comparisons).
+    public static let wideRows = ProcessInfo.processInfo.environment["FULGUR_GEMV_LAYOUT"] == "rows" ? Int.max : 32768
+    public static let wideMaxTokens = 1
+    let wideKernels: [KernelModule.Function]
+    private var wideGrid: [Int: Int] = [:]
+
+    /// The ranges of device memory this product's weights, scales and bias occupy (to warm L2).
+    public var deviceRanges: [(address: UInt64, bytes: Int)] {
+        [codes, scales, bias].compactMap { $0 }.map { ($0.address, $0.byteCount) }
+    }
 
     /// How `w` is kept on the GPU.
     public static func storage(of w: LinearWeight) -> Storage {
@@ -91,12 +114,38 @@ public final class CUDALinear: @unchecked Sendable {
             let family = storage == .mxfp4 ? "gemv_mxfp4" : "gemv_fp8"
             kernels = try (1...Self.maxTokens).map { try module.function("\(family)_t\($0)") }
             for (i, f) in kernels.enumerated() { try module.allowSharedMemory(f, bytes: Self.plan(storage, tokens: i + 1).sharedBytes) }
+            let wide = storage == .mxfp4 ? "gemv_wide_mxfp4" : "gemv_wide_fp8"
+            wideKernels = try (1...Self.maxTokens).map { try module.function("\(wide)_t\($0)") }
         case .bf16, .f32:
             let family = storage == .bf16 ? "gemv_bf16" : "gemv_f32"
             let bins = [1, 2, 4, 8, 16]
             let functions = try bins.map { try module.function("\(family)_t\($0)") }
             kernels = (1...Self.maxTokens).map { t in functions[bins.firstIndex { $0 >= t }!] }
+            wideKernels = []
         }
+        layout = rows >= Self.wideRows ? .wide : .rows
+    }
+
+    /// Shared memory of the wide layout at `tokens` (x for the whole K, padded as gemv::stage).
+    static func wideSharedBytes(_ storage: Storage, inFeatures k: Int, tokens: Int) -> Int {
+        let elements = storage == .mxfp4 ? 32 : 16
+        return tokens * (k / elements) * (elements + 4) * 4
+    }
+
+    /// Blocks of the wide kernel for `tokens`: all resident at once, at most one per 8 rows;
+    /// nil when its x does not fit in shared memory (the rows layout runs instead).
+    private func wideBlocks(_ tokens: Int) throws -> Int? {
+        if let g = wideGrid[tokens] { return g > 0 ? g : nil }
+        let device = module.device, shared = Self.wideSharedBytes(storage, inFeatures: inFeatures, tokens: tokens)
+        var grid = 0
+        if shared <= device.maxSharedMemoryPerBlock {
+            let f = wideKernels[tokens - 1]
+            try module.allowSharedMemory(f, bytes: shared)
+            let perSM = try module.residentBlocksPerMultiprocessor(f, threads: 256, sharedBytes: shared)
+            grid = min((outFeatures + 7) / 8, perSM * device.multiprocessors)
+        }
+        wideGrid[tokens] = grid
+        return grid > 0 ? grid : nil
     }
 
     /// `parts` decoded to f32 and stacked as `[sum of out, in]` rows (the [in, out] layout
@@ -148,6 +197,14 @@ public final class CUDALinear: @unchecked Sendable {
         let grid = ((outFeatures + plan.rowsPerBlock - 1) / plan.rowsPerBlock, 1, 1)
         let n = Int32(outFeatures), k = Int32(inFeatures), os = Int32(outStride ?? outFeatures)
         let biasArg = KernelModule.Argument.pointer(bias?.address ?? 0)
+        if layout == .wide, tokens <= Self.wideMaxTokens || forceWide, storage != .bf16, storage != .f32, let blocks = try wideBlocks(tokens) {
+            precondition(xStride == nil && groupRows == nil, "quantized products take contiguous x")
+            var args: [KernelModule.Argument] = [.pointer(codes.address), .pointer(scales!.address), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(os)]
+            if case .fp8(let tile) = storage { args.append(.int32(Int32(tile))) }
+            try module.launch(wideKernels[tokens - 1], grid: (blocks, 1, 1), block: (256, 1, 1),
+                              sharedBytes: Self.wideSharedBytes(storage, inFeatures: inFeatures, tokens: tokens), stream: stream, overlapPrevious: overlapPrevious, args)
+            return
+        }
         switch storage {
         case .mxfp4:
             precondition(xStride == nil && groupRows == nil, "MXFP4 products take contiguous x")

@@ -24,6 +24,10 @@ public final class CUDAMoE: @unchecked Sendable {
     public let routerBytes: Int
     let module: KernelModule
     let router: DeviceBuffer, routerIsBF16: Bool
+    /// Device memory of the router's weights and biases (to warm L2 before the layer runs).
+    public var routerRanges: [(address: UInt64, bytes: Int)] {
+        [router, routerBias, correctionBias].compactMap { $0 }.map { ($0.address, $0.byteCount) }
+    }
     let routerBias: DeviceBuffer?, correctionBias: DeviceBuffer?
     /// Scratch: logits [16, E]; the routing buffer (layout in moe::Routes), which both versions
     /// fill for `lastRoutes`.

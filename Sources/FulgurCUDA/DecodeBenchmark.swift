@@ -28,28 +28,44 @@ public struct DecodeBenchmark: Codable {
     /// bytesPerStep at the copy bandwidth.
     public let rooflineMilliseconds: Double
     public let launchesPerStep: Int
+    /// How L2 was warmed (CUDAExecutor.L2Prefetch).
+    public let prefetch: String
     public let steps: [Step]
+    /// Each launch timed alone (small kernels overstated: no overlap, launch cost in full).
     public let kernels: [Kernel]
+    /// What each family costs inside the replayed 1-token step: the step's time minus the
+    /// step's time with that family's launches left out of the graph.
+    public let inGraph: [Kernel]
 
     /// The 1-token step's share of the roofline.
     public var rooflineFraction: Double { rooflineMilliseconds / (steps.first { $0.tokens == 1 }?.millisecondsPerStep ?? .nan) }
 
     public static func run(plan: Plan, model: String, device: CUDADevice, module: KernelModule, context: Int = 512,
-                           steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], moeVersion: Int = 2, log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
+                           steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], moeVersion: Int = 2, prefetch: CUDAExecutor.L2Prefetch = .normal,
+                           log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
         let stream = try device.makeStream()
         let copy = try CopyBandwidth(device, stream)
         log(String(format: "copy bandwidth %.0f GB/s", copy.gbps))
         let warmup = 5
         let positions = context + tokenCounts.reduce(0) { $0 + ($1 * (count + warmup)) } + 16
-        let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: positions, moeVersion: moeVersion,
+        let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: positions, moeVersion: moeVersion, prefetch: prefetch,
                                         progress: { done, all in if done == all { log("weights on the GPU") } })
         var rng = SeededGenerator(seed: 7)
         let vocab = min(plan.embedding.table.shape[0], plan.spec.vocabSize)
         if context > 0 {
             _ = try executor.forward((0..<context).map { _ in Int(rng.next() % UInt64(vocab)) }, logits: .none)
         }
+        try stream.synchronize()
+        try executor.stream.synchronize()  // a fault in the prefill is reported here, not in the timings
         log("prefilled \(context) positions")
         let kernels = try executor.profile(tokens: 1).map { Kernel(kind: $0.kind, launches: $0.launches, microsecondsPerStep: $0.micros) }
+        // The family ablation runs at the prefilled context and leaves it there.
+        let whole = try executor.timeReplayedSteps(tokens: 1, steps: count, warmup: warmup, advance: false)
+        var inGraph: [Kernel] = []
+        for family in executor.kernelFamilies {
+            let without = try executor.timeReplayedSteps(tokens: 1, steps: count, warmup: warmup, skipping: [family], advance: false)
+            inGraph.append(Kernel(kind: family, launches: kernels.first { $0.kind == family }?.launches ?? 0, microsecondsPerStep: (whole - without) * 1e3))
+        }
         var steps: [Step] = []
         for T in tokenCounts {
             let ms = try executor.timeReplayedSteps(tokens: T, steps: count, warmup: warmup)
@@ -60,14 +76,14 @@ public struct DecodeBenchmark: Codable {
         return DecodeBenchmark(model: model, card: device.name, date: String(date), layers: plan.spec.layerCount, context: context,
                                copyGBps: copy.gbps, bytesPerStep: executor.bytesPerDecodeStep,
                                rooflineMilliseconds: copy.readMicros(executor.bytesPerDecodeStep) / 1e3,
-                               launchesPerStep: executor.launchesPerStep, steps: steps, kernels: kernels)
+                               launchesPerStep: executor.launchesPerStep, prefetch: prefetch.rawValue, steps: steps, kernels: kernels, inGraph: inGraph)
     }
 
     public var table: String {
         var lines: [String] = []
         lines.append("\(model), \(layers) layers, \(card), \(date); context \(context); copy \(String(format: "%.0f", copyGBps)) GB/s")
-        lines.append(String(format: "weights per 1-token step %.1f MB, roofline %.3f ms (%.0f tokens/s); %d launches a step",
-                            Double(bytesPerStep) / 1e6, rooflineMilliseconds, 1000 / rooflineMilliseconds, launchesPerStep))
+        lines.append(String(format: "weights per 1-token step %.1f MB, roofline %.3f ms (%.0f tokens/s); %d launches a step; L2 prefetch %@",
+                            Double(bytesPerStep) / 1e6, rooflineMilliseconds, 1000 / rooflineMilliseconds, launchesPerStep, prefetch))
         let one = steps.first { $0.tokens == 1 }?.millisecondsPerStep
         lines.append("tokens/step   ms/step   tokens/s   vs 1-token step")
         for s in steps {
@@ -79,6 +95,11 @@ public struct DecodeBenchmark: Codable {
         for k in kernels.sorted(by: { $0.microsecondsPerStep > $1.microsecondsPerStep }) {
             lines.append("  " + k.kind.padding(toLength: 10, withPad: " ", startingAt: 0)
                          + String(format: " %4d launches  %9.1f us  %5.1f%%", k.launches, k.microsecondsPerStep, 100 * k.microsecondsPerStep / total))
+        }
+        lines.append("per kernel family, 1-token step, left out of the replayed graph (us the step got faster):")
+        for k in inGraph.sorted(by: { $0.microsecondsPerStep > $1.microsecondsPerStep }) {
+            lines.append("  " + k.kind.padding(toLength: 10, withPad: " ", startingAt: 0)
+                         + String(format: " %4d launches  %9.1f us  %5.1f%%", k.launches, k.microsecondsPerStep, 100 * k.microsecondsPerStep / (1e3 * (one ?? .nan))))
         }
         return lines.joined(separator: "\n")
     }

@@ -53,6 +53,8 @@ public final class CUDADevice: @unchecked Sendable {
 
     public func makeStream() throws -> CUDAStream { try CUDAStream(driver) }
     public func makeEvent() throws -> CUDAEvent { try CUDAEvent(driver) }
+    /// An event for ordering only (no timestamps): forks and joins of streams.
+    public func makeMarker() throws -> CUDAEvent { try CUDAEvent(driver, timing: false) }
 
     /// A buffer of at least `bytes` from the pool; returned to it when released.
     public func allocate(_ bytes: Int) throws -> DeviceBuffer { try pool.allocate(bytes) }
@@ -180,15 +182,21 @@ public final class CUDAStream: @unchecked Sendable {
     public func synchronize() throws {
         try driver.check(driver.cuStreamSynchronize(handle), "cuStreamSynchronize")
     }
+
+    /// Work enqueued after this waits for `event`'s last record (in a capture: a graph edge).
+    public func wait(for event: CUDAEvent) throws {
+        try driver.check(driver.cuStreamWaitEvent(handle, event.handle, 0), "cuStreamWaitEvent")
+    }
 }
 
 public final class CUDAEvent: @unchecked Sendable {
     let driver: Driver
     let handle: OpaquePointer?
 
-    init(_ driver: Driver) throws {
+    init(_ driver: Driver, timing: Bool = true) throws {
         var e: OpaquePointer?
-        try driver.check(driver.cuEventCreate(&e, 0), "cuEventCreate")
+        // CU_EVENT_DISABLE_TIMING = 2
+        try driver.check(driver.cuEventCreate(&e, timing ? 0 : 2), "cuEventCreate")
         self.driver = driver
         self.handle = e
     }

@@ -54,6 +54,7 @@ final class Driver: @unchecked Sendable {
     let cuStreamCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> CUresult
     let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> CUresult
     let cuStreamDestroy: @convention(c) (OpaquePointer?) -> CUresult
+    let cuStreamWaitEvent: @convention(c) (OpaquePointer?, OpaquePointer?, UInt32) -> CUresult
     let cuEventCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> CUresult
     let cuEventRecord: @convention(c) (OpaquePointer?, OpaquePointer?) -> CUresult
     let cuEventSynchronize: @convention(c) (OpaquePointer?) -> CUresult
@@ -112,6 +113,7 @@ final class Driver: @unchecked Sendable {
         cuStreamCreate = try symbol("cuStreamCreate")
         cuStreamSynchronize = try symbol("cuStreamSynchronize")
         cuStreamDestroy = try symbol("cuStreamDestroy_v2")
+        cuStreamWaitEvent = try symbol("cuStreamWaitEvent")
         cuEventCreate = try symbol("cuEventCreate")
         cuEventRecord = try symbol("cuEventRecord")
         cuEventSynchronize = try symbol("cuEventSynchronize")

@@ -293,5 +293,39 @@ func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, 
         print("MoE v\(moeVersions[v]): \(rows.count) checks (T = 1, 2, 3, 4, 5, 8, 12, 16 on \(moeShapes.map(\.name).joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map { $0.results[v].error }.max() ?? 0)), \(rows.filter { !$0.results[v].passed }.count) failed")
     }
     print(failed.isEmpty ? "MoE PASS: \(checks) checks" : "MoE FAIL: \(failed.count) of \(rows.count) shapes x T (\(checks) checks)")
-    return failed.isEmpty
+    let nanPassed = try checkNaNRouting(device, module, stream, seed: seed + 500)
+    return failed.isEmpty && nanPassed
+}
+
+/// A token whose activations are NaN (a diverged model) must give NaN outputs, not a fault:
+/// every version, every shape, 3 tokens with the middle one all NaN. Before the router ranked
+/// NaN below every number, the lanes' argmax disagreed and an expert index of INT_MAX was read.
+func checkNaNRouting(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, seed: UInt64) throws -> Bool {
+    var rng = SeededGenerator(seed: seed)
+    var failures: [String] = []
+    for s in moeShapes {
+        let m = try randomMoE(s, &rng)
+        let T = 3, H = s.hidden
+        var x = (0..<(T * H)).map { _ in Float(rng.nextUnit() * 2 - 1) }
+        for i in H..<(2 * H) { x[i] = .nan }
+        let xd = try x.withUnsafeBytes { try device.upload($0) }
+        let out = try device.allocate(4 * T * H)
+        for v in moeVersions {
+            let gpu = try CUDAMoE(m, module: module, version: v)
+            try gpu.run(xd, tokens: T, into: out, stream: stream)
+            try stream.synchronize()
+            var got = [Float](repeating: 0, count: T * H)
+            try got.withUnsafeMutableBytes { try out.download(into: $0) }
+            let routes = try gpu.lastRoutes(tokens: T).chosen
+            let validExperts = routes.allSatisfy { $0.allSatisfy { (0..<s.experts).contains($0.expert) } }
+            let finiteOthers = got[0..<H].allSatisfy(\.isFinite) && got[(2 * H)...].allSatisfy(\.isFinite)
+            let nanMiddle = got[H..<(2 * H)].contains { $0.isNaN }
+            if !(validExperts && finiteOthers && nanMiddle) {
+                failures.append("\(s.name) v\(v): experts valid \(validExperts), other tokens finite \(finiteOthers), NaN token gives NaN \(nanMiddle)")
+            }
+        }
+    }
+    for f in failures { print("MoE NaN routing: \(f)") }
+    print(failures.isEmpty ? "MoE NaN routing PASS: \(moeShapes.count * moeVersions.count) checks" : "MoE NaN routing FAIL: \(failures.count)")
+    return failures.isEmpty
 }

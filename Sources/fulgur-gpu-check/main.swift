@@ -66,11 +66,11 @@ func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Copy { 
 /// One check; `timings` holds (microseconds, GB/s, rounds of 20 in which the host may have
 /// queued launches slower than the GPU ran them) launched plainly, then overlapping the
 /// previous kernel (programmatic dependent launch), when the shape is timed.
-struct Row { let format: Format; let rows: Int; let columns: Int; let tokens: Int; let error: Double; let timings: [Timing] }
+struct Row { let format: Format; let layout: CUDALinear.Layout; let rows: Int; let columns: Int; let tokens: Int; let error: Double; let timings: [Timing] }
 typealias Timing = (micros: Double, gbps: Double, hostPaced: Int)
 
 func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _ format: Format, rows: Int, columns: Int,
-           tokens: [Int], timed: Bool, copy: Copy, seed: UInt64) throws -> [Row] {
+           tokens: [Int], timed: Bool, copy: Copy, seed: UInt64, layouts: [CUDALinear.Layout] = [.rows]) throws -> [Row] {
     var rng = SeededGenerator(seed: seed)
     let w = try randomWeight(format, rows: rows, columns: columns, &rng)
     let gpu = try CUDALinear(w, module: module)
@@ -86,6 +86,8 @@ func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _
         w.apply(x, tokens: t, into: &want)
         let xd = try x.withUnsafeBytes { try device.upload($0) }
         let out = try device.allocate(4 * t * rows)
+        for layout in layouts {
+        for g in weights { g.layout = layout; g.forceWide = true }
         try out.fill(byte: 0xFF, stream: stream)  // NaN: an element the kernel skips fails the check
         try gpu.apply(xd, tokens: t, into: out, stream: stream)
         try stream.synchronize()
@@ -118,7 +120,8 @@ func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _
             let micros = median(times)
             timings.append((micros, Double(gpu.weightBytes + 4 * t * (rows + columns)) / (micros * 1e-6) / 1e9, hostPaced))
         }
-        result.append(Row(format: format, rows: rows, columns: columns, tokens: t, error: error, timings: timings))
+        result.append(Row(format: format, layout: layout, rows: rows, columns: columns, tokens: t, error: error, timings: timings))
+        }
     }
     return result
 }
@@ -155,14 +158,24 @@ func run() throws -> Bool {
             seed += 1
             rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: true, copy: copy, seed: seed)
         }
+        // The wide layout (LM heads): edge shapes, every T, then against the rows layout on a
+        // gpt-oss-20b LM head (201088 x 2880) and on 5760 x 2880.
+        for (n, k) in [(37, 96), (200, 4160)] {
+            seed += 1
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: false, copy: copy, seed: seed, layouts: [.wide])
+        }
+        seed += 1
+        rows += try check(device, module, stream, format, rows: 5760, columns: 2880, tokens: [1, 2, 4, 8, 16], timed: true, copy: copy, seed: seed, layouts: [.wide])
+        seed += 1
+        rows += try check(device, module, stream, format, rows: 201088, columns: 2880, tokens: [1, 4, 8], timed: true, copy: copy, seed: seed, layouts: [.rows, .wide])
     }
     try device.synchronize()
     let failed = rows.filter { !($0.error <= tolerance) }
     print("\nseed base \(seed); tolerance ‖gpu − cpu‖/‖cpu‖ <= \(tolerance)")
-    print("format  N x K         T  rel.err    plain launch: us   GB/s  % copy   overlapping previous: us   GB/s  % copy")
+    print("format  N x K              T  rel.err    plain launch: us   GB/s  % copy   overlapping previous: us   GB/s  % copy")
     for r in rows where !r.timings.isEmpty || !(r.error <= tolerance) {
-        let shape = "\(r.rows)x\(r.columns)"
-        var line = r.format.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + shape.padding(toLength: 13, withPad: " ", startingAt: 0)
+        let shape = "\(r.rows)x\(r.columns)" + (r.layout == .wide ? " wide" : "")
+        var line = r.format.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + shape.padding(toLength: 18, withPad: " ", startingAt: 0)
             + String(format: "%2d  %.2e", r.tokens, r.error)
         for (i, t) in r.timings.enumerated() {
             line += (i == 0 ? "      " : "             ") + String(format: "%8.2f  %5.0f  %5.1f%%", t.micros, t.gbps, 100 * t.gbps / copyGBs)
@@ -171,7 +184,7 @@ func run() throws -> Bool {
         print(line)
     }
     let small = rows.filter { $0.timings.isEmpty }
-    print("edge shapes (37x96, 200x4160), T = 1...16, both formats: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
+    print("edge shapes (37x96, 200x4160), T = 1...16, both formats and layouts: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
     print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
     return failed.isEmpty && moePassed && executorPassed
 }

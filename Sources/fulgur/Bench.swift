@@ -23,6 +23,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Timed steps per step size.") var steps = 100
     @Option(name: .customLong("tokens"), help: "Step sizes to time, comma-separated (1...16).") var tokenList = "1,8,16"
     @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 2 (one persistent launch) or 1 (the first version).") var moeVersion = 2
+    @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
+    var prefetch = "normal"
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
@@ -34,6 +36,12 @@ struct Bench: ParsableCommand {
                 throw FulgurError(.usage, "--tokens takes step sizes from 1 to 16, e.g. 1,8,16; got '\(tokenList)'")
             }
             guard steps >= 1, context >= 0 else { throw FulgurError(.usage, "--steps must be at least 1 and --context at least 0") }
+            let prefetches = try prefetch.split(separator: ",").map { p in
+                guard let v = CUDAExecutor.L2Prefetch(rawValue: String(p)) else {
+                    throw FulgurError(.usage, "--prefetch takes off, normal or evict-last (comma-separated); got '\(p)'")
+                }
+                return v
+            }
             let device = try CUDADevice()
             let module = try KernelModule(device: device)
             let plan: Plan, name: String
@@ -53,10 +61,18 @@ struct Bench: ParsableCommand {
                 let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: 4096, moeVersion: moeVersion)
                 try compareLogitsFile(compareLogits, executor, vocab: plan.lmHead.outFeatures)
             }
-            let report = try DecodeBenchmark.run(plan: plan, model: name, device: device, module: module, context: context,
-                                                 steps: steps, tokenCounts: sizes, moeVersion: moeVersion, log: { Terminal.status($0) })
-            print(report.table)
-            if let json { try report.json.write(toFile: json, atomically: true, encoding: .utf8) }
+            var reports: [DecodeBenchmark] = []
+            for p in prefetches {
+                let report = try DecodeBenchmark.run(plan: plan, model: name, device: device, module: module, context: context,
+                                                     steps: steps, tokenCounts: sizes, moeVersion: moeVersion, prefetch: p, log: { Terminal.status($0) })
+                print(report.table)
+                reports.append(report)
+                try device.pool.trim()
+            }
+            if let json {
+                let text = reports.count == 1 ? reports[0].json : "[\n" + reports.map(\.json).joined(separator: ",\n") + "\n]"
+                try text.write(toFile: json, atomically: true, encoding: .utf8)
+            }
         }
     }
 }

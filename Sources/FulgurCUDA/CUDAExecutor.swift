@@ -321,7 +321,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     // MARK: Lowering the plan to launches
 
     /// Blocks that share one (head, token)'s keys: enough for the longest range the layer sees.
-    static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
+    public static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
 
     private func add(_ kind: String, _ run: @escaping (Int) throws -> Void) { launches.append((kind, run)) }
 

@@ -433,7 +433,7 @@ public final class CUDAMoE: @unchecked Sendable {
     }
 
     /// The GLU kernels' arguments for an activation: clamped (gpt-oss), alpha, limit.
-    static func activationArguments(_ a: Activation) -> (clamped: Int32, alpha: Float, limit: Float) {
+    public static func activationArguments(_ a: Activation) -> (clamped: Int32, alpha: Float, limit: Float) {
         switch a {
         case .silu: return (0, 0, 0)
         case .clampedSwiGLU(let alpha, let limit): return (1, alpha, limit)

@@ -140,7 +140,8 @@ func run() throws -> Bool {
     let families = CommandLine.arguments.dropFirst()
     let wholeModel = families.isEmpty || families.contains("executor") ? try runExecutorChecks(device, module) : true
     let speculative = families.isEmpty || families.contains("speculative") ? try runSpeculativeChecks(device, module) : true
-    let executorPassed = wholeModel && speculative
+    let layerPassed = families.isEmpty || families.contains("layer") ? try runLayerChecks(device, module, stream, seed: seed + 2000) : true
+    let executorPassed = wholeModel && speculative && layerPassed
     let moePassed = families.isEmpty || families.contains("moe") ? try runMoE(device, module, stream, copy: copy, seed: seed + 1000) : true
     guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed }
     for format in Format.allCases {

@@ -122,7 +122,7 @@ public final class CPUExecutor {
         case .rmsNorm(let src, let dst, let weight, let eps):
             let width = activeWidths[src.rawValue]
             activeWidths[dst.rawValue] = width
-            rmsNorm(ptr(src), ptr(dst), rows: T * width / weight.count, weight: weight, eps: eps)
+            Self.rmsNorm(ptr(src), ptr(dst), rows: T * width / weight.count, weight: weight, eps: eps)
         case .linear(let src, let dst, let w, let bias):
             let b = bias
             if let b {
@@ -149,15 +149,17 @@ public final class CPUExecutor {
             activeWidths[Buffer.k.rawValue] = count * kRows
             activeWidths[Buffer.v.rawValue] = count * vRows
         case .rope(let buffer, let headDim, let rope):
-            applyRoPE(ptr(buffer), width: activeWidths[buffer.rawValue], headDim: headDim, rope: rope, tokens: T)
+            Self.applyRoPE(ptr(buffer), width: activeWidths[buffer.rawValue], headDim: headDim, rope: rope, positions: positions)
         case .scale(let buffer, let factor):
             let p = ptr(buffer)
             for i in 0..<(T * activeWidths[buffer.rawValue]) { p[i] *= factor }
         case .attention(let layer, let spec, let sinks):
-            store(layer: layer, tokens: T)
-            attention(layer: layer, spec: spec, sinks: sinks, tokens: T)
+            Self.store(k: ptr(.k), v: ptr(.v), into: cache.layers[layer], positions: positions)
+            activeWidths[Buffer.attn.rawValue] = spec.heads * spec.valueHeadDim
+            Self.attention(q: ptr(.q), out: ptr(.attn), cache: cache.layers[layer], heads: spec.heads, window: spec.window, causal: spec.causal,
+                           scale: spec.softmaxScale, sinks: sinks, positions: positions)
         case .storeKV(let layer):
-            store(layer: layer, tokens: T)
+            Self.store(k: ptr(.k), v: ptr(.v), into: cache.layers[layer], positions: positions)
         case .layerEnd(let layer):
             guard let slot = captureSlot[layer] else { break }
             let hidden = plan.spec.hiddenSize, width = captureLayers.count * hidden, x = ptr(.x)
@@ -174,14 +176,21 @@ public final class CPUExecutor {
             let x = ptr(.x), s = ptr(src)
             for i in 0..<(T * plan.spec.hiddenSize) { x[i] += s[i] }
         case .finalNorm(let weight, let eps):
-            rmsNorm(ptr(.x), ptr(.h), rows: T, weight: weight, eps: eps)
+            Self.rmsNorm(ptr(.x), ptr(.h), rows: T, weight: weight, eps: eps)
         }
     }
 
     /// Current width of each buffer (set by the op that last wrote it).
     private lazy var activeWidths: [Int] = Buffer.allCases.map { $0 == .x || $0 == .h || $0 == .out ? plan.spec.hiddenSize : 0 }
+}
 
-    private func rmsNorm(_ src: UnsafeMutablePointer<Float>, _ dst: UnsafeMutablePointer<Float>, rows: Int, weight: [Float], eps: Float) {
+// MARK: The per-layer math, public as the reference the GPU kernel checks compare against
+// (Sources/fulgur-gpu-check/LayerCheck.swift).
+
+extension CPUExecutor {
+    /// dst = weight * src / sqrt(mean(src^2) + eps) over `rows` rows of `weight.count` floats
+    /// (a whole row, or one head for q/k norms); `dst` may be `src`.
+    public static func rmsNorm(_ src: UnsafePointer<Float>, _ dst: UnsafeMutablePointer<Float>, rows: Int, weight: [Float], eps: Float) {
         let n = weight.count
         for r in 0..<rows {
             let s = src + r * n, d = dst + r * n
@@ -192,9 +201,11 @@ public final class CPUExecutor {
         }
     }
 
-    private func applyRoPE(_ p: UnsafeMutablePointer<Float>, width: Int, headDim: Int, rope: RoPESpec, tokens: Int) {
+    /// Rotates the first `rope.rotaryDim` dims of every head in rows of `width` floats, row t
+    /// at `positions[t]`, in place.
+    public static func applyRoPE(_ p: UnsafeMutablePointer<Float>, width: Int, headDim: Int, rope: RoPESpec, positions: [Int]) {
         let heads = width / headDim, half = rope.rotaryDim / 2
-        for t in 0..<tokens {
+        for t in positions.indices {
             let pos = Double(positions[t])
             for i in 0..<half {
                 let angle = pos * rope.inverseFrequencies[i]
@@ -210,41 +221,43 @@ public final class CPUExecutor {
         }
     }
 
-    /// Writes the step's keys and values into layer `layer`'s cache at the step's positions.
-    private func store(layer: Int, tokens T: Int) {
-        let c = cache.layers[layer], k = ptr(.k), v = ptr(.v)
+    /// Writes the step's keys and values (rows of `kvHeads * keyDim` / `kvHeads * valueDim`)
+    /// into a layer's cache at `positions`.
+    public static func store(k: UnsafePointer<Float>, v: UnsafePointer<Float>, into c: KVCache.Layer, positions: [Int]) {
         let kw = c.kvHeads * c.keyDim, vw = c.kvHeads * c.valueDim
-        for t in 0..<T {
+        for t in positions.indices {
             c.key(positions[t]).update(from: k + t * kw, count: kw)
             c.value(positions[t]).update(from: v + t * vw, count: vw)
         }
     }
 
-    private func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, tokens T: Int) {
-        let q = ptr(.q), out = ptr(.attn)
-        let qw = a.heads * a.headDim, ow = a.heads * a.valueHeadDim
-        activeWidths[Buffer.attn.rawValue] = ow
-        let group = a.heads / a.kvHeads
-        let c = cache.layers[layer]
-        let positions = self.positions
+    /// out[t, h * valueDim ..] = attention of query head h of row t (at `positions[t]`) over
+    /// the layer's cache: GQA (`heads` a multiple of the cache's KV heads), an optional window,
+    /// non-causal steps (a query also sees the step's later keys), and sink logits that join
+    /// the softmax but not the output.
+    public static func attention(q: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, cache c: KVCache.Layer, heads: Int, window: Int?,
+                                 causal: Bool, scale: Float, sinks: [Float]?, positions: [Int]) {
+        let T = positions.count, headDim = c.keyDim, valueDim = c.valueDim
+        let qw = heads * headDim, ow = heads * valueDim
+        let group = heads / c.kvHeads
         let lastKey = positions[T - 1]
-        let work = T * a.heads * (lastKey + 1) * (a.headDim + a.valueHeadDim)
-        Parallel.chunks(T * a.heads, work: work) { range in
+        let work = T * heads * (lastKey + 1) * (headDim + valueDim)
+        Parallel.chunks(T * heads, work: work) { range in
             var scores = [Float](repeating: 0, count: lastKey + 1)
             for job in range {
-                let t = job / a.heads, h = job % a.heads, kvh = h / group
+                let t = job / heads, h = job % heads, kvh = h / group
                 let query = positions[t]
-                let first = a.window.map { max(0, query - $0 + 1) } ?? 0
+                let first = window.map { max(0, query - $0 + 1) } ?? 0
                 // A non-causal query (the drafter's block) also sees the step's later keys.
-                let pos = a.causal ? query : a.window.map { min(lastKey, query + $0 - 1) } ?? lastKey
-                let qh = q + t * qw + h * a.headDim
+                let pos = causal ? query : window.map { min(lastKey, query + $0 - 1) } ?? lastKey
+                let qh = q + t * qw + h * headDim
                 // Logits, with the sink logit (if any) joining the softmax but not the output.
                 var maxScore = sinks?[h] ?? -Float.infinity
                 for j in first...pos {
-                    let kp = c.key(j) + kvh * a.headDim
+                    let kp = c.key(j) + kvh * headDim
                     var d: Float = 0
-                    for i in 0..<a.headDim { d += qh[i] * kp[i] }
-                    d *= a.softmaxScale
+                    for i in 0..<headDim { d += qh[i] * kp[i] }
+                    d *= scale
                     scores[j - first] = d
                     maxScore = max(maxScore, d)
                 }
@@ -253,22 +266,22 @@ public final class CPUExecutor {
                     scores[j] = exp(scores[j] - maxScore)
                     denom += scores[j]
                 }
-                let oh = out + t * ow + h * a.valueHeadDim
-                oh.update(repeating: 0, count: a.valueHeadDim)
+                let oh = out + t * ow + h * valueDim
+                oh.update(repeating: 0, count: valueDim)
                 for j in first...pos {
                     let p = scores[j - first] / denom
-                    let vp = c.value(j) + kvh * a.valueHeadDim
-                    for i in 0..<a.valueHeadDim { oh[i] += p * vp[i] }
+                    let vp = c.value(j) + kvh * valueDim
+                    for i in 0..<valueDim { oh[i] += p * vp[i] }
                 }
             }
         }
     }
 }
 
-enum Activations {
+public enum Activations {
     @inline(__always) static func silu(_ x: Float) -> Float { x / (1 + exp(-x)) }
 
-    @inline(__always) static func glu(_ gate: Float, _ up: Float, _ a: Activation) -> Float {
+    @inline(__always) public static func glu(_ gate: Float, _ up: Float, _ a: Activation) -> Float {
         switch a {
         case .silu:
             return silu(gate) * up

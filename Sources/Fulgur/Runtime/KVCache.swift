@@ -13,6 +13,17 @@ public final class KVCache {
         let keys: UnsafeMutablePointer<Float>
         let values: UnsafeMutablePointer<Float>
 
+        /// A layer over `[capacity, kvHeads, dim]` keys and values the caller owns and keeps
+        /// alive (KVCache's own, or a GPU check's reference copy of a device cache).
+        public init(capacity: Int, kvHeads: Int, keyDim: Int, valueDim: Int, keys: UnsafeMutablePointer<Float>, values: UnsafeMutablePointer<Float>) {
+            self.capacity = capacity
+            self.kvHeads = kvHeads
+            self.keyDim = keyDim
+            self.valueDim = valueDim
+            self.keys = keys
+            self.values = values
+        }
+
         @inline(__always) func slot(_ position: Int) -> Int { position % capacity }
         @inline(__always) func key(_ position: Int) -> UnsafeMutablePointer<Float> { keys + slot(position) * kvHeads * keyDim }
         @inline(__always) func value(_ position: Int) -> UnsafeMutablePointer<Float> { values + slot(position) * kvHeads * valueDim }

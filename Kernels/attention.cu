@@ -57,7 +57,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between calls.
 // valueDim <= 256.
 namespace attention {
-constexpr int kChunk = 64;
+constexpr int kChunk = 64, kMaxSplits = 16;
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode(
@@ -94,10 +94,18 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode(
         if (j <= hi) {
             const float* kr = cacheK + ((size_t)(j % capacity) * kvHeads + kvh) * headDim;
             if (vectorK) {
-#pragma unroll 4
-                for (int i = half * halfDim; i < (half + 1) * halfDim; i += 4) {
-                    const float4 kv = *reinterpret_cast<const float4*>(kr + i);
-                    s = fmaf(qs[i], kv.x, s); s = fmaf(qs[i + 1], kv.y, s); s = fmaf(qs[i + 2], kv.z, s); s = fmaf(qs[i + 3], kv.w, s);
+                // Up to 8 float4 loads in flight before the first use (one round trip for 64 dims).
+                const int i0 = half * halfDim, i1 = i0 + halfDim;
+                for (int b = i0; b < i1; b += 32) {
+                    float4 kv[8];
+#pragma unroll
+                    for (int u = 0; u < 8; ++u)
+                        if (b + 4 * u < i1) kv[u] = *reinterpret_cast<const float4*>(kr + b + 4 * u);
+#pragma unroll
+                    for (int u = 0; u < 8; ++u) {
+                        const int i = b + 4 * u;
+                        if (i < i1) { s = fmaf(qs[i], kv[u].x, s); s = fmaf(qs[i + 1], kv[u].y, s); s = fmaf(qs[i + 2], kv[u].z, s); s = fmaf(qs[i + 3], kv[u].w, s); }
+                    }
                 }
             } else if (half == 0) {
                 for (int i = 0; i < headDim; ++i) s = fmaf(qs[i], kr[i], s);
@@ -118,9 +126,20 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode(
             if (d >= valueDim || (r == 1 && valueDim <= 64)) break;
             float a = acc[r] * correction;
             const float* vcol = cacheV + (size_t)kvh * valueDim + d;
-#pragma unroll 8
-            for (int jj = group; jj < count; jj += groups)
-                a = fmaf(p[jj], vcol[(size_t)((c0 + jj) % capacity) * kvHeads * valueDim], a);
+            // 16 value loads in flight before the first use (version 2 had about 8 a round trip).
+            for (int jb = group; jb < count; jb += 16 * groups) {
+                float vv[16];
+#pragma unroll
+                for (int u = 0; u < 16; ++u) {
+                    const int jj = jb + u * groups;
+                    vv[u] = jj < count ? vcol[(size_t)((c0 + jj) % capacity) * kvHeads * valueDim] : 0.f;
+                }
+#pragma unroll
+                for (int u = 0; u < 16; ++u) {
+                    const int jj = jb + u * groups;
+                    if (jj < count) a = fmaf(p[jj], vv[u], a);
+                }
+            }
             acc[r] = a;
         }
         __syncthreads();  // p is rewritten by the next chunk
@@ -150,19 +169,32 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode(
     if (!last) return;
     __threadfence();
     const float* shares = partial + ((size_t)t * heads + h) * splits * (valueDim + 2);
+    // Every share's (max, sum) loaded at once, then each output dimension's shares at once
+    // (the loops over splits were chains of dependent L2 loads). splits <= kMaxSplits
+    // (CUDAExecutor.attentionSplits). Same sums in the same order as before.
+    float ms[kMaxSplits], ls[kMaxSplits], w[kMaxSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+        ms[s] = s < splits ? __ldcg(shares + s * (valueDim + 2)) : -INFINITY;
+        ls[s] = s < splits ? __ldcg(shares + s * (valueDim + 2) + 1) : 0.f;
+    }
     float M = sinks ? sinks[h] : -INFINITY;
-    for (int s = 0; s < splits; ++s) M = fmaxf(M, __ldcg(shares + s * (valueDim + 2)));
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, ms[s]);
     float L = sinks ? expf(sinks[h] - M) : 0.f;
-    for (int s = 0; s < splits; ++s) {
-        const float ms = __ldcg(shares + s * (valueDim + 2));
-        if (ms != -INFINITY) L += __ldcg(shares + s * (valueDim + 2) + 1) * expf(ms - M);
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+        w[s] = ms[s] != -INFINITY ? expf(ms[s] - M) : 0.f;
+        if (ms[s] != -INFINITY) L += ls[s] * w[s];
     }
     for (int d = threadIdx.x; d < valueDim; d += kThreads) {
+        float sh[kMaxSplits];
+#pragma unroll
+        for (int s = 0; s < kMaxSplits; ++s) sh[s] = s < splits && ms[s] != -INFINITY ? __ldcg(shares + s * (valueDim + 2) + 2 + d) : 0.f;
         float o = 0.f;
-        for (int s = 0; s < splits; ++s) {
-            const float ms = __ldcg(shares + s * (valueDim + 2));
-            if (ms != -INFINITY) o += __ldcg(shares + s * (valueDim + 2) + 2 + d) * expf(ms - M);
-        }
+#pragma unroll
+        for (int s = 0; s < kMaxSplits; ++s)
+            if (ms[s] != -INFINITY) o += sh[s] * w[s];
         out[(size_t)t * outStride + h * valueDim + d] = o / L;
     }
 }

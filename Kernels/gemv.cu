@@ -461,20 +461,21 @@ WIDE_ENTRY(1) WIDE_ENTRY(2) WIDE_ENTRY(3) WIDE_ENTRY(4) WIDE_ENTRY(5) WIDE_ENTRY
 WIDE_ENTRY(9) WIDE_ENTRY(10) WIDE_ENTRY(11) WIDE_ENTRY(12) WIDE_ENTRY(13) WIDE_ENTRY(14) WIDE_ENTRY(15) WIDE_ENTRY(16)
 
 // Warms L2 with weights a later kernel of the step will read: `ranges` holds `count` pairs
-// (device address, bytes), each 16-byte aligned with a size a multiple of 16 of at most 64 KB;
-// a thread per range issues one bulk prefetch (the copy engine fetches; nothing waits, so the
-// kernel ends at once). evictLast marks the lines evict-last so the step's streamed expert
-// weights (marked evict-first) do not push them out. Launched on a side branch of the step's
-// graph, beside a kernel that leaves DRAM bandwidth idle. Any grid, block 128.
+// (device address, bytes); the grid's threads walk the 128-byte lines of every range and
+// issue one L2 prefetch each (nothing waits, so the kernel ends at once). evictLast marks the
+// lines evict-last so the step's streamed expert weights (marked evict-first) do not push them
+// out. Launched on a side branch of the step's graph, beside kernels that leave DRAM idle.
+// Prefetches through the load units of many SMs: a first version issued 64 KB bulk prefetches
+// from a few blocks, and the MoE kernel's own bulk copies on those SMs queued behind them (the
+// step got 25% slower). Any grid, any block.
 extern "C" __global__ void prefetch_l2(const unsigned long long* ranges, int count, int evictLast) {
-    uint64_t policy;
-    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
-        const unsigned long long at = ranges[2 * i];
-        const unsigned bytes = (unsigned)ranges[2 * i + 1];
-        if (evictLast)
-            asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" :: "l"(at), "r"(bytes), "l"(policy) : "memory");
-        else
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(at), "r"(bytes) : "memory");
+    const size_t stride = (size_t)gridDim.x * blockDim.x, first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    for (int r = 0; r < count; ++r) {
+        const char* base = reinterpret_cast<const char*>(ranges[2 * r]);
+        const size_t lines = (ranges[2 * r + 1] + 127) / 128;
+        for (size_t i = first; i < lines; i += stride) {
+            if (evictLast) asm volatile("prefetch.global.L2::evict_last [%0];" :: "l"(base + 128 * i));
+            else asm volatile("prefetch.global.L2 [%0];" :: "l"(base + 128 * i));
+        }
     }
 }

@@ -29,10 +29,11 @@ public final class CUDAExecutor: @unchecked Sendable {
         return seen
     }
 
-    /// Warming L2 with a layer's dense weights while the layer before it runs its MoE (which
-    /// leaves much of DRAM's bandwidth idle at batch 1): a side branch of the step's graph, a
-    /// tiny kernel issuing bulk prefetches of the next layer's q/k/v, o_proj and router bytes,
-    /// so those products read from L2. `.evictLast` marks the lines evict-last.
+    /// Warming L2 with weights before the kernels that read them, during kernels that leave
+    /// DRAM's bandwidth idle at batch 1: on a side branch of the step's graph, a short kernel
+    /// prefetches a layer's o_proj and router bytes when its attention starts, and the next
+    /// layer's q/k/v bytes when its MoE starts, so those products read from L2.
+    /// `.evictLast` marks the lines evict-last.
     public enum L2Prefetch: String, Sendable, CaseIterable { case off, normal, evictLast = "evict-last" }
     public let prefetch: L2Prefetch
     /// Replay steps from CUDA graphs (one per token count, captured on first use).
@@ -410,18 +411,22 @@ public final class CUDAExecutor: @unchecked Sendable {
             let wb = try floats(weight), residual = try pendingResidual.map { try address($0) } ?? 0, sa = try address(src), d = try address(dst)
             pendingResidual = nil
             add("norm") { T in
-                try launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(sa), .pointer(residual), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
+                try launch("add_rmsnorm", (T, 1, 1), 1024, 0, [.pointer(sa), .pointer(residual), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
             }
         }
-        // Per layer, the device ranges of its dense weights, and where the layer before it
-        // runs its MoE (see L2Prefetch).
-        var layerRanges = [[(address: UInt64, bytes: Int)]](repeating: [], count: spec.layerCount)
-        var moeLaunch: [Int: Int] = [:]
+        // Per layer, the device ranges of its q/k/v weights and of the weights used after
+        // attention (o_proj, router, dense MLP), and where its attention and MoE launches are
+        // (see L2Prefetch).
+        var qkvRanges = [[(address: UInt64, bytes: Int)]](repeating: [], count: spec.layerCount)
+        var laterRanges = qkvRanges
+        var attentionLaunch: [Int: Int] = [:], moeLaunch: [Int: Int] = [:]
         var layersDone = 0
         func product(_ lin: CUDALinear, _ kind: String, x xs: UInt64, out o: UInt64, outStride: Int) {
             keep.append(lin)
             bytes += lin.weightBytes
-            if layersDone < spec.layerCount { layerRanges[layersDone] += lin.deviceRanges }
+            if layersDone < spec.layerCount {
+                if kind == "qkv" { qkvRanges[layersDone] += lin.deviceRanges } else { laterRanges[layersDone] += lin.deviceRanges }
+            }
             add(kind) { T in try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream) }
         }
         func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, attend: Bool) throws {
@@ -446,6 +451,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             let qn = qNorm?.address ?? 0, kn = kNorm?.address ?? 0, eps = headEps, vs = vScale, heads = attend ? a.heads : 0
             let sinkAddress = try sinks.map { try floats($0).address } ?? 0
             let stride = Int32(qkvStride)
+            if attentionLaunch[layer] == nil { attentionLaunch[layer] = launches.count }
             add("attention") { T in
                 try launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
                     .pointer(q), .int32(stride), .pointer(k), .int32(stride), .pointer(v), .int32(stride), .int32(Int32(heads)),
@@ -591,7 +597,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                 if weights.experts.allSatisfy({ e in e.down.format == .mxfp4 && [e.gateUp, e.gate, e.up].allSatisfy { $0 == nil || $0!.format == .mxfp4 } }) {
                     let moe = try CUDAMoE(weights, module: module, version: moeVersion)
                     keep.append(moe)
-                    if layersDone < spec.layerCount { layerRanges[layersDone] += moe.routerRanges }
+                    if layersDone < spec.layerCount { laterRanges[layersDone] += moe.routerRanges }
                     moeLaunch[layersDone] = launches.count
                     bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes
                     add("moe") { T in try moe.run(h, tokens: T, into: out, stream: stream) }
@@ -601,7 +607,11 @@ public final class CUDAExecutor: @unchecked Sendable {
             }
         }
         try flushResidual()
-        try insertPrefetches(layerRanges, at: moeLaunch)
+        // Layer L's o_proj and router while its attention runs; layer L + 1's q/k/v while L's MoE runs.
+        var prefetches: [(at: Int, ranges: [(address: UInt64, bytes: Int)])] = []
+        for (layer, at) in attentionLaunch where !laterRanges[layer].isEmpty { prefetches.append((at, laterRanges[layer])) }
+        for (layer, at) in moeLaunch where layer + 1 < spec.layerCount && !qkvRanges[layer + 1].isEmpty { prefetches.append((at, qkvRanges[layer + 1])) }
+        try insertPrefetches(prefetches)
         // A plan without a final norm (the DFlash drafter's context path) ends without logits.
         guard ops.contains(where: { if case .finalNorm = $0 { return true }; return false }) else {
             bytesPerDecodeStep = bytes
@@ -614,35 +624,25 @@ public final class CUDAExecutor: @unchecked Sendable {
         bytesPerDecodeStep = bytes
     }
 
-    /// Inserts, at the MoE launch of each layer, a side-branch launch that warms L2 with the
-    /// next layer's dense weights, and one join of the branch at the end of the step.
-    private func insertPrefetches(_ ranges: [[(address: UInt64, bytes: Int)]], at moeLaunch: [Int: Int]) throws {
-        guard prefetch != .off, !moeLaunch.isEmpty else { return }
+    /// Inserts before launch `at` a side-branch launch that warms L2 with `ranges`, for each
+    /// entry, and one join of the branch at the end of the step.
+    private func insertPrefetches(_ prefetches: [(at: Int, ranges: [(address: UInt64, bytes: Int)])]) throws {
+        guard prefetch != .off, !prefetches.isEmpty else { return }
         let side = try device.makeStream(), fork = try device.makeMarker(), join = try device.makeMarker()
         let kernel = try module.function("prefetch_l2"), stream = self.stream, module = self.module
-        let evictLast: Int32 = prefetch == .evictLast ? 1 : 0
+        let evictLast: Int32 = prefetch == .evictLast ? 1 : 0, blocks = 2 * device.multiprocessors
         keep += [side, fork, join]
-        for (layer, index) in moeLaunch.sorted(by: { $0.key > $1.key }) where layer + 1 < ranges.count && !ranges[layer + 1].isEmpty {
-            // Pieces of at most 64 KB, 16-byte aligned, sizes a multiple of 16.
-            var pieces: [UInt64] = []
-            for r in ranges[layer + 1] {
-                var at = (r.address + 15) & ~15
-                let end = (r.address + UInt64(r.bytes)) & ~15
-                while at < end {
-                    let n = min(end - at, 65536)
-                    pieces += [at, n]
-                    at += n
-                }
-            }
-            let table = try pieces.withUnsafeBytes { try device.upload($0) }
+        for p in prefetches.sorted(by: { $0.at > $1.at }) {
+            let pairs = p.ranges.flatMap { [$0.address, UInt64($0.bytes)] }
+            let table = try pairs.withUnsafeBytes { try device.upload($0) }
             keep.append(table)
-            let count = pieces.count / 2
+            let count = Int32(p.ranges.count)
             launches.insert(("prefetch", { _ in
                 try fork.record(stream)
                 try side.wait(for: fork)
-                try module.launch(kernel, grid: ((count + 127) / 128, 1, 1), block: (128, 1, 1), stream: side,
-                                  [.pointer(table.address), .int32(Int32(count)), .int32(evictLast)])
-            }), at: index)
+                try module.launch(kernel, grid: (blocks, 1, 1), block: (128, 1, 1), stream: side,
+                                  [.pointer(table.address), .int32(count), .int32(evictLast)])
+            }), at: p.at)
         }
         add("join") { _ in
             try join.record(side)

@@ -159,9 +159,12 @@ func checkNorms(_ k: LayerKernels, _ rng: inout SeededGenerator) throws -> [Laye
     // Widths: gpt-oss, MiMo, ragged, fewer than a block's threads. In place: the DFlash
     // drafter's context norm of h into h.
     let shapes: [(n: Int, add: Bool, inPlace: Bool)] = [(2880, true, false), (2880, false, false), (4096, true, false), (100, true, false),
-                                                        (5, false, false), (2880, false, true)]
+                                                        (5, false, false), (2880, false, true), (9000, true, false)]
     let eps: Float = 1e-5
+    // 1024 threads as the executor launches it (rows in registers); 256 also takes the loop
+    // for rows wider than 8 * 256.
     for s in shapes {
+        for threads in [1024, 256] {
         for T in layerTokenCounts {
             let n = s.n
             let x = randomFloats(T * n, &rng).map { $0 * 3 }, add = randomFloats(T * n, &rng), w = randomFloats(n, &rng).map { 1 + $0 / 2 }
@@ -169,7 +172,7 @@ func checkNorms(_ k: LayerKernels, _ rng: inout SeededGenerator) throws -> [Laye
             let addb = s.add ? try k.upload(add) : nil
             let dst = s.inPlace ? xb : try k.poisoned(4 * T * n)
             try k.device.synchronize()
-            try k.launch("add_rmsnorm", (T, 1, 1), 256, 0, [.pointer(xb.address), .pointer(addb?.address ?? 0), .pointer(dst.address), .pointer(wb.address),
+            try k.launch("add_rmsnorm", (T, 1, 1), threads, 0, [.pointer(xb.address), .pointer(addb?.address ?? 0), .pointer(dst.address), .pointer(wb.address),
                                                           .int32(Int32(n)), .float(eps)])
             let gotX = try k.download(xb, T * n, Float(0)), gotDst = try k.download(dst, T * n, Float(0))
             // The CPU's residual op (x += src), then its RMSNorm.
@@ -177,7 +180,7 @@ func checkNorms(_ k: LayerKernels, _ rng: inout SeededGenerator) throws -> [Laye
             if s.add { for i in xr.indices { xr[i] += add[i] } }
             var want = [Float](repeating: 0, count: T * n)
             CPUExecutor.rmsNorm(xr, &want, rows: T, weight: w, eps: eps)
-            var c = LayerCase("add_rmsnorm n \(n)\(s.add ? " + residual" : "")\(s.inPlace ? " in place" : "") T=\(T)")
+            var c = LayerCase("add_rmsnorm n \(n)\(s.add ? " + residual" : "")\(s.inPlace ? " in place" : "") T=\(T) \(threads) threads")
             if s.inPlace {
                 c.close("x", gotX, want, width: n, bound: layerNormTolerance)
             } else {
@@ -185,6 +188,7 @@ func checkNorms(_ k: LayerKernels, _ rng: inout SeededGenerator) throws -> [Laye
                 c.close("dst", gotDst, want, width: n, bound: layerNormTolerance)
             }
             cases.append(c)
+        }
         }
     }
     // add_inplace over T rows, with floats past the end that must stay as they were.

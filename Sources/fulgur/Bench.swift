@@ -12,6 +12,13 @@ struct Bench: ParsableCommand {
             verify steps of 8 and 16 from CUDA graphs (greedy tokens feed the next step on the GPU) and times one step \
             per kernel family. The roofline is the weight bytes a 1-token step reads (experts at top-k) over the copy \
             bandwidth.
+
+            With --replay-acceptance, DFlash decoding instead: the preset's target and a random drafter at the \
+            published drafter's shape (presets: \(RandomDrafter.presets.joined(separator: ", "))) run every round for \
+            real (drafter block forward, target verify of --block tokens, rollback, drafter context update), but the \
+            number of tokens a round emits is REPLAYED from a fixed schedule whose mean is the requested acceptance \
+            length (bonus token included); tokens/s and ms per round (draft / verify / other) are printed per value. \
+            --device cpu runs this mode on the CPU executor (tiny presets, for tests).
             """)
 
     @Option(help: "A preset name or a checkpoint path.") var model = "gpt-oss-20b"
@@ -28,9 +35,19 @@ struct Bench: ParsableCommand {
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
+    @Option(name: .customLong("replay-acceptance"), help: "Run DFlash decoding with the acceptance REPLAYED at these lengths (tokens per round, comma-separated, e.g. 4.3,5.6,6.3) instead of timing steps.")
+    var replayAcceptance: String?
+    @Option(help: "Block size of --replay-acceptance, 2...16.") var block = 8
+    @Option(help: "Timed rounds per acceptance length of --replay-acceptance.") var rounds = 200
+    @Option(name: .customLong("warmup-rounds"), help: "Untimed rounds before them (CUDA graphs are captured).") var warmupRounds = 20
+    @Option(name: .customLong("drafter-linear"), help: "Linear layers of the random drafter: fp8 or bf16 (as z-lab publishes it); default: --linear.")
+    var drafterLinear: RandomModel.LinearFormat?
+    @Option(help: "Where --replay-acceptance runs: cuda or cpu (the CPU executor, for tiny presets).") var device: BenchDevice = .cuda
 
     func run() throws {
         try reportingErrors {
+            if let replayAcceptance { return try runReplay(replayAcceptance) }
+            guard device == .cuda else { throw FulgurError(.usage, "--device cpu runs only with --replay-acceptance; the step benchmark times CUDA graphs") }
             let sizes = tokenList.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
             guard !sizes.isEmpty, sizes.allSatisfy({ (1...16).contains($0) }) else {
                 throw FulgurError(.usage, "--tokens takes step sizes from 1 to 16, e.g. 1,8,16; got '\(tokenList)'")

@@ -175,10 +175,12 @@ func oracleDraftsAreAcceptedWholeAndWrongDraftsOneTokenAtATime(architecture: Str
 
 /// A wrong rule on purpose: takes a guess whenever the target gives it probability above 0.1.
 private struct AcceptLikelyGuesses: AcceptanceRule {
-    func accept(draft: [Int], logits: [Float], vocab: Int, sampler: inout Sampler) -> [Int] {
+    func needsLogits(_ sampling: SamplingParameters) -> Bool { true }
+
+    func accept(draft: [Int], target: TargetOutput, sampler: inout Sampler) -> [Int] {
         var out: [Int] = []
         for i in 0...draft.count {
-            let row = Array(logits[(i * vocab)..<((i + 1) * vocab)])
+            let row = target.row(i)!
             if i < draft.count, let p = sampler.distribution(row).first(where: { $0.token == draft[i] })?.p, p > 0.1 {
                 out.append(draft[i])
                 continue

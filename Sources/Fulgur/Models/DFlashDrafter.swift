@@ -101,7 +101,10 @@ public final class DFlashDrafter {
             a.hasSinks = sinks
             return LayerSpec(attention: a, feedForward: .dense(intermediate: try c.int("intermediate_size"), activation: .silu))
         }
-        return try DecoderConfig.base(c, architecture: "DFlashDraftModel", layers: layers, names: names)
+        var spec = try DecoderConfig.base(c, architecture: "DFlashDraftModel", layers: layers, names: names)
+        // A drafter quantized like its target (FP8 with block scales) loads like the target.
+        spec.quantization = try QuantizationSpec.parse(c)
+        return spec
     }
 
     /// Positions of context the drafter holds.
@@ -115,13 +118,15 @@ extension DFlashDrafter: Drafter {
         _ = try context.forward(rows: features, logits: .none)
     }
 
+    /// The drafter's greedy guesses, from the executor's argmax (on the GPU: B ids come back,
+    /// not B x vocab logits).
     public func propose(after token: Int, count: Int) throws -> [Int] {
-        let start = block.length
-        let logits = try block.forward([token] + Array(repeating: maskTokenId, count: count), logits: .all)
-        block.truncate(to: start)
-        let vocab = block.vocabSize
-        return logits.withUnsafeBufferPointer { l in
-            (1...count).map { Sampler.argmax(UnsafeBufferPointer(rebasing: l[($0 * vocab)..<(($0 + 1) * vocab)])) }
+        guard count < block.maxStepTokens else {
+            throw FulgurError(.usage, "a drafter block of \(count + 1) tokens exceeds the executor's \(block.maxStepTokens)-token steps")
         }
+        let start = block.length
+        let ids = try block.argmax([token] + Array(repeating: maskTokenId, count: count))
+        block.truncate(to: start)
+        return Array(ids[1...count])
     }
 }

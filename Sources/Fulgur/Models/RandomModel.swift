@@ -35,7 +35,7 @@ public struct RandomModel: Sendable, CustomStringConvertible {
     public let layers: Int
     public let seed: UInt64
     public private(set) var experts: ExpertFormat
-    public private(set) var linear: LinearFormat
+    public internal(set) var linear: LinearFormat
 
     /// `layers` (default: the published count) keeps the first layers of the full model:
     /// models of one seed share the weights of the layers they both have.
@@ -141,7 +141,14 @@ public struct RandomModel: Sendable, CustomStringConvertible {
     public func export(to directory: String, for reader: Reader = .transformers, shardBytes: Int = 5_000_000_000,
                        progress: ((Int, Int) -> Void)? = nil) throws {
         let model = reader == .transformers ? transformersTwin : self
-        let tensors = try model.tensorGroups(model.spec()).flatMap { $0 }
+        try Self.write(model.tensorGroups(model.spec()).flatMap { $0 }, config: model.config, to: directory,
+                       shardBytes: shardBytes, progress: progress)
+    }
+
+    /// Writes `tensors` (made while they are written) and `config` as a checkpoint into
+    /// `directory`, as `export` describes.
+    static func write(_ tensors: [RandomTensor], config: JSONObject, to directory: String, shardBytes: Int,
+                      progress: ((Int, Int) -> Void)?) throws {
         let fm = FileManager.default
         if let existing = try? fm.contentsOfDirectory(atPath: directory),
            existing.contains(where: { $0 == "config.json" || $0.hasSuffix(".safetensors") || $0.hasSuffix(".safetensors.index.json") }) {
@@ -177,7 +184,7 @@ public struct RandomModel: Sendable, CustomStringConvertible {
         }
         try writer.finish()
         let path = directory + "/config.json"
-        guard fm.createFile(atPath: path, contents: Data((JSONValue.object(model.config).serialized(indent: "  ") + "\n").utf8)) else {
+        guard fm.createFile(atPath: path, contents: Data((JSONValue.object(config).serialized(indent: "  ") + "\n").utf8)) else {
             throw FulgurError(.io, "\(path): cannot write")
         }
     }
@@ -212,8 +219,10 @@ public struct RandomModel: Sendable, CustomStringConvertible {
     }
 
     /// The tensors, grouped for building: the embedding, each layer, then the final norm and
-    /// LM head. Each group is made in parallel.
-    func tensorGroups(_ spec: ModelSpec) throws -> [[RandomTensor]] {
+    /// LM head. Each group is made in parallel. With `contextFeatures`, the tensors of a DFlash
+    /// drafter of `spec` instead: no embedding or LM head (it uses its target's), and first the
+    /// projection of that many concatenated target features (`fc`, `hidden_norm`).
+    func tensorGroups(_ spec: ModelSpec, contextFeatures: Int? = nil) throws -> [[RandomTensor]] {
         let names = spec.names, hidden = spec.hiddenSize, seed = self.seed
         func std(_ fanIn: Int) -> Float { 1 / Float(fanIn).squareRoot() }
         func vector(_ name: String, _ count: Int, mean: Float = 0, std: Float) -> RandomTensor {
@@ -255,7 +264,8 @@ public struct RandomModel: Sendable, CustomStringConvertible {
             }
         }
 
-        var groups: [[RandomTensor]] = [[.normal(names.embedding, [spec.vocabSize, hidden], std: 1, seed: seed)]]
+        var groups: [[RandomTensor]] = [contextFeatures.map { linear("fc.weight", out: hidden, in: $0) + [norm("hidden_norm.weight", hidden)] }
+                                         ?? [.normal(names.embedding, [spec.vocabSize, hidden], std: 1, seed: seed)]]
         for (i, layer) in spec.layers.enumerated() {
             let a = layer.attention
             let n = { (role: TensorNames.Role) in names.name(i, role) }
@@ -301,7 +311,7 @@ public struct RandomModel: Sendable, CustomStringConvertible {
             groups.append(g)
         }
         var head = [norm(names.finalNorm, hidden)]
-        if !spec.tieWordEmbeddings { head.append(.normal(names.lmHead, [spec.vocabSize, hidden], std: std(hidden), seed: seed)) }
+        if contextFeatures == nil && !spec.tieWordEmbeddings { head.append(.normal(names.lmHead, [spec.vocabSize, hidden], std: std(hidden), seed: seed)) }
         groups.append(head)
         return groups
     }

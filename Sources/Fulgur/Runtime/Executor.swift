@@ -15,6 +15,10 @@ public protocol Executor: AnyObject {
     /// Runs a plan that starts from given rows of x (`[T, plan.widths[.x]]`) instead of token
     /// embeddings (the DFlash drafter's context features).
     func forward(rows: [Float], logits: CPUExecutor.Logits) throws -> [Float]
+    /// Runs `tokens` like `forward` and returns the greedy choice after each position of the
+    /// last step (all of them when the tokens fit in one step): a verify block at temperature 0
+    /// needs only these, and the GPU computes them without sending `[T, vocab]` logits back.
+    func argmax(_ tokens: [Int]) throws -> [Int]
     /// Layers whose output hidden states each forward returns in `capturedFeatures`
     /// (`[T, captureLayers.count * hidden]`, side by side in this order): the DFlash drafter
     /// conditions on them, so they come with the forward pass instead of a second one.
@@ -30,6 +34,17 @@ public protocol Executor: AnyObject {
     /// Forgets positions at and after `position`; check `canTruncate(to:)` first.
     func truncate(to position: Int)
     func reset()
+}
+
+extension Executor {
+    /// From the logits, for executors without a device-side argmax.
+    public func argmax(_ tokens: [Int]) throws -> [Int] {
+        let logits = try forward(tokens, logits: .all)
+        let vocab = vocabSize, lastStep = tokens.isEmpty ? 0 : (tokens.count - 1) % maxStepTokens + 1
+        return logits.withUnsafeBufferPointer { l in
+            ((tokens.count - lastStep)..<tokens.count).map { Sampler.argmax(UnsafeBufferPointer(rebasing: l[($0 * vocab)..<(($0 + 1) * vocab)])) }
+        }
+    }
 }
 
 extension CPUExecutor: Executor {

@@ -39,7 +39,8 @@ public final class SpeculativeGenerator {
                 var sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode,
                                      onToken: onToken, onText: onText)
                 // Log-probabilities come from the target's logits at the emitting position, as
-                // in plain decoding; slicing them costs a copy, so only when asked.
+                // in plain decoding; a verify without them and without sampling needs only the
+                // target's greedy choices, which the GPU sends back instead of [B, vocab] logits.
                 let wantLogits = parameters.topLogprobs != nil
                 let vocab = target.vocabSize
                 var stats = SpeculativeStats(blockSize: blockSize)
@@ -58,11 +59,11 @@ public final class SpeculativeGenerator {
                     let t0 = DispatchTime.now().uptimeNanoseconds
                     let draft = size > 1 ? try drafter.propose(after: token, count: size - 1) : []
                     let t1 = DispatchTime.now().uptimeNanoseconds
-                    let logits = try target.forward([token] + draft, logits: .all)
-                    let emitted = rule.accept(draft: draft, logits: logits, vocab: target.vocabSize, sampler: &sampler)
+                    let output: TargetOutput = wantLogits || rule.needsLogits(parameters.sampling)
+                        ? .logits(try target.forward([token] + draft, logits: .all), vocab: vocab)
+                        : .greedy(try target.argmax([token] + draft))
+                    let emitted = rule.accept(draft: draft, target: output, sampler: &sampler)
                     let t2 = DispatchTime.now().uptimeNanoseconds
-                    stats.draftSeconds += Double(t1 - t0) / 1e9
-                    stats.verifySeconds += Double(t2 - t1) / 1e9
                     stats.acceptanceLengths.append(emitted.count)
                     // Keep the block tokens that led to accepted ones: `token` and the matching guesses.
                     let kept = emitted.count
@@ -71,10 +72,14 @@ public final class SpeculativeGenerator {
                     try drafter.extend(tokens: [token] + draft.prefix(kept - 1),
                                        features: Array(target.capturedFeatures[0..<(kept * width)]))
                     for (i, t) in emitted.enumerated() {
-                        going = sink.take(t, logits: wantLogits ? Array(logits[(i * vocab)..<((i + 1) * vocab)]) : nil)
+                        going = sink.take(t, logits: wantLogits ? output.row(i) : nil)
                         if !going { break }
                     }
                     token = emitted.last!
+                    let t3 = DispatchTime.now().uptimeNanoseconds
+                    stats.draftSeconds += Double(t1 - t0) / 1e9
+                    stats.verifySeconds += Double(t2 - t1) / 1e9
+                    stats.otherSeconds += Double(t3 - t2) / 1e9
                 }
                 var result = sink.finish()
                 result.speculative = stats

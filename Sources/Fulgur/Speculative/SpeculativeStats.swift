@@ -1,10 +1,14 @@
 /// How speculative decoding went for one request: tokens emitted per round (the acceptance
-/// length, 1 ... block size) and where the time went.
+/// length, 1 ... block size) and where the time went, by host clocks: draft (the drafter's
+/// block forward), verify (the target's forward over the block and the acceptance decision)
+/// and other (rollback, the drafter's context update, emitting). GPU work a phase queues
+/// without waiting for it (the context update) is waited for, and counted, by the next one.
 public struct SpeculativeStats: Sendable {
     public let blockSize: Int
     public var acceptanceLengths: [Int] = []
     public var draftSeconds: Double = 0
     public var verifySeconds: Double = 0
+    public var otherSeconds: Double = 0
 
     public init(blockSize: Int) { self.blockSize = blockSize }
 
@@ -27,7 +31,8 @@ public struct SpeculativeStats: Sendable {
         return """
             speculative: block \(blockSize), \(rounds) rounds, mean acceptance \(String(format: "%.2f", meanAcceptance)) tokens/round
             acceptance histogram (tokens per round: rounds): \(histogram.enumerated().map { "\($0 + 1): \($1)" }.joined(separator: ", "))
-            draft \(ms(draftSeconds)) (\(perRound(draftSeconds))/round), verify \(ms(verifySeconds)) (\(perRound(verifySeconds))/round)
+            draft \(ms(draftSeconds)) (\(perRound(draftSeconds))/round), verify \(ms(verifySeconds)) (\(perRound(verifySeconds))/round), \
+            other \(ms(otherSeconds)) (\(perRound(otherSeconds))/round)
             """
     }
 }

@@ -1,0 +1,59 @@
+import ArgumentParser
+import Foundation
+import Fulgur
+import FulgurCUDA
+
+enum BenchDevice: String, ExpressibleByArgument, CaseIterable { case cuda, cpu }
+
+extension Bench {
+    /// `fulgur bench --replay-acceptance`: the preset's target and a random drafter of the
+    /// published shape on one device, then ReplayBenchmark at each acceptance length.
+    func runReplay(_ list: String) throws {
+        let values = try list.split(separator: ",").map { part -> Double in
+            guard let v = Double(part.trimmingCharacters(in: .whitespaces)) else {
+                throw FulgurError(.usage, "--replay-acceptance takes tokens per round, comma-separated, e.g. 4.3,5.6,6.3; got '\(list)'")
+            }
+            return v
+        }
+        guard !values.isEmpty else { throw FulgurError(.usage, "--replay-acceptance needs at least one length, e.g. 4.3,5.6,6.3") }
+        guard (2...16).contains(block) else { throw FulgurError(.usage, "--block must be in 2...16, got \(block)") }
+        guard compareLogits == nil else { throw FulgurError(.usage, "--compare-logits does not combine with --replay-acceptance") }
+        guard !FileManager.default.fileExists(atPath: model) else {
+            throw FulgurError(.usage, "--replay-acceptance builds a random drafter of the published shape for a preset's model; "
+                              + "give a preset (with a drafter shape: \(RandomDrafter.presets.joined(separator: ", "))), not a checkpoint")
+        }
+        let start = Date()
+        let random = try RandomModel(preset: model, layers: layers, seed: seed, experts: experts, linear: linear)
+        let randomDrafter = try RandomDrafter(for: random, linear: drafterLinear)
+        let bar = ProgressBar(label: "Building random weights")
+        let target = try random.build(progress: { bar.update($0, $1) })
+        bar.finish()
+
+        let positions = ReplayBenchmark.positions(context: context, rounds: rounds, warmupRounds: warmupRounds, blockSize: block)
+        let executor: any Executor, makeExecutor: ((Plan, Int) throws -> any Executor)?, deviceName: String
+        switch device {
+        case .cuda:
+            let device = try CUDADevice()
+            let module = try KernelModule(device: device)
+            let cuda = try CUDAExecutor(plan: target.plan, device: device, module: module, maxPositions: positions, moeVersion: moeVersion)
+            let moeVersion = self.moeVersion
+            executor = cuda
+            makeExecutor = { plan, context in
+                try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: context, maxStepTokens: cuda.maxStepTokens, moeVersion: moeVersion)
+            }
+            deviceName = device.name
+        case .cpu:
+            executor = CPUExecutor(plan: target.plan, maxPositions: positions, maxStepTokens: 16)
+            makeExecutor = nil
+            deviceName = "CPU executor (\(ProcessInfo.processInfo.activeProcessorCount) cores)"
+        }
+        let drafter = try randomDrafter.load(for: target, maxPositions: executor.maxPositions, maxStepTokens: executor.maxStepTokens,
+                                             executor: makeExecutor)
+        Terminal.status(String(format: "%@ and its drafter ready in %.1f s", random.description, Date().timeIntervalSince(start)))
+        let report = try ReplayBenchmark.run(target: executor, drafter: drafter, model: random.description, drafterName: randomDrafter.description,
+                                             device: deviceName, acceptance: values, blockSize: block, context: context, rounds: rounds,
+                                             warmupRounds: warmupRounds, log: { Terminal.status($0) })
+        print(report.table)
+        if let json { try report.json.write(toFile: json, atomically: true, encoding: .utf8) }
+    }
+}

@@ -57,10 +57,10 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between calls.
 // valueDim <= 256.
 namespace attention {
-constexpr int kChunk = 64, kMaxSplits = 16;
+constexpr int kChunk = 64, kMaxSplits = 16, kValueBatch = 8;
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_decode(
+extern "C" __global__ void __launch_bounds__(128, 8) attention_decode(
     const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads, int kvHeads,
     int headDim, int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale,
     float* out, int outStride, float* partial, int* counters) {
@@ -94,15 +94,16 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode(
         if (j <= hi) {
             const float* kr = cacheK + ((size_t)(j % capacity) * kvHeads + kvh) * headDim;
             if (vectorK) {
-                // Up to 8 float4 loads in flight before the first use (one round trip for 64 dims).
+                // 4 float4 loads in flight before the first use (more cost registers: at 122 a
+                // thread, 4 blocks fit an SM and verify steps of 8-16 tokens got 10-20% slower).
                 const int i0 = half * halfDim, i1 = i0 + halfDim;
-                for (int b = i0; b < i1; b += 32) {
-                    float4 kv[8];
+                for (int b = i0; b < i1; b += 16) {
+                    float4 kv[4];
 #pragma unroll
-                    for (int u = 0; u < 8; ++u)
+                    for (int u = 0; u < 4; ++u)
                         if (b + 4 * u < i1) kv[u] = *reinterpret_cast<const float4*>(kr + b + 4 * u);
 #pragma unroll
-                    for (int u = 0; u < 8; ++u) {
+                    for (int u = 0; u < 4; ++u) {
                         const int i = b + 4 * u;
                         if (i < i1) { s = fmaf(qs[i], kv[u].x, s); s = fmaf(qs[i + 1], kv[u].y, s); s = fmaf(qs[i + 2], kv[u].z, s); s = fmaf(qs[i + 3], kv[u].w, s); }
                     }
@@ -126,16 +127,16 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode(
             if (d >= valueDim || (r == 1 && valueDim <= 64)) break;
             float a = acc[r] * correction;
             const float* vcol = cacheV + (size_t)kvh * valueDim + d;
-            // 16 value loads in flight before the first use (version 2 had about 8 a round trip).
-            for (int jb = group; jb < count; jb += 16 * groups) {
-                float vv[16];
+            // kValueBatch value loads in flight before the first use.
+            for (int jb = group; jb < count; jb += kValueBatch * groups) {
+                float vv[kValueBatch];
 #pragma unroll
-                for (int u = 0; u < 16; ++u) {
+                for (int u = 0; u < kValueBatch; ++u) {
                     const int jj = jb + u * groups;
                     vv[u] = jj < count ? vcol[(size_t)((c0 + jj) % capacity) * kvHeads * valueDim] : 0.f;
                 }
 #pragma unroll
-                for (int u = 0; u < 16; ++u) {
+                for (int u = 0; u < kValueBatch; ++u) {
                     const int jj = jb + u * groups;
                     if (jj < count) a = fmaf(p[jj], vv[u], a);
                 }
@@ -172,29 +173,30 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode(
     // Every share's (max, sum) loaded at once, then each output dimension's shares at once
     // (the loops over splits were chains of dependent L2 loads). splits <= kMaxSplits
     // (CUDAExecutor.attentionSplits). Same sums in the same order as before.
-    float ms[kMaxSplits], ls[kMaxSplits], w[kMaxSplits];
+    float w[kMaxSplits];  // each share's max, then its weight exp(max - M) (0 for an empty share)
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) {
-        ms[s] = s < splits ? __ldcg(shares + s * (valueDim + 2)) : -INFINITY;
-        ls[s] = s < splits ? __ldcg(shares + s * (valueDim + 2) + 1) : 0.f;
-    }
+    for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? __ldcg(shares + s * (valueDim + 2)) : -INFINITY;
     float M = sinks ? sinks[h] : -INFINITY;
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, ms[s]);
+    for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
     float L = sinks ? expf(sinks[h] - M) : 0.f;
 #pragma unroll
     for (int s = 0; s < kMaxSplits; ++s) {
-        w[s] = ms[s] != -INFINITY ? expf(ms[s] - M) : 0.f;
-        if (ms[s] != -INFINITY) L += ls[s] * w[s];
+        const bool some = w[s] != -INFINITY;
+        w[s] = some ? expf(w[s] - M) : 0.f;
+        if (some) L += __ldcg(shares + s * (valueDim + 2) + 1) * w[s];
     }
     for (int d = threadIdx.x; d < valueDim; d += kThreads) {
-        float sh[kMaxSplits];
-#pragma unroll
-        for (int s = 0; s < kMaxSplits; ++s) sh[s] = s < splits && ms[s] != -INFINITY ? __ldcg(shares + s * (valueDim + 2) + 2 + d) : 0.f;
         float o = 0.f;
 #pragma unroll
-        for (int s = 0; s < kMaxSplits; ++s)
-            if (ms[s] != -INFINITY) o += sh[s] * w[s];
+        for (int s0 = 0; s0 < kMaxSplits; s0 += 8) {
+            float sh[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) sh[u] = s0 + u < splits && w[s0 + u] != 0.f ? __ldcg(shares + (s0 + u) * (valueDim + 2) + 2 + d) : 0.f;
+#pragma unroll
+            for (int u = 0; u < 8; ++u)
+                if (w[s0 + u] != 0.f) o += sh[u] * w[s0 + u];
+        }
         out[(size_t)t * outStride + h * valueDim + d] = o / L;
     }
 }

@@ -33,7 +33,9 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// DRAM's bandwidth idle at batch 1: on a side branch of the step's graph, a short kernel
     /// prefetches a layer's o_proj and router bytes when its attention starts, and the next
     /// layer's q/k/v bytes when its MoE starts, so those products read from L2.
-    /// `.evictLast` marks the lines evict-last.
+    /// `.evictLast` marks the lines evict-last. Off by default: on an H200 (gpt-oss-20b shape)
+    /// it took 20-30 us off q/k/v and o_proj per step and gave as much back in the MoE and
+    /// attention (Kernels/NOTES.md); a first version with bulk prefetches slowed the step 25%.
     public enum L2Prefetch: String, Sendable, CaseIterable { case off, normal, evictLast = "evict-last" }
     public let prefetch: L2Prefetch
     /// Replay steps from CUDA graphs (one per token count, captured on first use).
@@ -78,7 +80,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// `sharing`: an executor over the same layers whose cache (and positions) this one uses;
     /// the two also share a stream, so one's cache writes are ordered before the other's reads.
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
-                moeVersion: Int = 2, prefetch: L2Prefetch = .normal, sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
+                moeVersion: Int = 2, prefetch: L2Prefetch = .off, sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         self.plan = plan
         self.device = device

@@ -31,7 +31,7 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("tokens"), help: "Step sizes to time, comma-separated (1...16).") var tokenList = "1,8,16"
     @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 2 (one persistent launch) or 1 (the first version).") var moeVersion = 2
     @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
-    var prefetch = "normal"
+    var prefetch = "off"
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?

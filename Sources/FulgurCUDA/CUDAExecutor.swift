@@ -88,6 +88,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         self.maxStepTokens = maxStepTokens
         self.moeVersion = moeVersion
         self.prefetch = prefetch
+        try device.makeCurrent()
         var context = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
         if let sharing { context = sharing.maxPositions }
         self.maxPositions = context
@@ -155,6 +156,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         let width = plan.widths[.x]!
         precondition(rows.count % width == 0, "rows of \(rows.count) floats do not split into rows of \(width)")
         let count = rows.count / width
+        try device.makeCurrent()
         guard length + count <= maxPositions else {
             throw FulgurError(.usage, "context is full: \(length) + \(count) rows exceed the \(maxPositions)-position context")
         }
@@ -218,6 +220,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     }
 
     private func run(_ input: [Int], after: (Int, Bool) throws -> Void) throws {
+        // The server decodes on its own threads; a CUDA context is current per thread.
+        try device.makeCurrent()
         capturedFeatures.removeAll(keepingCapacity: true)
         guard !input.isEmpty else { return }
         let table = plan.embedding.table.shape[0]

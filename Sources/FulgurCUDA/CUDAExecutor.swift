@@ -498,6 +498,8 @@ public final class CUDAExecutor: @unchecked Sendable {
                 }
             case .finalNorm(let weight, let eps):
                 try norm(src: .x, dst: .h, weight: weight, eps: eps)
+            case .allReduce:
+                throw FulgurError(.unsupported, "CUDA executor: tensor-parallel shards (.allReduce) do not run on the GPU yet; Plan.shard runs on CPUTensorParallel")
             case .residual(let src):
                 try flushResidual()
                 pendingResidual = src

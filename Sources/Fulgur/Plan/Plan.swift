@@ -127,4 +127,7 @@ public enum Op: Sendable {
     case residual(src: Buffer)
     /// h = final norm of x
     case finalNorm(weight: [Float], eps: Float)
+    /// A tensor-parallel shard's partial sums in `buffer` ([T, hidden]) summed over all shards,
+    /// every shard getting the same total (Plan.shard; the executor's communicator runs it).
+    case allReduce(buffer: Buffer)
 }

@@ -23,6 +23,9 @@ public final class CPUExecutor {
     public private(set) var capturedFeatures: [Float] = []
     private var captureSlot: [Int?] = []
     private var stepFeatures: [Float] = []
+    /// Sums `count` floats at the pointer over every shard of a tensor-parallel group, in
+    /// place (CPUTensorParallel sets it); plans with `.allReduce` ops need it.
+    public var allReduce: ((UnsafeMutablePointer<Float>, Int) -> Void)?
 
     /// `cache`: a cache to share with another plan over the same layers (the DFlash drafter
     /// writes its context keys with one plan and drafts with another).
@@ -177,6 +180,9 @@ public final class CPUExecutor {
             for i in 0..<(T * plan.spec.hiddenSize) { x[i] += s[i] }
         case .finalNorm(let weight, let eps):
             Self.rmsNorm(ptr(.x), ptr(.h), rows: T, weight: weight, eps: eps)
+        case .allReduce(let buffer):
+            guard let allReduce else { preconditionFailure("a tensor-parallel shard's plan runs without a communicator (set CPUExecutor.allReduce)") }
+            allReduce(ptr(buffer), T * plan.spec.hiddenSize)
         }
     }
 

@@ -1,0 +1,61 @@
+import Foundation
+import Testing
+@testable import Fulgur
+
+/// Plan.shard cuts each tiny checkpoint into 2 (and 4 where the heads allow) tensor-parallel
+/// shards; run side by side with an all-reduce (CPUTensorParallel), they must give the whole
+/// model's logits at every prompt position (up to summation order) and the same greedy tokens.
+/// Covers split query heads with shared key/value heads (MiMo's full layers: 1 key/value head),
+/// sinks, biases on shard 0 only, interleaved gpt-oss gate/up pairs, MXFP4 and FP8 slices.
+@Suite struct TensorParallelTests {
+    static let cases: [(String, Int)] = [
+        ("llama", 2), ("qwen3", 2), ("qwen3_moe", 2), ("mimo_v2_flash", 2), ("gpt_oss", 2),
+        ("gpt_oss_quantized", 2), ("mimo_v2_flash_quantized", 2), ("gpt_oss", 4), ("qwen3_moe", 4),
+    ]
+
+    @Test(arguments: cases)
+    func shardsAddUpToTheWholeModel(_ name: String, _ count: Int) throws {
+        let model = try Model(path: Fixtures.path("models/\(name)"))
+        let prompt = (0..<24).map { ($0 * 37 + 11) % model.spec.vocabSize }
+        let whole = try CPUExecutor(plan: model.plan, maxStepTokens: 8).forward(prompt, logits: .all)
+        let tp = try CPUTensorParallel(plan: model.plan, count: count, maxStepTokens: 8)
+        let split = try tp.forward(prompt, logits: .all)
+        #expect(split.count == whole.count)
+        let vocab = tp.vocabSize
+        var worst: Float = 0
+        for t in 0..<prompt.count {
+            let a = split[(t * vocab)..<((t + 1) * vocab)], b = whole[(t * vocab)..<((t + 1) * vocab)]
+            let err = zip(a, b).map { ($0 - $1) * ($0 - $1) }.reduce(0, +).squareRoot()
+            worst = max(worst, err / b.map { $0 * $0 }.reduce(0, +).squareRoot())
+        }
+        #expect(worst <= 1e-5, "\(name) over \(count) shards: worst relative error \(worst)")
+        // Greedy continuation, one token at a time through both.
+        let single = CPUExecutor(plan: model.plan, maxStepTokens: 8)
+        let tp2 = try CPUTensorParallel(plan: model.plan, count: count, maxStepTokens: 8)
+        var l1 = try single.forward(prompt), l2 = try tp2.forward(prompt)
+        for _ in 0..<8 {
+            let t1 = Sampler.argmax(l1), t2 = Sampler.argmax(l2)
+            #expect(t1 == t2)
+            l1 = try single.forward([t1]); l2 = try tp2.forward([t2])
+        }
+    }
+
+    @Test func shardsTellWhatDoesNotSplit() throws {
+        let model = try Model(path: Fixtures.path("models/llama"))  // 4 query heads
+        #expect(throws: FulgurError.self) { _ = try model.plan.shard(rank: 0, of: 3) }
+        do {
+            _ = try model.plan.shard(rank: 1, of: 3)
+        } catch let e as FulgurError {
+            #expect(e.description.contains("query heads"))
+        }
+    }
+
+    @Test func vocabularySlicesCoverTheVocabularyOnce() throws {
+        let model = try Model(path: Fixtures.path("models/llama"))
+        for count in 1...5 {
+            let slices = (0..<count).map { model.plan.vocabularySlice(rank: $0, of: count) }
+            #expect(slices.first!.lowerBound == 0 && slices.last!.upperBound == model.plan.lmHead.outFeatures)
+            for (a, b) in zip(slices, slices.dropFirst()) { #expect(a.upperBound == b.lowerBound) }
+        }
+    }
+}

@@ -38,6 +38,10 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// attention (Kernels/NOTES.md); a first version with bulk prefetches slowed the step 25%.
     public enum L2Prefetch: String, Sendable, CaseIterable { case off, normal, evictLast = "evict-last" }
     public let prefetch: L2Prefetch
+
+    /// Sums a tensor-parallel shard's partial results over all shards (`.allReduce` ops of
+    /// Plan.shard): enqueued on this executor's stream, capturable in its graph.
+    public let communicator: (any StepAllReduce)?
     /// Replay steps from CUDA graphs (one per token count, captured on first use).
     public var useGraphs = true
 
@@ -80,7 +84,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// `sharing`: an executor over the same layers whose cache (and positions) this one uses;
     /// the two also share a stream, so one's cache writes are ordered before the other's reads.
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
-                moeVersion: Int = 2, prefetch: L2Prefetch = .off, sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
+                moeVersion: Int = 2, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, sharing: CUDAExecutor? = nil,
+                progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         self.plan = plan
         self.device = device
@@ -88,6 +93,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         self.maxStepTokens = maxStepTokens
         self.moeVersion = moeVersion
         self.prefetch = prefetch
+        self.communicator = communicator
         try device.makeCurrent()
         var context = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
         if let sharing { context = sharing.maxPositions }
@@ -269,6 +275,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// cache's length where it was, so the next timing runs at the same context.
     public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5, skipping: Set<String> = [], advance: Bool = true) throws -> Double {
         precondition((1...maxStepTokens).contains(T))
+        try device.makeCurrent()
         var skip = skipping
         if skip.contains("prefetch") { skip.insert("join") }
         guard length + (warmup + steps) * T <= maxPositions else {
@@ -301,6 +308,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// replayed step), median of `rounds`. The step runs at the current positions without
     /// advancing them.
     public func profile(tokens T: Int, rounds: Int = 10) throws -> [(kind: String, launches: Int, micros: Double)] {
+        try device.makeCurrent()
         let ints = [Int32](repeating: 1, count: T), pos = (0..<T).map { Int32(length + $0) }
         try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
         try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
@@ -328,6 +336,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     // MARK: Lowering the plan to launches
 
     /// Blocks that share one (head, token)'s keys: enough for the longest range the layer sees.
+    /// (Fewer at large steps, to fill the GPU about 8 blocks an SM deep instead of 15 waves at
+    /// 16 tokens, measured slower on an H200: 8.50 / 19.35 ms against 8.40 / 18.91 for 8 / 16.)
     public static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
 
     private func add(_ kind: String, _ run: @escaping (Int) throws -> Void) { launches.append((kind, run)) }
@@ -498,8 +508,13 @@ public final class CUDAExecutor: @unchecked Sendable {
                 }
             case .finalNorm(let weight, let eps):
                 try norm(src: .x, dst: .h, weight: weight, eps: eps)
-            case .allReduce:
-                throw FulgurError(.unsupported, "CUDA executor: tensor-parallel shards (.allReduce) do not run on the GPU yet; Plan.shard runs on CPUTensorParallel")
+            case .allReduce(let buffer):
+                try flushResidual()
+                guard let communicator, buffer == .out else {
+                    throw FulgurError(.unsupported, "CUDA executor: a tensor-parallel shard's plan (all-reduce of \(buffer)) needs a communicator; run it through CUDATensorParallel")
+                }
+                let stream = self.stream
+                add("comm") { T in try communicator.enqueue(input: out, output: out, count: T * hidden, stream: stream) }
             case .residual(let src):
                 try flushResidual()
                 pendingResidual = src
@@ -724,3 +739,9 @@ public final class CUDAExecutor: @unchecked Sendable {
 }
 
 extension CUDAExecutor: Executor {}
+
+/// One rank's side of an all-reduce over the GPUs of a tensor-parallel group.
+public protocol StepAllReduce: AnyObject {
+    /// output[0, count) = the sum over ranks of input[0, count), enqueued on `stream`.
+    func enqueue(input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream) throws
+}

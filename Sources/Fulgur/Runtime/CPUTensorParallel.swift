@@ -25,38 +25,50 @@ public final class CPUTensorParallel {
     /// As CPUExecutor.forward: every shard runs the tokens on its own thread; the logits'
     /// vocabulary slices are put back together (`[T, vocab]` for `.all`, `[vocab]` for `.last`).
     public func forward(_ tokens: [Int], logits want: CPUExecutor.Logits = .last) throws -> [Float] {
-        let results = Results(count: shards.count)
+        let shards = self.shards
+        let parts = try Self.onEveryRank(shards.count) { try shards[$0].forward(tokens, logits: want) }
+        guard want != .none else { return [] }
+        return Self.gather(parts, slices: vocabularySlices, rows: want == .all ? tokens.count : 1, vocab: vocabSize)
+    }
+
+    /// Whole logit rows from each shard's vocabulary slice of them (`parts[r]` is
+    /// `[rows, slices[r].count]`).
+    public static func gather(_ parts: [[Float]], slices: [Range<Int>], rows: Int, vocab: Int) -> [Float] {
+        var out = [Float](repeating: 0, count: rows * vocab)
+        for (slice, part) in zip(slices, parts) {
+            for r in 0..<rows {
+                for (j, v) in part[(r * slice.count)..<((r + 1) * slice.count)].enumerated() { out[r * vocab + slice.lowerBound + j] = v }
+            }
+        }
+        return out
+    }
+
+    /// Runs `body(rank)` for every rank at once, one thread each (shards wait for each other in
+    /// their all-reduces, so they must run concurrently), and returns the results in rank order.
+    public static func onEveryRank<R>(_ count: Int, _ body: @escaping @Sendable (Int) throws -> R) throws -> [R] {
+        let results = Results<R>(count: count)
         let done = DispatchGroup()
-        for (rank, shard) in shards.enumerated() {
+        for rank in 0..<count {
             done.enter()
             let thread = Thread {
-                results.set(rank, Result { try shard.forward(tokens, logits: want) })
+                results.set(rank, Result { try body(rank) })
                 done.leave()
             }
             thread.stackSize = 8 << 20
             thread.start()
         }
         done.wait()
-        let slices = try results.all.map { try $0!.get() }
-        guard want != .none else { return [] }
-        let rows = want == .all ? tokens.count : 1
-        var out = [Float](repeating: 0, count: rows * vocabSize)
-        for (slice, part) in zip(vocabularySlices, slices) {
-            for r in 0..<rows {
-                for (j, v) in part[(r * slice.count)..<((r + 1) * slice.count)].enumerated() { out[r * vocabSize + slice.lowerBound + j] = v }
-            }
-        }
-        return out
+        return try results.all.map { try $0!.get() }
     }
 }
 
 /// Each shard thread's result.
-private final class Results: @unchecked Sendable {
-    private var values: [Result<[Float], Error>?]
+private final class Results<R>: @unchecked Sendable {
+    private var values: [Result<R, Error>?]
     private let lock = NSLock()
     init(count: Int) { values = Array(repeating: nil, count: count) }
-    func set(_ i: Int, _ r: Result<[Float], Error>) { lock.lock(); values[i] = r; lock.unlock() }
-    var all: [Result<[Float], Error>?] { lock.lock(); defer { lock.unlock() }; return values }
+    func set(_ i: Int, _ r: Result<R, Error>) { lock.lock(); values[i] = r; lock.unlock() }
+    var all: [Result<R, Error>?] { lock.lock(); defer { lock.unlock() }; return values }
 }
 
 /// An all-reduce among `count` threads: each deposits its buffer, every one sums all buffers in

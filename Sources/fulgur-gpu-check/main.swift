@@ -143,7 +143,8 @@ func run() throws -> Bool {
     let layerPassed = families.isEmpty || families.contains("layer") ? try runLayerChecks(device, module, stream, seed: seed + 2000) : true
     let executorPassed = wholeModel && speculative && layerPassed
     let moePassed = families.isEmpty || families.contains("moe") ? try runMoE(device, module, stream, copy: copy, seed: seed + 1000) : true
-    guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed }
+    let tpPassed = families.contains("tp") ? try runTensorParallelChecks() : true
+    guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed && tpPassed }
     for format in Format.allCases {
         // Edge shapes: rows not a multiple of a block's rows, fewer chunks than lanes, ragged chunk counts.
         for (n, k) in [(37, 96), (200, 4160)] {
@@ -187,7 +188,7 @@ func run() throws -> Bool {
     let small = rows.filter { $0.timings.isEmpty }
     print("edge shapes (37x96, 200x4160), T = 1...16, both formats and layouts: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
     print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
-    return failed.isEmpty && moePassed && executorPassed
+    return failed.isEmpty && moePassed && executorPassed && tpPassed
 }
 
 do {

@@ -32,6 +32,7 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 2 (one persistent launch) or 1 (the first version).") var moeVersion = 2
     @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
     var prefetch = "off"
+    @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step).") var tp = 1
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
@@ -78,6 +79,10 @@ struct Bench: ParsableCommand {
                 let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: 4096, moeVersion: moeVersion)
                 try compareLogitsFile(compareLogits, executor, vocab: plan.lmHead.outFeatures)
             }
+            if tp > 1 {
+                try tensorParallel(plan: plan, name: name, sizes: sizes)
+                return
+            }
             var reports: [DecodeBenchmark] = []
             for p in prefetches {
                 let report = try DecodeBenchmark.run(plan: plan, model: name, device: device, module: module, context: context,
@@ -91,5 +96,28 @@ struct Bench: ParsableCommand {
                 try text.write(toFile: json, atomically: true, encoding: .utf8)
             }
         }
+    }
+
+    /// The step split over `tp` GPUs: replayed steps of each size, and the same 1-token step
+    /// without its all-reduces (their cost in the step).
+    func tensorParallel(plan: Plan, name: String, sizes: [Int]) throws {
+        let group = try DeviceGroup(ordinals: (0..<tp).map { Int32($0) })
+        let warmup = 5, positions = context + sizes.reduce(0) { $0 + $1 * (steps + warmup) } + 16
+        let bar = ProgressBar(label: "Weights to \(tp) GPUs")
+        let split = try CUDATensorParallel(plan: plan, group: group, maxPositions: positions, progress: { bar.update($0, $1) })
+        bar.finish()
+        var rng = SeededGenerator(seed: 7)
+        if context > 0 { _ = try split.forward((0..<context).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }, logits: .none) }
+        let whole = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, advance: false)
+        let noComm = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, skipping: ["comm"], advance: false)
+        print("\(name), \(plan.spec.layerCount) layers, tensor-parallel over \(tp) x \(group.devices[0].name); context \(context)")
+        print(String(format: "all-reduces in the 1-token step: %.3f ms of %.3f (%d per step)", whole - noComm, whole,
+                     split.shards[0].kernelFamilies.contains("comm") ? 2 * plan.spec.layerCount : 0))
+        print("tokens/step   ms/step   tokens/s")
+        for T in sizes {
+            let ms = try split.timeReplayedSteps(tokens: T, steps: steps, warmup: warmup)
+            print(String(format: "%11d   %7.3f   %8.1f", T, ms, Double(T) * 1000 / ms))
+        }
+        print("Each shard feeds its own vocabulary slice's greedy token to its next step: the timing is the step's, the tokens are not the model's.")
     }
 }

@@ -246,6 +246,13 @@ public final class CUDAGraph: @unchecked Sendable {
         exec = e
     }
 
+    /// Takes ownership of a graph captured elsewhere (DeviceGroup.capture: several streams at once).
+    init(driver: Driver, graph: OpaquePointer?, exec: OpaquePointer?) {
+        self.driver = driver
+        self.graph = graph
+        self.exec = exec
+    }
+
     deinit {
         _ = driver.cuGraphExecDestroy(exec)
         _ = driver.cuGraphDestroy(graph)

@@ -66,6 +66,9 @@ final class Driver: @unchecked Sendable {
     let cuGraphLaunch: @convention(c) (OpaquePointer?, OpaquePointer?) -> CUresult
     let cuGraphExecDestroy: @convention(c) (OpaquePointer?) -> CUresult
     let cuGraphDestroy: @convention(c) (OpaquePointer?) -> CUresult
+    let cuDeviceCanAccessPeer: @convention(c) (UnsafeMutablePointer<Int32>, Int32, Int32) -> CUresult
+    let cuDeviceGetP2PAttribute: @convention(c) (UnsafeMutablePointer<Int32>, Int32, Int32, Int32) -> CUresult
+    let cuCtxEnablePeerAccess: @convention(c) (OpaquePointer?, UInt32) -> CUresult
 
     /// The process's driver, opened and initialized once; the failure is kept and rethrown.
     static let shared: Result<Driver, CUDAError> = Result { try Driver(library: "libcuda.so.1") }
@@ -125,6 +128,9 @@ final class Driver: @unchecked Sendable {
         cuGraphLaunch = try symbol("cuGraphLaunch")
         cuGraphExecDestroy = try symbol("cuGraphExecDestroy")
         cuGraphDestroy = try symbol("cuGraphDestroy")
+        cuDeviceCanAccessPeer = try symbol("cuDeviceCanAccessPeer")
+        cuDeviceGetP2PAttribute = try symbol("cuDeviceGetP2PAttribute")
+        cuCtxEnablePeerAccess = try symbol("cuCtxEnablePeerAccess")
         try check(cuInit(0), "cuInit")
     }
 

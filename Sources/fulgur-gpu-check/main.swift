@@ -1,8 +1,9 @@
 // Checks and times the CUDA kernels on a GPU machine (scripts/gpu-check runs it there):
 // every kernel against the CPU executor on fresh random inputs, then device-to-device copy
 // bandwidth and each kernel's achieved bandwidth, timed with events after warm-up.
-// Arguments name the kernel families to check (executor, speculative, moe, gemv); none checks all.
-// Exits 1 on any mismatch, 2 when the GPU or the kernels cannot be used.
+// Arguments name the kernel families to check (executor, speculative, layer, moe, comm, gemv);
+// none checks all (comm only where there are at least 2 GPUs).
+// Exits 1 on any mismatch, 2 when the GPU or the kernels cannot be used, 3 when a comm phase hangs.
 import Foundation
 import Fulgur
 import FulgurCUDA
@@ -143,8 +144,9 @@ func run() throws -> Bool {
     let layerPassed = families.isEmpty || families.contains("layer") ? try runLayerChecks(device, module, stream, seed: seed + 2000) : true
     let executorPassed = wholeModel && speculative && layerPassed
     let moePassed = families.isEmpty || families.contains("moe") ? try runMoE(device, module, stream, copy: copy, seed: seed + 1000) : true
+    let commPassed = families.isEmpty || families.contains("comm") ? try runCommChecks(seed: seed + 3000) : true
     let tpPassed = families.contains("tp") ? try runTensorParallelChecks() : true
-    guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed && tpPassed }
+    guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed && commPassed && tpPassed }
     for format in Format.allCases {
         // Edge shapes: rows not a multiple of a block's rows, fewer chunks than lanes, ragged chunk counts.
         for (n, k) in [(37, 96), (200, 4160)] {
@@ -188,7 +190,7 @@ func run() throws -> Bool {
     let small = rows.filter { $0.timings.isEmpty }
     print("edge shapes (37x96, 200x4160), T = 1...16, both formats and layouts: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
     print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
-    return failed.isEmpty && moePassed && executorPassed && tpPassed
+    return failed.isEmpty && moePassed && executorPassed && commPassed && tpPassed
 }
 
 do {

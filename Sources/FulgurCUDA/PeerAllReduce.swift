@@ -1,0 +1,71 @@
+import Foundation
+
+/// The one-shot all-reduce of Kernels/comm.cu over a DeviceGroup: for small f32 messages
+/// (a decode step's hidden state), summed in rank order so that every GPU gets the same bits.
+/// Each rank enqueues its part on its own stream, directly or inside a captured graph; the
+/// kernel keeps its call count on the device, so graphs replay it correctly. Calls must come
+/// in the same order on every rank, one at a time (not from two streams of a GPU at once).
+public final class PeerAllReduce: @unchecked Sendable {
+    public let group: DeviceGroup
+    /// The largest message, in floats.
+    public let capacity: Int
+    /// Each rank's registered buffer (comm.cu's layout: header, flags, two slots).
+    let buffers: [DeviceBuffer]
+    let kernels: [KernelModule.Function]
+
+    // comm.cu's constants.
+    static let maxRanks = 8, maxBlocks = 128, threads = 512, slotsOffset = 128 + 4 * 128 * 8
+
+    /// Blocks of a call of `count` floats: one float4 per thread up to 128 blocks (a 2880-float
+    /// message takes 2), the same on every rank.
+    static func blocks(count: Int) -> Int { min(maxBlocks, max(1, (count / 4 + threads - 1) / threads)) }
+
+    /// Enables peer access in `group` (throws where a pair of GPUs has none) and registers a
+    /// buffer of two `maxFloats` slots on every GPU.
+    public init(group: DeviceGroup, maxFloats: Int) throws {
+        guard group.count <= Self.maxRanks else {
+            throw CUDAError(operation: "create a peer all-reduce", code: nil,
+                            message: "the peer all-reduce handles up to \(Self.maxRanks) GPUs; this group has \(group.count)")
+        }
+        precondition(maxFloats > 0 && maxFloats <= Int(Int32.max) / 8, "peer all-reduce capacity out of range")
+        try group.enablePeerAccess()
+        let capacity = (maxFloats + 63) / 64 * 64  // slot 1 stays 256-byte aligned
+        let bytes = Self.slotsOffset + 2 * 4 * capacity
+        var buffers: [DeviceBuffer] = [], kernels: [KernelModule.Function] = []
+        for r in 0..<group.count {
+            try group.makeCurrent(r)
+            buffers.append(try group.devices[r].allocate(bytes))
+            kernels.append(try group.modules[r].function("peer_all_reduce"))
+        }
+        // The header of every rank: all base addresses, epoch 0, no block done, every flag 0.
+        var header = [UInt64](repeating: 0, count: Self.slotsOffset / 8)
+        for r in 0..<buffers.count { header[r] = buffers[r].address }
+        for r in 0..<group.count {
+            try group.makeCurrent(r)
+            try header.withUnsafeBytes { try buffers[r].upload($0) }
+            // A pageable upload may return before its DMA is done; no kernel may see a stale header.
+            try group.devices[r].synchronize()
+        }
+        self.group = group
+        self.capacity = capacity
+        self.buffers = buffers
+        self.kernels = kernels
+    }
+
+    /// Enqueues rank `rank`'s part of one all-reduce: output[0, count) = the sum over ranks
+    /// r = 0, 1, ... of rank r's input[0, count), once every rank has enqueued its part (each
+    /// waits on the GPU for the others, up to about 2 s, then traps). `count` is a multiple
+    /// of 4 up to `capacity`, the same on every rank; output may be input.
+    public func enqueue(rank: Int, input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream) throws {
+        guard count > 0, count % 4 == 0, count <= capacity else {
+            throw CUDAError(operation: "peer all-reduce", code: nil,
+                            message: "peer all-reduce of \(count) floats: the count must be a positive multiple of 4 up to the registered capacity, \(capacity)")
+        }
+        precondition(input.byteCount >= 4 * count && output.byteCount >= 4 * count, "peer all-reduce of \(count) floats past the end of a buffer")
+        precondition(input.address % 16 == 0 && output.address % 16 == 0, "peer all-reduce buffers must be 16-byte aligned")
+        try group.makeCurrent(rank)
+        try group.modules[rank].launch(kernels[rank], grid: (Self.blocks(count: count), 1, 1), block: (Self.threads, 1, 1), stream: stream,
+                                       [.pointer(input.address), .pointer(output.address), .int32(Int32(count)),
+                                        .pointer(buffers[rank].address), .int32(Int32(capacity)), .int32(Int32(rank)), .int32(Int32(group.count))])
+    }
+}

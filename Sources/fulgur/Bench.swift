@@ -110,7 +110,12 @@ struct Bench: ParsableCommand {
         if context > 0 { _ = try split.forward((0..<context).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }, logits: .none) }
         let whole = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, advance: false)
         let noComm = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, skipping: ["comm"], advance: false)
+        try group.makeCurrent(0)
+        let copy = try CopyBandwidth(group.devices[0], try group.devices[0].makeStream())
+        let bytes = split.shards.map(\.bytesPerDecodeStep).max()!
         print("\(name), \(plan.spec.layerCount) layers, tensor-parallel over \(tp) x \(group.devices[0].name); context \(context)")
+        print(String(format: "weights per 1-token step: %.1f MB on the busiest GPU; roofline %.3f ms at its copy bandwidth (%.0f GB/s); 1-token step at %.1f%% of it",
+                     Double(bytes) / 1e6, copy.readMicros(bytes) / 1e3, copy.gbps, 100 * copy.readMicros(bytes) / 1e3 / whole))
         print(String(format: "all-reduces in the 1-token step: %.3f ms of %.3f (%d per step)", whole - noComm, whole,
                      split.shards[0].kernelFamilies.contains("comm") ? 2 * plan.spec.layerCount : 0))
         print("tokens/step   ms/step   tokens/s")

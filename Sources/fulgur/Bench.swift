@@ -33,6 +33,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
     var prefetch = "off"
     @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step).") var tp = 1
+    @Flag(name: .customLong("dry-run"), help: "Print where a preset's weights and KV cache go over --tp GPUs at --context positions, without a GPU or any weights.")
+    var dryRun = false
     @Option(help: "Also write the report as JSON to this file.") var json: String?
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
@@ -59,6 +61,13 @@ struct Bench: ParsableCommand {
                     throw FulgurError(.usage, "--prefetch takes off, normal or evict-last (comma-separated); got '\(p)'")
                 }
                 return v
+            }
+            if dryRun {
+                guard RandomModel.presets.contains(model) else { throw FulgurError(.usage, "--dry-run takes a preset (\(RandomModel.presets.joined(separator: ", "))); got '\(model)'") }
+                guard tp >= 1 else { throw FulgurError(.usage, "--tp must be at least 1") }
+                let random = try RandomModel(preset: model, layers: layers, seed: seed, experts: experts, linear: linear)
+                print(try MemoryPlan(random, gpus: tp, context: context).table)
+                return
             }
             let device = try CUDADevice()
             let module = try KernelModule(device: device)

@@ -4,6 +4,8 @@
 struct Preset: Sendable {
     enum Family: Sendable {
         case gptOss, qwen3Moe, mimoV2Flash
+        /// MiMo-V2.5-Pro's layout: full attention at layer 0 and every 7th layer (10 of 70).
+        case mimoV25Pro
 
         /// Per-layer fields for `n` layers, by the published models' rules.
         func perLayer(_ n: Int) -> [(String, JSONValue)] {
@@ -16,6 +18,9 @@ struct Preset: Sendable {
             case .mimoV2Flash:
                 // Full attention at layer 0 and every 6th layer; layer 0 dense, the rest MoE.
                 return [("layer_types", .array((0..<n).map { $0 == 0 || ($0 + 1) % 6 == 0 ? "full_attention" : "sliding_attention" })),
+                        ("mlp_layer_types", .array((0..<n).map { $0 == 0 ? "dense" : "sparse" }))]
+            case .mimoV25Pro:
+                return [("layer_types", .array((0..<n).map { $0 % 7 == 0 ? "full_attention" : "sliding_attention" })),
                         ("mlp_layer_types", .array((0..<n).map { $0 == 0 ? "dense" : "sparse" }))]
             }
         }
@@ -40,6 +45,14 @@ struct Preset: Sendable {
                config: mimoV2Flash(vocab: 152576, hidden: 4096, heads: 64, kvHeads: 4, headDim: 192, valueHeadDim: 128,
                                    experts: 256, topK: 8, moeIntermediate: 2048, intermediate: 16384, window: 128,
                                    maxPositions: 262144, eos: 151645)),
+        // MiMo-V2.5-Pro as issue 8 states it (about 1.02 T parameters): 70 layers, 1 dense + 69 MoE,
+        // hidden 6144, 384 experts of 2048, top-8, 128 query and 8 key/value heads (the sliding
+        // layers too), 10 full + 60 sliding layers of window 128. Assumed from MiMo-V2-Flash where
+        // the issue is silent: q/k head dim 192, v 128, the vocabulary, and a dense layer of 4x hidden.
+        Preset(name: "mimo-v2.5-pro", family: .mimoV25Pro, layers: 70,
+               config: mimoV2Flash(vocab: 152576, hidden: 6144, heads: 128, kvHeads: 8, headDim: 192, valueHeadDim: 128,
+                                   experts: 384, topK: 8, moeIntermediate: 2048, intermediate: 24576, window: 128,
+                                   maxPositions: 262144, eos: 151645, swaKVHeads: 8)),
         // Tiny: every structural feature of the real model, dimensions that leave ragged FP8
         // tiles (192 = 128 + 64) and several MXFP4 blocks per row; prompts longer than the window.
         Preset(name: "tiny-gpt-oss", family: .gptOss, layers: 4,
@@ -95,8 +108,8 @@ struct Preset: Sendable {
     /// correction bias, renormalized top-8 of 256 experts.
     static func mimoV2Flash(vocab: Int, hidden: Int, heads: Int, kvHeads: Int, headDim: Int, valueHeadDim: Int,
                             experts: Int, topK: Int, moeIntermediate: Int, intermediate: Int, window: Int,
-                            maxPositions: Int, eos: Int) -> JSONObject {
-        ["architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash",
+                            maxPositions: Int, eos: Int, swaKVHeads: Int? = nil) -> JSONObject {
+        var c: JSONObject = ["architectures": ["MiMoV2FlashForCausalLM"], "model_type": "mimo_v2_flash",
          "vocab_size": .int(vocab), "hidden_size": .int(hidden), "intermediate_size": .int(intermediate),
          "moe_intermediate_size": .int(moeIntermediate),
          "num_attention_heads": .int(heads), "num_key_value_heads": .int(kvHeads),
@@ -110,5 +123,7 @@ struct Preset: Sendable {
                              "sliding_attention": ["rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.334]],
          "initializer_range": 0.02, "tie_word_embeddings": false, "use_cache": true,
          "eos_token_id": .int(eos), "dtype": "bfloat16"]
+        if let swaKVHeads { c["swa_num_key_value_heads"] = .int(swaKVHeads) }
+        return c
     }
 }

@@ -21,13 +21,16 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Bytes of weights one decode step reads (experts at top-k), as stored on the GPU.
     public private(set) var bytesPerDecodeStep = 0
     /// Kernel launches per step.
-    public var launchesPerStep: Int { launches.filter { !["capture", "join"].contains($0.kind) }.count }
+    public var launchesPerStep: Int { launches.filter { !Self.bookkeeping.contains($0.kind) }.count }
     /// Kernel families of the step, in order of first launch.
     public var kernelFamilies: [String] {
         var seen: [String] = []
-        for l in launches where !["capture", "join"].contains(l.kind) && !seen.contains(l.kind) { seen.append(l.kind) }
+        for l in launches where !Self.bookkeeping.contains(l.kind) && !seen.contains(l.kind) { seen.append(l.kind) }
         return seen
     }
+    /// Entries of the launch list that are not kernel families: the layer-capture hook (a launch
+    /// only while layers are captured) and the join of the L2-prefetch branch (no kernel).
+    private static let bookkeeping: Set<String> = ["capture", "join"]
 
     /// Warming L2 with weights before the kernels that read them, during kernels that leave
     /// DRAM's bandwidth idle at batch 1: on a side branch of the step's graph, a short kernel

@@ -830,14 +830,14 @@ __device__ __forceinline__ void reduce(const float* red, float (&v)[NB][4]) {
         }
 }
 
-// gate_up unit epilogue (one warp): intermediate index i = 8 * tile + g; act and the pair's
-// max |act| (for down's x scaling).
+// gate_up unit epilogue (one warp), from the unit's sums v (lane (g, t): per group of 4 tokens,
+// token t's hi and lo column sums for gate row g, v[.][0] and v[.][1], and up row g, v[.][2] and
+// v[.][3]): intermediate index i = 8 * tile + g; act and the pair's max |act| (for down's x
+// scaling).
 template <int NB>
-__device__ __forceinline__ void finish_gate_up(const float* red, int n, int p0, int I, int i, float bg, float bu,
-                                               const float* unscale, int clamped, float alpha, float limit,
-                                               float* __restrict__ act, int* actMax) {
-    float v[NB][4];
-    reduce<NB>(red, v);
+__device__ __forceinline__ void gate_up_out(const float (&v)[NB][4], int n, int p0, int I, int i, float bg, float bu,
+                                            const float* unscale, int clamped, float alpha, float limit,
+                                            float* __restrict__ act, int* actMax) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -856,13 +856,21 @@ __device__ __forceinline__ void finish_gate_up(const float* red, int n, int p0, 
     }
 }
 
-// down unit epilogue (one warp): rows 16 * tile + g and + 8, weighted by the pair's routing
-// weight, into the pair's partial row.
 template <int NB>
-__device__ __forceinline__ void finish_down(const float* red, int n, int p0, int H, int row, float b0, float b1,
-                                            const float* unscale, const float* weight, float* __restrict__ partial) {
+__device__ __forceinline__ void finish_gate_up(const float* red, int n, int p0, int I, int i, float bg, float bu,
+                                               const float* unscale, int clamped, float alpha, float limit,
+                                               float* __restrict__ act, int* actMax) {
     float v[NB][4];
     reduce<NB>(red, v);
+    gate_up_out<NB>(v, n, p0, I, i, bg, bu, unscale, clamped, alpha, limit, act, actMax);
+}
+
+// down unit epilogue (one warp), from the unit's sums v (as gate_up_out; rows g and g + 8):
+// rows 16 * tile + g and + 8, weighted by the pair's routing weight, into the pair's partial
+// row.
+template <int NB>
+__device__ __forceinline__ void down_out(const float (&v)[NB][4], int n, int p0, int H, int row, float b0, float b1,
+                                         const float* unscale, const float* weight, float* __restrict__ partial) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -874,6 +882,14 @@ __device__ __forceinline__ void finish_down(const float* red, int n, int p0, int
             p[8] = w * ((v[nb][2] + v[nb][3]) * u + b1);
         }
     }
+}
+
+template <int NB>
+__device__ __forceinline__ void finish_down(const float* red, int n, int p0, int H, int row, float b0, float b1,
+                                            const float* unscale, const float* weight, float* __restrict__ partial) {
+    float v[NB][4];
+    reduce<NB>(red, v);
+    down_out<NB>(v, n, p0, H, row, b0, b1, unscale, weight, partial);
 }
 
 // Rows (tokens or pairs) rows[j] < n of src [*, K] into the B layout, scaled by 2^(141 - exps[j])
@@ -918,9 +934,11 @@ __device__ __forceinline__ void stage(uint8_t* b, const float* __restrict__ src,
 }
 
 // The sum over a token's experts (ascending id, as MoE.run adds them) of 16 rows of partial,
-// for every token: out is written, never accumulated. One warp.
+// for every token: out is written, never accumulated. With `splits` > 1 (version 4) each pair's
+// row is split over the reduction dimension into partial [split][P][H], added split by split.
+// One warp.
 __device__ __forceinline__ void combine(int tile, int T, int H, int k, const int (*tokenPairs)[kMaxTopK],
-                                        const float* partial, float* __restrict__ out) {
+                                        const float* partial, float* __restrict__ out, int P = 0, int splits = 1) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int m = 0; m < kMaxTokens * 16 / 32; ++m) {
@@ -929,7 +947,8 @@ __device__ __forceinline__ void combine(int tile, int T, int H, int k, const int
             float s = 0.f;
 #pragma unroll
             for (int q = 0; q < kMaxTopK; ++q)
-                if (q < k) s += __ldcg(partial + (size_t)tokenPairs[t][q] * H + row);
+                if (q < k)
+                    for (int sp = 0; sp < splits; ++sp) s += __ldcg(partial + ((size_t)sp * P + tokenPairs[t][q]) * H + row);
             out[(size_t)t * H + row] = s;
         }
     }
@@ -1045,6 +1064,64 @@ __device__ __forceinline__ long long globaltimer() {
     return t;
 }
 
+// A block's view of the step's routing (shared memory): v1's routing buffer, the slots (each
+// touched expert's tokens in groups of up to tokensPerSlot, ascending expert id) and each
+// token's pairs in ascending expert order.
+struct BlockRoutes {
+    int routeInts[kRouteInts];
+    int slotExpert[kMaxSlots], slotFirst[kMaxSlots], slotCount[kMaxSlots];
+    int tokenPairs[kMaxTokens][kMaxTopK];
+    int slotTotal;
+};
+
+// Every block routes every token itself (MoE.route's rules; tens of floats from L2, cheaper
+// than a grid-wide exchange) and cuts the slots. Block 0 also copies the choices to `routes`
+// (v1's layout, for checks) when it is not null. The whole block calls it; it ends with a
+// barrier.
+__device__ void route_block(BlockRoutes& b, const moe::RouterArgs& ra, const float* logits, int T, int E, int k,
+                            int tokensPerSlot, int* routes) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const moe::Routes r{b.routeInts, E, k};
+    for (int t = warp; t < T; t += warps) moe::route_token(ra, logits, E, k, t, r);
+    __syncthreads();
+    moe::group_pairs(T, E, k, r);
+    __syncthreads();
+    if (warp == 0) {
+        const int touched = *r.touched();
+        int base = 0;
+        for (int s0 = 0; s0 < touched; s0 += 32) {
+            const int s = s0 + lane, first = s < touched ? r.start()[s] : 0, n = s < touched ? r.start()[s + 1] - first : 0;
+            const int c = (n + tokensPerSlot - 1) / tokensPerSlot;
+            int incl = c;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            for (int i = 0, at = base + incl - c; i < c; ++i) {
+                b.slotExpert[at + i] = r.expert()[s];
+                b.slotFirst[at + i] = first + i * tokensPerSlot;
+                b.slotCount[at + i] = min(tokensPerSlot, n - i * tokensPerSlot);
+            }
+            base += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) b.slotTotal = base;
+    } else if (warp == 1) {
+        // Each token's pairs in ascending expert order (pairs are grouped by ascending expert).
+        if (lane < T)
+            for (int q = 0, c = 0; q < T * k; ++q)
+                if (r.token()[q] == lane) b.tokenPairs[lane][c++] = q;
+    } else if (warp == 2 && blockIdx.x == 0 && routes) {
+        const moe::Routes g{routes, E, k};
+        for (int i = lane; i < T * k; i += 32) {
+            g.chosen()[i] = r.chosen()[i];
+            g.chosenWeight()[i] = r.chosenWeight()[i];
+        }
+        if (lane == 0) *g.touched() = *r.touched();
+    }
+    __syncthreads();
+}
+
 template <bool Split>
 __device__ __forceinline__ void experts(
     const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
@@ -1053,14 +1130,11 @@ __device__ __forceinline__ void experts(
     int* sync, int* routes, float* out, int ringSlots, int tokensPerSlot, int bBytes, int chunkSteps, long long* trace) {
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ __align__(8) uint64_t full[kMaxRing], empty[kMaxRing];
-    __shared__ int routeInts[kRouteInts];
-    __shared__ int slotExpert[kMaxSlots], slotFirst[kMaxSlots], slotCount[kMaxSlots];
-    __shared__ int tokenPairs[kMaxTokens][kMaxTopK];
+    __shared__ BlockRoutes br;
     __shared__ int stagedRow[kSlotTokens], stagedExp[kSlotTokens];
     __shared__ float unscale[kSlotTokens];
     // Epilogues finished by each consumer warp (unit i's is warp i % 8's), for the signaler.
     __shared__ int finished[kConsumers];
-    __shared__ int slotTotal;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const long long clock0 = clock64();
     long long* tr = trace ? trace + 8 * blockIdx.x : nullptr;
@@ -1079,50 +1153,15 @@ __device__ __forceinline__ void experts(
     allow_next_kernel();
 
     // Routing, the same in every block.
-    const moe::Routes r{routeInts, E, k};
-    const moe::RouterArgs ra{correction, mode, normalize, scaling, groups, topKGroups};
-    for (int t = warp; t < T; t += kThreads / 32) moe::route_token(ra, logits, E, k, t, r);
-    __syncthreads();
-    moe::group_pairs(T, E, k, r);
-    __syncthreads();
-    if (warp == 0) {
-        // Slots: each touched expert's tokens in groups of tokensPerSlot.
-        const int touched = *r.touched();
-        int base = 0;
-        for (int s0 = 0; s0 < touched; s0 += 32) {
-            const int s = s0 + lane, first = s < touched ? r.start()[s] : 0, n = s < touched ? r.start()[s + 1] - first : 0;
-            const int c = (n + tokensPerSlot - 1) / tokensPerSlot;
-            int incl = c;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int v = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += v;
-            }
-            for (int i = 0, at = base + incl - c; i < c; ++i) {
-                slotExpert[at + i] = r.expert()[s];
-                slotFirst[at + i] = first + i * tokensPerSlot;
-                slotCount[at + i] = min(tokensPerSlot, n - i * tokensPerSlot);
-            }
-            base += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        if (lane == 0) slotTotal = base;
-    } else if (warp == 1) {
-        // Each token's pairs in ascending expert order (pairs are grouped by ascending expert).
-        if (lane < T)
-            for (int q = 0, c = 0; q < T * k; ++q)
-                if (r.token()[q] == lane) tokenPairs[lane][c++] = q;
-    } else if (warp == 2 && blockIdx.x == 0) {
-        const moe::Routes g{routes, E, k};
-        for (int i = lane; i < T * k; i += 32) {
-            g.chosen()[i] = r.chosen()[i];
-            g.chosenWeight()[i] = r.chosenWeight()[i];
-        }
-        if (lane == 0) *g.touched() = *r.touched();
-    }
-    __syncthreads();
+    const moe::Routes r{br.routeInts, E, k};
+    route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k, tokensPerSlot, routes);
+    const int* slotExpert = br.slotExpert;
+    const int* slotFirst = br.slotFirst;
+    const int* slotCount = br.slotCount;
+    const int(*tokenPairs)[kMaxTopK] = br.tokenPairs;
 
     if (tr && tid == 0) tr[1] = clock64() - clock0;
-    const int S = slotTotal, stepsG = (H + 63) / 64, stepsD = (I + 63) / 64, tilesG = I / 8, tilesD = H / 16;
+    const int S = br.slotTotal, stepsG = (H + 63) / 64, stepsD = (I + 63) / 64, tilesG = I / 8, tilesD = H / 16;
     Units units;
     {
         const long long ug = (long long)S * tilesG, ud = (long long)S * tilesD, G = gridDim.x, b = blockIdx.x;
@@ -1317,3 +1356,255 @@ __device__ __forceinline__ void experts(
 // Version 2: every consumer warp waits at each unit's end. Version 3: only the epilogue warp.
 MOE2_EXPERTS_ENTRY(moe2_experts, false)
 MOE2_EXPERTS_ENTRY(moe3_experts, true)
+
+// Version 4: the router launch of version 2, then the expert products in two plain launches,
+// gate_up then down, with no ring, no producer warp and no counters between the phases:
+//
+//   moe4_gate_up: every block routes every token (route_block) and takes an even share of the
+//     units (16 weight rows by the whole K of one slot: 8 gate rows and their 8 up rows) in
+//     slot-major order; each of its 8 warps streams whole units straight from global memory
+//     into registers (kDepth = 8 steps of 544 bytes in flight per warp, the next unit's first
+//     steps loaded while the current one finishes) and multiplies on the tensor cores as
+//     version 2 does (block32), against B (x in f16 hi + lo) staged in shared memory for the
+//     pairs of a window of consecutive slots. A warp owns a whole unit, so its sums are final:
+//     it applies the GLU itself (no partials in shared memory, no barrier per unit).
+//   moe4_down: the same for down's units (16 rows of one slot, split in `splits` pieces of K
+//     so more warps stream at once), launched as a programmatic dependent of gate_up: it
+//     routes and loads its first unit's weights while gate_up runs, then waits for act. Each
+//     warp writes weight * (y + bias) of its 16 rows into partial [split][pair][H]; the warp
+//     that finishes a 16-row tile's last unit (an arrival counter per tile) adds its pairs in
+//     ascending expert order into out (`combine`): no float atomics, so the sum's order is
+//     fixed and a token's result does not depend on the other tokens of the step.
+// The grids are what fits at once (the host asks the driver) and no block ever waits for
+// another, so a grid larger than the GPU would also be right.
+//
+// Why (Kernels/NOTES.md, version 2's timestamps): version 2 streamed at half the copy
+// bandwidth and spent ~18 us a call in fixed costs: its consumer warps handed every unit to
+// each other through a ring, a barrier and a one-warp epilogue in series, and its down units
+// waited for gate_up counters published through fences. Here a warp's only wait is its own
+// loads, and the phase switch is a kernel boundary whose down weights are already in flight.
+//
+// Budget (gpt-oss-20b, H = I = 2880, top-4): bytes as version 2 (53.2 MB at T = 1: gate_up
+// 35.2, down 17.6; 371 MB for 28 experts at T = 16), plus B staged from L2 per window (at
+// T = 1 about 46 KB a block, 12 MB over the grid) and partial rows (T = 1: 184 KB). Work at
+// T = 1: 1440 gate_up units of 24.5 KB and 1440 down half-units of 12.2 KB over 264 blocks of
+// 8 warps (2 per SM at 128 registers); bytes in flight when every busy warp has 8 steps out:
+// about 6 MB, what 4.2 TB/s needs at ~1.4 us of loaded latency.
+// Roofline at 4.2 TB/s: T = 1 12.7 us. Predicted (H200, overlapped launches): T = 1 20-26 us
+// (route ~3 us in the chain, gate_up ~10-12, down ~6-8 of which ~2 hidden behind gate_up's
+// tail), T = 8 90-120 us (version 2: 151), T = 16 within 1.5x of its roofline.
+namespace moe4 {
+
+using moe2::kStepBytes;
+using moe::kMaxTokens;
+using moe::kMaxTopK;
+
+constexpr int kWarps = 8, kThreads = kWarps * 32, kMaxPairs = kMaxTokens * kMaxTopK;
+static_assert(kThreads == moe2::kConsumers * 32, "moe2::stage runs on kConsumers warps");
+
+__device__ __forceinline__ uint32_t load_word_streaming(const void* p) {
+    uint32_t v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+// The weights of kDepth steps in flight, in registers: lane l's 16 bytes of codes and its
+// rows' 4 bytes of scales per step. kDepth 8 (version 4) or 4 (version 5: half the unrolled
+// loop, for the instruction cache).
+template <int kDepth>
+struct Pipe {
+    uint4 q[kDepth];
+    uint32_t s[kDepth];
+};
+
+template <int kDepth>
+__device__ __forceinline__ void pipe_load(Pipe<kDepth>& p, int d, const uint8_t* step, int lane) {
+    p.q[d] = load_streaming(step + lane * 16);
+    p.s[d] = load_word_streaming(step + 512 + (lane >> 2) * 4);
+}
+
+// The first kDepth steps of a unit of `steps` steps at w.
+template <int kDepth>
+__device__ __forceinline__ void pipe_fill(Pipe<kDepth>& p, const uint8_t* w, int steps, int lane) {
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d)
+        if (d < steps) pipe_load(p, d, w + d * kStepBytes, lane);
+}
+
+// One unit (steps at w, the first kDepth already in p) against B (b[nb] + step * 256, as
+// moe2::step reads it), into acc. The loop runs a multiple of kDepth steps, so step j of a unit
+// is always in slot j % kDepth (registers, indices known at compile time); its last loads
+// are the first kDepth steps of the next unit (next, nextSteps; null: none), so the pipe never
+// drains between a warp's units.
+template <int NB, int kDepth>
+__device__ __forceinline__ void pipe_run(Pipe<kDepth>& p, const uint8_t* w, int steps, const uint8_t* next, int nextSteps,
+                                         const uint8_t* const (&b)[2], int lane, float (&acc)[NB][4]) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[nb][v] = 0.f;
+    const int L = (steps + kDepth - 1) / kDepth * kDepth;
+    for (int s0 = 0; s0 < L; s0 += kDepth) {
+#pragma unroll
+        for (int d = 0; d < kDepth; ++d) {
+            const int s = s0 + d, ahead = s + kDepth;
+            const uint4 q = p.q[d];
+            const uint32_t sw = p.s[d];
+            if (ahead < steps) pipe_load(p, d, w + (size_t)ahead * kStepBytes, lane);
+            else if (ahead >= L && next && ahead - L < nextSteps) pipe_load(p, d, next + (size_t)(ahead - L) * kStepBytes, lane);
+            if (s < steps) {
+                uint4 x0[NB], x1[NB];
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+                    x0[nb] = *reinterpret_cast<const uint4*>(b[nb] + s * 256);
+                    x1[nb] = *reinterpret_cast<const uint4*>(b[nb] + s * 256 + 128);
+                }
+                moe2::block32<0, NB>(q.x, q.y, sw, x0, acc);
+                moe2::block32<2, NB>(q.z, q.w, sw, x1, acc);
+            }
+        }
+    }
+}
+
+// Both phases (Down false: gate_up, true: down). src: x [T, H] or act [pairs, I]; weights and
+// bias: the phase's tiled weights and biases; windowPairs: pairs whose B fits the dynamic
+// shared memory (>= tokensPerSlot); splits: pieces of K per down unit (gate_up: 1).
+template <bool Down, int kDepth>
+__device__ __forceinline__ void products(
+    const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
+    const float* src, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* weights, const float* bias,
+    int clamped, float alpha, float limit, float* act, float* partial, int* sync, int* routes, float* out,
+    int windowPairs, int tokensPerSlot, int splits) {
+    extern __shared__ __align__(128) uint8_t bsm[];
+    __shared__ moe2::BlockRoutes br;
+    __shared__ int winRow[kMaxPairs], winExp[kMaxPairs];
+    __shared__ float winUnscale[kMaxPairs];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+    const int K = Down ? I : H, steps = (K + 63) / 64, tiles = Down ? H / 16 : I / 8, pieces = Down ? splits : 1;
+    const int per = (steps + pieces - 1) / pieces, P = T * k;
+    // gate_up reads the logits of the launch before it. down's come from two launches back:
+    // gate_up let this grid start only after its own wait, so they are complete; down waits
+    // only for act.
+    if (!Down) {
+        wait_for_previous_kernel();
+        allow_next_kernel();
+    }
+    moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
+                      tokensPerSlot, Down ? nullptr : routes);
+    const moe::Routes r{br.routeInts, E, k};
+    const int S = br.slotTotal, perSlot = pieces * tiles;
+    const long long U = (long long)S * perSlot, G = gridDim.x, blk = blockIdx.x;
+    const int u1 = (int)((blk + 1) * U / G);
+    // Unit v: slot v / perSlot, then piece, then 16-row tile.
+    const auto unit = [&](int v, int& s, int& piece, int& tile, const uint8_t*& w, int& n) {
+        s = v / perSlot;
+        const int rem = v - s * perSlot;
+        piece = rem / tiles;
+        tile = rem - piece * tiles;
+        n = min(per, steps - piece * per);
+        w = weights + (((size_t)br.slotExpert[s] * tiles + tile) * steps + (size_t)piece * per) * kStepBytes;
+    };
+    Pipe<kDepth> pipe;
+    bool waited = !Down;
+    for (int u = (int)(blk * U / G); u < u1;) {
+        // A window: consecutive slots from u's whose pairs' B fits.
+        const int sA = u / perSlot, pw0 = br.slotFirst[sA];
+        int sB = sA;
+        while (sB + 1 < S && (long long)(sB + 1) * perSlot < u1 && br.slotFirst[sB + 1] + br.slotCount[sB + 1] - pw0 <= windowPairs) ++sB;
+        const int pw1 = br.slotFirst[sB] + br.slotCount[sB], wu1 = min(u1, (sB + 1) * perSlot);
+        int s, piece, tile, n;
+        const uint8_t* w;
+        if (u + warp < wu1) {
+            unit(u + warp, s, piece, tile, w, n);
+            pipe_fill(pipe, w, n, lane);  // in flight while B is staged (down: while gate_up runs)
+        }
+        if (!waited) {
+            wait_for_previous_kernel();  // act and its maxima
+            allow_next_kernel();
+            waited = true;
+        }
+        __syncthreads();  // every warp is done with the last window's B
+        const int m = pw1 - pw0;
+        if (threadIdx.x < m) {
+            const int p = pw0 + threadIdx.x;
+            const int ex = Down ? (int)((uint32_t)__ldcg(sync + moe2::kSyncActMax + p) >> 23) : __ldcg(xexp + r.token()[p]);
+            const int e = min(max(ex, 15), 255);
+            winRow[threadIdx.x] = Down ? p : r.token()[p];
+            winExp[threadIdx.x] = e;
+            winUnscale[threadIdx.x] = __uint_as_float(static_cast<uint32_t>(e) << 23);
+        }
+        __syncthreads();
+        moe2::stage(bsm, src, winRow, winExp, K, steps, m);
+        __syncthreads();
+        for (int v = u + warp; v < wu1; v += kWarps) {
+            unit(v, s, piece, tile, w, n);
+            const int e = br.slotExpert[s], p0 = br.slotFirst[s], c = br.slotCount[s];
+            int ns = 0, np, nt, nn = 0;
+            const uint8_t* nw = nullptr;
+            if (v + kWarps < wu1) unit(v + kWarps, ns, np, nt, nw, nn);
+            float b0 = 0.f, b1 = 0.f;
+            if (bias && piece == 0) {
+                if (Down) {
+                    b0 = __ldg(bias + (size_t)e * H + tile * 16 + g);
+                    b1 = __ldg(bias + (size_t)e * H + tile * 16 + g + 8);
+                } else {
+                    b0 = __ldg(bias + (size_t)e * 2 * I + tile * 8 + g);
+                    b1 = __ldg(bias + (size_t)e * 2 * I + I + tile * 8 + g);
+                }
+            }
+            const int stride = steps * 256, at = (g & 1) * 64 + (lane & 3) * 16 + piece * per * 256;
+            const uint8_t* const bl[2] = {bsm + (p0 - pw0 + min(g >> 1, c - 1)) * stride + at,
+                                          bsm + (p0 - pw0 + min(4 + (g >> 1), c - 1)) * stride + at};
+            const float* unscale = winUnscale + (p0 - pw0);
+            const auto finish = [&](auto nbTag) {
+                constexpr int NB = decltype(nbTag)::value;
+                float acc[NB][4];
+                pipe_run<NB, kDepth>(pipe, w, n, nw, nn, bl, lane, acc);
+                if (Down) moe2::down_out<NB>(acc, c, p0, H, tile * 16 + g, b0, b1, unscale, r.weight(), partial + (size_t)piece * P * H);
+                else moe2::gate_up_out<NB>(acc, c, p0, I, tile * 8 + g, b0, b1, unscale, clamped, alpha, limit, act, sync + moe2::kSyncActMax);
+            };
+            if (c > 4) finish(moe::Tokens<2>{});
+            else finish(moe::Tokens<1>{});
+            if (Down) {
+                // The tile's last unit over all slots and pieces adds them up.
+                __syncwarp();
+                int last = 0;
+                if (lane == 0) {
+                    __threadfence();  // this warp's partial rows before its arrival
+                    last = atomicAdd(sync + moe2::kSyncTiles + tile, 1) == S * pieces - 1;
+                }
+                if (__shfl_sync(0xffffffffu, last, 0)) {
+                    __threadfence();  // the other arrivals' partial rows are visible
+                    moe2::combine(tile, T, H, k, br.tokenPairs, partial, out, P, pieces);
+                }
+            }
+        }
+        u = wu1;
+    }
+}
+
+}  // namespace moe4
+
+// Version 4's launches (see the comment above namespace moe4; version 5 is the same with 4
+// steps in flight per warp instead of 8): kThreads threads; the grid is what fits at once;
+// dynamic shared memory windowPairs * 256 * ceil(K / 64) bytes (K = H for gate_up, I for
+// down). act [16k, I], partial [splits, T k, H], sync zeroed by moe2_route.
+#define MOE4_ENTRIES(GATE_UP, DOWN, DEPTH)                                                                                \
+    extern "C" __global__ void __launch_bounds__(moe4::kThreads, 2) GATE_UP(                                            \
+        const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
+        const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias, \
+        int clamped, float alpha, float limit, float* act, int* sync, int* routes, int windowPairs, int tokensPerSlot) { \
+        moe4::products<false, DEPTH>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, \
+                                     k, gateUp, gateUpBias, clamped, alpha, limit, act, nullptr, sync, routes, nullptr,    \
+                                     windowPairs, tokensPerSlot, 1);                                                        \
+    }                                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(moe4::kThreads, 2) DOWN(                                               \
+        const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
+        const float* act, int T, int H, int I, int E, int k, const uint8_t* down, const float* downBias, float* partial,  \
+        int* sync, float* out, int windowPairs, int tokensPerSlot, int splits) {                                          \
+        moe4::products<true, DEPTH>(logits, correction, mode, normalize, scaling, groups, topKGroups, act, nullptr, T, H, I, \
+                                    E, k, down, downBias, 0, 0.f, 0.f, nullptr, partial, sync, nullptr, out, windowPairs, \
+                                    tokensPerSlot, splits);                                                                 \
+    }
+MOE4_ENTRIES(moe4_gate_up, moe4_down, 8)
+MOE4_ENTRIES(moe5_gate_up, moe5_down, 4)

@@ -87,7 +87,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// `sharing`: an executor over the same layers whose cache (and positions) this one uses;
     /// the two also share a stream, so one's cache writes are ordered before the other's reads.
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
-                moeVersion: Int = 2, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, sharing: CUDAExecutor? = nil,
+                moeVersion: Int = CUDAMoE.defaultVersion, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, sharing: CUDAExecutor? = nil,
                 progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         self.plan = plan

@@ -7,13 +7,19 @@ import Fulgur
 /// gate+up weight (gpt-oss `_blocks`/`_scales`, gate and up interleaved, or stacked with gate
 /// rows first) or separate gate and up weights (MiMo). The router is BF16 or F32.
 ///
-/// `version` picks the kernels: 2 (the default) routes in a small launch and runs every expert
+/// `version` picks the kernels: 2 routes in a small launch and runs every expert
 /// product in one persistent launch on the tensor cores, from weights repacked at upload
 /// (`tiled`); 1 is the first version (three launches, FFMA), kept so one GPU run can time both.
 /// 3 is version 2's kernel with a deeper ring (a launch plan per token bin, so x takes only the
 /// room the call's tokens need; chunks sized to fill their ring slots) and a unit end that only
-/// the unit's epilogue warp waits at (`moe3_experts`).
+/// the unit's epilogue warp waits at (`moe3_experts`). 4 (the default) keeps version 2's router and weight
+/// layout and runs the products in two plain launches, gate_up then down, whose warps each
+/// stream whole units straight into registers (`moe4_gate_up`, `moe4_down`); 5 is 4 with 4
+/// steps in flight per warp instead of 8 (`moe5_*`).
 public final class CUDAMoE: @unchecked Sendable {
+    /// The kernels every executor uses unless told otherwise: version 4 measured as fast as 2 at
+    /// 1 token and 1.8-1.9x faster at 8-16 (Kernels/NOTES.md, 2026-11-27, H200).
+    public static let defaultVersion = 4
     public static let maxTokens = 16
     static let maxExperts = 256, maxTopK = 8, maxGroups = 32
     public let spec: MoESpec
@@ -37,7 +43,26 @@ public final class CUDAMoE: @unchecked Sendable {
     enum Kernels {
         case v1(Version1)
         case v2(Version2)
+        case v4(Version4)
     }
+
+    /// Version 2's buffers and router with `experts` = moe4_gate_up; partial holds
+    /// `maxSplits` pieces.
+    struct Version4 {
+        let base: Version2
+        let down: KernelModule.Function
+        /// Launch plans for calls of 1...16 tokens (index tokens - 1).
+        let plans: [Plan4]
+    }
+
+    /// moe4's launches for a token count: grids (what fits at once), dynamic shared memory
+    /// (B for `window` pairs), slot size and down's pieces of K.
+    struct Plan4 {
+        let gateBlocks: Int, gateShared: Int, gateWindow: Int
+        let downBlocks: Int, downShared: Int, downWindow: Int
+        let tokensPerSlot: Int, splits: Int
+    }
+    static let v4Threads = 256, v4MaxSplits = 2
 
     struct Version1 {
         let route: KernelModule.Function
@@ -77,12 +102,12 @@ public final class CUDAMoE: @unchecked Sendable {
 
     static let bins = [1, 2, 4, 8, 16]
 
-    public init(_ m: MoEWeights, module: KernelModule, version: Int = 2) throws {
+    public init(_ m: MoEWeights, module: KernelModule, version: Int = CUDAMoE.defaultVersion) throws {
         let s = m.spec, E = s.experts, k = s.topK, I = s.intermediate, H = m.router.inFeatures
         func unsupported(_ why: String) -> FulgurError {
             FulgurError(.unsupported, "MoE layer (router '\(m.router.name)'): \(why); the CUDA MoE kernel takes MXFP4 experts with split scales, up to \(Self.maxExperts) experts, top-k up to \(Self.maxTopK), hidden and intermediate sizes that are multiples of 32 (version 2: hidden at most 8192)")
         }
-        guard (1...3).contains(version) else { throw unsupported("kernel version \(version) (there are 1, 2 and 3)") }
+        guard (1...5).contains(version) else { throw unsupported("kernel version \(version) (there are 1 to 5)") }
         guard E <= Self.maxExperts, E == m.experts.count, (1...Self.maxTopK).contains(k), H % 32 == 0, I % 32 == 0, version == 1 || H <= 8192 else {
             throw unsupported("\(E) experts, top-\(k), hidden \(H), intermediate \(I)")
         }
@@ -155,9 +180,12 @@ public final class CUDAMoE: @unchecked Sendable {
             return
         }
 
-        let route = try module.function("moe2_route"), experts = try module.function(version == 3 ? "moe3_experts" : "moe2_experts")
+        let route = try module.function("moe2_route")
+        let experts = try module.function(version >= 4 ? "moe\(version)_gate_up" : version == 3 ? "moe3_experts" : "moe2_experts")
         let plans: [Plan]
-        if version == 3 {
+        if version >= 4 {
+            plans = []
+        } else if version == 3 {
             plans = try Self.plans3(experts, module: module, hidden: H, intermediate: I)
         } else {
             let plan = try Self.plan(experts, module: module, hidden: H, intermediate: I)
@@ -178,10 +206,52 @@ public final class CUDAMoE: @unchecked Sendable {
             return interleaved ? (0..<I).map { b[2 * $0] } + (0..<I).map { b[2 * $0 + 1] } : b
         } : nil)
         let syncCount = 2 * Self.maxTokens * Self.maxTopK + H / 16
-        kernels = .v2(Version2(route: route, experts: experts, gateUp: gateUp, gateUpBias: gateUpBias, down: down, downBias: downBias,
-                               xexp: try device.allocate(4 * Self.maxTokens), sync: try device.allocate(4 * syncCount),
-                               act: try device.allocate(4 * Self.maxTokens * k * I), partial: try device.allocate(4 * Self.maxTokens * k * H),
-                               syncCount: syncCount, plans: plans))
+        let splits = version >= 4 ? Self.v4MaxSplits : 1
+        let base = Version2(route: route, experts: experts, gateUp: gateUp, gateUpBias: gateUpBias, down: down, downBias: downBias,
+                            xexp: try device.allocate(4 * Self.maxTokens), sync: try device.allocate(4 * syncCount),
+                            act: try device.allocate(4 * Self.maxTokens * k * I),
+                            partial: try device.allocate(4 * splits * Self.maxTokens * k * H), syncCount: syncCount, plans: plans)
+        if version >= 4 {
+            let downFunction = try module.function("moe\(version)_down")
+            kernels = .v4(Version4(base: base, down: downFunction,
+                                   plans: try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k)))
+        } else {
+            kernels = .v2(base)
+        }
+    }
+
+    /// Version 4's plans for 1...16 tokens. B takes 256 bytes per 64 columns per pair; a window
+    /// holds the pairs of up to all the call's tokens (T k), at least a whole slot, and as many
+    /// more as keep two blocks on a multiprocessor. Slots of 8 tokens where 8 pairs fit a block,
+    /// else 4. Down's K is split in two at T <= 4, where there are few units to spread.
+    static func plans4(gateUp: KernelModule.Function, down: KernelModule.Function, module: KernelModule,
+                       hidden H: Int, intermediate I: Int, topK k: Int) throws -> [Plan4] {
+        let device = module.device
+        let pairG = 256 * ((H + 63) / 64), pairD = 256 * ((I + 63) / 64)
+        let staticBytes = max(try module.staticSharedBytes(gateUp), try module.staticSharedBytes(down))
+        let room = device.maxSharedMemoryPerBlock - staticBytes, twoPerSM = room / 2 - 1024
+        guard let tokensPerSlot = [8, 4].first(where: { $0 * max(pairG, pairD) <= room }) else {
+            throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): 4 pairs' activations (\(4 * max(pairG, pairD)) bytes) do not fit the \(room) bytes of shared memory a block has here (version 4)")
+        }
+        func window(_ T: Int, _ pairBytes: Int) -> Int {
+            min(T * k, max(min(tokensPerSlot, T), twoPerSM / pairBytes), room / pairBytes)
+        }
+        let windows = (1...maxTokens).map { (window($0, pairG), window($0, pairD)) }
+        // The occupancy calculation counts only up to the dynamic shared memory the function
+        // is allowed (48 KiB until raised), so raise it first.
+        try module.allowSharedMemory(gateUp, bytes: windows.map { $0.0 * pairG }.max()!)
+        try module.allowSharedMemory(down, bytes: windows.map { $0.1 * pairD }.max()!)
+        return try (1...maxTokens).map { T in
+            let (wg, wd) = windows[T - 1]
+            let g = try module.residentBlocksPerMultiprocessor(gateUp, threads: v4Threads, sharedBytes: wg * pairG)
+            let d = try module.residentBlocksPerMultiprocessor(down, threads: v4Threads, sharedBytes: wd * pairD)
+            guard g >= 1, d >= 1 else {
+                throw FulgurError(.unsupported, "moe4 kernels with \(wg * pairG) / \(wd * pairD) bytes of shared memory cannot run on \(device.name)")
+            }
+            return Plan4(gateBlocks: g * device.multiprocessors, gateShared: wg * pairG, gateWindow: wg,
+                         downBlocks: d * device.multiprocessors, downShared: wd * pairD, downWindow: wd,
+                         tokensPerSlot: tokensPerSlot, splits: T <= 4 ? v4MaxSplits : 1)
+        }
     }
 
     /// Int32 offsets in the routing buffer; mirrors moe::Routes in Kernels/moe.cu.
@@ -254,7 +324,7 @@ public final class CUDAMoE: @unchecked Sendable {
 
     /// Turns the per-block timestamps of versions 2 and 3 on or off (`trace`, `lastTrace`).
     public func setTracing(_ on: Bool) throws {
-        guard case .v2(let v) = kernels else { return }
+        guard case .v2(let v) = kernels else { return }  // version 4 records no timestamps
         trace = on ? try module.device.allocate(8 * 8 * v.plans.map(\.blocks).max()!) : nil
     }
 
@@ -349,6 +419,7 @@ public final class CUDAMoE: @unchecked Sendable {
         switch kernels {
         case .v1: ["route", "gate_up", "down"]
         case .v2: ["route", "experts"]
+        case .v4: ["route", "gate_up", "down"]
         }
     }
 
@@ -361,6 +432,11 @@ public final class CUDAMoE: @unchecked Sendable {
                 let p = v.plans[i]
                 return (version == 3 ? "T <= \([1, 2, 4, 16][i]): " : "") + "\(p.sharedBytes) bytes of shared memory (ring of \(p.ringSlots) x \(p.slotBytes), x for \(p.tokensPerSlot) tokens)"
             }.joined(separator: ", ")
+        case .v4(let v):
+            "version \(version): blocks of \(Self.v4Threads) threads; " + [1, 8, 16].map { t in
+                let p = v.plans[t - 1]
+                return "T = \(t): gate_up \(p.gateBlocks) blocks, \(p.gateShared) bytes (\(p.gateWindow) pairs), down \(p.downBlocks) blocks, \(p.downShared) bytes (\(p.downWindow) pairs), \(p.splits) pieces"
+            }.joined(separator: "; ")
         }
     }
 
@@ -418,6 +494,25 @@ public final class CUDAMoE: @unchecked Sendable {
                 ptr(v.act), ptr(v.partial), ptr(v.sync), ptr(routes), ptr(out),
                 .int32(Int32(plan.ringSlots)), .int32(Int32(plan.tokensPerSlot)), .int32(Int32(plan.xBytes)),
                 .int32(Int32(plan.chunkSteps)), ptr(trace)])
+        case .v4(let v):
+            let b = v.base, plan = v.plans[tokens - 1]
+            try mark()
+            try module.launch(b.route, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, [
+                ptr(router), .int32(routerIsBF16 ? 1 : 0), ptr(routerBias), ptr(x), .int32(T), .int32(H), .int32(E),
+                ptr(logits), ptr(b.xexp), ptr(b.sync), .int32(Int32(b.syncCount))])
+            let routing: [KernelModule.Argument] = [ptr(logits), ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling),
+                                                    .int32(Int32(groups)), .int32(Int32(topKGroups))]
+            try mark()
+            try module.launch(b.experts, grid: (plan.gateBlocks, 1, 1), block: (Self.v4Threads, 1, 1), sharedBytes: plan.gateShared,
+                              stream: stream, overlapPrevious: overlap, routing + [
+                ptr(x), ptr(b.xexp), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k), ptr(b.gateUp), ptr(b.gateUpBias),
+                .int32(clamped), .float(alpha), .float(limit), ptr(b.act), ptr(b.sync), ptr(routes),
+                .int32(Int32(plan.gateWindow)), .int32(Int32(plan.tokensPerSlot))])
+            try mark()
+            try module.launch(v.down, grid: (plan.downBlocks, 1, 1), block: (Self.v4Threads, 1, 1), sharedBytes: plan.downShared,
+                              stream: stream, overlapPrevious: overlap, routing + [
+                ptr(b.act), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k), ptr(b.down), ptr(b.downBias), ptr(b.partial),
+                ptr(b.sync), ptr(out), .int32(Int32(plan.downWindow)), .int32(Int32(plan.tokensPerSlot)), .int32(Int32(plan.splits))])
         }
         try mark()
     }

@@ -12,7 +12,7 @@ public final class CUDATensorParallel {
     public let vocabSize: Int
     let allReduce: PeerAllReduce
 
-    public init(plan: Plan, group: DeviceGroup, maxPositions: Int? = nil, maxStepTokens: Int = 16, moeVersion: Int = 2,
+    public init(plan: Plan, group: DeviceGroup, maxPositions: Int? = nil, maxStepTokens: Int = 16, moeVersion: Int = CUDAMoE.defaultVersion,
                 progress: ((Int, Int) -> Void)? = nil) throws {
         let n = group.count
         let allReduce = try PeerAllReduce(group: group, maxFloats: maxStepTokens * plan.spec.hiddenSize)

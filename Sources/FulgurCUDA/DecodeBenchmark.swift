@@ -41,7 +41,7 @@ public struct DecodeBenchmark: Codable {
     public var rooflineFraction: Double { rooflineMilliseconds / (steps.first { $0.tokens == 1 }?.millisecondsPerStep ?? .nan) }
 
     public static func run(plan: Plan, model: String, device: CUDADevice, module: KernelModule, context: Int = 512,
-                           steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], moeVersion: Int = 2, prefetch: CUDAExecutor.L2Prefetch = .off,
+                           steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], moeVersion: Int = CUDAMoE.defaultVersion, prefetch: CUDAExecutor.L2Prefetch = .off,
                            log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
         let stream = try device.makeStream()
         let copy = try CopyBandwidth(device, stream)

@@ -125,11 +125,18 @@ struct MoEResult {
 
 struct MoERow {
     let shape: String; let tokens: Int; let bytes: Int
-    /// Versions 1 and 2.
+    /// Each version's kernel names (CUDAMoE.stageNames), for the table's header.
+    let stageNames: [[String]]
+    /// One per `moeVersions` entry.
     let results: [MoEResult]
 }
 
-let moeVersions = [1, 2, 3]
+/// Kernel versions checked and timed side by side: `FULGUR_MOE_VERSIONS` (comma-separated),
+/// else 2 (the default) and 4. Versions 1 and 3 measured slower than 2 (Kernels/NOTES.md).
+let moeVersions: [Int] = {
+    let listed = ProcessInfo.processInfo.environment["FULGUR_MOE_VERSIONS"]?.split(separator: ",").compactMap { Int($0) } ?? []
+    return listed.isEmpty ? [2, 4] : listed
+}()
 
 /// us per call over 10 rounds of `calls` calls rotating over `copies`, each round queued behind
 /// three 1 GiB copies so the events time the GPU, not the host's launch rate; the median round.
@@ -174,7 +181,7 @@ func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream
     var rng = SeededGenerator(seed: seed)
     let m = try randomMoE(s, &rng)
     let gpus = try moeVersions.map { try CUDAMoE(m, module: module, version: $0) }
-    for g in gpus.dropFirst() { print("\(s.name): \(g.planDescription)") }
+    for g in gpus where g.version >= 2 { print("\(s.name): \(g.planDescription)") }
     let H = s.hidden, E = s.experts
     // Copies so that consecutive calls touch other weights: more than L2 between two reads.
     let copyCount = max(2, min(4, (2 << 30) / (E * gpus[0].expertBytes)))
@@ -231,8 +238,8 @@ func checkMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream
             if timed.contains(t) && gpu.version >= 2 && [1, 4, 8, 12, 16].contains(t) { try printTrace(gpu, copies[v], xd, tokens: t, out, stream, shape: s.name) }
             results.append(MoEResult(error: error, routeMismatches: mismatches, touched: touched, timings: timings, stages: stages))
         }
-        let bytes = results[1].touched * gpus[1].expertBytes + gpus[1].routerBytes
-        rows.append(MoERow(shape: s.name, tokens: t, bytes: bytes, results: results))
+        let bytes = results[0].touched * gpus[0].expertBytes + gpus[0].routerBytes
+        rows.append(MoERow(shape: s.name, tokens: t, bytes: bytes, stageNames: gpus.map(\.stageNames), results: results))
     }
     return rows
 }
@@ -274,17 +281,18 @@ func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, 
     print("roofline: router + touched experts' bytes over the copy bandwidth (\(String(format: "%.0f", copy.gbps)) GB/s); us per call (% of roofline)")
     print("plain: cuLaunchKernel; overlap: each kernel a programmatic dependent of the one before; kernels: median us of each, events between plain launches")
     print("shape        T  experts      MB  roofline | rel.err " + moeVersions.map { "v\($0)" .padding(toLength: 9, withPad: " ", startingAt: 0) }.joined() + "| "
-          + moeVersions.map { "v\($0) plain        v\($0) overlap      | " }.joined() + "v1 route gate_up down | " + moeVersions.dropFirst().map { "v\($0) route experts | " }.joined())
+          + moeVersions.map { "v\($0) plain        v\($0) overlap      | " }.joined()
+          + zip(moeVersions, rows.first?.stageNames ?? []).map { v, names in "v\(v) " + names.joined(separator: " ") + " | " }.joined())
     for r in rows where !r.results[0].timings.isEmpty || failed.contains(where: { $0.shape == r.shape && $0.tokens == r.tokens }) {
         let roof = copy.micros(r.bytes) / 2
         var line = r.shape.padding(toLength: 11, withPad: " ", startingAt: 0)
-            + String(format: "%3d  %7d  %6.1f  %8.2f |", r.tokens, r.results[1].touched, Double(r.bytes) / 1e6, roof)
+            + String(format: "%3d  %7d  %6.1f  %8.2f |", r.tokens, r.results[0].touched, Double(r.bytes) / 1e6, roof)
             + r.results.map { String(format: " %.2e", $0.error) }.joined() + " |"
         for res in r.results {
             line += res.timings.map { " " + pct(roof, $0.micros) + ($0.hostPaced > 0 ? " (host-paced \($0.hostPaced)/10)" : "") }.joined() + " |"
         }
         for res in r.results { line += res.stages.map { String(format: " %6.2f", $0) }.joined() + " |" }
-        for (v, res) in r.results.enumerated() where res.routeMismatches > 0 || res.touched != r.results[1].touched {
+        for (v, res) in r.results.enumerated() where res.routeMismatches > 0 || res.touched != r.results[0].touched {
             line += "  v\(moeVersions[v]): ROUTING DIFFERS for \(res.routeMismatches) tokens, \(res.touched) experts touched"
         }
         print(line)

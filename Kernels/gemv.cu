@@ -235,37 +235,50 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
 }
 
 
-// Plain f32 or bf16 weights (small models, routers, anything converted on upload), x read
-// through L1: out[t, r] = sum_i W[r, i] x[t, g * k + i] (+ bias[r]) with g = r / groupRows,
-// so one launch can also multiply E stacked matrices by E different inputs (the dense MoE
-// fallback's down projections; groupRows = n for one matrix). A warp per row, 16-byte weight
-// loads, TB token accumulators per lane (T <= TB of them used). Rows are `rowStride` elements
-// apart; 16-byte paths need rowStride, k, xStride and g * k aligned, else the scalar path.
-template <int TB, bool BF16>
-__device__ void plain(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
-                      float* __restrict__ out, int n, int k, int rowStride, int T, int xStride, int groupRows, int outStride) {
-    const int lane = threadIdx.x & 31, row = blockIdx.x * kWarps + threadIdx.x / 32;
-    wait_for_previous_kernel();
-    allow_next_kernel();
-    if (row >= n) return;
+// Plain f32 or bf16 weights (small models, routers, the BF16 LM head, anything converted on
+// upload), x read through L1: out[t, r] = sum_i W[r, i] x[t, g * k + i] (+ bias[r]) with
+// g = r / groupRows, so one launch can also multiply E stacked matrices by E different inputs
+// (the dense MoE fallback's down projections; groupRows = n for one matrix). A warp owns
+// PlainRows<TB> consecutive rows, 16-byte weight loads, TB token accumulators per row and
+// lane (T <= TB of them used); each x value read from L1 feeds all of the warp's rows. Rows
+// are `rowStride` elements apart; 16-byte paths need rowStride, k, xStride and g * k
+// aligned, else the scalar path.
+//
+// Why several rows a warp at T >= 2: with one row, every 16-byte weight load needed 2 T
+// 16-byte x loads from L1; at T = 8 that is 16 KB of L1 reads per KB of weights, past what
+// L1 serves, and the BF16 LM head (201088 x 2880, 1158 MB) took 1.2 ms in an 8-token step
+// against 0.28 ms at T = 1 (H200, 2026-11-27). Four rows cut the L1 reads to 4 bytes per weight
+// byte (64 B a clock an SM at the roofline, half of L1) and keep the FFMAs (T per weight
+// element) under the SM's rate up to T = 8.
+template <int TB> struct PlainRows { static constexpr int value = TB >= 4 ? 4 : TB; };
+
+template <int TB, bool BF16, int R>
+__device__ __forceinline__ void plain_rows(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
+                                           float* __restrict__ out, int k, int rowStride, int T, int xStride, int groupRows,
+                                           int outStride, int row0, int rows) {
+    const int lane = threadIdx.x & 31;
     constexpr int E = BF16 ? 8 : 4;  // elements per 16-byte load
-    const float* xg = x + (size_t)(row / groupRows) * k;
-    const bool vector = rowStride % E == 0 && k % E == 0 && xStride % 4 == 0 && (row / groupRows) * k % 4 == 0;
-    float acc[TB] = {};
+    const float* xg = x + (size_t)(row0 / groupRows) * k;
+    const bool vector = rowStride % E == 0 && k % E == 0 && xStride % 4 == 0 && (row0 / groupRows) * k % 4 == 0;
+    float acc[R][TB] = {};
     const int chunks = vector ? k / E : 0;
     for (int c = lane; c < chunks; c += 32) {
-        float wv[8];
-        if (BF16) {
-            const uint4 v = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)row * rowStride + c * 8);
+        float wv[R][8];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const uint32_t q = word(v, j);
-                wv[2 * j] = __uint_as_float(q << 16);
-                wv[2 * j + 1] = __uint_as_float(q & 0xFFFF0000u);
+        for (int r = 0; r < R; ++r) {
+            const int row = r < rows ? row0 + r : row0;  // a short last warp repeats its first row
+            if (BF16) {
+                const uint4 v = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)row * rowStride + c * 8);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const uint32_t q = word(v, j);
+                    wv[r][2 * j] = __uint_as_float(q << 16);
+                    wv[r][2 * j + 1] = __uint_as_float(q & 0xFFFF0000u);
+                }
+            } else {
+                const uint4 v = load_streaming(reinterpret_cast<const float*>(w) + (size_t)row * rowStride + c * 4);
+                wv[r][0] = __uint_as_float(v.x); wv[r][1] = __uint_as_float(v.y); wv[r][2] = __uint_as_float(v.z); wv[r][3] = __uint_as_float(v.w);
             }
-        } else {
-            const uint4 v = load_streaming(reinterpret_cast<const float*>(w) + (size_t)row * rowStride + c * 4);
-            wv[0] = __uint_as_float(v.x); wv[1] = __uint_as_float(v.y); wv[2] = __uint_as_float(v.z); wv[3] = __uint_as_float(v.w);
         }
 #pragma unroll
         for (int t = 0; t < TB; ++t) {
@@ -273,24 +286,51 @@ __device__ void plain(const void* __restrict__ w, const float* __restrict__ bias
 #pragma unroll
             for (int h = 0; h < E / 4; ++h) {
                 const float4 a = __ldg(reinterpret_cast<const float4*>(xg + (size_t)t * xStride + c * E + 4 * h));
-                acc[t] = fmaf(wv[4 * h], a.x, acc[t]);
-                acc[t] = fmaf(wv[4 * h + 1], a.y, acc[t]);
-                acc[t] = fmaf(wv[4 * h + 2], a.z, acc[t]);
-                acc[t] = fmaf(wv[4 * h + 3], a.w, acc[t]);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    acc[r][t] = fmaf(wv[r][4 * h], a.x, acc[r][t]);
+                    acc[r][t] = fmaf(wv[r][4 * h + 1], a.y, acc[r][t]);
+                    acc[r][t] = fmaf(wv[r][4 * h + 2], a.z, acc[r][t]);
+                    acc[r][t] = fmaf(wv[r][4 * h + 3], a.w, acc[r][t]);
+                }
             }
         }
     }
     for (int i = chunks * E + lane; i < k; i += 32) {
-        const float wi = BF16 ? __uint_as_float((uint32_t)reinterpret_cast<const uint16_t*>(w)[(size_t)row * rowStride + i] << 16)
-                              : reinterpret_cast<const float*>(w)[(size_t)row * rowStride + i];
 #pragma unroll
-        for (int t = 0; t < TB; ++t)
-            if (t < T) acc[t] = fmaf(wi, xg[(size_t)t * xStride + i], acc[t]);
+        for (int r = 0; r < R; ++r) {
+            const int row = r < rows ? row0 + r : row0;
+            const float wi = BF16 ? __uint_as_float((uint32_t)reinterpret_cast<const uint16_t*>(w)[(size_t)row * rowStride + i] << 16)
+                                  : reinterpret_cast<const float*>(w)[(size_t)row * rowStride + i];
+#pragma unroll
+            for (int t = 0; t < TB; ++t)
+                if (t < T) acc[r][t] = fmaf(wi, xg[(size_t)t * xStride + i], acc[r][t]);
+        }
     }
 #pragma unroll
-    for (int t = 0; t < TB; ++t) {
-        const float v = warp_sum(acc[t]);
-        if (lane == 0 && t < T) out[(size_t)t * outStride + row] = bias ? v + bias[row] : v;
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < TB; ++t) {
+            const float v = warp_sum(acc[r][t]);
+            if (lane == 0 && t < T && r < rows) out[(size_t)t * outStride + row0 + r] = bias ? v + bias[row0 + r] : v;
+        }
+}
+
+template <int TB, bool BF16>
+__device__ void plain(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
+                      float* __restrict__ out, int n, int k, int rowStride, int T, int xStride, int groupRows, int outStride) {
+    constexpr int R = PlainRows<TB>::value;
+    const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
+    wait_for_previous_kernel();
+    allow_next_kernel();
+    if (row0 >= n) return;
+    const int rows = min(R, n - row0);
+    // The warp's rows share one x group (always, for a single matrix); stacked matrices
+    // whose boundary falls inside the warp take their rows one at a time.
+    if (row0 / groupRows == (row0 + rows - 1) / groupRows) {
+        plain_rows<TB, BF16, R>(w, bias, x, out, k, rowStride, T, xStride, groupRows, outStride, row0, rows);
+    } else {
+        for (int r = 0; r < rows; ++r) plain_rows<TB, BF16, 1>(w, bias, x, out, k, rowStride, T, xStride, groupRows, outStride, row0 + r, 1);
     }
 }
 
@@ -428,7 +468,7 @@ GEMV_ENTRY(1) GEMV_ENTRY(2) GEMV_ENTRY(3) GEMV_ENTRY(4) GEMV_ENTRY(5) GEMV_ENTRY
 GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_ENTRY(14) GEMV_ENTRY(15) GEMV_ENTRY(16)
 
 // gemv_<f32|bf16>_t<TB> for the token bins TB = 1, 2, 4, 8, 16 (T <= TB used). Launch with
-// 128 threads and ceil(N / 4) blocks, no shared memory.
+// 128 threads and ceil(N / (4 * PlainRows<TB>)) blocks (CUDALinear.plan), no shared memory.
 #define PLAIN_ENTRY(TB)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB(                              \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \

@@ -973,9 +973,9 @@ struct Units {
 // syncCount ints of sync that moe2_experts counts in.
 // The register caps of both kernels (96 x 256 + 128 x 320 = the 64K register file) let the
 // next call's router wait beside a running moe2_experts block and start the moment it ends.
-extern "C" __global__ void __maxnreg__(96) moe2_route(const void* w, int bf16, const float* bias, const float* x,
-                                                             int T, int H, int E, float* logits, int* xexp, int* sync,
-                                                             int syncCount) {
+namespace moe2 {
+__device__ __forceinline__ void router_logits(const void* w, int bf16, const float* bias, const float* x, int T, int H, int E,
+                                              float* logits, int* xexp, int* sync, int syncCount) {
     constexpr int threads = 256, warps = threads / 32, C = 4;  // up to C chunks of 8 columns per thread
     __shared__ float part[warps][4], peak[warps][4];
     const int e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, chunks = H / 8;
@@ -1043,6 +1043,13 @@ extern "C" __global__ void __maxnreg__(96) moe2_route(const void* w, int bf16, c
         __syncthreads();
     }
 }
+}  // namespace moe2
+
+extern "C" __global__ void __maxnreg__(96) moe2_route(const void* w, int bf16, const float* bias, const float* x,
+                                                             int T, int H, int E, float* logits, int* xexp, int* sync,
+                                                             int syncCount) {
+    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);
+}
 
 // Every expert product for version 2 (see the comment above namespace moe2). Launch with
 // moe2::kThreads threads, as many blocks as can be resident at once, and ringSlots *
@@ -1075,8 +1082,8 @@ struct BlockRoutes {
 };
 
 // Every block routes every token itself (MoE.route's rules; tens of floats from L2, cheaper
-// than a grid-wide exchange) and cuts the slots. Block 0 also copies the choices to `routes`
-// (v1's layout, for checks) when it is not null. The whole block calls it; it ends with a
+// than a grid-wide exchange) and cuts the slots. A block given `routes` (one per launch) also
+// copies the choices there (v1's layout, for checks). The whole block calls it; it ends with a
 // barrier.
 __device__ void route_block(BlockRoutes& b, const moe::RouterArgs& ra, const float* logits, int T, int E, int k,
                             int tokensPerSlot, int* routes) {
@@ -1111,7 +1118,7 @@ __device__ void route_block(BlockRoutes& b, const moe::RouterArgs& ra, const flo
         if (lane < T)
             for (int q = 0, c = 0; q < T * k; ++q)
                 if (r.token()[q] == lane) b.tokenPairs[lane][c++] = q;
-    } else if (warp == 2 && blockIdx.x == 0 && routes) {
+    } else if (warp == 2 && routes) {
         const moe::Routes g{routes, E, k};
         for (int i = lane; i < T * k; i += 32) {
             g.chosen()[i] = r.chosen()[i];
@@ -1154,7 +1161,8 @@ __device__ __forceinline__ void experts(
 
     // Routing, the same in every block.
     const moe::Routes r{br.routeInts, E, k};
-    route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k, tokensPerSlot, routes);
+    route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k, tokensPerSlot,
+                blockIdx.x == 0 ? routes : nullptr);
     const int* slotExpert = br.slotExpert;
     const int* slotFirst = br.slotFirst;
     const int* slotCount = br.slotCount;
@@ -1401,6 +1409,10 @@ using moe::kMaxTopK;
 
 constexpr int kWarps = 8, kThreads = kWarps * 32, kMaxPairs = kMaxTokens * kMaxTopK;
 static_assert(kThreads == moe2::kConsumers * 32, "moe2::stage runs on kConsumers warps");
+// BlockRoutes as ints (moe6_route's output); CUDAMoE allocates kRoutedInts (one more: the
+// route kernel's arrival counter).
+constexpr int kBlockRoutesInts = sizeof(moe2::BlockRoutes) / 4, kRoutedInts = kBlockRoutesInts + 1;
+static_assert(sizeof(moe2::BlockRoutes) % 4 == 0 && kRoutedInts <= 2048, "CUDAMoE allocates 2048 ints for BlockRoutes");
 
 __device__ __forceinline__ uint32_t load_word_streaming(const void* p) {
     uint32_t v;
@@ -1409,8 +1421,7 @@ __device__ __forceinline__ uint32_t load_word_streaming(const void* p) {
 }
 
 // The weights of kDepth steps in flight, in registers: lane l's 16 bytes of codes and its
-// rows' 4 bytes of scales per step. kDepth 8 (version 4) or 4 (version 5: half the unrolled
-// loop, for the instruction cache).
+// rows' 4 bytes of scales per step. kDepth 8 (4 measured no faster: Kernels/NOTES.md).
 template <int kDepth>
 struct Pipe {
     uint4 q[kDepth];
@@ -1469,12 +1480,14 @@ __device__ __forceinline__ void pipe_run(Pipe<kDepth>& p, const uint8_t* w, int 
 // Both phases (Down false: gate_up, true: down). src: x [T, H] or act [pairs, I]; weights and
 // bias: the phase's tiled weights and biases; windowPairs: pairs whose B fits the dynamic
 // shared memory (>= tokensPerSlot); splits: pieces of K per down unit (gate_up: 1).
-template <bool Down, int kDepth>
+// Routed (version 7): the router launch routed already (moe6_route) and left its BlockRoutes
+// in `routed`; the block copies it instead of routing itself.
+template <bool Down, int kDepth, bool Routed>
 __device__ __forceinline__ void products(
     const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
     const float* src, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* weights, const float* bias,
     int clamped, float alpha, float limit, float* act, float* partial, int* sync, int* routes, float* out,
-    int windowPairs, int tokensPerSlot, int splits) {
+    int windowPairs, int tokensPerSlot, int splits, const int* routed) {
     extern __shared__ __align__(128) uint8_t bsm[];
     __shared__ moe2::BlockRoutes br;
     __shared__ int winRow[kMaxPairs], winExp[kMaxPairs];
@@ -1489,8 +1502,14 @@ __device__ __forceinline__ void products(
         wait_for_previous_kernel();
         allow_next_kernel();
     }
-    moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
-                      tokensPerSlot, Down ? nullptr : routes);
+    if constexpr (Routed) {
+        int* dst = reinterpret_cast<int*>(&br);
+        for (int i = threadIdx.x; i < kBlockRoutesInts; i += kThreads) dst[i] = __ldcg(routed + i);
+        __syncthreads();
+    } else {
+        moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
+                          tokensPerSlot, Down || blockIdx.x != 0 ? nullptr : routes);
+    }
     const moe::Routes r{br.routeInts, E, k};
     const int S = br.slotTotal, perSlot = pieces * tiles;
     const long long U = (long long)S * perSlot, G = gridDim.x, blk = blockIdx.x;
@@ -1585,26 +1604,55 @@ __device__ __forceinline__ void products(
 
 }  // namespace moe4
 
-// Version 4's launches (see the comment above namespace moe4; version 5 is the same with 4
-// steps in flight per warp instead of 8): kThreads threads; the grid is what fits at once;
+// Versions 4 and 7's launches (see the comment above namespace moe4; version 7 routes once, in
+// moe6_route, and its product kernels copy the result): kThreads threads; the grid is what fits at once;
 // dynamic shared memory windowPairs * 256 * ceil(K / 64) bytes (K = H for gate_up, I for
 // down). act [16k, I], partial [splits, T k, H], sync zeroed by moe2_route.
-#define MOE4_ENTRIES(GATE_UP, DOWN, DEPTH)                                                                                \
-    extern "C" __global__ void __launch_bounds__(moe4::kThreads, 2) GATE_UP(                                            \
+#define MOE4_ENTRIES(GATE_UP, DOWN, DEPTH, ROUTED, BLOCKS)                                                                                \
+    extern "C" __global__ void __launch_bounds__(moe4::kThreads, BLOCKS) GATE_UP(                                       \
         const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
         const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias, \
-        int clamped, float alpha, float limit, float* act, int* sync, int* routes, int windowPairs, int tokensPerSlot) { \
-        moe4::products<false, DEPTH>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, \
+        int clamped, float alpha, float limit, float* act, int* sync, int* routes, int windowPairs, int tokensPerSlot,   \
+        const int* routed) {                                                                                            \
+        moe4::products<false, DEPTH, ROUTED>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, \
                                      k, gateUp, gateUpBias, clamped, alpha, limit, act, nullptr, sync, routes, nullptr,    \
-                                     windowPairs, tokensPerSlot, 1);                                                        \
+                                     windowPairs, tokensPerSlot, 1, routed);                                                \
     }                                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(moe4::kThreads, 2) DOWN(                                               \
+    extern "C" __global__ void __launch_bounds__(moe4::kThreads, BLOCKS) DOWN(                                          \
         const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
         const float* act, int T, int H, int I, int E, int k, const uint8_t* down, const float* downBias, float* partial,  \
-        int* sync, float* out, int windowPairs, int tokensPerSlot, int splits) {                                          \
-        moe4::products<true, DEPTH>(logits, correction, mode, normalize, scaling, groups, topKGroups, act, nullptr, T, H, I, \
+        int* sync, float* out, int windowPairs, int tokensPerSlot, int splits, const int* routed) {                       \
+        moe4::products<true, DEPTH, ROUTED>(logits, correction, mode, normalize, scaling, groups, topKGroups, act, nullptr, T, H, I, \
                                     E, k, down, downBias, 0, 0.f, 0.f, nullptr, partial, sync, nullptr, out, windowPairs, \
-                                    tokensPerSlot, splits);                                                                 \
+                                    tokensPerSlot, splits, routed);                                                         \
     }
-MOE4_ENTRIES(moe4_gate_up, moe4_down, 8)
-MOE4_ENTRIES(moe5_gate_up, moe5_down, 4)
+// Versions 5 (depth 4) and 6 (depth 4, routed once, three blocks a multiprocessor at 80
+// registers) were measured and removed: within 2% of versions 4 and 7 at gpt-oss, slower on
+// the MiMo-like shape (Kernels/NOTES.md).
+MOE4_ENTRIES(moe4_gate_up, moe4_down, 8, false, 2)
+MOE4_ENTRIES(moe7_gate_up, moe7_down, 8, true, 2)
+
+// Version 7's router: moe2_route's logits, then the last block to arrive routes every
+// token once (moe2::route_block) and leaves the result in `routed` (BlockRoutes as ints; the
+// int after it is the arrival counter, 0 between calls) and v1's layout in `routes` (checks),
+// so the product launches copy 6 KB instead of each routing every token. 256 threads, E blocks.
+extern "C" __global__ void __launch_bounds__(256) moe6_route(
+    const void* w, int bf16, const float* bias, const float* x, int T, int H, int E, float* logits, int* xexp, int* sync,
+    int syncCount, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, int k,
+    int tokensPerSlot, int* routed, int* routes) {
+    __shared__ moe2::BlockRoutes br;
+    __shared__ bool last;
+    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);
+    __threadfence();  // this block's logits before its arrival
+    __syncthreads();
+    int* counter = routed + moe4::kBlockRoutesInts;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // every block's logits are visible
+    moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
+                      tokensPerSlot, routes);
+    const int* src = reinterpret_cast<const int*>(&br);
+    for (int i = threadIdx.x; i < moe4::kBlockRoutesInts; i += blockDim.x) routed[i] = src[i];
+    if (threadIdx.x == 0) *counter = 0;
+}

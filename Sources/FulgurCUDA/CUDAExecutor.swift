@@ -276,7 +276,13 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// `skipping`: kernel families left out of the graph (the step then computes garbage; for
     /// measuring what a family costs inside the replayed step). `advance: false` leaves the
     /// cache's length where it was, so the next timing runs at the same context.
-    public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5, skipping: Set<String> = [], advance: Bool = true) throws -> Double {
+    ///
+    /// With `fixedTokens` every step runs the same T distinct tokens (drawn once) instead of
+    /// feeding the greedy tokens back: a family left out of the graph then cannot change which
+    /// experts the step's tokens reach (left-out attention or sampling made the 8 tokens of a
+    /// verify step alike, so the MoE touched 4 experts instead of ~20 and looked cheap).
+    public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5, skipping: Set<String> = [], advance: Bool = true,
+                                  fixedTokens: Bool = false) throws -> Double {
         precondition((1...maxStepTokens).contains(T))
         try device.makeCurrent()
         var skip = skipping
@@ -285,11 +291,14 @@ public final class CUDAExecutor: @unchecked Sendable {
             throw FulgurError(.usage, "the benchmark needs \((warmup + steps) * T) positions after \(length); the context holds \(maxPositions)")
         }
         let advancePositions = try module.function("advance_positions")
-        let ints = [Int32](repeating: 1, count: T), pos = (0..<T).map { Int32(length + $0) }
+        var rng = SeededGenerator(seed: 11)
+        let vocab = UInt64(min(plan.embedding.table.shape[0], plan.spec.vocabSize))
+        let ints = fixedTokens ? (0..<T).map { _ in Int32(rng.next() % vocab) } : [Int32](repeating: 1, count: T)
+        let pos = (0..<T).map { Int32(length + $0) }
         try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
         try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
         let copyIds = { [self] in
-            try tokens.copy(from: ids, bytes: 4 * T, stream: stream)
+            if !fixedTokens { try tokens.copy(from: ids, bytes: 4 * T, stream: stream) }
             try module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
         }
         let graph = try CUDAGraph(capturing: stream) {

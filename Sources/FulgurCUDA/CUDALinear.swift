@@ -176,7 +176,10 @@ public final class CUDALinear: @unchecked Sendable {
     /// (padded by 4 floats each) per token. Plain kernels: a warp per row, no shared memory.
     static func plan(_ storage: Storage, tokens: Int) -> (rowsPerBlock: Int, sharedBytes: Int) {
         switch storage {
-        case .bf16, .f32: return (4, 0)
+        case .bf16, .f32:
+            // Mirrors gemv::PlainRows: a warp owns bin rows (4 from bin 4 up), bins 1, 2, 4, 8, 16.
+            let bin = [1, 2, 4, 8, 16].first { $0 >= tokens }!
+            return (4 * min(bin, 4), 0)
         case .mxfp4, .fp8:
             let rows = tokens == 1 ? 1 : tokens == 2 ? 2 : 4
             let unroll = tokens == 1 ? 4 : tokens < 8 ? 2 : 1

@@ -12,14 +12,16 @@ import Fulgur
 /// (`tiled`); 1 is the first version (three launches, FFMA), kept so one GPU run can time both.
 /// 3 is version 2's kernel with a deeper ring (a launch plan per token bin, so x takes only the
 /// room the call's tokens need; chunks sized to fill their ring slots) and a unit end that only
-/// the unit's epilogue warp waits at (`moe3_experts`). 4 (the default) keeps version 2's router and weight
+/// the unit's epilogue warp waits at (`moe3_experts`). 4 keeps version 2's router and weight
 /// layout and runs the products in two plain launches, gate_up then down, whose warps each
 /// stream whole units straight into registers (`moe4_gate_up`, `moe4_down`); 5 is 4 with 4
-/// steps in flight per warp instead of 8 (`moe5_*`).
+/// 7 (the default) is 4 routing once, in the router launch (`moe6_route`), whose product
+/// kernels copy the result instead of routing in every block. (5 and 6 were measured and
+/// removed; Kernels/NOTES.md.)
 public final class CUDAMoE: @unchecked Sendable {
-    /// The kernels every executor uses unless told otherwise: version 4 measured as fast as 2 at
-    /// 1 token and 1.8-1.9x faster at 8-16 (Kernels/NOTES.md, 2026-11-27, H200).
-    public static let defaultVersion = 4
+    /// The kernels every executor uses unless told otherwise: version 7 measured 5% faster than
+    /// 2 at 1 token and 1.8-2.2x faster at 8-16 (Kernels/NOTES.md, 2026-11-27, H200).
+    public static let defaultVersion = 7
     public static let maxTokens = 16
     static let maxExperts = 256, maxTopK = 8, maxGroups = 32
     public let spec: MoESpec
@@ -51,6 +53,9 @@ public final class CUDAMoE: @unchecked Sendable {
     struct Version4 {
         let base: Version2
         let down: KernelModule.Function
+        /// Versions 6 and 7: moe6_route (routes once) and its output, BlockRoutes as ints plus
+        /// the arrival counter (zero between calls).
+        let route6: KernelModule.Function?, routed: DeviceBuffer?
         /// Launch plans for calls of 1...16 tokens (index tokens - 1).
         let plans: [Plan4]
     }
@@ -107,7 +112,7 @@ public final class CUDAMoE: @unchecked Sendable {
         func unsupported(_ why: String) -> FulgurError {
             FulgurError(.unsupported, "MoE layer (router '\(m.router.name)'): \(why); the CUDA MoE kernel takes MXFP4 experts with split scales, up to \(Self.maxExperts) experts, top-k up to \(Self.maxTopK), hidden and intermediate sizes that are multiples of 32 (version 2: hidden at most 8192)")
         }
-        guard (1...5).contains(version) else { throw unsupported("kernel version \(version) (there are 1 to 5)") }
+        guard [1, 2, 3, 4, 7].contains(version) else { throw unsupported("kernel version \(version) (there are 1, 2, 3, 4 and 7)") }
         guard E <= Self.maxExperts, E == m.experts.count, (1...Self.maxTopK).contains(k), H % 32 == 0, I % 32 == 0, version == 1 || H <= 8192 else {
             throw unsupported("\(E) experts, top-\(k), hidden \(H), intermediate \(I)")
         }
@@ -213,8 +218,12 @@ public final class CUDAMoE: @unchecked Sendable {
                             partial: try device.allocate(4 * splits * Self.maxTokens * k * H), syncCount: syncCount, plans: plans)
         if version >= 4 {
             let downFunction = try module.function("moe\(version)_down")
-            kernels = .v4(Version4(base: base, down: downFunction,
-                                   plans: try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k)))
+            let routes6 = version == 7
+            let routed = routes6 ? try device.allocate(4 * 2048) : nil
+            if let routed { try [Int32](repeating: 0, count: 2048).withUnsafeBytes { try routed.upload($0) } }
+            kernels = .v4(Version4(base: base, down: downFunction, route6: routes6 ? try module.function("moe6_route") : nil, routed: routed,
+                                   plans: try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k,
+                                                          blocksPerSM: 2)))
         } else {
             kernels = .v2(base)
         }
@@ -222,14 +231,14 @@ public final class CUDAMoE: @unchecked Sendable {
 
     /// Version 4's plans for 1...16 tokens. B takes 256 bytes per 64 columns per pair; a window
     /// holds the pairs of up to all the call's tokens (T k), at least a whole slot, and as many
-    /// more as keep two blocks on a multiprocessor. Slots of 8 tokens where 8 pairs fit a block,
+    /// more as keep `blocksPerSM` blocks on a multiprocessor. Slots of 8 tokens where 8 pairs fit a block,
     /// else 4. Down's K is split in two at T <= 4, where there are few units to spread.
     static func plans4(gateUp: KernelModule.Function, down: KernelModule.Function, module: KernelModule,
-                       hidden H: Int, intermediate I: Int, topK k: Int) throws -> [Plan4] {
+                       hidden H: Int, intermediate I: Int, topK k: Int, blocksPerSM: Int) throws -> [Plan4] {
         let device = module.device
         let pairG = 256 * ((H + 63) / 64), pairD = 256 * ((I + 63) / 64)
         let staticBytes = max(try module.staticSharedBytes(gateUp), try module.staticSharedBytes(down))
-        let room = device.maxSharedMemoryPerBlock - staticBytes, twoPerSM = room / 2 - 1024
+        let room = device.maxSharedMemoryPerBlock - staticBytes, twoPerSM = room / blocksPerSM - 1024
         guard let tokensPerSlot = [8, 4].first(where: { $0 * max(pairG, pairD) <= room }) else {
             throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): 4 pairs' activations (\(4 * max(pairG, pairD)) bytes) do not fit the \(room) bytes of shared memory a block has here (version 4)")
         }
@@ -496,10 +505,16 @@ public final class CUDAMoE: @unchecked Sendable {
                 .int32(Int32(plan.chunkSteps)), ptr(trace)])
         case .v4(let v):
             let b = v.base, plan = v.plans[tokens - 1]
+            let logitArguments: [KernelModule.Argument] = [ptr(router), .int32(routerIsBF16 ? 1 : 0), ptr(routerBias), ptr(x), .int32(T),
+                                                           .int32(H), .int32(E), ptr(logits), ptr(b.xexp), ptr(b.sync), .int32(Int32(b.syncCount))]
             try mark()
-            try module.launch(b.route, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, [
-                ptr(router), .int32(routerIsBF16 ? 1 : 0), ptr(routerBias), ptr(x), .int32(T), .int32(H), .int32(E),
-                ptr(logits), ptr(b.xexp), ptr(b.sync), .int32(Int32(b.syncCount))])
+            if let route6 = v.route6 {
+                try module.launch(route6, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, logitArguments + [
+                    ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling), .int32(Int32(groups)),
+                    .int32(Int32(topKGroups)), .int32(k), .int32(Int32(plan.tokensPerSlot)), ptr(v.routed), ptr(routes)])
+            } else {
+                try module.launch(b.route, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, logitArguments)
+            }
             let routing: [KernelModule.Argument] = [ptr(logits), ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling),
                                                     .int32(Int32(groups)), .int32(Int32(topKGroups))]
             try mark()
@@ -507,12 +522,13 @@ public final class CUDAMoE: @unchecked Sendable {
                               stream: stream, overlapPrevious: overlap, routing + [
                 ptr(x), ptr(b.xexp), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k), ptr(b.gateUp), ptr(b.gateUpBias),
                 .int32(clamped), .float(alpha), .float(limit), ptr(b.act), ptr(b.sync), ptr(routes),
-                .int32(Int32(plan.gateWindow)), .int32(Int32(plan.tokensPerSlot))])
+                .int32(Int32(plan.gateWindow)), .int32(Int32(plan.tokensPerSlot)), ptr(v.routed)])
             try mark()
             try module.launch(v.down, grid: (plan.downBlocks, 1, 1), block: (Self.v4Threads, 1, 1), sharedBytes: plan.downShared,
                               stream: stream, overlapPrevious: overlap, routing + [
                 ptr(b.act), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k), ptr(b.down), ptr(b.downBias), ptr(b.partial),
-                ptr(b.sync), ptr(out), .int32(Int32(plan.downWindow)), .int32(Int32(plan.tokensPerSlot)), .int32(Int32(plan.splits))])
+                ptr(b.sync), ptr(out), .int32(Int32(plan.downWindow)), .int32(Int32(plan.tokensPerSlot)), .int32(Int32(plan.splits)),
+                ptr(v.routed)])
         }
         try mark()
     }

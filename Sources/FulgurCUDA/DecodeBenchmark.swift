@@ -34,8 +34,11 @@ public struct DecodeBenchmark: Codable {
     /// Each launch timed alone (small kernels overstated: no overlap, launch cost in full).
     public let kernels: [Kernel]
     /// What each family costs inside the replayed 1-token step: the step's time minus the
-    /// step's time with that family's launches left out of the graph.
+    /// step's time with that family's launches left out of the graph (both with fixed distinct
+    /// tokens, CUDAExecutor.timeReplayedSteps).
     public let inGraph: [Kernel]
+    /// The same for the 8-token (verify) step, when 8 is among the timed token counts.
+    public let inGraphVerify: [Kernel]?
 
     /// The 1-token step's share of the roofline.
     public var rooflineFraction: Double { rooflineMilliseconds / (steps.first { $0.tokens == 1 }?.millisecondsPerStep ?? .nan) }
@@ -60,11 +63,19 @@ public struct DecodeBenchmark: Codable {
         log("prefilled \(context) positions")
         let kernels = try executor.profile(tokens: 1).map { Kernel(kind: $0.kind, launches: $0.launches, microsecondsPerStep: $0.micros) }
         // The family ablation runs at the prefilled context and leaves it there.
-        let whole = try executor.timeReplayedSteps(tokens: 1, steps: count, warmup: warmup, advance: false)
-        var inGraph: [Kernel] = []
-        for family in executor.kernelFamilies {
-            let without = try executor.timeReplayedSteps(tokens: 1, steps: count, warmup: warmup, skipping: [family], advance: false)
-            inGraph.append(Kernel(kind: family, launches: kernels.first { $0.kind == family }?.launches ?? 0, microsecondsPerStep: (whole - without) * 1e3))
+        let whole = try executor.timeReplayedSteps(tokens: 1, steps: count, warmup: warmup, advance: false, fixedTokens: true)
+        func ablation(tokens T: Int, whole: Double) throws -> [Kernel] {
+            try executor.kernelFamilies.map { family in
+                let without = try executor.timeReplayedSteps(tokens: T, steps: count, warmup: warmup, skipping: [family], advance: false,
+                                                             fixedTokens: true)
+                return Kernel(kind: family, launches: kernels.first { $0.kind == family }?.launches ?? 0, microsecondsPerStep: (whole - without) * 1e3)
+            }
+        }
+        let inGraph = try ablation(tokens: 1, whole: whole)
+        var inGraphVerify: [Kernel]?
+        if tokenCounts.contains(8) {
+            let verify = try executor.timeReplayedSteps(tokens: 8, steps: count, warmup: warmup, advance: false, fixedTokens: true)
+            inGraphVerify = try ablation(tokens: 8, whole: verify)
         }
         var steps: [Step] = []
         for T in tokenCounts {
@@ -76,7 +87,8 @@ public struct DecodeBenchmark: Codable {
         return DecodeBenchmark(model: model, card: device.name, date: String(date), layers: plan.spec.layerCount, context: context,
                                copyGBps: copy.gbps, bytesPerStep: executor.bytesPerDecodeStep,
                                rooflineMilliseconds: copy.readMicros(executor.bytesPerDecodeStep) / 1e3,
-                               launchesPerStep: executor.launchesPerStep, prefetch: prefetch.rawValue, steps: steps, kernels: kernels, inGraph: inGraph)
+                               launchesPerStep: executor.launchesPerStep, prefetch: prefetch.rawValue, steps: steps, kernels: kernels, inGraph: inGraph,
+                               inGraphVerify: inGraphVerify)
     }
 
     public var table: String {
@@ -100,6 +112,13 @@ public struct DecodeBenchmark: Codable {
         for k in inGraph.sorted(by: { $0.microsecondsPerStep > $1.microsecondsPerStep }) {
             lines.append("  " + k.kind.padding(toLength: 10, withPad: " ", startingAt: 0)
                          + String(format: " %4d launches  %9.1f us  %5.1f%%", k.launches, k.microsecondsPerStep, 100 * k.microsecondsPerStep / (1e3 * (one ?? .nan))))
+        }
+        if let verify = inGraphVerify, let eight = steps.first(where: { $0.tokens == 8 })?.millisecondsPerStep {
+            lines.append("per kernel family, 8-token step, left out of the replayed graph (us the step got faster):")
+            for k in verify.sorted(by: { $0.microsecondsPerStep > $1.microsecondsPerStep }) {
+                lines.append("  " + k.kind.padding(toLength: 10, withPad: " ", startingAt: 0)
+                             + String(format: " %4d launches  %9.1f us  %5.1f%%", k.launches, k.microsecondsPerStep, 100 * k.microsecondsPerStep / (1e3 * eight)))
+            }
         }
         return lines.joined(separator: "\n")
     }

@@ -29,7 +29,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Positions filled before timing (attention reads them).") var context = 512
     @Option(help: "Timed steps per step size.") var steps = 100
     @Option(name: .customLong("tokens"), help: "Step sizes to time, comma-separated (1...16).") var tokenList = "1,8,16"
-    @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 4 (gate_up and down launches, warps streaming whole units; the default), 2 (one persistent launch), 3 or 1 (earlier versions).") var moeVersion = CUDAMoE.defaultVersion
+    @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 7 (gate_up and down launches, warps streaming whole units, routed once; the default), 4 (the same, each block routing), 2 (one persistent launch), 3 or 1 (earlier versions).") var moeVersion = CUDAMoE.defaultVersion
     @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
     var prefetch = "off"
     @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step).") var tp = 1

@@ -279,7 +279,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// greedy tokens feed the next step's embedding and the positions advance on the device,
     /// so the host only launches graphs. A tensor-parallel shard's greedy tokens are the whole
     /// model's (exchanged among the shards inside the step), so every shard of a group feeds
-    /// the same tokens, and the step is the one real decoding runs. Returns milliseconds per step (events, after
+    /// the same tokens, as real decoding does. Returns milliseconds per step (events, after
     /// `warmup` steps). The cache must hold `(warmup + steps) * T` more positions.
     ///
     /// `skipping`: kernel families left out of the graph (the step then computes garbage; for

@@ -22,6 +22,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     public private(set) var bytesPerDecodeStep = 0
     /// Kernel launches per step.
     public var launchesPerStep: Int { launches.filter { !Self.bookkeeping.contains($0.kind) }.count }
+    /// Launches of kernel family `kind` per step.
+    public func launchCount(of kind: String) -> Int { launches.filter { $0.kind == kind }.count }
     /// Kernel families of the step, in order of first launch.
     public var kernelFamilies: [String] {
         var seen: [String] = []
@@ -43,8 +45,12 @@ public final class CUDAExecutor: @unchecked Sendable {
     public let prefetch: L2Prefetch
 
     /// Sums a tensor-parallel shard's partial results over all shards (`.allReduce` ops of
-    /// Plan.shard): enqueued on this executor's stream, capturable in its graph.
+    /// Plan.shard): enqueued on this executor's stream, capturable in its graph. With one, the
+    /// step's greedy tokens are also found among the shards (SlicedArgmax), so `argmax` and the
+    /// tokens a replayed step feeds to the next are the whole model's on every shard.
     public let communicator: (any StepAllReduce)?
+    /// The first token id of this shard's LM head rows (Plan.vocabularySlice), with a communicator.
+    public let vocabularyStart: Int
     /// Replay steps from CUDA graphs (one per token count, captured on first use).
     public var useGraphs = true
 
@@ -87,8 +93,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// `sharing`: an executor over the same layers whose cache (and positions) this one uses;
     /// the two also share a stream, so one's cache writes are ordered before the other's reads.
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
-                moeVersion: Int = CUDAMoE.defaultVersion, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, sharing: CUDAExecutor? = nil,
-                progress: ((Int, Int) -> Void)? = nil) throws {
+                moeVersion: Int = CUDAMoE.defaultVersion, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, vocabularyStart: Int = 0,
+                sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         self.plan = plan
         self.device = device
@@ -97,6 +103,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         self.moeVersion = moeVersion
         self.prefetch = prefetch
         self.communicator = communicator
+        self.vocabularyStart = vocabularyStart
         try device.makeCurrent()
         var context = min(maxPositions ?? plan.spec.maxPositions, plan.spec.maxPositions)
         if let sharing { context = sharing.maxPositions }
@@ -270,7 +277,9 @@ public final class CUDAExecutor: @unchecked Sendable {
 
     /// Times `steps` decode steps of `T` tokens replayed back to back on the GPU: each step's
     /// greedy tokens feed the next step's embedding and the positions advance on the device,
-    /// so the host only launches graphs. Returns milliseconds per step (events, after
+    /// so the host only launches graphs. A tensor-parallel shard's greedy tokens are the whole
+    /// model's (exchanged among the shards inside the step), so every shard of a group feeds
+    /// the same tokens, as real decoding does. Returns milliseconds per step (events, after
     /// `warmup` steps). The cache must hold `(warmup + steps) * T` more positions.
     ///
     /// `skipping`: kernel families left out of the graph (the step then computes garbage; for
@@ -393,7 +402,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             return b
         }
         let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode",
-                     "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax"]
+                     "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax", "argmax_slice", "argmax_pick"]
         let module = self.module, stream = self.stream, positions = self.positions
         let f = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
         let launch: Launch = { name, grid, block, shared, args in
@@ -655,7 +664,23 @@ public final class CUDAExecutor: @unchecked Sendable {
         let head = try CUDALinear(plan.lmHead, module: module)
         let logits = self.logits, ids = self.ids, vocab = self.vocab
         product(head, "lm head", x: h.address, out: logits.address, outStride: vocab)
-        add("sampling") { T in try launch("argmax", (T, 1, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
+        if let communicator {
+            // This shard's logits are a slice of the vocabulary: its candidates, exchanged with
+            // every shard's through the all-reduce, then the same pick on every shard
+            // (Kernels/sampling.cu's top comment has the cost).
+            let ranks = communicator.ranks, entry = SlicedArgmax.entryFloats
+            let table = try device.allocate(4 * entry * S * ranks)
+            keep.append(table)
+            let slice: [KernelModule.Argument] = [.pointer(logits.address), .int32(Int32(vocab)), .int32(Int32(vocabularyStart)),
+                                                  .int32(Int32(communicator.rank)), .int32(Int32(ranks)), .pointer(table.address)]
+            add("sampling") { T in try launch("argmax_slice", (T, 1, 1), 1024, 0, slice) }
+            add("comm") { T in try communicator.enqueue(input: table, output: table, count: entry * T * ranks, stream: stream) }
+            add("sampling") { T in
+                try launch("argmax_pick", (1, 1, 1), 32, 0, [.pointer(table.address), .int32(Int32(T)), .int32(Int32(ranks)), .pointer(ids.address)])
+            }
+        } else {
+            add("sampling") { T in try launch("argmax", (T, 1, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
+        }
         bytesPerDecodeStep = bytes
     }
 
@@ -754,6 +779,9 @@ extension CUDAExecutor: Executor {}
 
 /// One rank's side of an all-reduce over the GPUs of a tensor-parallel group.
 public protocol StepAllReduce: AnyObject {
+    /// This GPU's rank and the group's size.
+    var rank: Int { get }
+    var ranks: Int { get }
     /// output[0, count) = the sum over ranks of input[0, count), enqueued on `stream`.
     func enqueue(input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream) throws
 }

@@ -1,7 +1,10 @@
 // Tensor parallelism on 2 GPUs (issue 7): each tiny MoE checkpoint split by Plan.shard over a
 // DeviceGroup (CUDATensorParallel: one CUDAExecutor per GPU, the peer all-reduce of
 // Kernels/comm.cu in every step's graph) against the whole model on one GPU: logits at every
-// prompt position and 16 greedy tokens, one step at a time.
+// prompt position and 16 greedy tokens, one step at a time; the greedy tokens the GPUs find
+// among themselves (argmax_slice, the all-reduce, argmax_pick) against the argmax of the
+// gathered logits, on the model and on crafted rows (ties across slices, NaN, -inf); and DFlash
+// with the target split over 2 GPUs and the drafter on GPU 0 against plain greedy on one GPU.
 import Foundation
 import Fulgur
 import FulgurCUDA
@@ -27,19 +30,118 @@ func runTensorParallelChecks() throws -> Bool {
         let split = try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 64)
         let a = try whole.forward(prompt, logits: .all), b = try split.forward(prompt, logits: .all)
         let error = a.count == b.count ? worstRowError(b, a, width: vocab) : .infinity
+        // The GPUs' own greedy tokens for the prompt's last step (16 + 8 tokens) against the
+        // gathered rows' argmax; the cache ends where it was.
+        split.reset()
+        var argmaxAgrees = try split.argmax(prompt) == (16..<24).map { Sampler.argmax(Array(b[($0 * vocab)..<(($0 + 1) * vocab)])) }
         var same = true, tokens: [Int] = []
         var la = try whole.forward([prompt.last!]), lb = try split.forward([prompt.last!])
         for _ in 0..<16 {
             let ta = Sampler.argmax(la), tb = Sampler.argmax(lb)
             tokens.append(tb)
             if ta != tb { same = false; break }
+            // The same step again, through the GPUs' argmax.
+            split.truncate(to: split.length - 1)
+            if try split.argmax([tokens.count == 1 ? prompt.last! : tokens[tokens.count - 2]]) != [tb] { argmaxAgrees = false }
             la = try whole.forward([ta]); lb = try split.forward([tb])
         }
-        let passed = error <= tensorParallelTolerance && same
+        let passed = error <= tensorParallelTolerance && same && argmaxAgrees
         if !passed { failures += 1 }
-        print(String(format: "tp: %@ over 2 GPUs: logits vs 1 GPU %.2e (bound %.0e), 16 greedy tokens %@", name, error, tensorParallelTolerance,
-                     same ? "identical" : "DIFFER after \(tokens.count - 1)"))
+        print(String(format: "tp: %@ over 2 GPUs: logits vs 1 GPU %.2e (bound %.0e), 16 greedy tokens %@, GPU argmax %@", name, error, tensorParallelTolerance,
+                     same ? "identical" : "DIFFER after \(tokens.count - 1)", argmaxAgrees ? "== gathered argmax" : "DIFFERS from the gathered argmax"))
     }
-    print(failures == 0 ? "tp PASS: 6 models" : "tp FAIL: \(failures) of 6 models")
-    return failures == 0
+    let kernels = try checkSlicedArgmaxKernels(group)
+    let speculative = try runTensorParallelSpeculativeChecks(group)
+    let passed = failures == 0 && kernels && speculative
+    print(passed ? "tp PASS: 6 models, crafted argmax rows, DFlash over 2 GPUs"
+                 : "tp FAIL: \(failures) of 6 models\(kernels ? "" : ", crafted argmax rows")\(speculative ? "" : ", DFlash over 2 GPUs")")
+    return passed
+}
+
+/// Rows no model gives on purpose: ties across the slice boundary and between the first and
+/// last token, NaN and -inf around the only finite value, +inf ties, -0 against +0, all NaN,
+/// all -inf, denormals. Every GPU must pick Sampler.argmax of the whole row.
+func checkSlicedArgmaxKernels(_ group: DeviceGroup) throws -> Bool {
+    let plan = try Model(path: "Tests/FulgurTests/Fixtures/models/gpt_oss").plan
+    let vocab = plan.lmHead.outFeatures, half = vocab / 2, ranks = group.count
+    func row(_ fill: Float, _ set: [Int: Float] = [:]) -> [Float] {
+        var r = [Float](repeating: fill, count: vocab)
+        for (i, v) in set { r[i] = v }
+        return r
+    }
+    var rng = SeededGenerator(seed: UInt64(Date().timeIntervalSince1970))
+    var rows = [row(-1, [half - 1: 5, half: 5]), row(-1, [vocab - 1: 5, 3: 5]), row(-1, [vocab - 1: 5]), row(.nan, [vocab - 2: -3]), row(.nan),
+                row(-.infinity), row(-.infinity, [vocab - 1: .nan, half + 1: -1e30]), row(0, [0: -0.0, half: 0]),
+                row(-.infinity, [half + 2: .infinity, vocab - 1: .infinity]), row(-2, [1: .leastNonzeroMagnitude, half + 1: .leastNonzeroMagnitude])]
+    while rows.count < 16 { rows.append((0..<vocab).map { _ in Float(Int(rng.next() % 7)) - 3 }) }
+    let T = rows.count, entry = SlicedArgmax.entryFloats
+    let expected = rows.map { Sampler.argmax($0) }
+    let allReduce = try PeerAllReduce(group: group, maxFloats: entry * T * ranks)
+    var buffers: [(stream: CUDAStream, table: DeviceBuffer, ids: DeviceBuffer, keep: DeviceBuffer)] = []
+    for r in 0..<ranks {
+        try group.makeCurrent(r)
+        let device = group.devices[r], module = group.modules[r], slice = plan.vocabularySlice(rank: r, of: ranks)
+        let logits = try rows.flatMap { Array($0[slice]) }.withUnsafeBytes { try device.upload($0) }
+        try device.synchronize()  // a pageable upload may return before its DMA is done
+        let stream = try device.makeStream(), table = try device.allocate(4 * entry * T * ranks), ids = try device.allocate(4 * T)
+        try module.launch(try module.function("argmax_slice"), grid: (T, 1, 1), block: (1024, 1, 1), stream: stream,
+                          [.pointer(logits.address), .int32(Int32(slice.count)), .int32(Int32(slice.lowerBound)), .int32(Int32(r)), .int32(Int32(ranks)),
+                           .pointer(table.address)])
+        try allReduce.enqueue(rank: r, input: table, output: table, count: entry * T * ranks, stream: stream)
+        try group.makeCurrent(r)
+        try module.launch(try module.function("argmax_pick"), grid: (1, 1, 1), block: (32, 1, 1), stream: stream,
+                          [.pointer(table.address), .int32(Int32(T)), .int32(Int32(ranks)), .pointer(ids.address)])
+        buffers.append((stream, table, ids, logits))
+    }
+    var passed = true
+    for (r, b) in buffers.enumerated() {
+        try group.makeCurrent(r)
+        try b.stream.synchronize()
+        var got = [Int32](repeating: -1, count: T)
+        try got.withUnsafeMutableBytes { try b.ids.download(into: $0) }
+        if got.map({ Int($0) }) != expected {
+            passed = false
+            print("tp: crafted rows, GPU \(r) picked \(got), the whole rows' argmax is \(expected)")
+        }
+    }
+    print("tp: distributed argmax on \(T) crafted rows (ties across slices, NaN, -inf, +inf, -0, denormals) over \(ranks) GPUs: "
+          + (passed ? "every GPU == Sampler.argmax" : "FAIL"))
+    return passed
+}
+
+/// DFlash with the target split over the group (CUDATensorParallel) and the drafter whole on
+/// GPU 0 (a CUDAExecutor): greedy, 200 tokens for two prompts at blocks 2, 8 and 16, against
+/// plain greedy of the whole model on GPU 0. The drafters are the tiny random fixtures, so most
+/// guesses are wrong and rollback runs on every shard.
+func runTensorParallelSpeculativeChecks(_ group: DeviceGroup) throws -> Bool {
+    let prompts = [[1, 17, 42, 99, 3], [1, 200, 7, 7, 7, 150, 31, 64, 9, 88, 120, 5]]
+    let parameters = GenerationParameters(maxTokens: 200, sampling: SamplingParameters(temperature: 0), stopTokenIds: [])
+    var failures: [String] = [], checks = 0
+    print("tp: DFlash, target over \(group.count) GPUs, drafter on GPU 0: speculative greedy == plain greedy on 1 GPU, 200 tokens")
+    for name in ["gpt_oss", "mimo_v2_flash"] {
+        let model = try Model(path: "Tests/FulgurTests/Fixtures/models/\(name)")
+        let onGPU0: (Plan, Int) throws -> any Executor = { plan, context in
+            try group.makeCurrent(0)
+            return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context)
+        }
+        var line = "tp:   " + name.padding(toLength: 15, withPad: " ", startingAt: 0)
+        for (p, prompt) in prompts.enumerated() {
+            let plain = try Generator(executor: onGPU0(model.plan, 512)).generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
+            for block in [2, 8, 16] {
+                let target = try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 512)
+                let drafter = try DFlashDrafter(directory: "Tests/FulgurTests/Fixtures/drafters/\(name)", target: model,
+                                                maxPositions: 512, maxStepTokens: 16, executor: onGPU0)
+                let r = try SpeculativeGenerator(target: target, drafter: drafter, blockSize: block)
+                    .generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
+                checks += 1
+                let ok = r.tokens == plain.tokens && r.tokens.count == 200
+                if !ok { failures.append("\(name) prompt \(p) block \(block): speculative over \(group.count) GPUs != plain on 1") }
+                let mean = r.speculative.map { Double($0.acceptanceLengths.reduce(0, +)) / Double(max($0.acceptanceLengths.count, 1)) } ?? 0
+                line += "  p\(p)/b\(block) \(ok ? "ok" : "DIFF")" + String(format: " (acc %.2f)", mean)
+            }
+        }
+        print(line)
+    }
+    print(failures.isEmpty ? "tp: DFlash over \(group.count) GPUs PASS: \(checks) runs" : "tp: DFlash over \(group.count) GPUs FAIL: " + failures.joined(separator: "; "))
+    return failures.isEmpty
 }

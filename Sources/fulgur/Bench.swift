@@ -18,7 +18,8 @@ struct Bench: ParsableCommand {
             real (drafter block forward, target verify of --block tokens, rollback, drafter context update), but the \
             number of tokens a round emits is REPLAYED from a fixed schedule whose mean is the requested acceptance \
             length (bonus token included); tokens/s and ms per round (draft / verify / other) are printed per value. \
-            --device cpu runs this mode on the CPU executor (tiny presets, for tests).
+            --device cpu runs this mode on the CPU executor (tiny presets, for tests). With --tp N the target is \
+            split over N GPUs (or N CPU shards with --device cpu) and the drafter runs whole on GPU 0.
             """)
 
     @Option(help: "A preset name or a checkpoint path.") var model = "gpt-oss-20b"
@@ -32,7 +33,8 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 7 (gate_up and down launches, warps streaming whole units, routed once; the default), 4 (the same, each block routing), 2 (one persistent launch), 3 or 1 (earlier versions).") var moeVersion = CUDAMoE.defaultVersion
     @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
     var prefetch = "off"
-    @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step).") var tp = 1
+    @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step); with --replay-acceptance, the target (the drafter stays on GPU 0).")
+    var tp = 1
     @Flag(name: .customLong("dry-run"), help: "Print where a preset's weights and KV cache go over --tp GPUs at --context positions, without a GPU or any weights.")
     var dryRun = false
     @Option(help: "Also write the report as JSON to this file.") var json: String?
@@ -61,6 +63,9 @@ struct Bench: ParsableCommand {
                     throw FulgurError(.usage, "--prefetch takes off, normal or evict-last (comma-separated); got '\(p)'")
                 }
                 return v
+            }
+            guard tp == 1 || dryRun || prefetches == [.off] else {
+                throw FulgurError(.usage, "--prefetch runs on one GPU; the tensor-parallel step (--tp \(tp)) has no L2 prefetch")
             }
             if dryRun {
                 guard RandomModel.presets.contains(model) else { throw FulgurError(.usage, "--dry-run takes a preset (\(RandomModel.presets.joined(separator: ", "))); got '\(model)'") }
@@ -110,7 +115,7 @@ struct Bench: ParsableCommand {
     /// The step split over `tp` GPUs: replayed steps of each size, and the same 1-token step
     /// without its all-reduces (their cost in the step).
     func tensorParallel(plan: Plan, name: String, sizes: [Int]) throws {
-        let group = try DeviceGroup(ordinals: (0..<tp).map { Int32($0) })
+        let group = try deviceGroup()
         let warmup = 5, positions = context + sizes.reduce(0) { $0 + $1 * (steps + warmup) } + 16
         let bar = ProgressBar(label: "Weights to \(tp) GPUs")
         let split = try CUDATensorParallel(plan: plan, group: group, maxPositions: positions, progress: { bar.update($0, $1) })
@@ -125,13 +130,20 @@ struct Bench: ParsableCommand {
         print("\(name), \(plan.spec.layerCount) layers, tensor-parallel over \(tp) x \(group.devices[0].name); context \(context)")
         print(String(format: "weights per 1-token step: %.1f MB on the busiest GPU; roofline %.3f ms at its copy bandwidth (%.0f GB/s); 1-token step at %.1f%% of it",
                      Double(bytes) / 1e6, copy.readMicros(bytes) / 1e3, copy.gbps, 100 * copy.readMicros(bytes) / 1e3 / whole))
-        print(String(format: "all-reduces in the 1-token step: %.3f ms of %.3f (%d per step)", whole - noComm, whole,
-                     split.shards[0].kernelFamilies.contains("comm") ? 2 * plan.spec.layerCount : 0))
+        print(String(format: "all-reduces in the 1-token step: %.3f ms of %.3f (%d per step: two per layer, one for the greedy token)", whole - noComm, whole,
+                     split.shards[0].launchCount(of: "comm")))
         print("tokens/step   ms/step   tokens/s")
         for T in sizes {
             let ms = try split.timeReplayedSteps(tokens: T, steps: steps, warmup: warmup)
             print(String(format: "%11d   %7.3f   %8.1f", T, ms, Double(T) * 1000 / ms))
         }
-        print("Each shard feeds its own vocabulary slice's greedy token to its next step: the timing is the step's, the tokens are not the model's.")
+        print("Every GPU feeds the model's greedy token to its next step (each GPU's candidate from its vocabulary slice, exchanged inside the step).")
+    }
+
+    /// GPUs 0 ..< --tp, or an error that says how many there are.
+    func deviceGroup() throws -> DeviceGroup {
+        let visible = try CUDADevice.visibleCount()
+        guard tp <= visible else { throw FulgurError(.usage, "--tp \(tp) splits the model over \(tp) GPUs; the driver sees \(visible)") }
+        return try DeviceGroup(ordinals: (0..<tp).map { Int32($0) })
     }
 }

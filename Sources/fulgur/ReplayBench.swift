@@ -18,6 +18,8 @@ extension Bench {
         guard !values.isEmpty else { throw FulgurError(.usage, "--replay-acceptance needs at least one length, e.g. 4.3,5.6,6.3") }
         guard (2...16).contains(block) else { throw FulgurError(.usage, "--block must be in 2...16, got \(block)") }
         guard compareLogits == nil else { throw FulgurError(.usage, "--compare-logits does not combine with --replay-acceptance") }
+        guard !dryRun else { throw FulgurError(.usage, "--dry-run does not combine with --replay-acceptance (it prints a memory plan and runs nothing)") }
+        guard tp >= 1 else { throw FulgurError(.usage, "--tp must be at least 1, got \(tp)") }
         guard !FileManager.default.fileExists(atPath: model) else {
             throw FulgurError(.usage, "--replay-acceptance builds a random drafter of the published shape for a preset's model; "
                               + "give a preset (with a drafter shape: \(RandomDrafter.presets.joined(separator: ", "))), not a checkpoint")
@@ -32,6 +34,18 @@ extension Bench {
         let positions = ReplayBenchmark.positions(context: context, rounds: rounds, warmupRounds: warmupRounds, blockSize: block)
         let executor: any Executor, makeExecutor: ((Plan, Int) throws -> any Executor)?, deviceName: String
         switch device {
+        case .cuda where tp > 1:
+            // The target split over GPUs 0 ..< tp; the drafter (small) whole on GPU 0.
+            let group = try deviceGroup()
+            let split = try CUDATensorParallel(plan: target.plan, group: group, maxPositions: positions, moeVersion: moeVersion)
+            let moeVersion = self.moeVersion
+            executor = split
+            makeExecutor = { plan, context in
+                try group.makeCurrent(0)
+                return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context,
+                                        maxStepTokens: split.maxStepTokens, moeVersion: moeVersion)
+            }
+            deviceName = "\(tp) x \(group.devices[0].name) (target split over \(tp) GPUs, drafter on GPU 0)"
         case .cuda:
             let device = try CUDADevice()
             let module = try KernelModule(device: device)
@@ -43,9 +57,15 @@ extension Bench {
             }
             deviceName = device.name
         case .cpu:
-            executor = CPUExecutor(plan: target.plan, maxPositions: positions, maxStepTokens: 16)
+            let cores = ProcessInfo.processInfo.activeProcessorCount
+            if tp > 1 {
+                executor = try CPUTensorParallel(plan: target.plan, count: tp, maxPositions: positions, maxStepTokens: 16)
+                deviceName = "CPU executor (\(cores) cores), target split into \(tp) shards"
+            } else {
+                executor = CPUExecutor(plan: target.plan, maxPositions: positions, maxStepTokens: 16)
+                deviceName = "CPU executor (\(cores) cores)"
+            }
             makeExecutor = nil
-            deviceName = "CPU executor (\(ProcessInfo.processInfo.activeProcessorCount) cores)"
         }
         let drafter = try randomDrafter.load(for: target, maxPositions: executor.maxPositions, maxStepTokens: executor.maxStepTokens,
                                              executor: makeExecutor)

@@ -3,20 +3,32 @@ import Foundation
 /// A model run as `count` tensor-parallel shards (Plan.shard) on the CPU, one thread per shard,
 /// with an in-process all-reduce: the reference the multi-GPU executor is checked against, and
 /// the proof that the cut adds up (its logits equal the whole model's up to summation order).
+/// It is an Executor, so a generator or DFlash (SpeculativeGenerator) runs on it as on one
+/// CPUExecutor; the drafter stays whole, on an executor of its own.
 public final class CPUTensorParallel {
+    /// The whole model's plan (each shard runs its Plan.shard).
+    public let plan: Plan
     public let shards: [CPUExecutor]
     public let vocabularySlices: [Range<Int>]
     public let vocabSize: Int
     private let group: SumGroup
 
-    public init(plan: Plan, count: Int, maxPositions: Int? = nil, maxStepTokens: Int = 64) throws {
+    public convenience init(plan: Plan, count: Int, maxPositions: Int? = nil, maxStepTokens: Int = 64) throws {
         let plans = try (0..<count).map { try plan.shard(rank: $0, of: count) }
-        let group = SumGroup(count: count)
-        shards = plans.enumerated().map { rank, p in
-            let e = CPUExecutor(plan: p, maxPositions: maxPositions, maxStepTokens: maxStepTokens)
-            e.allReduce = { pointer, n in group.allReduce(rank: rank, pointer, count: n) }
-            return e
+        try self.init(plan: plan, shards: plans.map { CPUExecutor(plan: $0, maxPositions: maxPositions, maxStepTokens: maxStepTokens) })
+    }
+
+    private init(plan: Plan, shards: [CPUExecutor]) throws {
+        let count = shards.count
+        guard plan.lmHead.outFeatures <= SlicedArgmax.maxVocabulary else {
+            throw FulgurError(.unsupported, "tensor parallelism: a vocabulary of \(plan.lmHead.outFeatures) tokens; the shards exchange token ids as f32, exact up to \(SlicedArgmax.maxVocabulary)")
         }
+        let group = SumGroup(count: count)
+        for (rank, e) in shards.enumerated() {
+            e.allReduce = { pointer, n in group.allReduce(rank: rank, pointer, count: n) }
+        }
+        self.plan = plan
+        self.shards = shards
         vocabularySlices = (0..<count).map { plan.vocabularySlice(rank: $0, of: count) }
         vocabSize = plan.lmHead.outFeatures
         self.group = group
@@ -29,6 +41,49 @@ public final class CPUTensorParallel {
         let parts = try Self.onEveryRank(shards.count) { try shards[$0].forward(tokens, logits: want) }
         guard want != .none else { return [] }
         return Self.gather(parts, slices: vocabularySlices, rows: want == .all ? tokens.count : 1, vocab: vocabSize)
+    }
+
+    /// As CPUExecutor.forward(rows:): the rows go to every shard (x is replicated).
+    public func forward(rows: [Float], logits want: CPUExecutor.Logits = .none) throws -> [Float] {
+        let shards = self.shards
+        let parts = try Self.onEveryRank(shards.count) { try shards[$0].forward(rows: rows, logits: want) }
+        guard want != .none, let first = parts.first, !first.isEmpty else { return [] }
+        return Self.gather(parts, slices: vocabularySlices, rows: first.count / vocabularySlices[0].count, vocab: vocabSize)
+    }
+
+    /// The greedy choice after each position of the last step, as Executor.argmax, found the way
+    /// the GPUs find it (SlicedArgmax): each shard's candidates from its own slice, exchanged
+    /// through the shards' all-reduce, the same pick on every shard. No whole logit row is built.
+    public func argmax(_ tokens: [Int]) throws -> [Int] {
+        let shards = self.shards, slices = vocabularySlices, ranks = shards.count
+        let lastStep = tokens.isEmpty ? 0 : (tokens.count - 1) % maxStepTokens + 1
+        let picks = try Self.onEveryRank(ranks) { rank -> [Int] in
+            let shard = shards[rank], width = slices[rank].count
+            let logits = try shard.forward(tokens, logits: .all)
+            let candidates = logits.withUnsafeBufferPointer { l in
+                ((tokens.count - lastStep)..<tokens.count).map {
+                    SlicedArgmax.candidate(UnsafeBufferPointer(rebasing: l[($0 * width)..<(($0 + 1) * width)]), start: slices[rank].lowerBound)
+                }
+            }
+            var table = SlicedArgmax.table(candidates, rank: rank, ranks: ranks)
+            if !table.isEmpty { table.withUnsafeMutableBufferPointer { shard.allReduce!($0.baseAddress!, $0.count) } }
+            return SlicedArgmax.pick(table, ranks: ranks)
+        }
+        // Every shard summed the same tables in the same order: they cannot disagree unless the
+        // exchange is broken.
+        guard picks.allSatisfy({ $0 == picks[0] }) else {
+            throw FulgurError(.shape, "tensor-parallel argmax: the shards picked different tokens \(picks)")
+        }
+        return picks[0]
+    }
+
+    /// An executor for another plan over these shards' caches (Executor.sharingCache): the
+    /// plan is split the same way (Plan.shard throws for plans that do not split).
+    public func sharingCache(plan other: Plan) throws -> any Executor {
+        let parts = try shards.indices.map { try other.shard(rank: $0, of: shards.count) }
+        return try CPUTensorParallel(plan: other, shards: zip(parts, shards).map { p, s in
+            CPUExecutor(plan: p, maxPositions: s.cache.maxPositions, maxStepTokens: s.maxStepTokens, cache: s.cache)
+        })
     }
 
     /// Whole logit rows from each shard's vocabulary slice of them (`parts[r]` is
@@ -60,6 +115,23 @@ public final class CPUTensorParallel {
         done.wait()
         return try results.all.map { try $0!.get() }
     }
+}
+
+/// The residual stream is replicated: every all-reduce gives all shards the same bits and the
+/// rest of a layer (norms, residual adds) is the same arithmetic on every shard, so rank 0's
+/// hidden states are the whole model's and DFlash's captured features come from rank 0 alone.
+extension CPUTensorParallel: Executor {
+    public var maxStepTokens: Int { shards[0].maxStepTokens }
+    public var length: Int { shards[0].cache.length }
+    public var maxPositions: Int { shards[0].cache.maxPositions }
+    public var captureLayers: [Int] {
+        get { shards[0].captureLayers }
+        set { shards[0].captureLayers = newValue }
+    }
+    public var capturedFeatures: [Float] { shards[0].capturedFeatures }
+    public func canTruncate(to position: Int) -> Bool { shards.allSatisfy { $0.cache.canTruncate(to: position) } }
+    public func truncate(to position: Int) { for s in shards { s.cache.truncate(to: position) } }
+    public func reset() { for s in shards { s.cache.reset() } }
 }
 
 /// Each shard thread's result.

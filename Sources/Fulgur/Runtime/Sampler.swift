@@ -64,12 +64,8 @@ public struct Sampler {
         rng = SeededGenerator(seed: parameters.seed ?? UInt64.random(in: 0...UInt64.max))
     }
 
-    public static func argmax(_ logits: UnsafeBufferPointer<Float>) -> Int {
-        var best = 0
-        var bestValue = -Float.infinity
-        for (i, v) in logits.enumerated() where v > bestValue { best = i; bestValue = v }
-        return best
-    }
+    /// The first largest logit's index; NaN never wins; 0 when nothing is above -inf.
+    public static func argmax(_ logits: UnsafeBufferPointer<Float>) -> Int { SlicedArgmax.candidate(logits, start: 0).token }
 
     public static func argmax(_ logits: [Float]) -> Int { logits.withUnsafeBufferPointer { argmax($0) } }
 

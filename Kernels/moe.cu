@@ -46,7 +46,7 @@
 
 namespace moe {
 
-constexpr int kWarps = 4, kMaxTokens = 16, kMaxTopK = 8, kMaxExperts = 256;
+constexpr int kWarps = 4, kMaxTokens = 16, kMaxTopK = 8, kMaxExperts = 384;  // 384: MiMo-V2.5-Pro
 
 // Chunks (32 elements) per lane per tile for NT tokens, as in gemv: the padded shared tile
 // is NT * 32 * unroll * 36 floats (18 KiB at NT = 1, 72 KiB at NT = 8 and 16).
@@ -100,7 +100,7 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// One warp routes token t: lane l holds experts l, l + 32, ... (E <= 256).
+// One warp routes token t: lane l holds experts l, l + 32, ... (E <= kMaxExperts).
 __device__ void route_token(const RouterArgs& a, const float* logits, int E, int k, int t, Routes r) {
     constexpr int J = kMaxExperts / 32;
     const int lane = threadIdx.x & 31;
@@ -485,7 +485,7 @@ __device__ void down(Routes r, const float* __restrict__ act, int T, int H, int 
 
 // Router logits and routing. Launch with 128 threads and ceil(E / 4) blocks (a warp per
 // expert row, all tokens); the routing buffer's counter must be 0 (the kernel leaves it so).
-// E <= 256, top-k <= 8, groups <= 32 and dividing E, H a multiple of 8, T <= 16.
+// E <= kMaxExperts (384), top-k <= 8, groups <= 32 and dividing E, H a multiple of 8, T <= 16.
 extern "C" __global__ void __launch_bounds__(128) moe_route(
     const void* w, int bf16, const float* bias, const float* correction, int mode, int normalize, float scaling,
     int groups, int topKGroups, const float* x, int T, int H, int E, int k, float* logits, int* routes) {

@@ -23,7 +23,7 @@ public final class CUDAMoE: @unchecked Sendable {
     /// 2 at 1 token and 1.8-2.2x faster at 8-16 (Kernels/NOTES.md, 2026-11-27, H200).
     public static let defaultVersion = 7
     public static let maxTokens = 16
-    static let maxExperts = 256, maxTopK = 8, maxGroups = 32
+    static let maxExperts = 384, maxTopK = 8, maxGroups = 32
     public let spec: MoESpec
     public let hidden: Int
     public let version: Int

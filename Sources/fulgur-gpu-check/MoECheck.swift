@@ -35,6 +35,10 @@ let moeShapes = [
     MoEShape(name: "grouped", hidden: 256, experts: 64, intermediate: 128, topK: 6,
              routing: .sigmoidWithBias(normalize: false, scaling: 1.5, groups: 8, topKGroups: 3),
              activation: .silu, storage: .separate, bf16Router: false, biases: true, timed: false),
+    // MiMo-V2.5-Pro's router width (384 experts, the kernels' most) on a small shape.
+    MoEShape(name: "pro-like", hidden: 512, experts: 384, intermediate: 128, topK: 8,
+             routing: .sigmoidWithBias(normalize: true, scaling: 2.5, groups: 1, topKGroups: 1),
+             activation: .silu, storage: .separate, bf16Router: false, biases: false, timed: false),
 ]
 
 /// Stacked MXFP4 experts [E, rows, columns]: random codes, scales 2^-7 ... 2^-4 (products of

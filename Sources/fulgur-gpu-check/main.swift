@@ -28,7 +28,11 @@ final class HostBytes {
     }
 }
 
-enum Format: String, CaseIterable { case mxfp4, fp8 }
+enum Format: String, CaseIterable {
+    case mxfp4, fp8, bf16, f32
+    /// Stored as plain values (gemv::plain), with no wide layout.
+    var plain: Bool { self == .bf16 || self == .f32 }
+}
 
 func randomWeight(_ format: Format, rows: Int, columns: Int, _ rng: inout SeededGenerator) throws -> LinearWeight {
     switch format {
@@ -51,6 +55,18 @@ func randomWeight(_ format: Format, rows: Int, columns: Int, _ rng: inout Seeded
         let s = scales.pointer.bindMemory(to: Float.self, capacity: tiles[0] * tiles[1])
         for i in 0..<(tiles[0] * tiles[1]) { s[i] = Float(rng.nextUnit() * 0.01 + 0.001) }
         return try LinearWeight(fp8: codes.view("w", .fp8e4m3, [rows, columns]), scaleInv: scales.view("w.scale_inv", .f32, tiles))
+    case .bf16, .f32:
+        // Uniform in [-1, 1), rounded down to BF16 for bf16.
+        let bytes = HostBytes((format == .bf16 ? 2 : 4) * rows * columns, &rng)
+        for i in 0..<(rows * columns) {
+            let v = Float(rng.nextUnit() * 2 - 1)
+            if format == .bf16 {
+                bytes.pointer.storeBytes(of: UInt16(v.bitPattern >> 16), toByteOffset: 2 * i, as: UInt16.self)
+            } else {
+                bytes.pointer.storeBytes(of: v, toByteOffset: 4 * i, as: Float.self)
+            }
+        }
+        return try LinearWeight(bytes.view("w", format == .bf16 ? .bf16 : .f32, [rows, columns]))
     }
 }
 
@@ -153,6 +169,15 @@ func run() throws -> Bool {
             seed += 1
             rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: false, copy: copy, seed: seed)
         }
+        if format.plain {
+            // Plain BF16/f32 (gemv::plain, 1, 2 or 4 rows a warp by token bin): attention-sized
+            // and the gpt-oss-20b LM head, whose 8-token calls were L1-bound with one row a warp.
+            for (n, k, tokens) in [(2880, 2880, Array(1...16)), (201088, 2880, [1, 4, 8, 16])] {
+                seed += 1
+                rows += try check(device, module, stream, format, rows: n, columns: k, tokens: tokens, timed: true, copy: copy, seed: seed)
+            }
+            continue
+        }
         // The launch floor (a 64 KiB weight, 4 MiB in all, so from L2: what a call costs
         // beyond its bytes), then
         // gpt-oss-20b: expert down and attention-sized 2880 x 2880, expert gate_up 5760 x 2880.
@@ -188,7 +213,7 @@ func run() throws -> Bool {
         print(line)
     }
     let small = rows.filter { $0.timings.isEmpty }
-    print("edge shapes (37x96, 200x4160), T = 1...16, both formats and layouts: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
+    print("edge shapes (37x96, 200x4160), T = 1...16, every format and layout: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
     print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
     return failed.isEmpty && moePassed && executorPassed && commPassed && tpPassed
 }

@@ -116,10 +116,28 @@ public struct RandomDrafter: Sendable, CustomStringConvertible {
         // target's (factor 32 over 4096 positions), as vllm-neuron's RoPE probe reads the file.
         "gpt-oss-20b": Shape(source: "z-lab/gpt-oss-20b-DFlash", layers: 8, targetLayers: 5, maskTokenId: 200000,
                              config: gptOssDrafter(heads: 64, kvHeads: 8, headDim: 64, intermediate: 7680, bos: 199998, eos: 200002)),
+        // MiMo targets: no drafter config for them was available here (the MiMo release keeps
+        // its drafter in a dflash/ subfolder), so these are assumed from ARCHITECTURE.md's
+        // description: about 5 Qwen3-style layers at the target's hidden size, reading 5 target
+        // layers; 32 query and 8 key/value heads of 128, an MLP of 3x hidden, no biases, block
+        // 8 (z-lab's Qwen3 drafters' proportions). mimo-v2-flash: 1.1 B parameters;
+        // mimo-v2.5-pro: 2.4 B. Replayed-acceptance numbers with them say so.
+        "mimo-v2-flash": Shape(source: "assumed MiMo-V2-Flash drafter", layers: 5, targetLayers: 5, maskTokenId: 152575,
+                               config: qwen3Drafter(heads: 32, kvHeads: 8, headDim: 128, intermediate: 3 * 4096, eos: 151645)),
+        "mimo-v2.5-pro": Shape(source: "assumed MiMo-V2.5-Pro drafter", layers: 5, targetLayers: 5, maskTokenId: 152575,
+                               config: qwen3Drafter(heads: 32, kvHeads: 8, headDim: 128, intermediate: 3 * 6144, eos: 151645)),
         // The same structure at test size.
         "tiny-gpt-oss": Shape(source: "tiny z-lab/gpt-oss-20b-DFlash", layers: 2, targetLayers: 2, maskTokenId: 511,
                               config: gptOssDrafter(heads: 4, kvHeads: 2, headDim: 32, intermediate: 256, bos: 1, eos: 2)),
     ]
+
+    static func qwen3Drafter(heads: Int, kvHeads: Int, headDim: Int, intermediate: Int, eos: Int) -> JSONObject {
+        ["architectures": ["DFlashDraftModel"], "model_type": "qwen3", "attention_bias": false, "block_size": 8,
+         "eos_token_id": .int(eos), "dtype": "bfloat16", "head_dim": .int(headDim), "hidden_act": "silu",
+         "intermediate_size": .int(intermediate), "max_position_embeddings": 262144,
+         "num_attention_heads": .int(heads), "num_key_value_heads": .int(kvHeads), "rms_norm_eps": 1e-6,
+         "rope_theta": 1000000.0, "tie_word_embeddings": false]
+    }
 
     static func gptOssDrafter(heads: Int, kvHeads: Int, headDim: Int, intermediate: Int, bos: Int, eos: Int) -> JSONObject {
         ["architectures": ["DFlashDraftModel"], "model_type": "gpt_oss",

@@ -119,6 +119,23 @@ private let lengths = [4.3, 5.6, 6.3]
     expectError(["at least 6"]) { _ = try RandomDrafter(for: RandomModel(preset: "gpt-oss-20b", layers: 4)) }
 }
 
+@Test func randomDrafterHasTheAssumedMiMoShapes() throws {
+    // Assumed (no published config here): 5 Qwen3-style layers at the target's hidden size,
+    // 32 query and 8 key/value heads of 128, an MLP of 3x hidden, reading 5 target layers.
+    for (preset, hidden, targetLayers) in [("mimo-v2-flash", 4096, 48), ("mimo-v2.5-pro", 6144, 70)] {
+        let drafter = try RandomDrafter(for: RandomModel(preset: preset), linear: .bf16)
+        let c = try drafter.config()
+        #expect(c["model_type"] == "qwen3" && c["attention_bias"] == false && c["block_size"] == 8)
+        #expect(c["hidden_size"] == .int(hidden) && c["num_hidden_layers"] == 5 && c["intermediate_size"] == .int(3 * hidden))
+        #expect(c["num_attention_heads"] == 32 && c["num_key_value_heads"] == 8 && c["head_dim"] == 128)
+        #expect(c["dflash_config"]?["target_layer_ids"] == .array(RandomDrafter.spread(targetLayers: targetLayers, count: 5).map { .int($0) }))
+        // Per layer: q and o (hidden x 4096 each), k and v (hidden x 1024 each), the MLP (3 x
+        // hidden x 3 hidden), two norms and q/k norms of 128; then fc (5 hidden -> hidden) and two norms.
+        let layer = 2 * hidden * 4096 + 2 * hidden * 1024 + 3 * hidden * 3 * hidden + 2 * hidden + 2 * 128
+        #expect(try drafter.parameterCount() == 5 * layer + 5 * hidden * hidden + 2 * hidden)
+    }
+}
+
 @Test func randomDrafterLoadsAndDraftsInBothFormats() throws {
     let random = try RandomModel(preset: "tiny-gpt-oss", seed: 2)
     let model = try random.build()

@@ -165,11 +165,20 @@ public struct LinearWeight: @unchecked Sendable {
     }
 
     /// out[t, o] = sum_i w[o, i] * x[t, i] (+ bias[o]) for `tokens` rows of x.
-    public func apply(_ x: UnsafePointer<Float>, tokens: Int, bias: UnsafePointer<Float>? = nil, into out: UnsafeMutablePointer<Float>) {
+    ///
+    /// `decodeOnceFrom`: the first row that takes the decode-once path (see `decodeOnceTokens`);
+    /// the rows before it use the kernels that read the stored format per token. Default: all
+    /// rows from `decodeOnceTokens` tokens on, none below. The two paths round differently, but
+    /// a row's result depends only on that row and its path, so a batched step that gives each
+    /// sequence's rows the path they would take alone reproduces that sequence bit for bit.
+    public func apply(_ x: UnsafePointer<Float>, tokens: Int, bias: UnsafePointer<Float>? = nil, into out: UnsafeMutablePointer<Float>,
+                      decodeOnceFrom: Int? = nil) {
         if transposed {
             applyTransposed(x, tokens: tokens, into: out)
         } else {
-            applyRows(x, tokens: tokens, into: out)
+            let split = decodeOnceFrom ?? (tokens >= Self.decodeOnceTokens ? 0 : tokens)
+            if split > 0 { applyRowsPerToken(x, tokens: split, into: out) }
+            if split < tokens { applyRowsDecodedOnce(x + split * inFeatures, tokens: tokens - split, into: out + split * outFeatures) }
         }
         if let bias {
             for t in 0..<tokens { for o in 0..<outFeatures { out[t * outFeatures + o] += bias[o] } }
@@ -180,20 +189,23 @@ public struct LinearWeight: @unchecked Sendable {
     /// to f32 once and then multiplied with every token, instead of decoding it per token.
     static let decodeOnceTokens = 4
 
-    private func applyRows(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
+    private func applyRowsDecodedOnce(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
+        let n = inFeatures, outN = outFeatures
+        // f32 rows need no decoding: the per-token kernel is the same product.
+        guard format != .plain(.f32) else { return applyRowsPerToken(x, tokens: tokens, into: out) }
+        Parallel.chunks(outN, work: outN * n * tokens) { rows in
+            let row = UnsafeMutablePointer<Float>.allocate(capacity: n)
+            defer { row.deallocate() }
+            for r in rows {
+                dequantizeRow(r, into: row)
+                for t in 0..<tokens { out[t * outN + r] = DotKernels.f32(row, x + t * n, n) }
+            }
+        }
+    }
+
+    private func applyRowsPerToken(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
         let n = inFeatures, rowBytes = storedRowBytes, format = self.format, data = self.data, outN = outFeatures
         let scales = self.scales, groups = n / 32
-        if tokens >= Self.decodeOnceTokens && format != .plain(.f32) {
-            Parallel.chunks(outN, work: outN * n * tokens) { rows in
-                let row = UnsafeMutablePointer<Float>.allocate(capacity: n)
-                defer { row.deallocate() }
-                for r in rows {
-                    dequantizeRow(r, into: row)
-                    for t in 0..<tokens { out[t * outN + r] = DotKernels.f32(row, x + t * n, n) }
-                }
-            }
-            return
-        }
         let pack = ActivationPack(x, tokens: tokens, columns: n, for: format)
         pack.values.withUnsafeBufferPointer { xs in
             pack.blockSums.withUnsafeBufferPointer { sums in

@@ -186,13 +186,19 @@ public struct LinearWeight: @unchecked Sendable {
     }
 
     /// From this many tokens on (a prefill chunk, a verify block), a quantized row is decoded
-    /// to f32 once and then multiplied with every token, instead of decoding it per token.
+    /// to f32 once and then multiplied with every token, instead of decoding it per token; the
+    /// GGML block types (q8_0, q4_0, q4_1) have multi-token kernels that unpack a block once for
+    /// several tokens instead, which is faster.
     static let decodeOnceTokens = 4
 
     private func applyRowsDecodedOnce(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
         let n = inFeatures, outN = outFeatures
-        // f32 rows need no decoding: the per-token kernel is the same product.
-        guard format != .plain(.f32) else { return applyRowsPerToken(x, tokens: tokens, into: out) }
+        // f32 rows need no decoding, and the GGML block types' kernels unpack each block once
+        // for several tokens, which is faster than decoding rows to f32.
+        switch format {
+        case .plain(.f32), .plain(.q8_0), .plain(.q4_0), .plain(.q4_1): return applyRowsPerToken(x, tokens: tokens, into: out)
+        default: break
+        }
         Parallel.chunks(outN, work: outN * n * tokens) { rows in
             let row = UnsafeMutablePointer<Float>.allocate(capacity: n)
             defer { row.deallocate() }
@@ -213,6 +219,16 @@ public struct LinearWeight: @unchecked Sendable {
                 Parallel.chunks(outN, work: outN * n * tokens) { rows in
                     for r in rows {
                         let w = data + r * rowBytes
+                        // Several tokens (a batched decode step): the same sums, each block
+                        // unpacked once for several tokens.
+                        if tokens > 1 {
+                            switch format {
+                            case .plain(.q8_0): DotKernels.q8_0(w, xp, n, tokens: tokens, out: out + r, outStride: outN); continue
+                            case .plain(.q4_0): DotKernels.q4_0(w, xp, sp!, n, tokens: tokens, out: out + r, outStride: outN); continue
+                            case .plain(.q4_1): DotKernels.q4_1(w, xp, sp!, n, tokens: tokens, out: out + r, outStride: outN); continue
+                            default: break
+                            }
+                        }
                         for t in 0..<tokens {
                             let xt = xp + t * n
                             let v: Float

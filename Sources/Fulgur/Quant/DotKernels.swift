@@ -137,18 +137,22 @@ enum DotKernels {
         }
         acc += acc2
         var s = acc.sum() + offset
-        if b < blocks {  // an odd last block, packed in natural order
-            let blk = w + b * blockBytes
-            let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
-            let m = hasMin ? f16ToFloat(blk.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) : 0
-            var t: Float = 0
-            for j in 0..<16 {
-                let q = blk.load(fromByteOffset: qOffset + j, as: UInt8.self)
-                t += (Float(q & 0xF) - (hasMin ? 0 : 8)) * x[32 * b + j] + (Float(q >> 4) - (hasMin ? 0 : 8)) * x[32 * b + j + 16]
-            }
-            s += d * t + m * xsum[b]
-        }
+        if b < blocks { s += q4OddBlock(w + b * blockBytes, x + 32 * b, xsum[b], hasMin: hasMin) }
         return s
+    }
+
+    /// A q4 row's odd last block, packed in natural order: d * sum(q x) + m * (its x sum).
+    @inline(__always)
+    static func q4OddBlock(_ blk: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: Float, hasMin: Bool) -> Float {
+        let qOffset = hasMin ? 4 : 2
+        let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
+        let m = hasMin ? f16ToFloat(blk.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) : 0
+        var t: Float = 0
+        for j in 0..<16 {
+            let q = blk.load(fromByteOffset: qOffset + j, as: UInt8.self)
+            t += (Float(q & 0xF) - (hasMin ? 0 : 8)) * x[j] + (Float(q >> 4) - (hasMin ? 0 : 8)) * x[j + 16]
+        }
+        return d * t + m * xsum
     }
 }
 
@@ -257,17 +261,7 @@ extension DotKernels {
                 }
                 acc += acc2
                 var s = acc.sum() + offset
-                if b < blocks {  // an odd last block, as in `q4`
-                    let blk = w + b * blockBytes
-                    let dd = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
-                    let m = hasMin ? f16ToFloat(blk.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) : 0
-                    var u: Float = 0
-                    for j in 0..<16 {
-                        let v = blk.load(fromByteOffset: qOffset + j, as: UInt8.self)
-                        u += (Float(v & 0xF) - (hasMin ? 0 : 8)) * xt[32 * b + j] + (Float(v >> 4) - (hasMin ? 0 : 8)) * xt[32 * b + j + 16]
-                    }
-                    s += dd * u + m * xs[b]
-                }
+                if b < blocks { s += q4OddBlock(w + b * blockBytes, xt + 32 * b, xs[b], hasMin: hasMin) }
                 out[t * outStride] = s
             }
           }

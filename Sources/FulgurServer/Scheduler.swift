@@ -14,17 +14,28 @@ enum GenerationEvent: Sendable {
     case failed(APIError)
 }
 
-/// Admits generations to lanes by the `AdmissionPolicy` and runs them. A lane is a dedicated
-/// thread that owns one sequence of the model (its KV cache), because a generation is a long
-/// blocking loop that must not occupy Swift's cooperative threads. Continuous batching would
-/// replace the lanes and keep `submit` and `Ticket` as they are.
+/// How admitted generations run on their lanes.
+public enum Schedule: Sendable, Equatable {
+    /// Latency first: a lane is a thread that runs one generation alone, at single-stream speed.
+    case latency
+    /// Throughput first (continuous batching): a lane is a KV slot of one engine thread that
+    /// advances every admitted generation together, one forward pass at a time, prompts in
+    /// pieces of at most `prefillChunk` tokens. Sessions are for latency first only.
+    case throughput(prefillChunk: Int)
+}
+
+/// Admits generations to lanes by the `AdmissionPolicy` and runs them by the `Schedule`.
+/// Generations run on dedicated threads, because they are long blocking loops that must not
+/// occupy Swift's cooperative threads: latency first, one thread per lane, each owning one
+/// sequence of the model (its KV cache); throughput first, one engine thread for a batch of
+/// `lanes` KV slots.
 ///
 /// Every admission is a `Session` (with sessions off, a session of one request): it waits in
 /// `queue` until a lane frees, then holds that lane until it ends.
 public final class Scheduler: @unchecked Sendable {
     public let policy: AdmissionPolicy
+    public let schedule: Schedule
     let metrics: ServerMetrics
-    private let sequences: [any ModelSequence]
 
     // Guarded by `condition`; lanes and submitters wait on it.
     private let condition = NSCondition()
@@ -42,20 +53,30 @@ public final class Scheduler: @unchecked Sendable {
 
     private var sessionsOn: Bool { policy.sessionLength != nil }
 
-    public init(model: ServingModel, policy: AdmissionPolicy, metrics: ServerMetrics) throws {
+    public init(model: ServingModel, policy: AdmissionPolicy, schedule: Schedule = .latency, metrics: ServerMetrics) throws {
         precondition(policy.lanes >= 1, "a scheduler needs at least one lane")
+        precondition(schedule == .latency || policy.sessionLength == nil, "sessions reserve lanes of the latency-first schedule")
         self.policy = policy
+        self.schedule = schedule
         self.metrics = metrics
-        sequences = try model.makeSequences(policy.lanes)
         lanes = Array(repeating: nil, count: policy.lanes)
         quota = QuotaBook(limit: policy.keyQuota)
-        metrics.lanes.record(policy.lanes)
-        // The lanes keep the scheduler alive until `shutdown`.
-        for index in 0..<policy.lanes {
-            let lane = Thread { [self] in runLane(index) }
-            lane.name = "fulgur-lane-\(index)"
-            lane.start()
+        // The threads keep the scheduler alive until `shutdown`.
+        switch schedule {
+        case .latency:
+            let sequences = try model.makeSequences(policy.lanes)
+            for index in 0..<policy.lanes {
+                let lane = Thread { [self] in runLane(index, on: sequences[index]) }
+                lane.name = "fulgur-lane-\(index)"
+                lane.start()
+            }
+        case .throughput(let prefillChunk):
+            let batch = try model.makeBatch(slots: policy.lanes, prefillChunk: prefillChunk)
+            let engine = Thread { [self] in runBatch(batch) }
+            engine.name = "fulgur-engine"
+            engine.start()
         }
+        metrics.lanes.record(policy.lanes)
     }
 
     /// Queues a generation for `key` (nil without API keys); its events arrive on the ticket.
@@ -221,7 +242,7 @@ public final class Scheduler: @unchecked Sendable {
 
     // MARK: - Lanes
 
-    private func runLane(_ index: Int) {
+    private func runLane(_ index: Int, on sequence: any ModelSequence) {
         condition.lock()
         while true {
             guard let session = lanes[index] else {
@@ -249,7 +270,7 @@ public final class Scheduler: @unchecked Sendable {
                 running += 1
                 metrics.running.record(running)
                 condition.unlock()
-                run(job, on: sequences[index], in: session)
+                run(job, on: sequence, in: session)
                 condition.lock()
                 session.running = false
                 session.lastActive = now()
@@ -286,34 +307,107 @@ public final class Scheduler: @unchecked Sendable {
     private func run(_ job: Job, on sequence: any ModelSequence, in session: Session) {
         let events = job.continuation
         metrics.queueWait.recordNanoseconds(DispatchTime.now().uptimeNanoseconds - job.submitted)
-        let outcome: GenerationEvent
-        do {
-            let result = try sequence.generate(
+        complete(job, Result {
+            try sequence.generate(
                 prompt: job.prompt, parameters: job.parameters,
                 onToken: { events.yield(.token($0, $1)) },
                 onText: { text in
                     events.yield(.text(text))
                     return mayContinue(job, session)
                 })
+        })
+    }
+
+    /// Counts a generation's end in the metrics and sends its last event.
+    private func complete(_ job: Job, _ outcome: Result<GenerationResult, Error>) {
+        let event: GenerationEvent
+        switch outcome {
+        case .success(let result):
             metrics.promptTokens.increment(by: result.promptTokens)
             metrics.completionTokens.increment(by: result.tokens.count)
             metrics.timeToFirstToken.recordSeconds(result.timeToFirstToken)
             if result.tokens.count > 1 { metrics.interTokenLatency.recordSeconds(result.decodeSeconds / Double(result.tokens.count - 1)) }
             switch job.stop {
-            case .sessionExpired: outcome = .failed(.sessionExpired(length: policy.sessionLength ?? 0))
-            case .shuttingDown: outcome = .failed(.shuttingDown)
-            case nil: outcome = .finished(result)
+            case .sessionExpired: event = .failed(.sessionExpired(length: policy.sessionLength ?? 0))
+            case .shuttingDown: event = .failed(.shuttingDown)
+            case nil: event = .finished(result)
             }
-        } catch {
-            outcome = .failed(.engine(error))
+        case .failure(let error):
+            event = .failed(.engine(error))
         }
         // Marked before the last event goes out, so that the handler's cancel on its way out
         // is not counted as a cancellation.
         condition.lock()
         job.done = true
         condition.unlock()
-        events.yield(outcome)
-        events.finish()
+        job.continuation.yield(event)
+        job.continuation.finish()
+    }
+
+    // MARK: - Throughput first
+
+    /// The engine thread: starts the jobs admitted to slots, stops those cancelled or out of
+    /// time, and runs a batched step over the rest, until `shutdown` and every slot is free.
+    /// A client that leaves is noticed before the next step.
+    private func runBatch(_ batch: any ModelBatch) {
+        var active: [Int: (job: Job, session: Session)] = [:]
+        condition.lock()
+        while true {
+            // A slot whose job left before it started is free again (this may admit the next).
+            for case let session? in lanes where !session.running && session.jobs.isEmpty { end(session, reason: .done) }
+            var starting: [(job: Job, session: Session)] = []
+            for case let session? in lanes where !session.running {
+                session.running = true
+                starting.append((session.jobs.removeFirst(), session))
+            }
+            if active.isEmpty && starting.isEmpty {
+                if stopped { break }
+                condition.wait()
+                continue
+            }
+            let pastGrace = now() >= graceDeadline
+            let stopping = active.filter { $0.value.job.cancelled || pastGrace }.keys
+            for id in stopping where !active[id]!.job.cancelled { active[id]!.job.stop = .shuttingDown }
+            running += starting.count
+            metrics.running.record(running)
+            condition.unlock()
+
+            var ended: [(job: Job, session: Session, outcome: Result<GenerationResult, Error>)] = []
+            for (job, session) in starting {
+                let events = job.continuation
+                metrics.queueWait.recordNanoseconds(DispatchTime.now().uptimeNanoseconds - job.submitted)
+                do {
+                    let id = try batch.start(prompt: job.prompt, parameters: job.parameters, onToken: { events.yield(.token($0, $1)) },
+                                             onText: { events.yield(.text($0)); return true })
+                    active[id] = (job, session)
+                } catch {
+                    ended.append((job, session, .failure(error)))
+                }
+            }
+            for id in stopping {
+                let (job, session) = active.removeValue(forKey: id)!
+                ended.append((job, session, .success(batch.stop(id))))
+            }
+            do {
+                for (id, result) in try batch.step() {
+                    let (job, session) = active.removeValue(forKey: id)!
+                    ended.append((job, session, .success(result)))
+                }
+            } catch {
+                ended += active.values.map { ($0.job, $0.session, .failure(error)) }
+                active.removeAll()
+            }
+            for (job, _, outcome) in ended { complete(job, outcome) }
+
+            condition.lock()
+            for (_, session, _) in ended {
+                session.running = false
+                end(session, reason: .done)
+            }
+            running -= ended.count
+            metrics.running.record(running)
+        }
+        condition.unlock()
     }
 
     private func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

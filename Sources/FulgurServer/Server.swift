@@ -16,6 +16,9 @@ public struct ServerConfiguration: Sendable {
     /// and the key is what quotas and sessions count by.
     public var apiKeys: [String] = []
     public var admission = AdmissionPolicy()
+    /// Latency first (a lane runs one generation alone) or throughput first (the lanes are KV
+    /// slots of one batched engine loop).
+    public var schedule = Schedule.latency
     public var limits = RequestLimits()
     /// Seconds running generations may go on after SIGTERM or SIGINT before they are ended.
     public var shutdownGrace = 10.0
@@ -37,12 +40,13 @@ public struct OpenAIServer: Sendable {
         "/v1/chat/completions": .post, "/v1/completions": .post, "/v1/models": .get, "/health": .get, "/metrics": .get,
     ]
 
-    /// Throws when the model cannot run `configuration.admission.lanes` sequences.
+    /// Throws when the model cannot run `configuration.admission.lanes` sequences (or batch
+    /// that many, throughput first).
     public init(model: ServingModel, configuration: ServerConfiguration) throws {
         self.model = model
         self.configuration = configuration
         metrics = ServerMetrics()
-        scheduler = try Scheduler(model: model, policy: configuration.admission, metrics: metrics)
+        scheduler = try Scheduler(model: model, policy: configuration.admission, schedule: configuration.schedule, metrics: metrics)
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully: admissions end (new

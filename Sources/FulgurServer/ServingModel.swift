@@ -19,12 +19,30 @@ public protocol ServingModel: Sendable {
     /// one generation (a KV cache) over weights they share. Called once, by the scheduler;
     /// throws when the model cannot run that many.
     func makeSequences(_ count: Int) throws -> [any ModelSequence]
+    /// Continuous batching: up to `slots` generations advanced together, one forward pass
+    /// over all of them at a time, prompts in pieces of at most `prefillChunk` tokens. Called
+    /// once, by a throughput-first scheduler; throws when the model cannot batch.
+    func makeBatch(slots: Int, prefillChunk: Int) throws -> any ModelBatch
 }
 
 /// One generation at a time, called only by the lane that owns the sequence.
 public protocol ModelSequence: AnyObject {
     func generate(prompt: [Int], parameters: GenerationParameters,
                   onToken: (Int, TokenLogprobs?) -> Void, onText: (String) -> Bool) throws -> GenerationResult
+}
+
+/// Generations that advance together, a forward pass at a time; called only by the
+/// scheduler's engine thread.
+public protocol ModelBatch: AnyObject {
+    /// Starts a generation in a free slot, to run from the next `step`; returns its id.
+    /// Throws when the request cannot run.
+    func start(prompt: [Int], parameters: GenerationParameters, onToken: @escaping (Int, TokenLogprobs?) -> Void,
+               onText: @escaping (String) -> Bool) throws -> Int
+    /// One forward pass over every started generation; returns those that ended in it, their
+    /// slots freed. When it throws, every generation has been dropped.
+    func step() throws -> [(id: Int, result: GenerationResult)]
+    /// Ends a generation before its end, freeing its slot; the result says `cancelled`.
+    func stop(_ id: Int) -> GenerationResult
 }
 
 /// An Engine served over HTTP. `@unchecked Sendable`: the tokenizer, template and weights are
@@ -49,6 +67,56 @@ public final class EngineModel: ServingModel, @unchecked Sendable {
     /// The first lane uses the engine's own generator, the others new ones over the same plan.
     public func makeSequences(_ count: Int) throws -> [any ModelSequence] {
         try (0..<count).map { EngineSequence(engine: engine, generator: $0 == 0 ? engine.generator : try engine.makeGenerator()) }
+    }
+
+    public func makeBatch(slots: Int, prefillChunk: Int) throws -> any ModelBatch {
+        EngineBatch(engine: engine, batch: try engine.makeBatchGenerator(slots: slots, prefillChunk: prefillChunk))
+    }
+}
+
+final class EngineBatch: ModelBatch {
+    let engine: Engine
+    let batch: BatchGenerator
+    private var generations: [Int: Generation] = [:]
+    private var ids: [ObjectIdentifier: Int] = [:]
+    private var lastId = 0
+
+    init(engine: Engine, batch: BatchGenerator) {
+        self.engine = engine
+        self.batch = batch
+    }
+
+    func start(prompt: [Int], parameters: GenerationParameters, onToken: @escaping (Int, TokenLogprobs?) -> Void,
+               onText: @escaping (String) -> Bool) throws -> Int {
+        let generation = try engine.generation(prompt: prompt, parameters: parameters, onToken: onToken, onText: onText)
+        try batch.add(generation)
+        lastId += 1
+        generations[lastId] = generation
+        ids[ObjectIdentifier(generation)] = lastId
+        return lastId
+    }
+
+    func step() throws -> [(id: Int, result: GenerationResult)] {
+        let ended: [Generation]
+        do { ended = try batch.step() } catch {
+            generations.removeAll()
+            ids.removeAll()
+            throw error
+        }
+        return ended.map { generation in (forget(generation), generation.finish()) }
+    }
+
+    func stop(_ id: Int) -> GenerationResult {
+        let generation = generations[id]!
+        batch.remove(generation)
+        _ = forget(generation)
+        return generation.finish()
+    }
+
+    private func forget(_ generation: Generation) -> Int {
+        let id = ids.removeValue(forKey: ObjectIdentifier(generation))!
+        generations[id] = nil
+        return id
     }
 }
 

@@ -19,6 +19,12 @@ struct Serve: AsyncParsableCommand {
             error, and --idle-release frees the lane early once the key has had nothing running or waiting \
             for that long. The seed's trial: --lanes 1 --key-quota 10 --session-length 1800 --idle-release 300.
 
+            Throughput first (--schedule throughput, CPU executor): one engine loop runs up to --max-batch \
+            generations together, each on a KV slot of its own, one forward pass over all of them a step \
+            (a token from each that is decoding; prompts in pieces of at most --prefill-chunk tokens a \
+            step, so that a long prompt does not stall the others). Further requests queue as above, \
+            with the same --max-queue, --key-quota and 503/429 answers; sessions are for latency first.
+
             SIGTERM or SIGINT: new requests get 503, running generations get --shutdown-grace seconds and \
             then end with an error event and [DONE]; the process exits 0.
             """)
@@ -30,7 +36,14 @@ struct Serve: AsyncParsableCommand {
     var apiKeys: [String] = []
     @Option(name: .customLong("api-keys-file"), help: "A file of API keys, one a line ('#' starts a comment line); adds to --api-key.")
     var apiKeysFile: String?
-    @Option(help: "Generations that run at once, each on its own KV cache (size them to the cores: lanes share them).") var lanes = 1
+    @Option(help: "latency: each lane runs one generation alone at single-stream speed; throughput: generations share forward passes (continuous batching).")
+    var schedule: ScheduleChoice = .latency
+    @Option(help: "Generations that run at once, each on its own KV cache (size them to the cores: lanes share them); latency first. (default: 1)")
+    var lanes: Int?
+    @Option(name: .customLong("max-batch"), help: "Generations batched together, each on a KV slot of its own; throughput first. (default: 32)")
+    var maxBatch: Int?
+    @Option(name: .customLong("prefill-chunk"), help: "Most prompt tokens one batched step runs, so a long prompt does not stall the other streams; throughput first. (default: 32)")
+    var prefillChunk: Int?
     @Option(name: .customLong("max-queue"), help: "Admissions that may wait for a lane; more get 503.") var maxQueue = 64
     @Option(name: .customLong("key-quota"), help: "Admissions one API key may make per UTC day; more get 429 (needs API keys).") var keyQuota: Int?
     @Option(name: .customLong("session-length"), help: "Seconds an admission reserves its lane for its key (needs API keys; default: one request).")
@@ -49,13 +62,30 @@ struct Serve: AsyncParsableCommand {
         configuration.host = host
         configuration.port = port
         configuration.apiKeys = keys
+        let lanes = schedule == .latency ? self.lanes ?? 1 : maxBatch ?? 32
+        configuration.schedule = schedule == .latency ? .latency : .throughput(prefillChunk: prefillChunk ?? 32)
         configuration.admission = AdmissionPolicy(lanes: lanes, maxQueue: maxQueue, keyQuota: keyQuota,
                                                   sessionLength: sessionLength, idleRelease: idleRelease)
         configuration.limits = RequestLimits(maxTokens: maxTokensLimit, maxBodyBytes: maxBodyBytes, requestTimeout: requestTimeout)
         configuration.shutdownGrace = shutdownGrace
         try reportingErrors {
             guard (0...65535).contains(port) else { throw FulgurError(.usage, "--port must be in 0...65535, got \(port)") }
-            guard (1...256).contains(lanes) else { throw FulgurError(.usage, "--lanes must be in 1...256, got \(lanes)") }
+            switch schedule {
+            case .latency:
+                guard (1...256).contains(lanes) else { throw FulgurError(.usage, "--lanes must be in 1...256, got \(lanes)") }
+                for (flag, value) in [("--max-batch", maxBatch), ("--prefill-chunk", prefillChunk)] where value != nil {
+                    throw FulgurError(.usage, "\(flag) sizes batches, which only --schedule throughput runs")
+                }
+            case .throughput:
+                guard self.lanes == nil else { throw FulgurError(.usage, "--lanes is for --schedule latency; throughput first batches up to --max-batch generations") }
+                guard (1...256).contains(lanes) else { throw FulgurError(.usage, "--max-batch must be in 1...256, got \(lanes)") }
+                if let prefillChunk, !(1...1024).contains(prefillChunk) {
+                    throw FulgurError(.usage, "--prefill-chunk must be in 1...1024, got \(prefillChunk)")
+                }
+                guard sessionLength == nil else {
+                    throw FulgurError(.usage, "--session-length reserves a lane for a key's requests, one after another, which is latency first; with --schedule throughput every request takes a KV slot of its own")
+                }
+            }
             guard maxQueue >= 0 else { throw FulgurError(.usage, "--max-queue must be >= 0, got \(maxQueue)") }
             guard maxTokensLimit >= 1 else { throw FulgurError(.usage, "--max-tokens-limit must be at least 1, got \(maxTokensLimit)") }
             guard maxBodyBytes >= 1024 else { throw FulgurError(.usage, "--max-body-bytes must be at least 1024, got \(maxBodyBytes)") }
@@ -83,6 +113,8 @@ struct Serve: AsyncParsableCommand {
             Terminal.status("Serving \(id) on http://\(address)/v1 (Ctrl-C stops)")
         }
     }
+
+    enum ScheduleChoice: String, ExpressibleByArgument, CaseIterable { case latency, throughput }
 
     private func allKeys() throws -> [String] {
         var keys = apiKeys

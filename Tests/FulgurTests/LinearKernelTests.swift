@@ -43,6 +43,30 @@ import Testing
         for tokens in [3, 6] { try checkProduct(dtype, columns, tokens: tokens) }
     }
 
+    /// A batched decode step runs the per-token kernels over several tokens at once (for the
+    /// GGML block types, one unpacking of each block for several tokens): every token's result
+    /// must be bit-identical to that token run alone.
+    @Test(arguments: [DType.f32, .bf16, .f16, .q8_0, .q4_0, .q4_1], [32, 64, 96, 576, 1536])
+    func perTokenKernelsOverSeveralTokensMatchEachTokenAlone(_ dtype: DType, _ columns: Int) throws {
+        let rows = 13, tokens = 19
+        let bytes = Self.randomWeights(dtype, rows: rows, columns: columns, seed: UInt64(columns) * 7 + UInt64(dtype.blockBytes))
+        var rng = SeededGenerator(seed: 11)
+        let x = (0..<(tokens * columns)).map { _ in Float(rng.nextUnit() * 2 - 1) }
+        try bytes.withUnsafeBytes { raw in
+            let w = try LinearWeight(TensorView(name: "w", dtype: dtype, shape: [rows, columns], data: raw.baseAddress!,
+                                                byteCount: raw.count, owner: nil))
+            for count in [2, 3, 8, 9, 19] {
+                var together = [Float](repeating: 0, count: count * rows)
+                w.apply(x, tokens: count, into: &together, decodeOnceFrom: count)
+                for t in 0..<count {
+                    var alone = [Float](repeating: 0, count: rows)
+                    Array(x[(t * columns)..<((t + 1) * columns)]).withUnsafeBufferPointer { w.apply($0.baseAddress!, tokens: 1, into: &alone) }
+                    #expect(Array(together[(t * rows)..<((t + 1) * rows)]) == alone, "\(dtype) \(columns) columns: token \(t) of \(count)")
+                }
+            }
+        }
+    }
+
     func checkProduct(_ dtype: DType, _ columns: Int, tokens: Int) throws {
         let rows = 37
         let bytes = Self.randomWeights(dtype, rows: rows, columns: columns, seed: UInt64(columns) * 31 + UInt64(dtype.blockBytes))

@@ -135,6 +135,26 @@ def server():
         os.unlink(s.log_path)
 
 
+# Flags for one generation at a time in each schedule: a lane that runs alone, or a batch of one
+# slot. Admission (queue order, positions, quotas, refusals) must not depend on which.
+ONE_AT_A_TIME = {
+    "latency": ("--lanes", "1"),
+    "throughput": ("--schedule", "throughput", "--max-batch", "1"),
+}
+
+
+@pytest.fixture(scope="session")
+def throughput_server():
+    """The session server's flags, throughput first: concurrent requests share forward passes."""
+    s = launch("--schedule", "throughput", "--max-batch", "32", "--prefill-chunk", "32",
+               "--max-queue", "40", "--max-tokens-limit", "512", "--max-body-bytes", str(1 << 20))
+    try:
+        yield s
+    finally:
+        s.stop()
+        os.unlink(s.log_path)
+
+
 @pytest.fixture
 def start_server():
     """Starts servers with other flags for one test; all are stopped after it."""

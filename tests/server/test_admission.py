@@ -1,14 +1,16 @@
-"""Latency-first admission on the live server: lanes, the queue's order and positions,
-per-key quotas, session length and idle release, each with short limits set here.
+"""Admission on the live server: lanes, the queue's order and positions, per-key quotas
+(latency first and throughput first alike), session length and idle release (latency first;
+throughput first refuses sessions), each with short limits set here.
 
 Waits are bounded generously; no test asserts how fast anything is."""
 import json
+import subprocess
 import threading
 
 import openai
 import pytest
 
-from conftest import API_KEY
+from conftest import API_KEY, BINARY, ONE_AT_A_TIME
 from rawhttp import Stream, exchange, request_bytes
 
 COMPLETIONS = "/v1/completions"
@@ -38,8 +40,9 @@ def post(server, payload, key=API_KEY):
     return exchange(server.address, request_bytes("POST", COMPLETIONS, json.dumps(payload).encode(), api_key=key))
 
 
-def test_the_queue_reports_positions_and_admits_in_arrival_order(start_server):
-    s = start_server("--lanes", "1", "--max-queue", "3")
+@pytest.mark.parametrize("schedule", ONE_AT_A_TIME)
+def test_the_queue_reports_positions_and_admits_in_arrival_order(start_server, schedule):
+    s = start_server(*ONE_AT_A_TIME[schedule], "--max-queue", "3")
     # Long enough that the others arrive while it runs.
     running = Stream(s.address, COMPLETIONS, {"prompt": COUNTING, "max_tokens": 200, "temperature": 0, "stream": True}, API_KEY)
     assert running.headers["x-queue-position"] == "0"
@@ -79,8 +82,9 @@ def test_the_queue_reports_positions_and_admits_in_arrival_order(start_server):
     assert results[2] == ["queue position 3", "queue position 2", "queue position 1"]
 
 
-def test_a_key_over_its_daily_quota_gets_429_with_a_clear_message(start_server):
-    s = start_server("--lanes", "1", "--key-quota", "2", api_keys=("alpha", "beta"))
+@pytest.mark.parametrize("schedule", ONE_AT_A_TIME)
+def test_a_key_over_its_daily_quota_gets_429_with_a_clear_message(start_server, schedule):
+    s = start_server(*ONE_AT_A_TIME[schedule], "--key-quota", "2", api_keys=("alpha", "beta"))
     # The client's own retries stay on: the server tells it not to retry.
     alpha = s.client("alpha", max_retries=2)
     model = alpha.models.list().data[0].id
@@ -147,3 +151,11 @@ def test_an_idle_reserved_lane_is_released_to_the_queue(start_server):
     again = post(s, short(), key="alpha")
     assert again.status == 200 and again.headers["x-queue-position"] == "1"
     assert s.metric('fulgur_sessions_ended_total{reason="idle"}') == 2
+
+
+def test_throughput_first_refuses_sessions_with_a_usage_error():
+    # Refused before the model loads: a session reserves a lane, which batching does not have.
+    run = subprocess.run([BINARY, "serve", "--schedule", "throughput", "--api-key", "k", "--session-length", "60", "--port", "0"],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode != 0
+    assert "--session-length" in run.stderr and "--schedule throughput" in run.stderr, run.stderr

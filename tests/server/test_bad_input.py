@@ -1,6 +1,7 @@
 """Malformed and hostile requests against the live server: each gets a well-formed 4xx
 OpenAI error object, and afterwards the server still gives the same greedy answer as before.
-Clients that leave mid-stream free their lanes and queue places, as /metrics shows."""
+Clients that leave mid-stream free their lanes (KV slots, throughput first) and queue places,
+as /metrics shows."""
 import json
 import random
 import time
@@ -310,8 +311,9 @@ def test_a_seeded_fuzz_pass_gets_answers_or_error_objects_and_the_server_answers
     assert greedy_answer(server) == baseline
 
 
-def test_clients_that_leave_mid_stream_free_their_lanes_and_places(start_server):
-    s = start_server("--lanes", "2", "--max-queue", "8")
+@pytest.mark.parametrize("flags", [("--lanes", "2"), ("--schedule", "throughput", "--max-batch", "2")], ids=["latency", "throughput"])
+def test_clients_that_leave_mid_stream_free_their_lanes_and_places(start_server, flags):
+    s = start_server(*flags, "--max-queue", "8")
     payload = {"prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0, "stream": True}
     before = s.metric("fulgur_cancelled_generations_total") or 0
     streams = [Stream(s.address, COMPLETIONS, payload, API_KEY) for _ in range(4)]

@@ -137,18 +137,135 @@ enum DotKernels {
         }
         acc += acc2
         var s = acc.sum() + offset
-        if b < blocks {  // an odd last block, packed in natural order
-            let blk = w + b * blockBytes
-            let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
-            let m = hasMin ? f16ToFloat(blk.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) : 0
-            var t: Float = 0
-            for j in 0..<16 {
-                let q = blk.load(fromByteOffset: qOffset + j, as: UInt8.self)
-                t += (Float(q & 0xF) - (hasMin ? 0 : 8)) * x[32 * b + j] + (Float(q >> 4) - (hasMin ? 0 : 8)) * x[32 * b + j + 16]
-            }
-            s += d * t + m * xsum[b]
-        }
+        if b < blocks { s += q4OddBlock(w + b * blockBytes, x + 32 * b, xsum[b], hasMin: hasMin) }
         return s
+    }
+
+    /// A q4 row's odd last block, packed in natural order: d * sum(q x) + m * (its x sum).
+    @inline(__always)
+    static func q4OddBlock(_ blk: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: Float, hasMin: Bool) -> Float {
+        let qOffset = hasMin ? 4 : 2
+        let d = f16ToFloat(blk.loadUnaligned(as: UInt16.self))
+        let m = hasMin ? f16ToFloat(blk.loadUnaligned(fromByteOffset: 2, as: UInt16.self)) : 0
+        var t: Float = 0
+        for j in 0..<16 {
+            let q = blk.load(fromByteOffset: qOffset + j, as: UInt8.self)
+            t += (Float(q & 0xF) - (hasMin ? 0 : 8)) * x[j] + (Float(q >> 4) - (hasMin ? 0 : 8)) * x[j + 16]
+        }
+        return d * t + m * xsum
+    }
+}
+
+// MARK: Several tokens against one row (a batched decode step)
+
+extension DotKernels {
+    /// `q8_0` for `tokens` rows of x (row t at x + t * n), row t's result to
+    /// out[t * outStride]. The row is unpacked once, into lanes on the stack, and every token's
+    /// multiply-adds are those of `q8_0` in the same order, so each result is bit-identical to
+    /// `q8_0` alone: a batched step keeps every sequence's numbers, and its work per token
+    /// drops to the multiply-adds.
+    @inline(never)
+    static func q8_0(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ n: Int, tokens: Int,
+                     out: UnsafeMutablePointer<Float>, outStride: Int) {
+        let blocks = n / 32
+        withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 5 * blocks) { buffer in
+            let q = buffer.baseAddress!, d = q + 4 * blocks
+            for b in 0..<blocks {
+                let blk = w + b * 34
+                let words = blk.loadUnaligned(fromByteOffset: 2, as: SIMD8<UInt32>.self) ^ 0x8080_8080
+                q[4 * b] = lanes(words & 0xFF) - (magic + 128)
+                q[4 * b + 1] = lanes((words &>> 8) & 0xFF) - (magic + 128)
+                q[4 * b + 2] = lanes((words &>> 16) & 0xFF) - (magic + 128)
+                q[4 * b + 3] = lanes(words &>> 24) - (magic + 128)
+                d[b] = SIMD8(repeating: f16ToFloat(blk.loadUnaligned(as: UInt16.self)))
+            }
+            for t in 0..<tokens {
+                let xr = UnsafeRawPointer(x + t * n)
+                var acc = SIMD8<Float>()
+                for b in 0..<blocks {
+                    let xb = 128 * b
+                    var a = SIMD8<Float>()
+                    a.addProduct(q[4 * b], load8(xr, xb))
+                    a.addProduct(q[4 * b + 1], load8(xr, xb + 32))
+                    a.addProduct(q[4 * b + 2], load8(xr, xb + 64))
+                    a.addProduct(q[4 * b + 3], load8(xr, xb + 96))
+                    acc.addProduct(d[b], a)
+                }
+                out[t * outStride] = acc.sum()
+            }
+        }
+    }
+
+    @inline(never)
+    static func q4_0(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int, tokens: Int,
+                     out: UnsafeMutablePointer<Float>, outStride: Int) {
+        q4(w, x, xsum, n, tokens: tokens, blockBytes: 18, hasMin: false, out: out, outStride: outStride)
+    }
+
+    @inline(never)
+    static func q4_1(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int, tokens: Int,
+                     out: UnsafeMutablePointer<Float>, outStride: Int) {
+        q4(w, x, xsum, n, tokens: tokens, blockBytes: 20, hasMin: true, out: out, outStride: outStride)
+    }
+
+    /// `q4` for `tokens` rows of x (row t at x + t * n, its block sums at xsum + t * n / 32):
+    /// the row's block pairs unpacked once, then every token's arithmetic that of `q4`, in the
+    /// same order (see `q8_0(_:_:_:tokens:out:outStride:)`).
+    @inline(__always)
+    static func q4(_ w: UnsafeRawPointer, _ x: UnsafePointer<Float>, _ xsum: UnsafePointer<Float>, _ n: Int, tokens: Int,
+                   blockBytes: Int, hasMin: Bool, out: UnsafeMutablePointer<Float>, outStride: Int) {
+        let blocks = n / 32, pairs = blocks / 2, qOffset = hasMin ? 4 : 2
+        let bias: Float = hasMin ? magic : magic + 8
+        withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: 9 * pairs + 1) { buffer in
+          withUnsafeTemporaryAllocation(of: Float.self, capacity: blocks + 1) { minimums in
+            // Pair p (blocks 2p, 2p+1): its 8 lane vectors at q[8p...], its scales at d[p].
+            let q = buffer.baseAddress!, d = q + 8 * pairs, mins = minimums.baseAddress!
+            for p in 0..<pairs {
+                let b0 = w + 2 * p * blockBytes, b1 = b0 + blockBytes
+                let words = SIMD8(lowHalf: b0.loadUnaligned(fromByteOffset: qOffset, as: SIMD4<UInt32>.self),
+                                  highHalf: b1.loadUnaligned(fromByteOffset: qOffset, as: SIMD4<UInt32>.self))
+                for k in 0..<8 { q[8 * p + k] = lanes((words &>> UInt32(4 * k)) & 0xF) - bias }
+                let d0 = f16ToFloat(b0.loadUnaligned(as: UInt16.self)), d1 = f16ToFloat(b1.loadUnaligned(as: UInt16.self))
+                d[p] = SIMD8(d0, d0, d0, d0, d1, d1, d1, d1)
+                if hasMin {
+                    mins[2 * p] = f16ToFloat(b0.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+                    mins[2 * p + 1] = f16ToFloat(b1.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+                }
+            }
+            for t in 0..<tokens {
+                let xt = x + t * n, xr = UnsafeRawPointer(xt), xs = xsum + t * blocks
+                var offset: Float = 0
+                /// `q4`'s pair(b) for this token.
+                @inline(__always) func pair(_ b: Int) -> SIMD8<Float> {
+                    let xb = xr + 128 * b, qp = q + 4 * b
+                    var a = SIMD8<Float>()
+                    for k in 0..<8 { a.addProduct(qp[k], load8(xb, 32 * k)) }
+                    if hasMin {
+                        offset += mins[b] * xs[b]
+                        offset += mins[b + 1] * xs[b + 1]
+                    }
+                    return a
+                }
+                var acc = SIMD8<Float>(), acc2 = SIMD8<Float>()
+                var b = 0
+                while b + 4 <= blocks {
+                    let a0 = pair(b), a1 = pair(b + 2)
+                    acc.addProduct(d[b / 2], a0)
+                    acc2.addProduct(d[b / 2 + 1], a1)
+                    b += 4
+                }
+                if b + 2 <= blocks {
+                    let a0 = pair(b)
+                    acc.addProduct(d[b / 2], a0)
+                    b += 2
+                }
+                acc += acc2
+                var s = acc.sum() + offset
+                if b < blocks { s += q4OddBlock(w + b * blockBytes, xt + 32 * b, xs[b], hasMin: hasMin) }
+                out[t * outStride] = s
+            }
+          }
+        }
     }
 }
 

@@ -8,7 +8,10 @@ public final class CPUExecutor {
     public let cache: KVCache
     /// Activation buffers, `maxStepTokens` rows of each buffer's widest use.
     private let buffers: [UnsafeMutablePointer<Float>]
+    /// The step being run: each row's position, and the sequences its rows belong to.
     private var positions: [Int] = []
+    private var parts: [(cache: KVCache, rows: Range<Int>)] = []
+    private var rows = StepRows(segments: [])
 
     /// Layers whose output hidden states each forward returns in `capturedFeatures`.
     public var captureLayers: [Int] = [] {
@@ -105,10 +108,95 @@ public final class CPUExecutor {
     }
 
     private func step(_ tokens: [Int]) {
-        let T = tokens.count
-        positions = (0..<T).map { cache.length + $0 }
+        step(tokens, parts: [(cache, tokens.count)])
+    }
+
+    /// Runs the plan once over the rows of `parts`, in order, each sequence at the next
+    /// positions of its own cache.
+    private func step(_ tokens: [Int], parts counts: [(cache: KVCache, count: Int)]) {
+        var start = 0
+        parts = counts.map { part in
+            defer { start += part.count }
+            return (part.cache, start..<(start + part.count))
+        }
+        positions = parts.flatMap { part in part.rows.map { part.cache.length + $0 - part.rows.lowerBound } }
+        rows = StepRows(segments: parts.map(\.rows))
         for op in plan.ops { run(op, tokens) }
-        cache.length += T
+        for part in parts { part.cache.length += part.rows.count }
+    }
+
+    /// One sequence's share of a batched step: its next tokens, run at the next positions of
+    /// its own cache.
+    public struct SequenceStep {
+        public let cache: KVCache
+        public let tokens: [Int]
+        /// Whether the step returns logits after the last of these tokens.
+        public let wantsLogits: Bool
+
+        public init(cache: KVCache, tokens: [Int], wantsLogits: Bool) {
+            self.cache = cache
+            self.tokens = tokens
+            self.wantsLogits = wantsLogits
+        }
+    }
+
+    /// One forward pass over the tokens of several sequences (continuous batching): the
+    /// row-wise ops (embedding, linear layers, experts, norms, LM head) run once over all rows,
+    /// so the weights are read once a step; attention reads and writes each sequence's own
+    /// cache at its own positions. Returns, for each sequence in order, the logits after its
+    /// last token (`[vocab]`), or an empty array where `wantsLogits` is false.
+    ///
+    /// Every sequence's logits are bit-identical to running its tokens alone with
+    /// `forward(_:logits: .last)` on an executor whose steps are as long as its share here:
+    /// each row computes the same sums in the same order, and a sequence's rows take the
+    /// same kernels as they would alone (`StepRows`).
+    public func forward(batch: [SequenceStep]) throws -> [[Float]] {
+        let total = batch.reduce(0) { $0 + $1.tokens.count }
+        guard total <= maxStepTokens else {
+            throw FulgurError(.usage, "a batched step of \(total) tokens exceeds this executor's \(maxStepTokens) rows a step")
+        }
+        for (i, part) in batch.enumerated() {
+            let c = part.cache
+            guard !part.tokens.isEmpty else { throw FulgurError(.usage, "sequence \(i) of a batched step has no tokens") }
+            guard c.layers.count == plan.spec.layerCount else {
+                throw FulgurError(.usage, "sequence \(i) of a batched step has a cache of \(c.layers.count) layers; the model has \(plan.spec.layerCount)")
+            }
+            guard part.tokens.count <= c.maxStepTokens else {
+                throw FulgurError(.usage, "sequence \(i) brings \(part.tokens.count) tokens to a batched step; its cache takes at most \(c.maxStepTokens) a step")
+            }
+            guard c.length + part.tokens.count <= c.maxPositions else {
+                throw FulgurError(.usage, "context is full: \(c.length) + \(part.tokens.count) tokens exceed the \(c.maxPositions)-position context")
+            }
+            guard !batch[..<i].contains(where: { $0.cache === c }) else {
+                throw FulgurError(.usage, "sequences \(batch[..<i].firstIndex { $0.cache === c }!) and \(i) of a batched step share a cache")
+            }
+            for t in part.tokens where t < 0 || t >= plan.embedding.table.shape[0] {
+                throw FulgurError(.usage, "token id \(t) is outside the vocabulary (0..<\(plan.embedding.table.shape[0]))")
+            }
+        }
+        capturedFeatures.removeAll(keepingCapacity: true)
+        guard total > 0 else { return [] }
+        // Sequences with fewer rows than the decode-once threshold first (StepRows).
+        let order = batch.indices.sorted { a, b in
+            let (sa, sb) = (StepRows.decodesOnce(batch[a].tokens.count), StepRows.decodesOnce(batch[b].tokens.count))
+            return sa != sb ? !sa : a < b
+        }
+        step(order.flatMap { batch[$0].tokens }, parts: order.map { (batch[$0].cache, batch[$0].tokens.count) })
+        // The rows that want logits, gathered, and through the LM head with the per-token
+        // kernels a lone sequence's `.last` row uses.
+        let hidden = plan.spec.hiddenSize, vocab = plan.lmHead.outFeatures
+        let wanted = order.indices.filter { batch[order[$0]].wantsLogits }
+        var results = [[Float]](repeating: [], count: batch.count)
+        guard !wanted.isEmpty else { return results }
+        var lastRows = [Float](repeating: 0, count: wanted.count * hidden)
+        var logits = [Float](repeating: 0, count: wanted.count * vocab)
+        let h = ptr(.h)
+        lastRows.withUnsafeMutableBufferPointer { r in
+            for (i, p) in wanted.enumerated() { (r.baseAddress! + i * hidden).update(from: h + (parts[p].rows.upperBound - 1) * hidden, count: hidden) }
+        }
+        plan.lmHead.apply(lastRows, tokens: wanted.count, into: &logits, decodeOnceFrom: wanted.count)
+        for (i, p) in wanted.enumerated() { results[order[p]] = Array(logits[(i * vocab)..<((i + 1) * vocab)]) }
+        return results
     }
 
     @inline(__always)
@@ -129,22 +217,22 @@ public final class CPUExecutor {
         case .linear(let src, let dst, let w, let bias):
             let b = bias
             if let b {
-                b.withUnsafeBufferPointer { w.apply(ptr(src), tokens: T, bias: $0.baseAddress!, into: ptr(dst)) }
+                b.withUnsafeBufferPointer { w.apply(ptr(src), tokens: T, bias: $0.baseAddress!, into: ptr(dst), decodeOnceFrom: rows.decodeOnceFrom) }
             } else {
-                w.apply(ptr(src), tokens: T, into: ptr(dst))
+                w.apply(ptr(src), tokens: T, into: ptr(dst), decodeOnceFrom: rows.decodeOnceFrom)
             }
             activeWidths[dst.rawValue] = w.outFeatures
         case .fusedQKV(let chunks, let qRows, let kRows, let vRows):
-            let rows = qRows + kRows + vRows, count = chunks.count
-            var part = [Float](repeating: 0, count: T * rows)
+            let width = qRows + kRows + vRows, count = chunks.count
+            var part = [Float](repeating: 0, count: T * width)
             let q = ptr(.q), k = ptr(.k), v = ptr(.v)
             for (c, w) in chunks.enumerated() {
-                w.apply(ptr(.h), tokens: T, into: &part)
+                w.apply(ptr(.h), tokens: T, into: &part, decodeOnceFrom: rows.decodeOnceFrom)
                 for t in 0..<T {
                     part.withUnsafeBufferPointer { p in
-                        (k + t * count * kRows + c * kRows).update(from: p.baseAddress! + t * rows + qRows, count: kRows)
-                        (v + t * count * vRows + c * vRows).update(from: p.baseAddress! + t * rows + qRows + kRows, count: vRows)
-                        (q + t * count * qRows + c * qRows).update(from: p.baseAddress! + t * rows, count: qRows)
+                        (k + t * count * kRows + c * kRows).update(from: p.baseAddress! + t * width + qRows, count: kRows)
+                        (v + t * count * vRows + c * vRows).update(from: p.baseAddress! + t * width + qRows + kRows, count: vRows)
+                        (q + t * count * qRows + c * qRows).update(from: p.baseAddress! + t * width, count: qRows)
                     }
                 }
             }
@@ -157,12 +245,12 @@ public final class CPUExecutor {
             let p = ptr(buffer)
             for i in 0..<(T * activeWidths[buffer.rawValue]) { p[i] *= factor }
         case .attention(let layer, let spec, let sinks):
-            Self.store(k: ptr(.k), v: ptr(.v), into: cache.layers[layer], positions: positions)
+            storeKV(layer)
             activeWidths[Buffer.attn.rawValue] = spec.heads * spec.valueHeadDim
-            Self.attention(q: ptr(.q), out: ptr(.attn), cache: cache.layers[layer], heads: spec.heads, window: spec.window, causal: spec.causal,
-                           scale: spec.softmaxScale, sinks: sinks, positions: positions)
+            Self.attention(q: ptr(.q), out: ptr(.attn), caches: parts.map { $0.cache.layers[layer] }, segments: rows.segments, heads: spec.heads,
+                           window: spec.window, causal: spec.causal, scale: spec.softmaxScale, sinks: sinks, positions: positions)
         case .storeKV(let layer):
-            Self.store(k: ptr(.k), v: ptr(.v), into: cache.layers[layer], positions: positions)
+            storeKV(layer)
         case .layerEnd(let layer):
             guard let slot = captureSlot[layer] else { break }
             let hidden = plan.spec.hiddenSize, width = captureLayers.count * hidden, x = ptr(.x)
@@ -174,7 +262,7 @@ public final class CPUExecutor {
             activeWidths[Buffer.act.rawValue] = activeWidths[Buffer.gate.rawValue]
             for i in 0..<n { act[i] = Activations.glu(gate[i], up[i], activation) }
         case .moe(let src, let dst, let weights):
-            MoE.run(weights, x: ptr(src), tokens: T, hidden: plan.spec.hiddenSize, out: ptr(dst))
+            MoE.run(weights, x: ptr(src), tokens: T, hidden: plan.spec.hiddenSize, out: ptr(dst), rows: rows)
         case .residual(let src):
             let x = ptr(.x), s = ptr(src)
             for i in 0..<(T * plan.spec.hiddenSize) { x[i] += s[i] }
@@ -183,6 +271,16 @@ public final class CPUExecutor {
         case .allReduce(let buffer):
             guard let allReduce else { preconditionFailure("a tensor-parallel shard's plan runs without a communicator (set CPUExecutor.allReduce)") }
             allReduce(ptr(buffer), T * plan.spec.hiddenSize)
+        }
+    }
+
+    /// Writes the step's keys and values into each sequence's cache of `layer`.
+    private func storeKV(_ layer: Int) {
+        let k = ptr(.k), v = ptr(.v)
+        for part in parts {
+            let c = part.cache.layers[layer], first = part.rows.lowerBound
+            Self.store(k: k + first * c.kvHeads * c.keyDim, v: v + first * c.kvHeads * c.valueDim, into: c,
+                       positions: Array(positions[part.rows]))
         }
     }
 
@@ -243,15 +341,28 @@ extension CPUExecutor {
     /// the softmax but not the output.
     public static func attention(q: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, cache c: KVCache.Layer, heads: Int, window: Int?,
                                  causal: Bool, scale: Float, sinks: [Float]?, positions: [Int]) {
-        let T = positions.count, headDim = c.keyDim, valueDim = c.valueDim
+        attention(q: q, out: out, caches: [c], segments: [positions.indices], heads: heads, window: window, causal: causal,
+                  scale: scale, sinks: sinks, positions: positions)
+    }
+
+    /// The same over the rows of several sequences: rows `segments[s]` attend over `caches[s]`
+    /// (a batched step; the caches share their shape). A non-causal row sees keys up to its
+    /// own sequence's last row.
+    static func attention(q: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, caches: [KVCache.Layer], segments: [Range<Int>], heads: Int,
+                          window: Int?, causal: Bool, scale: Float, sinks: [Float]?, positions: [Int]) {
+        let T = positions.count, headDim = caches[0].keyDim, valueDim = caches[0].valueDim
         let qw = heads * headDim, ow = heads * valueDim
-        let group = heads / c.kvHeads
-        let lastKey = positions[T - 1]
-        let work = T * heads * (lastKey + 1) * (headDim + valueDim)
+        let group = heads / caches[0].kvHeads
+        var segmentOf = [Int](repeating: 0, count: T)
+        for (s, rows) in segments.enumerated() { for t in rows { segmentOf[t] = s } }
+        let lastKeys = segments.map { positions[$0.upperBound - 1] }
+        let longest = lastKeys.max()!
+        let work = segments.indices.reduce(0) { $0 + segments[$1].count * (lastKeys[$1] + 1) } * heads * (headDim + valueDim)
         Parallel.chunks(T * heads, work: work) { range in
-            var scores = [Float](repeating: 0, count: lastKey + 1)
+            var scores = [Float](repeating: 0, count: longest + 1)
             for job in range {
                 let t = job / heads, h = job % heads, kvh = h / group
+                let c = caches[segmentOf[t]], lastKey = lastKeys[segmentOf[t]]
                 let query = positions[t]
                 let first = window.map { max(0, query - $0 + 1) } ?? 0
                 // A non-causal query (the drafter's block) also sees the step's later keys.
@@ -296,4 +407,26 @@ public enum Activations {
             return (u + 1) * (g / (1 + exp(-g * alpha)))
         }
     }
+}
+
+/// How a step's rows divide among sequences, for the products whose rounding depends on how
+/// many rows a sequence brings: a linear layer decodes a quantized row once for a step of
+/// `LinearWeight.decodeOnceTokens` rows or more, and uses per-token kernels below that (an
+/// expert likewise, counting the rows routed to it). Alone, a sequence's step is all its rows;
+/// in a batched step each sequence's rows keep the path they would take alone, which needs the
+/// sequences that bring fewer rows to come first.
+struct StepRows {
+    /// Consecutive row ranges, one per sequence.
+    let segments: [Range<Int>]
+    /// The first row of a sequence that brings enough rows to decode once.
+    let decodeOnceFrom: Int
+
+    init(segments: [Range<Int>]) {
+        precondition(zip(segments, segments.dropFirst()).allSatisfy { !Self.decodesOnce($0.count) || Self.decodesOnce($1.count) },
+                     "sequences with few rows must come first in a batched step")
+        self.segments = segments
+        decodeOnceFrom = segments.first { Self.decodesOnce($0.count) }?.lowerBound ?? segments.last?.upperBound ?? 0
+    }
+
+    static func decodesOnce(_ rows: Int) -> Bool { rows >= LinearWeight.decodeOnceTokens }
 }

@@ -121,11 +121,25 @@ public final class Engine {
         var result = try (generator === self.generator ? speculative : nil).map {
             try $0.generate(prompt: prompt, parameters: parameters, decode: { detokenizer.append($0) }, onToken: onToken, onText: onText)
         } ?? generator.generate(prompt: prompt, parameters: parameters, decode: { detokenizer.append($0) }, onToken: onToken, onText: onText)
-        let tail = detokenizer.finish()
-        if !tail.isEmpty, result.finishReason != .stop {
-            result.text += tail
-            _ = onText(tail)
-        }
+        result.appendTail(detokenizer.finish(), onText: onText)
         return result
+    }
+
+    /// A generation after the token ids `prompt` for a caller that runs its forward passes
+    /// (a `BatchGenerator`), streaming text through a detokenizer of its own.
+    public func generation(prompt: [Int], parameters: GenerationParameters, onToken: @escaping (Int, TokenLogprobs?) -> Void,
+                           onText: @escaping (String) -> Bool) throws -> Generation {
+        var detokenizer = StreamingDetokenizer(tokenizer: tokenizer, skipSpecialTokens: false)
+        return try Generation(prompt: prompt, parameters: parameters, maxPositions: contextLength, decode: { detokenizer.append($0) },
+                              tail: { detokenizer.finish() }, onToken: onToken, onText: onText)
+    }
+
+    /// Continuous batching over the engine's weights: up to `slots` generations advanced
+    /// together (see `BatchGenerator`). The CPU executor only, for now.
+    public func makeBatchGenerator(slots: Int, prefillChunk: Int) throws -> BatchGenerator {
+        guard generator.executor is CPUExecutor else {
+            throw FulgurError(.unsupported, "batched generation (--schedule throughput) runs on the CPU executor only for now; run with --device cpu, or --schedule latency")
+        }
+        return try BatchGenerator(plan: model.plan, slots: slots, maxPositions: contextLength, prefillChunk: prefillChunk)
     }
 }

@@ -162,6 +162,9 @@ struct TokenSink {
         return open
     }
 
+    /// Ends the generation before its end, as a client that left does.
+    mutating func cancel() { result.finishReason = .cancelled }
+
     mutating func finish() -> GenerationResult {
         if result.finishReason != .stop {
             let rest = stop.flush()
@@ -188,6 +191,60 @@ func tokenLimit(prompt: [Int], parameters: GenerationParameters, maxPositions: I
     return min(parameters.maxTokens, room)
 }
 
+extension GenerationResult {
+    /// Adds the text a streaming detokenizer still held at the end, unless a stop string
+    /// ended the text.
+    mutating func appendTail(_ tail: String, onText: (String) -> Bool) {
+        guard !tail.isEmpty, finishReason != .stop else { return }
+        text += tail
+        _ = onText(tail)
+    }
+}
+
+/// One generation between forward passes: samples the next token from the logits after the
+/// last one with its own sampler, streams it, and stops on EOS, a stop string or the token
+/// limit. `Generator.generate` drives one on its executor; `BatchGenerator` drives many, one
+/// batched forward pass at a time.
+public final class Generation {
+    public let prompt: [Int]
+    private var sink: TokenSink
+    private var sampler: Sampler
+    private let tail: () -> String
+    private let onText: (String) -> Bool
+
+    /// Throws when the request cannot run: an empty prompt, bad parameters, or no room left
+    /// after the prompt in `maxPositions`. `decode` turns one id into the text it completes (a
+    /// streaming detokenizer) and `tail` returns what it still holds at the end; `onToken` and
+    /// `onText` are as in `Generator.generate`.
+    public init(prompt: [Int], parameters: GenerationParameters, maxPositions: Int, decode: @escaping (Int) -> String,
+                tail: @escaping () -> String = { "" }, onToken: @escaping (Int, TokenLogprobs?) -> Void = { _, _ in },
+                onText: @escaping (String) -> Bool = { _ in true }) throws {
+        let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: maxPositions)
+        self.prompt = prompt
+        sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode, onToken: onToken, onText: onText)
+        sampler = Sampler(parameters.sampling)
+        self.tail = tail
+        self.onText = onText
+    }
+
+    /// Takes the logits after the last token run; returns the next token to run, or nil when
+    /// the generation is over.
+    public func next(after logits: [Float]) -> Int? {
+        guard sink.open else { return nil }
+        let token = sampler.sample(logits)
+        return sink.take(token, logits: logits) ? token : nil
+    }
+
+    /// Ends the generation where it is, with finish reason `cancelled`.
+    public func cancel() { sink.cancel() }
+
+    public func finish() -> GenerationResult {
+        var result = sink.finish()
+        result.appendTail(tail(), onText: onText)
+        return result
+    }
+}
+
 /// Prefill, then the decode loop: sample, stream text, stop on EOS, a stop string or the
 /// token limit.
 public final class Generator {
@@ -207,27 +264,23 @@ public final class Generator {
     public func generate(prompt: [Int], parameters: GenerationParameters, decode: (Int) -> String,
                          onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
                          onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
-        let limit = try tokenLimit(prompt: prompt, parameters: parameters, maxPositions: executor.maxPositions)
-        return try withoutActuallyEscaping(decode) { decode in
+        try withoutActuallyEscaping(decode) { decode in
           try withoutActuallyEscaping(onToken) { onToken in
             try withoutActuallyEscaping(onText) { onText in
-                var sink = TokenSink(parameters: parameters, promptTokens: prompt.count, limit: limit, decode: decode,
-                                     onToken: onToken, onText: onText)
+                let generation = try Generation(prompt: prompt, parameters: parameters, maxPositions: executor.maxPositions,
+                                                decode: decode, onToken: onToken, onText: onText)
                 // Reuse the cached prefix; at least the last prompt token is run again for its logits.
                 var reuse = zip(cachedTokens, prompt).prefix { $0 == $1 }.count
                 reuse = min(reuse, prompt.count - 1, executor.length)
                 if executor.canTruncate(to: reuse) { executor.truncate(to: reuse) } else { executor.reset(); reuse = 0 }
                 cachedTokens = Array(prompt[..<reuse])
-                var sampler = Sampler(parameters.sampling)
                 var logits = try executor.forward(Array(prompt[reuse...]), logits: .last)
                 cachedTokens = prompt
-                while sink.open {
-                    let token = sampler.sample(logits)
-                    guard sink.take(token, logits: logits) else { break }
+                while let token = generation.next(after: logits) {
                     logits = try executor.forward([token], logits: .last)
                     cachedTokens.append(token)
                 }
-                return sink.finish()
+                return generation.finish()
             }
           }
         }

@@ -35,9 +35,12 @@ public final class KVCache {
     /// Positions held so far (the next token's position).
     public internal(set) var length = 0
     public let maxPositions: Int
+    /// The most tokens one step may bring: a sliding-window ring's slack.
+    public let maxStepTokens: Int
 
     public init(spec: ModelSpec, maxPositions: Int, maxStepTokens: Int) {
         self.maxPositions = maxPositions
+        self.maxStepTokens = maxStepTokens
         windows = spec.layers.map { $0.attention.window }
         layers = spec.layers.map { l in
             let a = l.attention

@@ -165,11 +165,20 @@ public struct LinearWeight: @unchecked Sendable {
     }
 
     /// out[t, o] = sum_i w[o, i] * x[t, i] (+ bias[o]) for `tokens` rows of x.
-    public func apply(_ x: UnsafePointer<Float>, tokens: Int, bias: UnsafePointer<Float>? = nil, into out: UnsafeMutablePointer<Float>) {
+    ///
+    /// `decodeOnceFrom`: the first row that takes the decode-once path (see `decodeOnceTokens`);
+    /// the rows before it use the kernels that read the stored format per token. Default: all
+    /// rows from `decodeOnceTokens` tokens on, none below. The two paths round differently, but
+    /// a row's result depends only on that row and its path, so a batched step that gives each
+    /// sequence's rows the path they would take alone reproduces that sequence bit for bit.
+    public func apply(_ x: UnsafePointer<Float>, tokens: Int, bias: UnsafePointer<Float>? = nil, into out: UnsafeMutablePointer<Float>,
+                      decodeOnceFrom: Int? = nil) {
         if transposed {
             applyTransposed(x, tokens: tokens, into: out)
         } else {
-            applyRows(x, tokens: tokens, into: out)
+            let split = decodeOnceFrom ?? (tokens >= Self.decodeOnceTokens ? 0 : tokens)
+            if split > 0 { applyRowsPerToken(x, tokens: split, into: out) }
+            if split < tokens { applyRowsDecodedOnce(x + split * inFeatures, tokens: tokens - split, into: out + split * outFeatures) }
         }
         if let bias {
             for t in 0..<tokens { for o in 0..<outFeatures { out[t * outFeatures + o] += bias[o] } }
@@ -177,23 +186,32 @@ public struct LinearWeight: @unchecked Sendable {
     }
 
     /// From this many tokens on (a prefill chunk, a verify block), a quantized row is decoded
-    /// to f32 once and then multiplied with every token, instead of decoding it per token.
+    /// to f32 once and then multiplied with every token, instead of decoding it per token; the
+    /// GGML block types (q8_0, q4_0, q4_1) have multi-token kernels that unpack a block once for
+    /// several tokens instead, which is faster.
     static let decodeOnceTokens = 4
 
-    private func applyRows(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
+    private func applyRowsDecodedOnce(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
+        let n = inFeatures, outN = outFeatures
+        // f32 rows need no decoding, and the GGML block types' kernels unpack each block once
+        // for several tokens, which is faster than decoding rows to f32.
+        switch format {
+        case .plain(.f32), .plain(.q8_0), .plain(.q4_0), .plain(.q4_1): return applyRowsPerToken(x, tokens: tokens, into: out)
+        default: break
+        }
+        Parallel.chunks(outN, work: outN * n * tokens) { rows in
+            let row = UnsafeMutablePointer<Float>.allocate(capacity: n)
+            defer { row.deallocate() }
+            for r in rows {
+                dequantizeRow(r, into: row)
+                for t in 0..<tokens { out[t * outN + r] = DotKernels.f32(row, x + t * n, n) }
+            }
+        }
+    }
+
+    private func applyRowsPerToken(_ x: UnsafePointer<Float>, tokens: Int, into out: UnsafeMutablePointer<Float>) {
         let n = inFeatures, rowBytes = storedRowBytes, format = self.format, data = self.data, outN = outFeatures
         let scales = self.scales, groups = n / 32
-        if tokens >= Self.decodeOnceTokens && format != .plain(.f32) {
-            Parallel.chunks(outN, work: outN * n * tokens) { rows in
-                let row = UnsafeMutablePointer<Float>.allocate(capacity: n)
-                defer { row.deallocate() }
-                for r in rows {
-                    dequantizeRow(r, into: row)
-                    for t in 0..<tokens { out[t * outN + r] = DotKernels.f32(row, x + t * n, n) }
-                }
-            }
-            return
-        }
         let pack = ActivationPack(x, tokens: tokens, columns: n, for: format)
         pack.values.withUnsafeBufferPointer { xs in
             pack.blockSums.withUnsafeBufferPointer { sums in
@@ -201,6 +219,16 @@ public struct LinearWeight: @unchecked Sendable {
                 Parallel.chunks(outN, work: outN * n * tokens) { rows in
                     for r in rows {
                         let w = data + r * rowBytes
+                        // Several tokens (a batched decode step): the same sums, each block
+                        // unpacked once for several tokens.
+                        if tokens > 1 {
+                            switch format {
+                            case .plain(.q8_0): DotKernels.q8_0(w, xp, n, tokens: tokens, out: out + r, outStride: outN); continue
+                            case .plain(.q4_0): DotKernels.q4_0(w, xp, sp!, n, tokens: tokens, out: out + r, outStride: outN); continue
+                            case .plain(.q4_1): DotKernels.q4_1(w, xp, sp!, n, tokens: tokens, out: out + r, outStride: outN); continue
+                            default: break
+                            }
+                        }
                         for t in 0..<tokens {
                             let xt = xp + t * n
                             let v: Float

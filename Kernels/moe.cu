@@ -1401,6 +1401,11 @@ MOE2_EXPERTS_ENTRY(moe3_experts, true)
 // Roofline at 4.2 TB/s: T = 1 12.7 us. Predicted (H200, overlapped launches): T = 1 20-26 us
 // (route ~3 us in the chain, gate_up ~10-12, down ~6-8 of which ~2 hidden behind gate_up's
 // tail), T = 8 90-120 us (version 2: 151), T = 16 within 1.5x of its roofline.
+// Measured (H200, Kernels/NOTES.md "Fourth session"): T = 1 43.6-45.5 us (version 2: 45-47),
+// T = 8 122-130 us (v2 205-240), T = 16 180-188 us (v2 337-362): the 1-token call missed the
+// prediction by 2x. ncu: each busy warp streams its 45-step unit alone and issues every ~10
+// cycles (instruction fetch, the prologue's barriers, fixed-latency waits), so the per-warp
+// chain, not DRAM, sets the time.
 namespace moe4 {
 
 using moe2::kStepBytes;

@@ -14,13 +14,14 @@ import Fulgur
 /// room the call's tokens need; chunks sized to fill their ring slots) and a unit end that only
 /// the unit's epilogue warp waits at (`moe3_experts`). 4 keeps version 2's router and weight
 /// layout and runs the products in two plain launches, gate_up then down, whose warps each
-/// stream whole units straight into registers (`moe4_gate_up`, `moe4_down`); 5 is 4 with 4
-/// 7 (the default) is 4 routing once, in the router launch (`moe6_route`), whose product
-/// kernels copy the result instead of routing in every block. (5 and 6 were measured and
-/// removed; Kernels/NOTES.md.)
+/// stream whole units straight into registers (`moe4_gate_up`, `moe4_down`). 7 (the default)
+/// is 4 routing once, in the router launch (`moe6_route`), whose product kernels
+/// (`moe7_gate_up`, `moe7_down`) copy the result instead of routing in every block. (5 and 6
+/// were measured and removed; Kernels/NOTES.md.)
 public final class CUDAMoE: @unchecked Sendable {
-    /// The kernels every executor uses unless told otherwise: version 7 measured 5% faster than
-    /// 2 at 1 token and 1.8-2.2x faster at 8-16 (Kernels/NOTES.md, 2026-11-27, H200).
+    /// The kernels every executor uses unless told otherwise: with version 7 the gpt-oss-20b
+    /// 1-token step measured 5% faster than with 2, its MoE calls at 8-16 tokens 1.8-1.9x faster
+    /// (Kernels/NOTES.md, 2026-11-27, H200).
     public static let defaultVersion = 7
     public static let maxTokens = 16
     static let maxExperts = 384, maxTopK = 8, maxGroups = 32
@@ -48,13 +49,13 @@ public final class CUDAMoE: @unchecked Sendable {
         case v4(Version4)
     }
 
-    /// Version 2's buffers and router with `experts` = moe4_gate_up; partial holds
-    /// `maxSplits` pieces.
+    /// Versions 4 and 7: version 2's buffers and router with `experts` = the gate_up kernel;
+    /// partial holds `v4MaxSplits` pieces.
     struct Version4 {
         let base: Version2
         let down: KernelModule.Function
-        /// Versions 6 and 7: moe6_route (routes once) and its output, BlockRoutes as ints plus
-        /// the arrival counter (zero between calls).
+        /// Version 7: moe6_route (routes once) and its output, BlockRoutes as ints plus the
+        /// arrival counter (zero between calls).
         let route6: KernelModule.Function?, routed: DeviceBuffer?
         /// Launch plans for calls of 1...16 tokens (index tokens - 1).
         let plans: [Plan4]
@@ -222,8 +223,7 @@ public final class CUDAMoE: @unchecked Sendable {
             let routed = routes6 ? try device.allocate(4 * 2048) : nil
             if let routed { try [Int32](repeating: 0, count: 2048).withUnsafeBytes { try routed.upload($0) } }
             kernels = .v4(Version4(base: base, down: downFunction, route6: routes6 ? try module.function("moe6_route") : nil, routed: routed,
-                                   plans: try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k,
-                                                          blocksPerSM: 2)))
+                                   plans: try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k)))
         } else {
             kernels = .v2(base)
         }
@@ -231,14 +231,14 @@ public final class CUDAMoE: @unchecked Sendable {
 
     /// Version 4's plans for 1...16 tokens. B takes 256 bytes per 64 columns per pair; a window
     /// holds the pairs of up to all the call's tokens (T k), at least a whole slot, and as many
-    /// more as keep `blocksPerSM` blocks on a multiprocessor. Slots of 8 tokens where 8 pairs fit a block,
+    /// more as keep two blocks on a multiprocessor. Slots of 8 tokens where 8 pairs fit a block,
     /// else 4. Down's K is split in two at T <= 4, where there are few units to spread.
     static func plans4(gateUp: KernelModule.Function, down: KernelModule.Function, module: KernelModule,
-                       hidden H: Int, intermediate I: Int, topK k: Int, blocksPerSM: Int) throws -> [Plan4] {
+                       hidden H: Int, intermediate I: Int, topK k: Int) throws -> [Plan4] {
         let device = module.device
         let pairG = 256 * ((H + 63) / 64), pairD = 256 * ((I + 63) / 64)
         let staticBytes = max(try module.staticSharedBytes(gateUp), try module.staticSharedBytes(down))
-        let room = device.maxSharedMemoryPerBlock - staticBytes, twoPerSM = room / blocksPerSM - 1024
+        let room = device.maxSharedMemoryPerBlock - staticBytes, twoPerSM = room / 2 - 1024
         guard let tokensPerSlot = [8, 4].first(where: { $0 * max(pairG, pairD) <= room }) else {
             throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): 4 pairs' activations (\(4 * max(pairG, pairD)) bytes) do not fit the \(room) bytes of shared memory a block has here (version 4)")
         }

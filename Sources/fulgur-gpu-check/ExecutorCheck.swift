@@ -112,14 +112,38 @@ func runExecutorChecks(_ device: CUDADevice, _ module: KernelModule) throws -> B
     return failed.isEmpty
 }
 
+// The DFlash checks' prompts and settings (here and in TensorParallelCheck): greedy, 200 tokens
+// past EOS, blocks 2, 8 and 16.
+let speculativePrompts = [[1, 17, 42, 99, 3], [1, 200, 7, 7, 7, 150, 31, 64, 9, 88, 120, 5]]
+let speculativeParameters = GenerationParameters(maxTokens: 200, sampling: SamplingParameters(temperature: 0), stopTokenIds: [])
+
+/// Prompt `p`'s speculative runs at blocks 2, 8 and 16, each with a fresh `target()` and the
+/// tiny fixture drafter of `name` on `drafterExecutor`, against the plain greedy tokens `plain`:
+/// the entries of the check's line; mismatches are appended to `failures` with `what`.
+func speculativeBlocks(model: Model, name: String, prompt p: Int, plain: [Int], target: () throws -> any Executor,
+                       drafterExecutor: @escaping (Plan, Int) throws -> any Executor, what: String,
+                       checks: inout Int, failures: inout [String]) throws -> String {
+    var line = ""
+    for block in [2, 8, 16] {
+        let spec = try SpeculativeGenerator(target: target(), drafter: DFlashDrafter(
+            directory: "Tests/FulgurTests/Fixtures/drafters/\(name)", target: model, maxPositions: 512, maxStepTokens: 16,
+            executor: drafterExecutor), blockSize: block)
+        let r = try spec.generate(prompt: speculativePrompts[p], parameters: speculativeParameters, decode: { _ in "" })
+        checks += 1
+        let ok = r.tokens == plain && r.tokens.count == 200
+        if !ok { failures.append("\(name) prompt \(p) block \(block): \(what)") }
+        let mean = r.speculative.map { Double($0.acceptanceLengths.reduce(0, +)) / Double(max($0.acceptanceLengths.count, 1)) } ?? 0
+        line += "  p\(p)/b\(block) \(ok ? "ok" : "DIFF")" + String(format: " (acc %.2f)", mean)
+    }
+    return line
+}
+
 // DFlash on the GPU (issue 5, Done-means 1 on the GPU): target and drafter both on the CUDA
 // executor, greedy, 200 tokens past EOS for two prompts at blocks 2, 8 and 16, against plain
 // greedy decoding on the same GPU and on the CPU. The drafters are the tiny random fixtures
 // (Tests/FulgurTests/Fixtures/drafters), so most guesses are wrong and the rollback paths run.
 func runSpeculativeChecks(_ device: CUDADevice, _ module: KernelModule) throws -> Bool {
     let names = ["llama", "qwen3", "qwen3_moe", "mimo_v2_flash", "gpt_oss"]
-    let prompts = [[1, 17, 42, 99, 3], [1, 200, 7, 7, 7, 150, 31, 64, 9, 88, 120, 5]]
-    let parameters = GenerationParameters(maxTokens: 200, sampling: SamplingParameters(temperature: 0), stopTokenIds: [])
     var failures: [String] = [], checks = 0
     print("\nDFlash on the GPU: speculative greedy == plain greedy (GPU and CPU), 200 tokens")
     for name in names {
@@ -128,22 +152,12 @@ func runSpeculativeChecks(_ device: CUDADevice, _ module: KernelModule) throws -
             try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: context)
         }
         var line = name.padding(toLength: 15, withPad: " ", startingAt: 0)
-        for (p, prompt) in prompts.enumerated() {
-            let cpu = try Generator(executor: CPUExecutor(plan: model.plan, maxPositions: 512)).generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
-            let gpu = try Generator(executor: make(model.plan, 512)).generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
+        for (p, prompt) in speculativePrompts.enumerated() {
+            let cpu = try Generator(executor: CPUExecutor(plan: model.plan, maxPositions: 512)).generate(prompt: prompt, parameters: speculativeParameters, decode: { _ in "" })
+            let gpu = try Generator(executor: make(model.plan, 512)).generate(prompt: prompt, parameters: speculativeParameters, decode: { _ in "" })
             if gpu.tokens != cpu.tokens { failures.append("\(name) prompt \(p): GPU plain != CPU plain") }
-            for block in [2, 8, 16] {
-                let target = try make(model.plan, 512)
-                let drafter = try DFlashDrafter(directory: "Tests/FulgurTests/Fixtures/drafters/\(name)", target: model,
-                                                maxPositions: 512, maxStepTokens: 16, executor: make)
-                let spec = try SpeculativeGenerator(target: target, drafter: drafter, blockSize: block)
-                let r = try spec.generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
-                checks += 1
-                let ok = r.tokens == gpu.tokens && r.tokens.count == 200
-                if !ok { failures.append("\(name) prompt \(p) block \(block): speculative != plain") }
-                let mean = r.speculative.map { Double($0.acceptanceLengths.reduce(0, +)) / Double(max($0.acceptanceLengths.count, 1)) } ?? 0
-                line += "  p\(p)/b\(block) \(ok ? "ok" : "DIFF")" + String(format: " (acc %.2f)", mean)
-            }
+            line += try speculativeBlocks(model: model, name: name, prompt: p, plain: gpu.tokens, target: { try make(model.plan, 512) },
+                                          drafterExecutor: make, what: "speculative != plain", checks: &checks, failures: &failures)
         }
         print(line)
     }

@@ -114,8 +114,6 @@ func checkSlicedArgmaxKernels(_ group: DeviceGroup) throws -> Bool {
 /// plain greedy of the whole model on GPU 0. The drafters are the tiny random fixtures, so most
 /// guesses are wrong and rollback runs on every shard.
 func runTensorParallelSpeculativeChecks(_ group: DeviceGroup) throws -> Bool {
-    let prompts = [[1, 17, 42, 99, 3], [1, 200, 7, 7, 7, 150, 31, 64, 9, 88, 120, 5]]
-    let parameters = GenerationParameters(maxTokens: 200, sampling: SamplingParameters(temperature: 0), stopTokenIds: [])
     var failures: [String] = [], checks = 0
     print("tp: DFlash, target over \(group.count) GPUs, drafter on GPU 0: speculative greedy == plain greedy on 1 GPU, 200 tokens")
     for name in ["gpt_oss", "mimo_v2_flash"] {
@@ -125,20 +123,12 @@ func runTensorParallelSpeculativeChecks(_ group: DeviceGroup) throws -> Bool {
             return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context)
         }
         var line = "tp:   " + name.padding(toLength: 15, withPad: " ", startingAt: 0)
-        for (p, prompt) in prompts.enumerated() {
-            let plain = try Generator(executor: onGPU0(model.plan, 512)).generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
-            for block in [2, 8, 16] {
-                let target = try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 512)
-                let drafter = try DFlashDrafter(directory: "Tests/FulgurTests/Fixtures/drafters/\(name)", target: model,
-                                                maxPositions: 512, maxStepTokens: 16, executor: onGPU0)
-                let r = try SpeculativeGenerator(target: target, drafter: drafter, blockSize: block)
-                    .generate(prompt: prompt, parameters: parameters, decode: { _ in "" })
-                checks += 1
-                let ok = r.tokens == plain.tokens && r.tokens.count == 200
-                if !ok { failures.append("\(name) prompt \(p) block \(block): speculative over \(group.count) GPUs != plain on 1") }
-                let mean = r.speculative.map { Double($0.acceptanceLengths.reduce(0, +)) / Double(max($0.acceptanceLengths.count, 1)) } ?? 0
-                line += "  p\(p)/b\(block) \(ok ? "ok" : "DIFF")" + String(format: " (acc %.2f)", mean)
-            }
+        for (p, prompt) in speculativePrompts.enumerated() {
+            let plain = try Generator(executor: onGPU0(model.plan, 512)).generate(prompt: prompt, parameters: speculativeParameters, decode: { _ in "" })
+            line += try speculativeBlocks(model: model, name: name, prompt: p, plain: plain.tokens,
+                                          target: { try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 512) },
+                                          drafterExecutor: onGPU0, what: "speculative over \(group.count) GPUs != plain on 1",
+                                          checks: &checks, failures: &failures)
         }
         print(line)
     }

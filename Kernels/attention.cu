@@ -55,7 +55,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // the (head, token) to finish (an arrival counter, reset by that block) merges the shares
 // and the sink. Grid (heads, T, splits), 128 threads, dynamic shared memory headDim floats.
 // partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between calls.
-// valueDim <= 256.
+// valueDim <= 256. Continuous batching: with `slots` set, the cache holds one sequence per slot,
+// slot-major ([slots, capacity, kvHeads, dim]), and row t reads slot slots[t]'s (causal rows
+// only: a non-causal row's range ends at row T - 1's position, which is one sequence's).
 namespace attention {
 constexpr int kChunk = 64, kMaxSplits = 16, kValueBatch = 8;
 }
@@ -63,7 +65,7 @@ constexpr int kChunk = 64, kMaxSplits = 16, kValueBatch = 8;
 extern "C" __global__ void __launch_bounds__(128, 8) attention_decode(
     const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads, int kvHeads,
     int headDim, int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale,
-    float* out, int outStride, float* partial, int* counters) {
+    float* out, int outStride, float* partial, int* counters, const int* slots) {
     using namespace attention;
     extern __shared__ float qs[];  // headDim
     __shared__ float p[kChunk];
@@ -73,6 +75,10 @@ extern "C" __global__ void __launch_bounds__(128, 8) attention_decode(
     wait_for_previous_kernel();
     allow_next_kernel();
     const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z, kvh = h / (heads / kvHeads);
+    if (slots) {
+        cacheK += (size_t)slots[t] * capacity * kvHeads * headDim;
+        cacheV += (size_t)slots[t] * capacity * kvHeads * valueDim;
+    }
     const int pos = positions[t], lastPos = positions[T - 1];
     const int first = window > 0 ? max(0, pos - window + 1) : 0;
     const int end = causal ? pos : window > 0 ? min(lastPos, pos + window - 1) : lastPos;

@@ -165,12 +165,16 @@ extern "C" __global__ void qkv_scatter(const float* part, int qRows, int kRows, 
 extern "C" __global__ void __launch_bounds__(128) attention_prep(
     float* q, int qStride, float* k, int kStride, float* v, int vStride, int heads, int kvHeads, int headDim, int valueDim,
     const float* qNorm, const float* kNorm, float eps, int rotaryDim, int neox, const double* invFreq, double attnFactor,
-    float vScale, const int* positions, float* cacheK, float* cacheV, int capacity) {
+    float vScale, const int* positions, float* cacheK, float* cacheV, int capacity, const int* slots) {
     extern __shared__ float head[];
     __shared__ float scratch[32];
     wait_for_previous_kernel();
     allow_next_kernel();
     const int t = blockIdx.y, isKey = blockIdx.x >= heads, h = isKey ? blockIdx.x - heads : blockIdx.x;
+    if (slots) {  // one sequence per slot, slot-major (attention_decode's top comment)
+        cacheK += (size_t)slots[t] * capacity * kvHeads * headDim;
+        cacheV += (size_t)slots[t] * capacity * kvHeads * valueDim;
+    }
     float* src = isKey ? k + (size_t)t * kStride + h * headDim : q + (size_t)t * qStride + h * headDim;
     const float* weight = isKey ? kNorm : qNorm;
     float sum = 0.f;

@@ -59,14 +59,23 @@ public final class CUDAExecutor: @unchecked Sendable {
     private var graphs: [Int: CUDAGraph] = [:]
     private var keep: [AnyObject] = []  // device objects the launches point into
     private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
+    /// Each row's slot of the cache (`slots` > 1: continuous batching); zeros otherwise.
+    private let rowSlots: DeviceBuffer
+    /// Sequences the cache holds: 1, or more for `forward(batch:)`.
+    public let slots: Int
+    /// Positions held per slot (`slots` > 1).
+    private var slotLengths: [Int]
+    /// The device copies of the plan's weights, shared by executors made with `sharingWeights`.
+    private let weights: WeightStore
+    private var weightCursor = 0
     private let cache: Cache
     private var caches: [Cache.Layer] { cache.layers }
     private let vocab: Int
     /// x rows of `forward(rows:)` and the captured features ([T, captureLayers.count * hidden]).
     private let x: DeviceBuffer, features: DeviceBuffer
 
-    /// Keys and values of every layer, f32, [capacity, kvHeads, dim] per layer; a sliding
-    /// layer keeps a ring of window + maxStepTokens positions (see KVCache).
+    /// Keys and values of every layer, f32, [capacity, kvHeads, dim] per layer and slot (slot
+    /// major); a sliding layer keeps a ring of window + maxStepTokens positions (see KVCache).
     final class Cache {
         struct Layer {
             let keys: DeviceBuffer, values: DeviceBuffer
@@ -76,13 +85,13 @@ public final class CUDAExecutor: @unchecked Sendable {
         var length = 0
         let maxPositions: Int
 
-        init(spec: ModelSpec, device: CUDADevice, maxPositions: Int, maxStepTokens: Int) throws {
+        init(spec: ModelSpec, device: CUDADevice, maxPositions: Int, maxStepTokens: Int, slots: Int) throws {
             self.maxPositions = maxPositions
             layers = try spec.layers.map { l in
                 let a = l.attention
                 let capacity = a.window.map { min($0 + maxStepTokens, maxPositions) } ?? maxPositions
-                return Layer(keys: try device.allocate(4 * capacity * a.kvHeads * a.headDim),
-                             values: try device.allocate(4 * capacity * a.kvHeads * a.valueHeadDim), capacity: capacity, window: a.window)
+                return Layer(keys: try device.allocate(4 * slots * capacity * a.kvHeads * a.headDim),
+                             values: try device.allocate(4 * slots * capacity * a.kvHeads * a.valueHeadDim), capacity: capacity, window: a.window)
             }
         }
     }
@@ -92,11 +101,24 @@ public final class CUDAExecutor: @unchecked Sendable {
 
     /// `sharing`: an executor over the same layers whose cache (and positions) this one uses;
     /// the two also share a stream, so one's cache writes are ordered before the other's reads.
+    /// `slots`: sequences the cache holds, for `forward(batch:)` (continuous batching).
+    /// `sharingWeightsOf`: an executor of the same plan whose device copies of the weights this
+    /// one uses instead of uploading its own (`sharingWeights`).
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
                 moeVersion: Int = CUDAMoE.defaultVersion, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, vocabularyStart: Int = 0,
-                sharing: CUDAExecutor? = nil, progress: ((Int, Int) -> Void)? = nil) throws {
+                sharing: CUDAExecutor? = nil, slots: Int = 1, sharingWeightsOf owner: CUDAExecutor? = nil,
+                progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
+        precondition(slots >= 1 && (sharing == nil || slots == 1), "a cache of at least one slot, and one when shared")
+        if let owner {
+            guard owner.device === device, owner.plan.ops.count == plan.ops.count, owner.plan.spec.layerCount == plan.spec.layerCount else {
+                throw FulgurError(.usage, "CUDA executor: sharing the weights of an executor of another plan or device")
+            }
+        }
         self.plan = plan
+        self.slots = slots
+        slotLengths = [Int](repeating: 0, count: slots)
+        weights = owner?.weights ?? WeightStore()
         self.device = device
         self.module = module
         self.maxStepTokens = maxStepTokens
@@ -113,12 +135,15 @@ public final class CUDAExecutor: @unchecked Sendable {
         tokens = try device.allocate(4 * maxStepTokens)
         positions = try device.allocate(4 * maxStepTokens)
         ids = try device.allocate(4 * maxStepTokens)
+        let rowSlots = try device.allocate(4 * maxStepTokens)
+        try [Int32](repeating: 0, count: maxStepTokens).withUnsafeBytes { try rowSlots.upload($0) }
+        self.rowSlots = rowSlots
         logits = try device.allocate(4 * maxStepTokens * vocab)
         if let sharing {
             precondition(sharing.maxStepTokens == maxStepTokens && sharing.plan.spec.layerCount == plan.spec.layerCount, "sharing a cache of other layers")
             cache = sharing.cache
         } else {
-            cache = try Cache(spec: plan.spec, device: device, maxPositions: context, maxStepTokens: maxStepTokens)
+            cache = try Cache(spec: plan.spec, device: device, maxPositions: context, maxStepTokens: maxStepTokens, slots: slots)
         }
         x = try device.allocate(4 * maxStepTokens * max(plan.widths[.x] ?? 0, plan.spec.hiddenSize))
         features = try device.allocate(4 * maxStepTokens * plan.spec.layerCount * plan.spec.hiddenSize)
@@ -222,6 +247,24 @@ public final class CUDAExecutor: @unchecked Sendable {
         try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch, sharing: self)
     }
 
+    /// Another executor over this one's device copies of the weights (none uploaded again),
+    /// with its own cache of `slots` sequences, activations and stream: a server lane, or a
+    /// batch (`forward(batch:)`). Not for tensor-parallel shards.
+    public func sharingWeights(slots: Int, maxPositions: Int? = nil) throws -> CUDAExecutor {
+        guard communicator == nil else { throw FulgurError(.unsupported, "CUDA executor: sharing a tensor-parallel shard's weights") }
+        return try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: maxPositions ?? self.maxPositions, maxStepTokens: maxStepTokens,
+                                moeVersion: moeVersion, prefetch: prefetch, slots: slots, sharingWeightsOf: self)
+    }
+
+    public func sharingWeights() throws -> any Executor { try sharingWeights(slots: 1) }
+
+    /// A batch executor over these weights: a cache of `slots` sequences. Its steps take up to
+    /// `maxStepTokens` rows (one graph), so a longer batch runs as several, in order.
+    public func batchExecutor(slots: Int, maxSequenceTokens: Int) throws -> any BatchExecutor {
+        guard slots >= 2 else { return try sharingWeights(slots: 2) }  // slot-indexed attention needs a slotted cache
+        return try sharingWeights(slots: slots)
+    }
+
     /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
     public func argmax(_ input: [Int]) throws -> [Int] {
         var result: [Int] = []
@@ -238,6 +281,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     private func run(_ input: [Int], after: (Int, Bool) throws -> Void) throws {
         // The server decodes on its own threads; a CUDA context is current per thread.
         try device.makeCurrent()
+        guard slots == 1 else { throw FulgurError(.usage, "CUDA executor: a cache of \(slots) sequences runs forward(batch:)") }
         capturedFeatures.removeAll(keepingCapacity: true)
         guard !input.isEmpty else { return }
         let table = plan.embedding.table.shape[0]
@@ -363,6 +407,34 @@ public final class CUDAExecutor: @unchecked Sendable {
 
     private func add(_ kind: String, _ run: @escaping (Int) throws -> Void) { launches.append((kind, run)) }
 
+    /// Device copies of a plan's weights in the order lowering makes them, so that an executor
+    /// lowering the same plan finds each at the same index (`sharingWeights`).
+    final class WeightStore: @unchecked Sendable {
+        var entries: [(label: String, object: AnyObject)] = []
+    }
+
+    /// The weight object lowering needs next: the store's when an executor sharing these weights
+    /// made it, else `make()`'s, recorded. `label` catches a plan lowered in another order.
+    private func sharedWeight<T: AnyObject>(_ label: String, _ make: () throws -> T) throws -> (object: T, isNew: Bool) {
+        defer { weightCursor += 1 }
+        if weightCursor < weights.entries.count {
+            let entry = weights.entries[weightCursor]
+            guard entry.label == label, let object = entry.object as? T else {
+                throw FulgurError(.usage, "CUDA executor: the shared weights were lowered from another plan ('\(entry.label)' where '\(label)' is)")
+            }
+            return (object, false)
+        }
+        let object = try make()
+        weights.entries.append((label, object))
+        return (object, true)
+    }
+
+    /// A product over `parts` stacked by rows, shared like every weight (`sharedWeight`).
+    private func linear(_ parts: [LinearWeight], _ biases: [[Float]?], name: String) throws -> CUDALinear {
+        let shape = parts.map { "\($0.outFeatures)x\($0.inFeatures)" }.joined(separator: "+")
+        return try sharedWeight("linear \(name) \(shape)") { try CUDALinear(stacking: parts, biases: biases, name: name, module: module) }.object
+    }
+
     private typealias Launch = (String, (Int, Int, Int), Int, Int, [KernelModule.Argument]) throws -> Void
 
     private func lower(progress: ((Int, Int) -> Void)?) throws {
@@ -404,6 +476,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode",
                      "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax", "argmax_slice", "argmax_pick"]
         let module = self.module, stream = self.stream, positions = self.positions
+        // Row slots only where the cache holds several sequences (null: slot 0).
+        let rowSlots = slots > 1 ? self.rowSlots.address : 0
         let f = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
         let launch: Launch = { name, grid, block, shared, args in
             try module.launch(f[name]!, grid: grid, block: (block, 1, 1), sharedBytes: shared, stream: stream, overlapPrevious: true, args)
@@ -412,19 +486,19 @@ public final class CUDAExecutor: @unchecked Sendable {
 
         // Embedding: f32 / bf16 / f16 tables as stored, anything else decoded to f32.
         let table = plan.embedding.table
-        let (tableBuffer, tableType): (DeviceBuffer, Int32)
-        switch table.dtype {
-        case .f32, .bf16, .f16:
-            tableBuffer = try device.upload(UnsafeRawBufferPointer(start: table.data, count: table.byteCount))
-            tableType = table.dtype == .f32 ? 0 : table.dtype == .bf16 ? 1 : 2
-        default:
-            var rows = [Float](repeating: 0, count: table.shape[0] * hidden)
-            rows.withUnsafeMutableBufferPointer { r in
-                for i in 0..<table.shape[0] { Dequant.row(table.dtype, table.data + i * table.rowBytes, hidden, r.baseAddress! + i * hidden) }
+        let tableType: Int32 = table.dtype == .f32 ? 0 : table.dtype == .bf16 ? 1 : table.dtype == .f16 ? 2 : 0
+        let tableBuffer = try sharedWeight("embedding \(table.shape)") { () -> DeviceBuffer in
+            switch table.dtype {
+            case .f32, .bf16, .f16:
+                return try device.upload(UnsafeRawBufferPointer(start: table.data, count: table.byteCount))
+            default:
+                var rows = [Float](repeating: 0, count: table.shape[0] * hidden)
+                rows.withUnsafeMutableBufferPointer { r in
+                    for i in 0..<table.shape[0] { Dequant.row(table.dtype, table.data + i * table.rowBytes, hidden, r.baseAddress! + i * hidden) }
+                }
+                return try rows.withUnsafeBytes { try device.upload($0) }
             }
-            tableBuffer = try rows.withUnsafeBytes { try device.upload($0) }
-            tableType = 0
-        }
+        }.object
         keep.append(tableBuffer)
         bytes += table.dtype.byteCount(elements: hidden)
 
@@ -494,7 +568,8 @@ public final class CUDAExecutor: @unchecked Sendable {
                     .pointer(q), .int32(stride), .pointer(k), .int32(stride), .pointer(v), .int32(stride), .int32(Int32(heads)),
                     .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)), .pointer(qn), .pointer(kn), .float(eps),
                     .int32(Int32(r.rotaryDim)), .int32(r.style == .neox ? 1 : 0), .pointer(freq), .double(r.attentionFactor), .float(vs),
-                    .pointer(positions.address), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity))])
+                    .pointer(positions.address), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
+                    .pointer(rowSlots)])
             }
             if attend {
                 let splits = Self.attentionSplits(cache.capacity)
@@ -504,7 +579,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                         .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),
                         .pointer(positions.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
                         .pointer(sinkAddress), .float(a.softmaxScale), .pointer(attn.address), .int32(Int32(a.heads * a.valueHeadDim)),
-                        .pointer(partial.address), .pointer(counters.address)])
+                        .pointer(partial.address), .pointer(counters.address), .pointer(rowSlots)])
                 }
             }
             qNorm = nil; kNorm = nil; rope = nil; vScale = 1
@@ -544,7 +619,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                 let xs = try address(src)
                 let family: [Buffer] = [.q, .k, .v].contains(dst) ? [.q, .k, .v] : [.gate, .up].contains(dst) ? [.gate, .up] : []
                 if family.isEmpty {
-                    product(try CUDALinear(weight, bias: bias, module: module), src == .attn ? "o_proj" : dst == .out ? "mlp" : "other", x: xs, out: try address(dst), outStride: weight.outFeatures)
+                    product(try linear([weight], [bias], name: weight.name), src == .attn ? "o_proj" : dst == .out ? "mlp" : "other", x: xs, out: try address(dst), outStride: weight.outFeatures)
                     continue
                 }
                 // The run of products from the same input into the family, in q | k | v or
@@ -577,11 +652,11 @@ public final class CUDAExecutor: @unchecked Sendable {
                 }
                 let parts = ordered.map(\.0)
                 if CUDALinear.canStack(parts) {
-                    product(try CUDALinear(stacking: parts, biases: ordered.map(\.1), name: parts.map(\.name).joined(separator: " + "), module: module),
+                    product(try linear(parts, ordered.map(\.1), name: parts.map(\.name).joined(separator: " + ")),
                             family == [.q, .k, .v] ? "qkv" : "mlp", x: xs, out: region.address, outStride: stride)
                 } else {
                     for (g, off) in zip(ordered, offsets) {
-                        product(try CUDALinear(g.0, bias: g.1, module: module), family == [.q, .k, .v] ? "qkv" : "mlp", x: xs, out: region.address + UInt64(4 * off), outStride: stride)
+                        product(try linear([g.0], [g.1], name: g.0.name), family == [.q, .k, .v] ? "qkv" : "mlp", x: xs, out: region.address + UInt64(4 * off), outStride: stride)
                     }
                 }
             case .fusedQKV(let chunks, let qRows, let kRows, let vRows):
@@ -590,7 +665,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                 let part = try device.allocate(4 * S * n * rows)
                 keep.append(part)
                 for (c, cw) in chunks.enumerated() {
-                    product(try CUDALinear(cw, module: module), "qkv", x: h.address, out: part.address + UInt64(4 * c * rows), outStride: n * rows)
+                    product(try linear([cw], [nil], name: cw.name), "qkv", x: h.address, out: part.address + UInt64(4 * c * rows), outStride: n * rows)
                 }
                 (qW, kW, vW) = (n * qRows, n * kRows, n * vRows)
                 (qOff, kOff, vOff) = (0, qW, qW + kW)
@@ -639,7 +714,8 @@ public final class CUDAExecutor: @unchecked Sendable {
                     throw FulgurError(.unsupported, "CUDA executor: MoE from \(src) into \(dst) (expected h into out)")
                 }
                 if weights.experts.allSatisfy({ e in e.down.format == .mxfp4 && [e.gateUp, e.gate, e.up].allSatisfy { $0 == nil || $0!.format == .mxfp4 } }) {
-                    let moe = try CUDAMoE(weights, module: module, version: moeVersion)
+                    let owner = try sharedWeight("moe \(layersDone)") { try CUDAMoE(weights, module: module, version: moeVersion) }
+                    let moe = owner.isNew ? owner.object : try CUDAMoE(sharingWeightsOf: owner.object)
                     keep.append(moe)
                     if layersDone < spec.layerCount { laterRanges[layersDone] += moe.routerRanges }
                     moeLaunch[layersDone] = launches.count
@@ -661,7 +737,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             bytesPerDecodeStep = bytes
             return
         }
-        let head = try CUDALinear(plan.lmHead, module: module)
+        let head = try linear([plan.lmHead], [nil], name: plan.lmHead.name)
         let logits = self.logits, ids = self.ids, vocab = self.vocab
         product(head, "lm head", x: h.address, out: logits.address, outStride: vocab)
         if let communicator {
@@ -746,8 +822,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         guard CUDALinear.canStack(gateUpParts), CUDALinear.canStack(m.experts.map(\.down)) else {
             throw unsupported("experts of mixed formats")
         }
-        let gateUp = try CUDALinear(stacking: gateUpParts, biases: gateUpBiases, name: "experts gate/up", module: module)
-        let down = try CUDALinear(stacking: m.experts.map(\.down), biases: m.experts.map(\.downBias), name: "experts down", module: module)
+        let gateUp = try linear(gateUpParts, gateUpBiases, name: "experts gate/up")
+        let down = try linear(m.experts.map(\.down), m.experts.map(\.downBias), name: "experts down")
         guard down.storage == .f32 || down.storage == .bf16 else {
             throw unsupported("experts stored as \(down.storage); the dense fallback takes f32/bf16 (MXFP4 experts run the MoE kernels)")
         }
@@ -776,6 +852,64 @@ public final class CUDAExecutor: @unchecked Sendable {
 }
 
 extension CUDAExecutor: Executor {}
+
+extension CUDAExecutor: BatchExecutor {
+    public func length(slot: Int) -> Int { slotLengths[slot] }
+    public func reset(slot: Int) { slotLengths[slot] = 0 }
+
+    /// One forward pass over the tokens of several sequences, each in its own slot of the cache
+    /// (continuous batching; `slots` > 1): the products, experts and LM head run once over all
+    /// rows, attention reads and writes each row's slot at its position. The rows go in steps
+    /// of up to `maxStepTokens` (a graph each), in order, so a sequence's rows may span two
+    /// steps. Returns, per part, the logits after its last token or nothing. A sequence's logits
+    /// agree with running it alone to float rounding (kernels sum in another order at another
+    /// step size), not bit for bit as on the CPU.
+    public func forward(batch: [BatchStep]) throws -> [[Float]] {
+        guard slots > 1 else { throw FulgurError(.usage, "CUDA executor: forward(batch:) needs a cache of several slots (batchExecutor)") }
+        try device.makeCurrent()
+        let table = plan.embedding.table.shape[0]
+        var rows: [(slot: Int32, token: Int32, position: Int32, part: Int?)] = []
+        for (i, part) in batch.enumerated() {
+            guard (0..<slots).contains(part.slot) else {
+                throw FulgurError(.usage, "slot \(part.slot) of a batched step is outside the batch's \(slots) slots")
+            }
+            guard !part.tokens.isEmpty else { throw FulgurError(.usage, "sequence \(i) of a batched step has no tokens") }
+            guard !batch[..<i].contains(where: { $0.slot == part.slot }) else {
+                throw FulgurError(.usage, "sequences \(batch[..<i].firstIndex { $0.slot == part.slot }!) and \(i) of a batched step share slot \(part.slot)")
+            }
+            for t in part.tokens where t < 0 || t >= table {
+                throw FulgurError(.usage, "token id \(t) is outside the vocabulary (0..<\(table))")
+            }
+            let start = slotLengths[part.slot]
+            guard start + part.tokens.count <= maxPositions else {
+                throw FulgurError(.usage, "context is full: \(start) + \(part.tokens.count) tokens exceed the \(maxPositions)-position context")
+            }
+            for (j, t) in part.tokens.enumerated() {
+                let last = j == part.tokens.count - 1 && part.wantsLogits
+                rows.append((Int32(part.slot), Int32(t), Int32(start + j), last ? i : nil))
+            }
+        }
+        var results = [[Float]](repeating: [], count: batch.count)
+        var start = 0
+        while start < rows.count {
+            let chunk = rows[start..<min(start + maxStepTokens, rows.count)]
+            try chunk.map(\.token).withUnsafeBytes { try tokens.upload($0, stream: stream) }
+            try chunk.map(\.position).withUnsafeBytes { try positions.upload($0, stream: stream) }
+            try chunk.map(\.slot).withUnsafeBytes { try rowSlots.upload($0, stream: stream) }
+            try enqueueStep(chunk.count)
+            for (r, row) in chunk.enumerated() {
+                guard let part = row.part else { continue }
+                results[part] = [Float](repeating: 0, count: vocab)
+                try results[part].withUnsafeMutableBytes { try logits.download(into: $0, offset: 4 * r * vocab, stream: stream) }
+            }
+            // The next step's uploads overwrite what this one reads, and the logits it leaves.
+            try stream.synchronize()
+            start += chunk.count
+        }
+        for part in batch { slotLengths[part.slot] += part.tokens.count }
+        return results
+    }
+}
 
 /// One rank's side of an all-reduce over the GPUs of a tensor-parallel group.
 public protocol StepAllReduce: AnyObject {

@@ -37,7 +37,10 @@ public final class CUDALinear: @unchecked Sendable {
     public static let wideRows = ProcessInfo.processInfo.environment["FULGUR_GEMV_LAYOUT"] == "rows" ? Int.max : 32768
     public static let wideMaxTokens = 1
     let wideKernels: [KernelModule.Function]
+    /// Wide-layout grids found so far; executors sharing this product (server lanes) launch it
+    /// from several threads.
     private var wideGrid: [Int: Int] = [:]
+    private let wideGridLock = NSLock()
 
     /// The ranges of device memory this product's weights, scales and bias occupy (to warm L2).
     public var deviceRanges: [(address: UInt64, bytes: Int)] {
@@ -135,6 +138,8 @@ public final class CUDALinear: @unchecked Sendable {
     /// Blocks of the wide kernel for `tokens`: all resident at once, at most one per 8 rows;
     /// nil when its x does not fit in shared memory (the rows layout runs instead).
     private func wideBlocks(_ tokens: Int) throws -> Int? {
+        wideGridLock.lock()
+        defer { wideGridLock.unlock() }
         if let g = wideGrid[tokens] { return g > 0 ? g : nil }
         let device = module.device, shared = Self.wideSharedBytes(storage, inFeatures: inFeatures, tokens: tokens)
         var grid = 0

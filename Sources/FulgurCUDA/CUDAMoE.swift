@@ -229,6 +229,46 @@ public final class CUDAMoE: @unchecked Sendable {
         }
     }
 
+    /// A layer over `owner`'s device copies of the weights, with scratch buffers of its own, so
+    /// that executors on different streams (server lanes, a batch) run it at the same time.
+    public init(sharingWeightsOf owner: CUDAMoE) throws {
+        let device = owner.module.device, k = owner.spec.topK, I = owner.spec.intermediate
+        spec = owner.spec
+        hidden = owner.hidden
+        version = owner.version
+        expertBytes = owner.expertBytes
+        routerBytes = owner.routerBytes
+        module = owner.module
+        router = owner.router
+        routerIsBF16 = owner.routerIsBF16
+        routerBias = owner.routerBias
+        correctionBias = owner.correctionBias
+        logits = try device.allocate(owner.logits.byteCount)
+        let routes = try device.allocate(owner.routes.byteCount)
+        try [Int32](repeating: 0, count: owner.routes.byteCount / 4).withUnsafeBytes { try routes.upload($0) }
+        self.routes = routes
+        func fresh(_ v: Version2) throws -> Version2 {
+            Version2(route: v.route, experts: v.experts, gateUp: v.gateUp, gateUpBias: v.gateUpBias, down: v.down, downBias: v.downBias,
+                     xexp: try device.allocate(v.xexp.byteCount), sync: try device.allocate(v.sync.byteCount),
+                     act: try device.allocate(v.act.byteCount), partial: try device.allocate(v.partial.byteCount), syncCount: v.syncCount, plans: v.plans)
+        }
+        switch owner.kernels {
+        case .v1(let v):
+            kernels = .v1(Version1(route: v.route, gateUp: v.gateUp, down: v.down, gateUpCodes: v.gateUpCodes, gateUpScales: v.gateUpScales,
+                                   gateUpBias: v.gateUpBias, downCodes: v.downCodes, downScales: v.downScales, downBias: v.downBias,
+                                   interleaved: v.interleaved, act: try device.allocate(4 * Self.maxTokens * k * I)))
+        case .v2(let v):
+            kernels = .v2(try fresh(v))
+        case .v4(let v):
+            let routed = try v.routed.map { r in
+                let b = try device.allocate(r.byteCount)
+                try [Int32](repeating: 0, count: r.byteCount / 4).withUnsafeBytes { try b.upload($0) }
+                return b
+            }
+            kernels = .v4(Version4(base: try fresh(v.base), down: v.down, route6: v.route6, routed: routed, plans: v.plans))
+        }
+    }
+
     /// Version 4's plans for 1...16 tokens. B takes 256 bytes per 64 columns per pair; a window
     /// holds the pairs of up to all the call's tokens (T k), at least a whole slot, and as many
     /// more as keep two blocks on a multiprocessor. Slots of 8 tokens where 8 pairs fit a block,

@@ -374,14 +374,14 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
         .pointer(q), .int32(s32), .pointer(kp), .int32(s32), .pointer(v), .int32(s32), .int32(Int32(heads)),
         .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)), .pointer(qn?.address ?? 0), .pointer(kn?.address ?? 0), .float(eps),
         .int32(Int32(a.rope.rotaryDim)), .int32(a.rope.style == .neox ? 1 : 0), .pointer(freq?.address ?? 0), .double(a.rope.attentionFactor), .float(a.valueScale),
-        .pointer(positionBuffer.address), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity))])
+        .pointer(positionBuffer.address), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)), .pointer(0)])
     if a.attend {
         try k.launch("attention_decode", (heads, T, splits), 128, 4 * a.headDim, [
             .pointer(q), .int32(s32), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)),
             .int32(Int32(heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)),
             .pointer(positionBuffer.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
             .pointer(sinkBuffer?.address ?? 0), .float(scale), .pointer(attn.address), .int32(Int32(heads * a.valueDim)),
-            .pointer(partial.address), .pointer(counters.address)])
+            .pointer(partial.address), .pointer(counters.address), .pointer(0)])
     }
     let gotRegion = try k.download(regionBuffer, region.count, Float(0))
     let gotKeys = try k.download(cacheK, keys.count, Float(0)), gotValues = try k.download(cacheV, values.count, Float(0))

@@ -100,14 +100,10 @@ public final class Engine {
         try generate(prompt: tokenizer.encode(text, addSpecialTokens: true), parameters: parameters, onText: onText)
     }
 
-    /// Another sequence over the same weights: a KV cache and activation buffers of its own,
-    /// the plan (read-only weights) shared. A server runs one per lane, each on its own thread.
-    /// Only CPU executors share weights this way; a CUDA executor uploads its own copy.
+    /// Another sequence over the same weights: a KV cache and activation buffers (on a GPU, a
+    /// stream) of its own, the weights shared. A server runs one per lane, each on its own thread.
     public func makeGenerator() throws -> Generator {
-        guard generator.executor is CPUExecutor else {
-            throw FulgurError(.unsupported, "several sequences over one copy of the weights need the CPU executor for now (a CUDA executor uploads its own copy of the weights); run with --device cpu, or one lane")
-        }
-        return Generator(executor: CPUExecutor(plan: model.plan, maxPositions: contextLength))
+        Generator(executor: try generator.executor.sharingWeights())
     }
 
     /// Generates after the token ids `prompt`; see `Generator.generate` for the callbacks.
@@ -135,11 +131,10 @@ public final class Engine {
     }
 
     /// Continuous batching over the engine's weights: up to `slots` generations advanced
-    /// together (see `BatchGenerator`). The CPU executor only, for now.
+    /// together (see `BatchGenerator`), on the engine's executor's device.
     public func makeBatchGenerator(slots: Int, prefillChunk: Int) throws -> BatchGenerator {
-        guard generator.executor is CPUExecutor else {
-            throw FulgurError(.unsupported, "batched generation (--schedule throughput) runs on the CPU executor only for now; run with --device cpu, or --schedule latency")
-        }
-        return try BatchGenerator(plan: model.plan, slots: slots, maxPositions: contextLength, prefillChunk: prefillChunk)
+        guard slots >= 1 else { throw FulgurError(.usage, "a batch needs at least one slot, got \(slots)") }
+        guard prefillChunk >= 1 else { throw FulgurError(.usage, "the prefill chunk must be at least 1 token, got \(prefillChunk)") }
+        return try BatchGenerator(executor: generator.executor.batchExecutor(slots: slots, maxSequenceTokens: prefillChunk), prefillChunk: prefillChunk)
     }
 }

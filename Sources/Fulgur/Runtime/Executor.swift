@@ -34,9 +34,52 @@ public protocol Executor: AnyObject {
     /// Forgets positions at and after `position`; check `canTruncate(to:)` first.
     func truncate(to position: Int)
     func reset()
+    /// Another executor over the same weights (shared, not copied) with a cache, buffers and,
+    /// on a GPU, a stream of its own: a server lane decodes on one from its own thread.
+    func sharingWeights() throws -> any Executor
+    /// An executor over the same weights whose cache holds `slots` sequences that one forward
+    /// pass advances together (continuous batching); a sequence brings at most
+    /// `maxSequenceTokens` tokens to a step.
+    func batchExecutor(slots: Int, maxSequenceTokens: Int) throws -> any BatchExecutor
+}
+
+/// Sequences that advance together, one forward pass over the tokens of all of them at a time
+/// (continuous batching): each sequence lives in a slot of the cache, from `reset(slot:)` on.
+public protocol BatchExecutor: AnyObject {
+    var slots: Int { get }
+    /// The most positions a slot holds.
+    var maxPositions: Int { get }
+    /// Positions slot `slot` holds (its next token's position).
+    func length(slot: Int) -> Int
+    /// Empties slot `slot` for a new sequence.
+    func reset(slot: Int)
+    /// Runs each part's tokens at the next positions of its slot; returns, per part in order,
+    /// the logits after its last token (`[vocab]`), or nothing where `wantsLogits` is false.
+    func forward(batch: [BatchStep]) throws -> [[Float]]
+}
+
+/// One sequence's share of a batched step.
+public struct BatchStep: Sendable {
+    public let slot: Int
+    public let tokens: [Int]
+    /// Whether the step returns logits after the last of these tokens.
+    public let wantsLogits: Bool
+
+    public init(slot: Int, tokens: [Int], wantsLogits: Bool) {
+        self.slot = slot
+        self.tokens = tokens
+        self.wantsLogits = wantsLogits
+    }
 }
 
 extension Executor {
+    public func sharingWeights() throws -> any Executor {
+        throw FulgurError(.unsupported, "\(type(of: self)) cannot run another sequence over its weights; run one lane, or on one device (--device cpu or one GPU)")
+    }
+    public func batchExecutor(slots: Int, maxSequenceTokens: Int) throws -> any BatchExecutor {
+        throw FulgurError(.unsupported, "\(type(of: self)) cannot batch sequences (--schedule throughput); run on one device (--device cpu or one GPU), or --schedule latency")
+    }
+
     /// From the logits, for executors without a device-side argmax.
     public func argmax(_ tokens: [Int]) throws -> [Int] {
         let logits = try forward(tokens, logits: .all)
@@ -55,5 +98,42 @@ extension CPUExecutor: Executor {
     public func reset() { cache.reset() }
     public func sharingCache(plan: Plan) throws -> any Executor {
         CPUExecutor(plan: plan, maxPositions: cache.maxPositions, maxStepTokens: maxStepTokens, cache: cache)
+    }
+    public func sharingWeights() throws -> any Executor {
+        CPUExecutor(plan: plan, maxPositions: cache.maxPositions, maxStepTokens: maxStepTokens)
+    }
+    public func batchExecutor(slots: Int, maxSequenceTokens: Int) throws -> any BatchExecutor {
+        try CPUBatchExecutor(plan: plan, slots: slots, maxPositions: cache.maxPositions, maxSequenceTokens: maxSequenceTokens)
+    }
+}
+
+/// Continuous batching on the CPU: a KV cache per slot and one CPUExecutor whose steps take a
+/// token from every slot plus `maxSequenceTokens` more (`CPUExecutor.forward(batch:)`, which
+/// gives each sequence's logits bit for bit as alone).
+public final class CPUBatchExecutor: BatchExecutor {
+    public let slots: Int
+    public let maxPositions: Int
+    private let executor: CPUExecutor
+    private let caches: [KVCache]
+
+    public init(plan: Plan, slots: Int, maxPositions: Int, maxSequenceTokens: Int) throws {
+        guard slots >= 1 else { throw FulgurError(.usage, "a batch needs at least one slot, got \(slots)") }
+        guard maxSequenceTokens >= 1 else { throw FulgurError(.usage, "a batched sequence takes at least 1 token a step, got \(maxSequenceTokens)") }
+        self.slots = slots
+        self.maxPositions = min(maxPositions, plan.spec.maxPositions)
+        // The executor's own cache is never used (every sequence brings its own), hence its
+        // single position.
+        executor = CPUExecutor(plan: plan, maxPositions: 1, maxStepTokens: slots + maxSequenceTokens)
+        caches = (0..<slots).map { _ in KVCache(spec: plan.spec, maxPositions: min(maxPositions, plan.spec.maxPositions), maxStepTokens: maxSequenceTokens) }
+    }
+
+    public func length(slot: Int) -> Int { caches[slot].length }
+    public func reset(slot: Int) { caches[slot].reset() }
+
+    public func forward(batch: [BatchStep]) throws -> [[Float]] {
+        for part in batch where !(0..<slots).contains(part.slot) {
+            throw FulgurError(.usage, "slot \(part.slot) of a batched step is outside the batch's \(slots) slots")
+        }
+        return try executor.forward(batch: batch.map { .init(cache: caches[$0.slot], tokens: $0.tokens, wantsLogits: $0.wantsLogits) })
     }
 }

@@ -897,13 +897,17 @@ extension CUDAExecutor: BatchExecutor {
             try chunk.map(\.position).withUnsafeBytes { try positions.upload($0, stream: stream) }
             try chunk.map(\.slot).withUnsafeBytes { try rowSlots.upload($0, stream: stream) }
             try enqueueStep(chunk.count)
-            for (r, row) in chunk.enumerated() {
-                guard let part = row.part else { continue }
-                results[part] = [Float](repeating: 0, count: vocab)
-                try results[part].withUnsafeMutableBytes { try logits.download(into: $0, offset: 4 * r * vocab, stream: stream) }
+            // The logits rows from the first wanted to the last, in one copy.
+            let wanted = chunk.indices.filter { rows[$0].part != nil }.map { $0 - start }
+            if let first = wanted.first, let last = wanted.last {
+                var got = [Float](repeating: 0, count: (last - first + 1) * vocab)
+                try got.withUnsafeMutableBytes { try logits.download(into: $0, offset: 4 * first * vocab, stream: stream) }
+                // The next step's uploads overwrite what this one reads, and the logits it leaves.
+                try stream.synchronize()
+                for r in wanted { results[rows[start + r].part!] = Array(got[((r - first) * vocab)..<((r - first + 1) * vocab)]) }
+            } else {
+                try stream.synchronize()
             }
-            // The next step's uploads overwrite what this one reads, and the logits it leaves.
-            try stream.synchronize()
             start += chunk.count
         }
         for part in batch { slotLengths[part.slot] += part.tokens.count }

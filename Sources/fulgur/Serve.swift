@@ -19,7 +19,7 @@ struct Serve: AsyncParsableCommand {
             error, and --idle-release frees the lane early once the key has had nothing running or waiting \
             for that long. The seed's trial: --lanes 1 --key-quota 10 --session-length 1800 --idle-release 300.
 
-            Throughput first (--schedule throughput, CPU executor): one engine loop runs up to --max-batch \
+            Throughput first (--schedule throughput, CPU or one GPU): one engine loop runs up to --max-batch \
             generations together, each on a KV slot of its own, one forward pass over all of them a step \
             (a token from each that is decoding; prompts in pieces of at most --prefill-chunk tokens a \
             step, so that a long prompt does not stall the others). Further requests queue as above, \

@@ -79,4 +79,23 @@ import Testing
         cache.length = 7
         expectError(["context is full"]) { _ = try executor.forward(batch: [.init(cache: cache, tokens: [1, 2], wantsLogits: true)]) }
     }
+
+    /// The slots view the BatchGenerator and the server use: a slot outside the batch is an
+    /// error, a reset slot starts over (the same logits as the first time), and an executor
+    /// that cannot batch says so instead of running.
+    @Test func slotsOfABatchExecutor() throws {
+        let model = try Model(path: Fixtures.path("models/llama"))
+        let batch = try CPUExecutor(plan: model.plan, maxPositions: 64).batchExecutor(slots: 2, maxSequenceTokens: 4)
+        #expect(batch.slots == 2)
+        expectError(["slot 2 of a batched step is outside the batch's 2 slots"]) { _ = try batch.forward(batch: [.init(slot: 2, tokens: [1], wantsLogits: true)]) }
+        let first = try batch.forward(batch: [.init(slot: 0, tokens: [1, 2, 3], wantsLogits: true), .init(slot: 1, tokens: [4], wantsLogits: false)])
+        #expect(first[0].count == model.plan.lmHead.outFeatures && first[1].isEmpty)
+        #expect(batch.length(slot: 0) == 3 && batch.length(slot: 1) == 1)
+        batch.reset(slot: 0)
+        let again = try batch.forward(batch: [.init(slot: 0, tokens: [1, 2, 3], wantsLogits: true)])
+        #expect(again[0] == first[0] && batch.length(slot: 0) == 3 && batch.length(slot: 1) == 1)
+        let split = try CPUTensorParallel(plan: model.plan, count: 2, maxStepTokens: 8)
+        expectError(["cannot batch sequences"]) { _ = try split.batchExecutor(slots: 2, maxSequenceTokens: 4) }
+        expectError(["cannot run another sequence over its weights"]) { _ = try split.sharingWeights() }
+    }
 }

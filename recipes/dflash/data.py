@@ -42,6 +42,10 @@ CODING_TEMPLATES = [
     "I'm new to Python. When would I use `{name}`, and how? {summary}",
     "Write a Python function that wraps `{name}` with input validation and a docstring.",
     "Compare `{name}` with another way to do the same thing in Python, with code for both.",
+    "Show three different examples of `{name}`, from simple to advanced, with comments.",
+    "What are common mistakes when using `{name}{sig}`? Show wrong and corrected code.",
+    "Write a command-line Python script that uses `{name}`. Its purpose: {summary}",
+    "Document `{name}{sig}` in Markdown with a parameters table and an example, from this description:\n\n{doc}",
 ]
 
 NAMES = ["Alice", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam", "Maya",
@@ -93,15 +97,16 @@ def stdlib_entries():
 
 
 def coding_prompts(rng, count, fraction_held_out, held):
-    """`count` prompts about stdlib functions on one side of the held-out split."""
+    """`count` prompts about stdlib functions on one side of the held-out split: every
+    (function, template) pair once, in random order, before any pair repeats."""
     entries = [e for e in stdlib_entries() if held_out(e[0], fraction_held_out) == held]
-    rng.shuffle(entries)
+    pairs = [(e, t) for e in entries for t in CODING_TEMPLATES]
     prompts = []
-    for i in range(count):
-        name, sig, doc = entries[i % len(entries)]
-        summary = doc.split("\n\n")[0].replace("\n", " ")[:300]
-        template = CODING_TEMPLATES[(i // len(entries) + rng.randrange(len(CODING_TEMPLATES))) % len(CODING_TEMPLATES)]
-        prompts.append(template.format(name=name, sig=sig, doc=doc[:600], summary=summary))
+    while len(prompts) < count:
+        rng.shuffle(pairs)
+        for (name, sig, doc), template in pairs[:count - len(prompts)]:
+            summary = doc.split("\n\n")[0].replace("\n", " ")[:300]
+            prompts.append(template.format(name=name, sig=sig, doc=doc[:600], summary=summary))
     return prompts
 
 
@@ -178,7 +183,11 @@ def generate(model, prompts, max_new_tokens, batch_size, stop_id, temperature=0.
     """Continuations of `prompts` (token id lists), batched by length, cut after `stop_id`.
     Batches not started by `deadline` (time.time()) are left out: their entries are None."""
     device = model.device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # Sorted by length inside windows of 8 batches, not over all prompts: a deadline then cuts
+    # every scenario alike (sorting all of them cut the long coding prompts first).
+    window = batch_size * 8
+    order = [i for w in range(0, len(prompts), window)
+             for i in sorted(range(w, min(len(prompts), w + window)), key=lambda i: len(prompts[i]))]
     out = [None] * len(prompts)
     done_tokens, t0 = 0, time.time()
     for start in range(0, len(order), batch_size):
@@ -204,16 +213,16 @@ def generate(model, prompts, max_new_tokens, batch_size, stop_id, temperature=0.
     return out
 
 
-def sample_user_turns(model, tokenizer, rng, count, stop_id, batch_size, deadline=None):
+def sample_user_turns(generate_fn, tokenizer, rng, count, stop_id, deadline=None):
     """User messages written by the target: its chat template opened at a user turn (after an
-    optional opening word or two) and sampled to the end of the turn."""
+    optional opening word or two) and sampled to the end of the turn. `generate_fn(prompts,
+    max_new_tokens, temperatures, top_p, deadline, label)` is the target's batched decoder."""
     marker = "\u2063"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
     prefix = text[:text.index(marker)]
     openers = [rng.choice(CHAT_OPENERS) for _ in range(count)]
     prompts = [tokenizer.encode(prefix + o, add_special_tokens=False) for o in openers]
-    turns = generate(model, prompts, 48, batch_size, stop_id, temperature=1.0, top_p=0.95, deadline=deadline,
-                     label="user turns")
+    turns = generate_fn(prompts, 48, [1.0] * len(prompts), 0.95, deadline, "user turns")
     out, seen = [], set()
     for opener, t in zip(openers, turns):
         if t is None or not t or t[-1] != stop_id:

@@ -1,24 +1,33 @@
 """Trains a DFlash drafter for a target by self-distillation, start to finish in one run:
 
  1. prompts: coding questions from the Python standard library's docstrings, generated math
-    problems, and chat turns the target writes itself (data.py); a held-out set per scenario;
- 2. the target answers them (batched generation; mostly greedy, a share sampled), and one more
-    forward over prompt + answer gives its hidden states after `target_layer_ids`;
- 3. training: blocks start at random anchors inside answers; the anchor token is given and the
-    rest of the block is mask tokens; each block sees the target features strictly before its
-    anchor and itself; loss = cross-entropy at the masked positions, position k weighted by
-    exp(-(k-1)/gamma); Muon for the drafter's matrices and AdamW for its norm gains (or AdamW
-    for everything, `--optimizer adamw`; `--optimizer muon,adamw` trains both on the same data);
+    problems, and chat turns the target writes itself (data.py); two held-out sets per
+    scenario: validation (picks the checkpoint) and test (reported, eval_prompts.json);
+ 2. the target answers them (fastllama.py: batched, static KV cache; mostly greedy, a share
+    sampled) until the generation time is up; held-out answers are greedy and float32;
+ 3. training: each step computes the target's hidden states after `target_layer_ids` for its
+    sequences (no stored features, so the data size is bounded by generation time alone);
+    blocks start at random anchors inside answers; the anchor token is given and the rest of
+    the block is mask tokens; each block sees the target features strictly before its anchor
+    and itself; loss = cross-entropy at the masked positions, position k weighted by
+    exp(-(k-1)/gamma); AdamW (default) or Muon for the matrices (`--optimizer muon`;
+    `--optimizer adamw,muon` trains both on the same data). Every `--val-every` seconds the
+    drafter's acceptance on the validation answers is measured by replaying greedy decoding
+    teacher-forced; the best state is kept and exported, and `--patience` stops early;
  4. export in the published drafter format (config.json + bf16 safetensors) that Fulgur loads;
- 5. acceptance length on the held-out prompts by scenario at each block size (evaluate.py).
+ 5. acceptance on the test prompts: the same replay for all of them, and real speculative
+    decoding (evaluate.py) for as many as `--eval-minutes` allows.
 
-The full run on one H100 (defaults) takes about 8 minutes; a CPU smoke run:
+`--data-only --save-data FILE` stops after step 2; `--data FILE` starts from such a file (the
+two halves of a run on one warm machine, each inside a device call's time). A CPU smoke run:
 
-    .venv/bin/python recipes/dflash/train.py --device cpu --prompts 8 --steps 5 --max-new-tokens 48 \
-        --batch 4 --block-tokens 128 --out /tmp/dflash-smoke
+    .venv/bin/python recipes/dflash/train.py --device cpu --prompts 12 --steps 6 --max-new-tokens 48 \\
+        --batch 4 --block-tokens 128 --val-every 0 --out /tmp/dflash-smoke
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -28,193 +37,407 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import build_prompts, chat_ids, generate, load_target, log, sample_user_turns, target_features  # noqa: E402
+from data import build_prompts, chat_ids, generate as hf_generate, load_target, log, sample_user_turns, target_features  # noqa: E402
 from evaluate import evaluate  # noqa: E402
+from fastllama import FastLlama, Unsupported, check_against  # noqa: E402
 from model import (DFlashDrafter, DrafterConfig, gamma_for, init_weights, loss_weights, parameter_count,  # noqa: E402
                    spread_layer_ids, training_mask, training_positions)
 from muon import Muon  # noqa: E402
 
 DEFAULT_GGUF = os.path.expanduser("~/.cache/fulgur/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+SCENARIOS = ["coding", "math", "chat"]
 
 
 def arguments():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", nargs="+", default=[DEFAULT_GGUF], help="the target: a GGUF file, or its parts in order")
-    ap.add_argument("--out", required=True, help="output folder: the drafter, eval_prompts.json, report.json")
+    ap.add_argument("--out", help="output folder: the drafter, eval_prompts.json, report.json (not with --data-only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default on --device cpu: 1, since "
                     "oversubscribed threads on a shared machine spin: 8x slower here with 2 on 2 busy cores)")
+    ap.add_argument("--budget-minutes", type=float, default=9.1,
+                    help="the whole run from here ends by then: training is cut to leave time for the final evaluation")
     # data
-    ap.add_argument("--prompts", type=int, default=6144, help="training prompts, a third per scenario")
-    ap.add_argument("--eval-prompts", type=int, help="held-out prompts per scenario (default: prompts/24, 1 to 10)")
+    ap.add_argument("--prompts", type=int, default=90000, help="training prompts prepared, a third per scenario "
+                    "(generation stops at --gen-minutes; coding has about 22k distinct ones, repeats are sampled)")
+    ap.add_argument("--val-prompts", type=int, help="validation prompts per scenario (default: prompts/24, 1 to 32)")
+    ap.add_argument("--eval-prompts", type=int, help="test prompts per scenario (default: prompts/24, 1 to 16)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--sampled-fraction", type=float, default=0.25, help="share of answers sampled at temperature 1")
-    ap.add_argument("--gen-batch", type=int, default=512)
+    ap.add_argument("--gen-engine", default="fast", choices=["fast", "hf"],
+                    help="fast: fastllama.py (falls back to hf if it disagrees with transformers); hf: transformers generate")
+    ap.add_argument("--gen-batch", type=int, help="rows per generation batch (default: 2048 fast, 512 hf, 8 on cpu)")
+    ap.add_argument("--gen-minutes", type=float, default=2.5, help="generation stops starting batches after this")
+    ap.add_argument("--turn-share", type=float, default=0.15, help="share of --gen-minutes for writing chat user turns")
     ap.add_argument("--save-data", help="write the prompts and answers to this JSON file")
     ap.add_argument("--data", help="read prompts and answers from a --save-data file instead of generating them")
-    ap.add_argument("--gen-minutes", type=float, default=2.0, help="generation stops starting batches after this")
+    ap.add_argument("--data-only", action="store_true", help="stop after generating (with --save-data)")
+    ap.add_argument("--features", default="tf32", choices=["float32", "tf32", "bfloat16"],
+                    help="precision of the target's forward that gives the drafter's features (on the CPU always float32)")
     # drafter
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--target-layers", type=int, default=5, help="how many target layers feed the drafter")
     ap.add_argument("--block-sizes", default="8,16", help="block sizes to train on, in turn; config gets the largest")
     ap.add_argument("--mask-token", default="<empty_output>", help="a token (or id) the target never reads")
     # training
-    ap.add_argument("--optimizer", default="muon", help="muon, adamw, or a comma list to train each on the same data")
+    ap.add_argument("--optimizer", default="adamw", help="adamw, muon, or a comma list to train each on the same data "
+                    "(the first is exported)")
     ap.add_argument("--steps", type=int, help="training steps (default: as many as --train-minutes allows)")
-    ap.add_argument("--train-minutes", type=float, default=3.0, help="per optimizer")
+    ap.add_argument("--train-minutes", type=float, default=4.5, help="per optimizer (cut to fit --budget-minutes)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per step")
     ap.add_argument("--block-tokens", type=int, default=1024, help="block positions per sequence per step")
     ap.add_argument("--lr", type=float, default=0.02, help="Muon's")
-    ap.add_argument("--adam-lr", type=float, default=1e-3)
+    ap.add_argument("--adam-lr", type=float, default=1e-3, help="AdamW's (all parameters with --optimizer adamw, "
+                    "the norm gains with muon)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay on matrices")
+    ap.add_argument("--warmup", type=float, default=0.03, help="share of the training time of linear warm-up")
+    ap.add_argument("--val-every", type=float, default=10.0, help="seconds between validations (0: every step)")
+    ap.add_argument("--patience", type=int, default=18, help="stop after this many validations without a new best (0: never)")
     ap.add_argument("--eval-max-new-tokens", type=int, help="default: --max-new-tokens")
-    ap.add_argument("--eval-minutes", type=float, default=1.5, help="per optimizer; prompts not started by then are skipped")
+    ap.add_argument("--eval-minutes", type=float, default=0.5, help="real speculative decoding of the test prompts, "
+                    "per optimizer; prompts not started by then are skipped (the replay covers all of them)")
     ap.add_argument("--save-all", action="store_true", help="also export the drafters of the 2nd, 3rd... optimizer "
                     "(into OUT/NAME; the device tool returns at most 8 files)")
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.data_only and not args.save_data:
+        ap.error("--data-only needs --save-data")
+    if not args.data_only and not args.out:
+        ap.error("--out is required (except with --data-only)")
+    return args
 
 
-def make_data(args, target, tokenizer, device, stop_id, rng):
-    """Training and held-out prompts with the target's answers: lists of dicts with scenario,
-    prompt, tokens (prompt + answer) and prompt_len."""
-    deadline = time.time() + args.gen_minutes * 60
+# ----------------------------------------------------------------------------------------------
+# the target: decoding and features
+
+class Target:
+    """The target's batched decoder and feature pass: fastllama.py where it agrees with
+    transformers on a few prompts, transformers otherwise."""
+
+    def __init__(self, model, args, device, check_prompts):
+        self.model, self.args, self.device = model, args, device
+        self.fast = self.exact = None
+        self.layer_ids = None
+        if args.gen_engine == "fast":
+            try:
+                gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                exact = FastLlama(model, torch.float32)
+                diff, agree = check_against(exact, model, check_prompts)
+                log(f"fastllama float32 against transformers: max |logit difference| {diff:.2e} of the logits' spread, "
+                    f"argmax agrees on {agree:.0%} of {len(check_prompts)} prompts")
+                fast = exact if gen_dtype == torch.float32 else FastLlama(model, gen_dtype)
+                if fast is not exact:
+                    d2, a2 = check_against(fast, model, check_prompts)
+                    log(f"fastllama {gen_dtype} against transformers float32: {d2:.2e}, argmax agrees on {a2:.0%}")
+                    diff, agree = max(diff, d2 / 4), min(agree, a2)
+                if diff < 0.25 and agree >= 0.75:
+                    self.fast, self.exact = fast, exact
+                else:
+                    log("fastllama disagrees with transformers: falling back to transformers generate")
+            except Unsupported as e:
+                log(f"fastllama does not cover this target ({e}): transformers generate")
+        self.batch = args.gen_batch or (8 if device.type == "cpu" else 2048 if self.fast else 512)
+
+    def generate(self, prompts, max_new_tokens, temperatures, top_p=1.0, deadline=None, label="", exact=False):
+        if self.fast:
+            engine = self.exact if exact else self.fast
+            g = torch.Generator(device=self.device).manual_seed(self.args.seed + len(prompts))
+            return engine.generate(prompts, max_new_tokens, self.batch, self.stop_id, temperatures, top_p, deadline,
+                                   label, g)
+        # transformers takes one temperature per call: greedy rows, then sampled ones, sharing the time.
+        out = [None] * len(prompts)
+        groups = {}
+        for i, t in enumerate(temperatures):
+            groups.setdefault(t, []).append(i)
+        for t, rows in sorted(groups.items()):
+            until = None
+            if deadline is not None:
+                left = sum(len(r) for tt, r in groups.items() if tt >= t)
+                until = time.time() + (deadline - time.time()) * len(rows) / left
+            answers = hf_generate(self.model, [prompts[i] for i in rows], max_new_tokens, min(self.batch, 512), self.stop_id,
+                                  temperature=t, top_p=top_p, deadline=until, label=f"{label} (t={t})")
+            for i, a in zip(rows, answers):
+                out[i] = a
+        return out
+
+    def features(self, sequences, precision=None):
+        """Right-padded features [b, width, len(layer_ids) * hidden] (bf16 on the GPU) of token id
+        lists, computed at `precision` (default --features)."""
+        precision = precision or self.args.features
+        width = max(len(s) for s in sequences)
+        store = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if self.fast:
+            ids = torch.zeros((len(sequences), width), dtype=torch.long)
+            for r, s in enumerate(sequences):
+                ids[r, :len(s)] = torch.tensor(s)
+            ids = ids.to(self.device)
+            if precision == "bfloat16" and self.device.type == "cuda":
+                return self.fast.features(ids, self.layer_ids).to(store)
+            tf32 = precision == "tf32" and self.device.type == "cuda"
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                return self.exact.features(ids, self.layer_ids).to(store)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        rows = target_features(self.model, sequences, self.layer_ids, 1 << 30, self.device, store)
+        out = torch.zeros((len(sequences), width, rows[0].shape[-1]), dtype=store, device=self.device)
+        for r, f in enumerate(rows):
+            out[r, :len(f)] = f
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+def make_data(args, target, tokenizer, rng):
+    """Training, validation and test prompts with the target's answers: lists of dicts with
+    scenario, prompt, split, prompt_ids, answer, tokens and prompt_len."""
+    t0 = time.time()
+    deadline = t0 + args.gen_minutes * 60
     third = max(1, args.prompts // 3)
-    n_eval = args.eval_prompts if args.eval_prompts is not None else max(1, min(10, args.prompts // 24))
+    n_val = args.val_prompts if args.val_prompts is not None else max(1, min(32, args.prompts // 24))
+    n_test = args.eval_prompts if args.eval_prompts is not None else max(1, min(16, args.prompts // 24))
     train = build_prompts(rng, {"coding": third, "math": third}, 0.1, held=False)
-    held = build_prompts(random.Random(args.seed + 1), {"coding": n_eval, "math": n_eval}, 0.1, held=True)
-    turns = sample_user_turns(target, tokenizer, rng, int((third + n_eval) * 1.5) + 8, stop_id, args.gen_batch, deadline)
+    held = build_prompts(random.Random(args.seed + 1), {"coding": n_val + n_test, "math": n_val + n_test}, 0.1, held=True)
+    turns = sample_user_turns(lambda *a: target.generate(*a), tokenizer, rng, int((third + n_val + n_test) * 1.3) + 8,
+                              target.stop_id, t0 + args.gen_minutes * 60 * args.turn_share)
     log(f"the target wrote {len(turns)} distinct user turns, e.g. {turns[:3]}")
-    held += [("chat", t) for t in turns[:n_eval]]
-    train += [("chat", t) for t in turns[n_eval:n_eval + third]]
+    held += [("chat", t) for t in turns[:n_val + n_test]]
+    train += [("chat", t) for t in turns[n_val + n_test:n_val + n_test + third]]
     rng.shuffle(train)
 
-    examples = [dict(scenario=s, prompt=p, held_out=False) for s, p in train] + \
-               [dict(scenario=s, prompt=p, held_out=True) for s, p in held]
+    examples = []
+    for s in SCENARIOS:  # the first n_test of a scenario are the test set, the rest validation
+        mine = [p for sc, p in held if sc == s]
+        examples += [dict(scenario=s, prompt=p, split="test" if i < n_test else "val") for i, p in enumerate(mine)]
+    seen = set()
+    for s, p in train:
+        # A repeated prompt (coding has about 22k distinct ones) is answered by sampling, so that
+        # the answer differs.
+        sampled = rng.random() < args.sampled_fraction or p in seen
+        seen.add(p)
+        examples.append(dict(scenario=s, prompt=p, split="train", temperature=1.0 if sampled else 0.0))
     for e in examples:
         e["prompt_ids"] = chat_ids(tokenizer, e["prompt"])
-        # Held-out answers are greedy: they also serve the teacher-forced estimate while training.
-        e["temperature"] = 1.0 if not e["held_out"] and rng.random() < args.sampled_fraction else 0.0
-    # The held-out answers first and whole; the training ones share what is left of the time.
-    share = (deadline - time.time()) * (1 - args.sampled_fraction)
-    for label, temperature, until, keep in [("held-out answers", 0.0, None, lambda e: e["held_out"]),
-                                            ("greedy answers", 0.0, time.time() + share, lambda e: not e["held_out"]),
-                                            ("sampled answers", 1.0, deadline, lambda e: True)]:
-        group = [e for e in examples if e["temperature"] == temperature and keep(e) and "answer" not in e]
-        answers = generate(target, [e["prompt_ids"] for e in group], args.max_new_tokens, args.gen_batch, stop_id,
-                           temperature=temperature, deadline=until, label=label)
-        for e, a in zip(group, answers):
-            e["answer"] = a
+    held_ex = [e for e in examples if e["split"] != "train"]
+    # Held-out answers: greedy, from the float32 target, as evaluate.py and Fulgur's CPU executor decode.
+    answers = target.generate([e["prompt_ids"] for e in held_ex], args.max_new_tokens, [0.0] * len(held_ex),
+                              label="held-out answers", exact=True)
+    for e, a in zip(held_ex, answers):
+        e["answer"] = a
+    train_ex = [e for e in examples if e["split"] == "train"]
+    answers = target.generate([e["prompt_ids"] for e in train_ex], args.max_new_tokens, [e["temperature"] for e in train_ex],
+                              deadline=deadline, label="training answers")
+    for e, a in zip(train_ex, answers):
+        e["answer"] = a
     examples = [e for e in examples if e.get("answer") is not None and len(e["answer"]) >= 2]
     for e in examples:
         e["tokens"] = e["prompt_ids"] + e["answer"]
         e["prompt_len"] = len(e["prompt_ids"])
-    return [e for e in examples if not e["held_out"]], [e for e in examples if e["held_out"]]
+    log(f"generation took {time.time() - t0:.0f} s")
+    return examples
 
 
-def batch_of(picked, block, anchors_per_seq, mask_id, generator, device):
-    """Padded tokens and features of the `picked` examples, and `anchors_per_seq` random
-    anchors per sequence inside its answer (dropped ones flagged in `keep`)."""
-    count = len(picked)
+# ----------------------------------------------------------------------------------------------
+# training
+
+def padded_tokens(picked, mask_id, device):
     width = max(len(e["tokens"]) for e in picked)
-    tokens = torch.full((count, width), mask_id, dtype=torch.long, device=device)
-    features = torch.zeros((count, width, picked[0]["features"].shape[-1]), dtype=picked[0]["features"].dtype, device=device)
-    anchors = torch.zeros((count, anchors_per_seq), dtype=torch.long)
-    keep = torch.zeros((count, anchors_per_seq), dtype=torch.bool)
-    lengths = torch.tensor([len(e["tokens"]) for e in picked], device=device)
+    tokens = torch.full((len(picked), width), mask_id, dtype=torch.long)
     for r, e in enumerate(picked):
-        n = len(e["tokens"])
-        tokens[r, :n] = e["token_tensor"]
-        features[r, :n] = e["features"]
-        candidates = torch.arange(e["prompt_len"], n - 1)  # an anchor needs at least one token after it
+        tokens[r, :len(e["tokens"])] = torch.tensor(e["tokens"])
+    return tokens.to(device), torch.tensor([len(e["tokens"]) for e in picked], device=device)
+
+
+def random_anchors(picked, anchors_per_seq, generator, device):
+    """`anchors_per_seq` random anchors per sequence inside its answer (dropped ones flagged in `keep`)."""
+    anchors = torch.zeros((len(picked), anchors_per_seq), dtype=torch.long)
+    keep = torch.zeros((len(picked), anchors_per_seq), dtype=torch.bool)
+    for r, e in enumerate(picked):
+        candidates = torch.arange(e["prompt_len"], len(e["tokens"]) - 1)  # an anchor needs at least one token after it
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:anchors_per_seq]].sort().values
         anchors[r, :len(chosen)] = chosen
         keep[r, :len(chosen)] = True
-    return tokens, features, anchors.to(device), keep.to(device), lengths
+    return anchors.to(device), keep.to(device)
 
 
-def block_loss(drafter, lm_head, embed, batch, block, mask_id):
-    """Weighted cross-entropy over the masked block positions, and per position whether the
-    drafter's argmax was right (for the running acceptance estimate)."""
-    tokens, features, anchors, keep, lengths = batch
+def all_anchors(picked, device):
+    """Every answer position of each sequence as an anchor (for the replay)."""
+    counts = [len(e["tokens"]) - 1 - e["prompt_len"] for e in picked]
+    anchors = torch.zeros((len(picked), max(counts)), dtype=torch.long)
+    keep = torch.zeros_like(anchors, dtype=torch.bool)
+    for r, (e, n) in enumerate(zip(picked, counts)):
+        anchors[r, :n] = torch.arange(e["prompt_len"], e["prompt_len"] + n)
+        keep[r, :n] = True
+    return anchors.to(device), keep.to(device)
+
+
+def draft_hidden(drafter, embed, tokens, features, anchors, keep, block, mask_id):
+    """The drafter's final hidden states [b, anchors, block, hidden] for blocks at `anchors`."""
     b, n = anchors.shape
     block_ids = torch.full((b, n, block), mask_id, dtype=torch.long, device=tokens.device)
     block_ids[:, :, 0] = tokens.gather(1, anchors)
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand(b, -1)
     context = drafter.context(features, positions)
     hidden = drafter(embed(block_ids.view(b, n * block)), training_positions(anchors, block), context,
-                     training_mask(anchors, keep, tokens.shape[1], block)).view(b, n, block, -1)
+                     training_mask(anchors, keep, tokens.shape[1], block))
+    return hidden.view(b, n, block, -1)
+
+
+def block_labels(tokens, lengths, anchors, keep, block):
+    b, n = anchors.shape
     label_at = anchors[:, :, None] + torch.arange(block, device=tokens.device)
     valid = keep[:, :, None] & (label_at < lengths[:, None, None])
+    labels = tokens.gather(1, label_at.clamp(max=tokens.shape[1] - 1).view(b, -1)).view(b, n, block)
+    return labels, valid
+
+
+def block_loss(drafter, lm_head, embed, batch, block, mask_id):
+    """Weighted cross-entropy over the masked block positions, and per position whether the
+    drafter's argmax was right (for the running acceptance estimate)."""
+    tokens, lengths, features, anchors, keep = batch
+    hidden = draft_hidden(drafter, embed, tokens, features, anchors, keep, block, mask_id)
+    labels, valid = block_labels(tokens, lengths, anchors, keep, block)
     weights = loss_weights(block, gamma_for(block), tokens.device)[None, None, :] * valid
     chosen = weights > 0
-    labels = tokens.gather(1, label_at.clamp(max=tokens.shape[1] - 1).view(b, -1)).view(b, n, block)[chosen]
     logits = hidden[chosen].to(lm_head.dtype) @ lm_head.T
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    ce = F.cross_entropy(logits.float(), labels[chosen], reduction="none")
     loss = (ce * weights[chosen]).sum() / weights[chosen].sum()
     correct = torch.zeros_like(valid)
-    correct[chosen] = logits.argmax(-1) == labels
+    correct[chosen] = logits.argmax(-1) == labels[chosen]
     return loss, correct, valid
 
 
 def acceptance_estimate(correct, valid, keep):
-    """Mean tokens per round if each kept block were verified: the given token's successor is
-    always emitted, plus one per leading right guess (a teacher-forced proxy for evaluate.py)."""
+    """Mean tokens per round over random anchors if each kept block were verified (the
+    training batch's running number; uniform anchors read higher than decoding does)."""
     leading = torch.cumprod((correct | ~valid)[:, :, 1:].int(), -1) * valid[:, :, 1:]
     return (1 + leading.sum(-1)).float()[keep].mean().item()
 
 
+@torch.no_grad()
+def replay(drafter, lm_head, embed, examples, block, mask_id, autocast, chunk_rows=16384):
+    """Greedy speculative decoding replayed over the examples' greedy answers: the drafter
+    drafts a block at every answer position at once (teacher-forced: it sees the target's
+    features before the anchor, as in decoding), then each answer is walked the way decoding
+    goes: at anchor a, k leading right guesses emit k + 1 tokens and the next anchor is
+    a + k + 1. What evaluate.py measures at temperature 0, up to floating-point ties, without
+    running the target. Returns {scenario: {"tokens", "rounds", "mean"}} and per-example means."""
+    by, per_example = {}, []
+    for start in range(0, len(examples), 4):
+        picked = examples[start:start + 4]
+        width = max(len(e["tokens"]) for e in picked)
+        tokens = torch.full((len(picked), width), mask_id, dtype=torch.long, device=lm_head.device)
+        features = torch.zeros((len(picked), width, picked[0]["_features"].shape[-1]), dtype=picked[0]["_features"].dtype,
+                               device=lm_head.device)
+        for r, e in enumerate(picked):
+            tokens[r, :len(e["tokens"])] = e["_tokens"]
+            features[r, :len(e["tokens"])] = e["_features"]
+        lengths = torch.tensor([len(e["tokens"]) for e in picked], device=lm_head.device)
+        anchors, keep = all_anchors(picked, lm_head.device)
+        with autocast:
+            hidden = draft_hidden(drafter, embed, tokens, features, anchors, keep, block, mask_id)
+        labels, valid = block_labels(tokens, lengths, anchors, keep, block)
+        valid[:, :, 0] = False
+        correct = torch.zeros_like(valid)
+        flat_h, flat_l, idx = hidden[valid], labels[valid], valid.nonzero(as_tuple=True)
+        guesses = torch.cat([(flat_h[i:i + chunk_rows].to(lm_head.dtype) @ lm_head.T).argmax(-1)
+                             for i in range(0, len(flat_h), chunk_rows)]) if len(flat_h) else flat_l
+        correct[idx] = guesses == flat_l
+        leading = (torch.cumprod((correct | ~valid)[:, :, 1:].int(), -1) * valid[:, :, 1:]).sum(-1).tolist()
+        for r, e in enumerate(picked):
+            a, last, rounds, emitted = 0, len(e["tokens"]) - 1 - e["prompt_len"], 0, 0
+            while a < last:  # a indexes the anchors: answer positions prompt_len + a
+                k = leading[r][a]
+                emitted += k + 1
+                rounds += 1
+                a += k + 1
+            s = by.setdefault(e["scenario"], {"tokens": 0, "rounds": 0})
+            s["tokens"] += emitted
+            s["rounds"] += rounds
+            per_example.append(emitted / max(1, rounds))
+    for s in by.values():
+        s["mean"] = round(s["tokens"] / max(1, s["rounds"]), 3)
+    return by, per_example
+
+
+def replay_all(drafter, lm_head, embed, examples, blocks, mask_id, autocast):
+    """{block: {scenario: mean}} and the selection score: the mean over blocks and scenarios."""
+    was = drafter.training
+    drafter.eval()
+    out = {b: {s: v["mean"] for s, v in sorted(replay(drafter, lm_head, embed, examples, b, mask_id, autocast)[0].items())}
+           for b in blocks}
+    drafter.train(was)
+    score = sum(sum(v.values()) / len(v) for v in out.values()) / len(out)
+    return out, round(score, 4)
+
+
 def optimizers(drafter, name, args):
-    if name == "adamw":
-        return [torch.optim.AdamW(drafter.parameters(), lr=args.adam_lr, betas=(0.9, 0.95), weight_decay=0.01)]
-    if name != "muon":
-        raise SystemExit(f"unknown optimizer '{name}' (muon or adamw)")
     matrices = [p for p in drafter.parameters() if p.dim() == 2]
     vectors = [p for p in drafter.parameters() if p.dim() != 2]
+    if name == "adamw":
+        return [torch.optim.AdamW([dict(params=matrices, weight_decay=args.weight_decay),
+                                   dict(params=vectors, weight_decay=0.0)], lr=args.adam_lr, betas=(0.9, 0.95))]
+    if name != "muon":
+        raise SystemExit(f"unknown optimizer '{name}' (muon or adamw)")
     return [Muon(matrices, lr=args.lr), torch.optim.AdamW(vectors, lr=args.adam_lr, betas=(0.9, 0.95), weight_decay=0)]
 
 
-def schedule(progress):
-    """Learning-rate factor: 3% linear warm-up, then cosine to zero."""
-    import math
-    return min(1.0, progress / 0.03) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def schedule(progress, warmup):
+    """Learning-rate factor: linear warm-up, then cosine to zero."""
+    return min(1.0, progress / max(warmup, 1e-9)) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-@torch.no_grad()
-def validate(drafter, lm_head, embed, examples, blocks, mask_id, device, autocast):
-    out = {}
-    g = torch.Generator().manual_seed(1234)
-    for block in blocks:
-        estimates = []
-        for start in range(0, len(examples), 16):
-            batch = batch_of(examples[start:start + 16], block, 64, mask_id, g, device)
-            with autocast:
-                _, correct, valid = block_loss(drafter, lm_head, embed, batch, block, mask_id)
-            estimates.append(acceptance_estimate(correct, valid, batch[3]))
-        out[block] = round(sum(estimates) / len(estimates), 3)
-    return out
-
-
-def train(name, config, examples, held, lm_head, embed, args, device):
+def train(name, config, target, examples, val, lm_head, embed, args, device, seconds):
     torch.manual_seed(args.seed)
     drafter = init_weights(DFlashDrafter(config)).to(device).train()
     opts = optimizers(drafter, name, args)
     base = [[grp["lr"] for grp in o.param_groups] for o in opts]
     blocks = [int(b) for b in args.block_sizes.split(",")]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(args.seed)
     log(f"[{name}] drafter: {config.num_hidden_layers} layers, {parameter_count(drafter) / 1e6:.2f} M parameters, "
-        f"blocks {blocks}, {len(examples)} training sequences")
-    history, step, t0, last_log = [], 0, time.time(), 0.0
+        f"blocks {blocks}, {len(examples)} training sequences, {len(val)} validation, "
+        f"{'%d steps' % args.steps if args.steps else '%.0f s' % seconds}")
+    history, step, t0, last_val = [], 0, time.time(), None
+    best = dict(score=-1.0)
+    since_best, seen = 0, 0
     while True:
-        progress = step / args.steps if args.steps else (time.time() - t0) / (args.train_minutes * 60)
-        if progress >= 1:
+        progress = step / args.steps if args.steps else (time.time() - t0) / seconds
+        finished = progress >= 1
+        now = time.time() - t0
+        if step > 0 and (finished or last_val is None or now - last_val >= args.val_every):
+            last_val = now
+            acc, score = replay_all(drafter, lm_head, embed, val, blocks, config.mask_token_id, autocast)
+            first = correct[:, :, 1][valid[:, :, 1]].float().mean().item()
+            entry = dict(step=step, seconds=round(now, 1), epochs=round(seen / max(1, len(examples)), 2),
+                         loss=round(loss.item(), 4), first_token_accuracy=round(first, 3),
+                         train_acceptance=round(acceptance_estimate(correct, valid, batch[4]), 3),
+                         val_acceptance=acc, val_score=score)
+            if score > best["score"]:
+                best = dict(score=score, step=step, seconds=round(now, 1), acceptance=acc,
+                            state={k: v.detach().clone() for k, v in drafter.state_dict().items()})
+                since_best = 0
+            else:
+                since_best += 1
+            history.append(entry)
+            log(f"[{name}] " + ", ".join(f"{k} {v}" for k, v in entry.items()) + (" (best)" if since_best == 0 else ""))
+            if args.patience and since_best >= args.patience:
+                log(f"[{name}] no better validation in {args.patience} checks: stopping early")
+                break
+        if finished:
             break
         for o, lrs in zip(opts, base):
             for grp, lr in zip(o.param_groups, lrs):
-                grp["lr"] = lr * schedule(progress)
+                grp["lr"] = lr * schedule(progress, args.warmup)
         block = blocks[step % len(blocks)]
         picked = [examples[int(i)] for i in torch.randint(len(examples), (args.batch,), generator=g)]
-        batch = batch_of(picked, block, max(1, args.block_tokens // block), config.mask_token_id, g, device)
+        seen += len(picked)
+        tokens, lengths = padded_tokens(picked, config.mask_token_id, device)
+        features = target.features([e["tokens"] for e in picked])
+        anchors, keep = random_anchors(picked, max(1, args.block_tokens // block), g, device)
+        batch = (tokens, lengths, features, anchors, keep)
         with autocast:
             loss, correct, valid = block_loss(drafter, lm_head, embed, batch, block, config.mask_token_id)
         loss.backward()
@@ -223,22 +446,14 @@ def train(name, config, examples, held, lm_head, embed, args, device):
             o.step()
             o.zero_grad(set_to_none=True)
         step += 1
-        now = time.time() - t0
-        if now - last_log >= 15 or step == 1 or (args.steps and step == args.steps):
-            last_log = now
-            est = acceptance_estimate(correct, valid, batch[3])
-            first = (correct[:, :, 1][valid[:, :, 1]]).float().mean().item()
-            entry = dict(step=step, seconds=round(now, 1), block=block, loss=round(loss.item(), 4),
-                         first_token_accuracy=round(first, 3), train_acceptance=round(est, 3))
-            if step > 1:
-                drafter.eval()
-                entry["held_out_acceptance"] = validate(drafter, lm_head, embed, held, blocks, config.mask_token_id, device, autocast)
-                drafter.train()
-            history.append(entry)
-            log(f"[{name}] " + ", ".join(f"{k} {v}" for k, v in entry.items()))
-    log(f"[{name}] {step} steps in {time.time() - t0:.0f} s")
-    return drafter.eval(), history
+    log(f"[{name}] {step} steps in {time.time() - t0:.0f} s ({seen / max(1, len(examples)):.2f} epochs); "
+        f"best validation {best['score']} at step {best.get('step')} ({best.get('seconds')} s): {best.get('acceptance')}")
+    drafter.load_state_dict(best["state"])
+    summary = {k: v for k, v in best.items() if k != "state"}
+    return drafter.eval(), history, summary, autocast
 
+
+# ----------------------------------------------------------------------------------------------
 
 def main():
     args = arguments()
@@ -246,47 +461,61 @@ def main():
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
     t_start = time.time()
+    end = t_start + args.budget_minutes * 60
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    gen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    target, tokenizer = load_target(args.gguf, device, gen_dtype)
-    log(f"target: {target.config.num_hidden_layers} layers, hidden {target.config.hidden_size}, "
-        f"vocabulary {target.config.vocab_size}, on {device} ({time.time() - t_start:.0f} s)")
+    model, tokenizer = load_target(args.gguf, device, torch.float32)
+    log(f"target: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
+        f"vocabulary {model.config.vocab_size}, on {device} ({time.time() - t_start:.0f} s)")
     stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     mask_id = int(args.mask_token) if args.mask_token.isdigit() else tokenizer.convert_tokens_to_ids(args.mask_token)
     if mask_id is None or mask_id == tokenizer.unk_token_id:
         raise SystemExit(f"mask token '{args.mask_token}' is not in the target's vocabulary")
+    check = [chat_ids(tokenizer, p) for p in ["What is 12 * 7?", "Write a Python function that reverses a string.",
+                                              "Explain what a hash map is.", "Tell me a short story about a robot."]]
+    target = Target(model, args, device, check)
+    target.stop_id = stop_id
 
     if args.data:
-        saved = json.load(open(args.data))
-        examples, held = [e for e in saved if not e["held_out"]], [e for e in saved if e["held_out"]]
-        log(f"read {len(saved)} prompts and answers from {args.data}")
+        examples = json.load(open(args.data))
+        for e in examples:
+            e["tokens"] = e["prompt_ids"] + e["answer"]
+            e["prompt_len"] = len(e["prompt_ids"])
+        log(f"read {len(examples)} prompts and answers from {args.data}")
     else:
-        examples, held = make_data(args, target, tokenizer, device, stop_id, rng)
+        examples = make_data(args, target, tokenizer, rng)
     if args.save_data:
-        keys = ["scenario", "prompt", "held_out", "prompt_ids", "answer", "tokens", "prompt_len"]
-        json.dump([{k: e[k] for k in keys} for e in examples + held], open(args.save_data, "w"))
-    if not examples or not held:
-        raise SystemExit("no training or held-out answers: raise --gen-minutes or --prompts")
-    answer_tokens = sum(len(e["answer"]) for e in examples)
-    log(f"data: {len(examples)} training answers ({answer_tokens} tokens), {len(held)} held-out "
-        f"({time.time() - t_start:.0f} s so far)")
+        keys = ["scenario", "prompt", "split", "prompt_ids", "answer"]
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_data)), exist_ok=True)
+        with open(args.save_data, "w") as f:
+            json.dump([{k: e[k] for k in keys} for e in examples], f)
+        log(f"wrote {len(examples)} prompts and answers to {args.save_data}")
+    train_ex = [e for e in examples if e["split"] == "train"]
+    val = [e for e in examples if e["split"] == "val"]
+    test = [e for e in examples if e["split"] == "test"]
+    answer_tokens = sum(len(e["answer"]) for e in train_ex)
+    counts = {s: sum(e["scenario"] == s for e in train_ex) for s in SCENARIOS}
+    log(f"data: {len(train_ex)} training answers ({answer_tokens} tokens; {counts}), {len(val)} validation, "
+        f"{len(test)} test ({time.time() - t_start:.0f} s so far)")
+    if args.data_only:
+        return
+    if not train_ex or not val or not test:
+        raise SystemExit("no training, validation or test answers: raise --gen-minutes or --prompts")
 
-    # Features from a float32 target, as Fulgur computes them; generation above ran in bf16.
-    # (A model loaded from GGUF refuses .float(), so its tensors are cast one by one.)
-    for p in target.parameters():
-        p.data = p.data.float()
-    n_target = target.config.num_hidden_layers
+    n_target = model.config.num_hidden_layers
     layer_ids = spread_layer_ids(n_target, args.target_layers)
-    # Kept on the device, in bf16 where training runs under bf16 autocast (about 12 GB for the defaults).
-    feats = target_features(target, [e["tokens"] for e in examples + held], layer_ids, 16384, device,
-                            torch.bfloat16 if device.type == "cuda" else torch.float32)
-    for e, f in zip(examples + held, feats):
-        e["features"] = f
-        e["token_tensor"] = torch.tensor(e["tokens"], device=device)
-    log(f"features of target layers {layer_ids} ({time.time() - t_start:.0f} s so far)")
+    target.layer_ids = layer_ids
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fastllama's float32 passes stay float32 unless --features tf32
+    for group in (val, test):  # features of the held-out answers, computed once, float32 like evaluate.py's target
+        for start in range(0, len(group), 16):
+            part = group[start:start + 16]
+            feats = target.features([e["tokens"] for e in part], "float32")
+            for e, f in zip(part, feats):
+                e["_features"] = f[:len(e["tokens"])].clone()
+                e["_tokens"] = torch.tensor(e["tokens"], device=device)
 
-    c = target.config
+    c = model.config
     blocks = [int(b) for b in args.block_sizes.split(",")]
     config = DrafterConfig(
         hidden_size=c.hidden_size, num_hidden_layers=args.layers, num_attention_heads=c.num_attention_heads,
@@ -296,31 +525,47 @@ def main():
         rope_theta=(getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0)),
         max_position_embeddings=c.max_position_embeddings,
         extra={"bos_token_id": c.bos_token_id, "eos_token_id": stop_id})
-    table = target.get_input_embeddings().weight
+    table = model.get_input_embeddings().weight
     lm_head = table.to(torch.bfloat16) if device.type == "cuda" else table
     embed = lambda ids: F.embedding(ids, table)  # noqa: E731
 
     os.makedirs(args.out, exist_ok=True)
-    json.dump([dict(scenario=e["scenario"], prompt=e["prompt"]) for e in held], open(os.path.join(args.out, "eval_prompts.json"), "w"), indent=1)
-    report = dict(args=vars(args), target_layer_ids=layer_ids, training_answers=len(examples), answer_tokens=answer_tokens,
-                  held_out=len(held), runs={})
+    json.dump([dict(scenario=e["scenario"], prompt=e["prompt"]) for e in test], open(os.path.join(args.out, "eval_prompts.json"), "w"), indent=1)
+    report = dict(args=vars(args), target_layer_ids=layer_ids, engine="fastllama" if target.fast else "transformers",
+                  training_answers=len(train_ex), answer_tokens=answer_tokens, by_scenario=counts,
+                  validation=len(val), test=len(test), runs={})
     names = args.optimizer.split(",")
     for i, name in enumerate(names):
-        drafter, history = train(name, config, examples, held, lm_head, embed, args, device)
+        # Leave time for this and the later optimizers' final evaluation (estimated: replay,
+        # export, real decoding, 20 s of margin), then share what is left.
+        reserve = (len(names) - i) * (args.eval_minutes * 60 + 20)
+        seconds = min(args.train_minutes * 60, (end - time.time() - reserve) / (len(names) - i))
+        if seconds < 10 and not args.steps:
+            log(f"[{name}] only {seconds:.0f} s left for training: lower --gen-minutes or raise --budget-minutes")
+            seconds = max(seconds, 10)
+        drafter, history, best, autocast = train(name, config, target, train_ex, val, lm_head, embed, args, device, seconds)
         directory = args.out if i == 0 else os.path.join(args.out, name) if args.save_all else None
         if directory:
             drafter.save(directory)
             size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
-            log(f"[{name}] exported to {directory} ({size / 1e6:.1f} MB of weights)")
-        acceptance = evaluate(target, tokenizer, drafter.float(), [dict(scenario=e["scenario"], prompt=e["prompt"]) for e in held],
+            log(f"[{name}] exported the best state to {directory} ({size / 1e6:.1f} MB of weights)")
+        t_rep = time.time()
+        test_replay, test_score = replay_all(drafter, lm_head, embed, test, blocks, mask_id, autocast)
+        log(f"[{name}] test replay ({len(test)} prompts, {time.time() - t_rep:.0f} s): {test_replay}")
+        report["runs"][name] = dict(directory=directory, history=history, best=best, test_replay=test_replay)
+        json.dump(report, open(os.path.join(args.out, "report.json"), "w"), indent=1)
+        acceptance = evaluate(model, tokenizer, drafter.float(), [dict(scenario=e["scenario"], prompt=e["prompt"]) for e in test],
                               blocks, args.eval_max_new_tokens or args.max_new_tokens, {stop_id},
                               deadline=time.time() + args.eval_minutes * 60)
-        report["runs"][name] = dict(directory=directory, history=history, acceptance=acceptance)
+        report["runs"][name]["acceptance"] = acceptance
         json.dump(report, open(os.path.join(args.out, "report.json"), "w"), indent=1)
     log(f"done in {time.time() - t_start:.0f} s; report in {os.path.join(args.out, 'report.json')}")
     for name, run in report["runs"].items():
+        for block, by in run["test_replay"].items():
+            log(f"  {name}, block {block}, test replay ({len(test)} prompts): " + ", ".join(f"{k} {v:.2f}" for k, v in by.items()))
         for block, by in run["acceptance"].items():
-            log(f"  {name}, block {block}: " + ", ".join(f"{k} {v['mean']:.2f}" for k, v in sorted(by.items())))
+            log(f"  {name}, block {block}, decoded: " + ", ".join(
+                f"{k} {v['mean']:.2f} ({len(v['per_prompt'])} prompts)" for k, v in sorted(by.items())))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ public final class Scheduler: @unchecked Sendable {
         self.schedule = schedule
         self.metrics = metrics
         lanes = Array(repeating: nil, count: policy.lanes)
-        quota = QuotaBook(limit: policy.keyQuota)
+        quota = try QuotaBook(limit: policy.keyQuota, file: policy.quotaFile)
         // The threads keep the scheduler alive until `shutdown`.
         switch schedule {
         case .latency:

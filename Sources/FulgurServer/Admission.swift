@@ -1,4 +1,5 @@
 import Foundation
+import Fulgur
 
 /// How requests reach lanes: latency first, each admitted generation runs at the speed of a
 /// single stream on a lane of its own, and the rest wait their turn.
@@ -8,7 +9,8 @@ import Foundation
 ///   is free the admission waits in a FIFO queue of at most `maxQueue` entries; entries are
 ///   admitted strictly in arrival order and each learns its position (1 = next).
 /// - `keyQuota`: admissions one API key may make per UTC day. Taking a place in the queue or a
-///   lane uses one; a place given up before its turn (the client left) gives it back.
+///   lane uses one; a place given up before its turn (the client left) gives it back. With
+///   `quotaFile`, the counts survive a restart.
 /// - `sessionLength`: when set, an admission reserves its lane for the key for at most this
 ///   long (a *session*): the key's further requests run on that lane, one after another,
 ///   without queueing or using quota. At the end of the session a running generation is
@@ -27,40 +29,117 @@ public struct AdmissionPolicy: Sendable {
     public var sessionLength: Double?
     /// Seconds; only with sessions.
     public var idleRelease: Double?
+    /// Where `keyQuota`'s counts are kept across restarts (see `QuotaBook`); nil: in memory.
+    public var quotaFile: String?
 
-    public init(lanes: Int = 1, maxQueue: Int = 64, keyQuota: Int? = nil, sessionLength: Double? = nil, idleRelease: Double? = nil) {
+    public init(lanes: Int = 1, maxQueue: Int = 64, keyQuota: Int? = nil, sessionLength: Double? = nil, idleRelease: Double? = nil,
+                quotaFile: String? = nil) {
         self.lanes = lanes
         self.maxQueue = maxQueue
         self.keyQuota = keyQuota
         self.sessionLength = sessionLength
         self.idleRelease = idleRelease
+        self.quotaFile = quotaFile
     }
 }
 
-/// Admissions per API key in the current UTC day; kept in memory, so a restart forgets them.
+/// Admissions per API key in the current UTC day. In memory, and with a `file` also on disk,
+/// so that a restart does not hand every key a fresh quota: the file is read at start and
+/// rewritten after every change (a temporary file renamed over it, so that a crash leaves the
+/// old counts or the new ones, never half a file).
+///
+/// The file holds the keys themselves, as an --api-keys-file does: it is created readable by
+/// its owner only.
 struct QuotaBook {
     let limit: Int?
-    private var day = -1
-    private var used: [String: Int] = [:]
+    let file: String?
+    /// The UTC day number (days since 1970-01-01); tests set the clock.
+    let today: @Sendable () -> Int
+    private(set) var day = -1
+    private(set) var used: [String: Int] = [:]
 
-    init(limit: Int?) { self.limit = limit }
+    static let format = "fulgur-key-quota-1"
 
-    static func today() -> Int { Int(Date().timeIntervalSince1970 / 86400) }
+    /// Reads `file` when it exists; counts of an earlier day are dropped (a new day resets
+    /// them). Throws when the file exists but is not a quota file: resetting it would give
+    /// every key its quota again.
+    init(limit: Int?, file: String? = nil, today: @escaping @Sendable () -> Int = QuotaBook.utcDay) throws {
+        self.limit = limit
+        self.file = file
+        self.today = today
+        guard let file, FileManager.default.fileExists(atPath: file) else { return }
+        let (fileDay, fileUsed) = try Self.read(file)
+        if fileDay == today() {
+            day = fileDay
+            used = fileUsed
+        }
+    }
 
-    /// Uses one admission of `key`'s quota; returns the day it counts against.
+    @Sendable static func utcDay() -> Int { Int(Date().timeIntervalSince1970 / 86400) }
+
+    /// Uses one admission of `key`'s quota; returns the day it counts against. Throws 503
+    /// when the count cannot be written to the file (an admission the file does not hold
+    /// would come back after a restart).
     mutating func charge(_ key: String?) throws(APIError) -> Int {
-        let today = Self.today()
-        if today != day { day = today; used = [:] }
-        guard let limit, let key else { return today }
-        guard used[key, default: 0] < limit else { throw .quotaExceeded(limit: limit) }
-        used[key, default: 0] += 1
-        return today
+        let now = today()
+        if now != day { day = now; used = [:] }
+        guard let limit, let key else { return now }
+        let n = used[key, default: 0]
+        guard n < limit else { throw .quotaExceeded(limit: limit) }
+        used[key] = n + 1
+        do { try save() } catch {
+            used[key] = n
+            throw APIError(.serviceUnavailable, "The server cannot record this admission in its quota file: \(error)",
+                           type: "server_error", code: "quota_file_unwritable")
+        }
+        return now
     }
 
     /// Gives back an admission charged on `day` that never got its turn.
     mutating func refund(_ key: String?, day chargedDay: Int) {
         guard limit != nil, let key, chargedDay == day, let n = used[key], n > 0 else { return }
         used[key] = n - 1
+        // Should the write fail, the file keeps one admission too many: the key loses one,
+        // which is the safe side.
+        try? save()
+    }
+
+    private func save() throws {
+        guard let file else { return }
+        let body: JSONValue = ["format": .string(Self.format), "day": .int(day),
+                               "used": .object(JSONObject(used.sorted { $0.key < $1.key }.map { ($0.key, JSONValue.int($0.value)) }))]
+        let temporary = file + ".tmp"
+        guard FileManager.default.createFile(atPath: temporary, contents: Data((body.serialized() + "\n").utf8),
+                                             attributes: [.posixPermissions: 0o600]) else {
+            throw FulgurError(.io, "\(temporary): cannot write it")
+        }
+        guard rename(temporary, file) == 0 else {
+            let reason = String(cString: strerror(errno))
+            throw FulgurError(.io, "\(file): cannot rename \(temporary) over it (\(reason))")
+        }
+    }
+
+    /// The day and counts in a quota file; a clear error for anything else.
+    static func read(_ file: String) throws -> (day: Int, used: [String: Int]) {
+        func corrupt(_ why: String) -> FulgurError {
+            FulgurError(.format, "--quota-file \(file): \(why); it is not a quota file this server wrote. Fix it, or move it away to start every key's count from 0 (nothing is reset silently)")
+        }
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: file)) } catch {
+            throw FulgurError(.io, "--quota-file \(file): cannot read it (\(error.localizedDescription))")
+        }
+        let object: Any
+        do { object = try JSONSerialization.jsonObject(with: data) } catch { throw corrupt("not JSON") }
+        guard let top = object as? [String: Any] else { throw corrupt("not a JSON object") }
+        guard top["format"] as? String == format else { throw corrupt("\"format\" is not \"\(format)\"") }
+        guard let day = top["day"] as? Int else { throw corrupt("\"day\" is not a whole number") }
+        guard let counts = top["used"] as? [String: Any] else { throw corrupt("\"used\" is not an object of counts by key") }
+        var used: [String: Int] = [:]
+        for (key, value) in counts {
+            guard let n = value as? Int, n >= 0 else { throw corrupt("the count of a key is not a whole number >= 0") }
+            used[key] = n
+        }
+        return (day, used)
     }
 }
 

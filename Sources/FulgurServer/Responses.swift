@@ -28,7 +28,7 @@ struct ResponseBuilder: Sendable {
         choice["logprobs"] = logprobsJSON(logprobs)
         choice["finish_reason"] = finishReason(result)
         return envelope(object: endpoint == .chat ? "chat.completion" : "text_completion",
-                        choices: [.object(choice)], usage: usage(result))
+                        choices: [.object(choice)], usage: usage(result), fulgur: fulgur(result))
     }
 
     /// A streamed piece. Chat's first chunk carries the role; the last carries the finish
@@ -49,7 +49,7 @@ struct ResponseBuilder: Sendable {
         choice["finish_reason"] = finish.map(finishReason) ?? .null
         // With include_usage, OpenAI sends `"usage": null` on every chunk but the last.
         return envelope(object: endpoint == .chat ? "chat.completion.chunk" : "text_completion",
-                        choices: [.object(choice)], usage: includeUsage ? .some(.null) : .none)
+                        choices: [.object(choice)], usage: includeUsage ? .some(.null) : .none, fulgur: finish.flatMap(fulgur))
     }
 
     /// The extra chunk `stream_options.include_usage` asks for: no choices, the usage.
@@ -57,13 +57,31 @@ struct ResponseBuilder: Sendable {
         envelope(object: endpoint == .chat ? "chat.completion.chunk" : "text_completion", choices: [], usage: usage(result))
     }
 
-    private func envelope(object: String, choices: [JSONValue], usage: JSONValue?) -> JSONValue {
+    private func envelope(object: String, choices: [JSONValue], usage: JSONValue?, fulgur: JSONValue? = nil) -> JSONValue {
         var body: JSONObject = [
             "id": .string(id), "object": .string(object), "created": .int(created), "model": .string(model.id),
             "choices": .array(choices),
         ]
         if let usage { body["usage"] = usage }
+        if let fulgur { body["fulgur"] = fulgur }
         return .object(body)
+    }
+
+    /// Fulgur's extension field, on the whole answer and on a stream's finishing chunk: one
+    /// top-level key that OpenAI's clients keep as an extra (`model_extra` in Python) and
+    /// others ignore. Present when the generation decoded speculatively. `mean_acceptance`
+    /// is tokens emitted a round, the target's own token included (at least 1);
+    /// `accepted_tokens` the drafter's guesses the target accepted; the first token, from the
+    /// prompt's forward pass, is in no round.
+    private func fulgur(_ result: GenerationResult) -> JSONValue? {
+        guard let s = result.speculative else { return nil }
+        let emitted = s.acceptanceLengths.reduce(0, +)
+        return ["speculative": [
+            "block_size": .int(s.blockSize), "rounds": .int(s.rounds), "emitted_tokens": .int(emitted),
+            "accepted_tokens": .int(emitted - s.rounds), "mean_acceptance": .double(s.meanAcceptance),
+            "acceptance_histogram": .array(s.histogram.map { .int($0) }),
+            "draft_seconds": .double(s.draftSeconds), "verify_seconds": .double(s.verifySeconds),
+        ]]
     }
 
     private func usage(_ result: GenerationResult) -> JSONValue {

@@ -60,7 +60,7 @@ public final class Scheduler: @unchecked Sendable {
         self.schedule = schedule
         self.metrics = metrics
         lanes = Array(repeating: nil, count: policy.lanes)
-        quota = QuotaBook(limit: policy.keyQuota)
+        quota = try QuotaBook(limit: policy.keyQuota, file: policy.quotaFile)
         // The threads keep the scheduler alive until `shutdown`.
         switch schedule {
         case .latency:
@@ -327,6 +327,7 @@ public final class Scheduler: @unchecked Sendable {
             metrics.completionTokens.increment(by: result.tokens.count)
             metrics.timeToFirstToken.recordSeconds(result.timeToFirstToken)
             if result.tokens.count > 1 { metrics.interTokenLatency.recordSeconds(result.decodeSeconds / Double(result.tokens.count - 1)) }
+            if let stats = result.speculative { metrics.speculative(stats) }
             switch job.stop {
             case .sessionExpired: event = .failed(.sessionExpired(length: policy.sessionLength ?? 0))
             case .shuttingDown: event = .failed(.shuttingDown)

@@ -106,7 +106,10 @@ public struct OpenAIServer: Sendable {
     }
 
     private func complete(_ request: Request, _ context: BasicRequestContext, _ endpoint: CompletionRequest.Endpoint) async throws -> Response {
-        let body = try await collectBody(request)
+        // The request with its body collected, which still holds the connection's stream for
+        // `untilClientLeaves` to watch.
+        let request = try await collectBody(request)
+        let body = try await request.body.collect(upTo: .max)
         let parsed = try CompletionRequest(body: body.readableBytesView, endpoint: endpoint, model: model, limits: configuration.limits)
         let key = configuration.apiKeys.isEmpty ? nil : BearerAuthMiddleware.bearer(request)
         let ticket = try scheduler.submit(prompt: parsed.prompt, parameters: parsed.parameters, key: key)
@@ -120,22 +123,28 @@ public struct OpenAIServer: Sendable {
         ])
         guard parsed.stream else {
             defer { ticket.cancel() }
-            var text = ""
-            var logprobs: [TokenLogprobs] = []
-            for await event in ticket.events {
-                switch event {
-                case .queued: break
-                case .token(_, let lp): if let lp { logprobs.append(lp) }
-                case .text(let piece): text += piece
-                case .finished(let result):
-                    logFinished(result, logger)
-                    var response = json(builder.completion(text: text, logprobs: logprobs, result: result))
-                    response.headers.append(contentsOf: admissionHeaders)
-                    return response
-                case .failed(let error): throw error
+            let left = ClientLeft()
+            var response = try await untilClientLeaves(request, onLeaving: { left.set(); ticket.cancel() }) {
+                var text = ""
+                var logprobs: [TokenLogprobs] = []
+                for await event in ticket.events {
+                    switch event {
+                    case .queued: break
+                    case .token(_, let lp): if let lp { logprobs.append(lp) }
+                    case .text(let piece): text += piece
+                    case .finished(let result):
+                        logFinished(result, logger)
+                        // Stopped early because its client left: nobody is there to read it.
+                        if left.isSet { throw APIError.clientLeft }
+                        return json(builder.completion(text: text, logprobs: logprobs, result: result))
+                    case .failed(let error): throw error
+                    }
                 }
+                // The stream ends without a last event only when the job was cancelled.
+                throw left.isSet ? APIError.clientLeft : APIError(.serviceUnavailable, "The generation ended without a result", type: "server_error")
             }
-            throw APIError(.serviceUnavailable, "The generation ended without a result", type: "server_error")
+            response.headers.append(contentsOf: admissionHeaders)
+            return response
         }
         let includeUsage = parsed.includeUsage
         return Response(
@@ -175,14 +184,57 @@ public struct OpenAIServer: Sendable {
 
     static let queuePosition = HTTPField.Name("X-Queue-Position")!
 
+    /// Runs `operation` (a generation that answers only at its end) and calls `onLeaving` as
+    /// soon as the client closes its connection, so that the generation stops at its next
+    /// token instead of running to max_tokens for nobody. A stream learns that its client left
+    /// when a write fails; an answer that is written only at the end has nothing to write
+    /// before, so this watches the connection's inbound side instead: Hummingbird's
+    /// `consumeWithInboundCloseHandler` reads what follows the request (all of it already
+    /// collected) and reports the end of the input (a FIN or a reset).
+    ///
+    /// Its cost: the watcher takes over the connection's reading, so the connection closes
+    /// after this response (the next request opens another; the response says
+    /// `Connection: close`). The alternatives were worse: sending the headers early and
+    /// writing JSON-legal whitespace as a heartbeat (a failed write means the client left)
+    /// fixes the status at 200 before the generation can fail, so that queue, quota or
+    /// session errors found later could not carry their HTTP status; and polling the socket
+    /// needs the channel, which Hummingbird's router does not hand to handlers.
+    ///
+    /// Hummingbird's watcher needs a body collected by `Request.collectBody` from the
+    /// connection's stream, which it keeps, and stops the process on any other (a test
+    /// framework's buffer, or a stream read to its end elsewhere); a request with another body
+    /// runs to its end unwatched.
+    private func untilClientLeaves(_ request: Request, onLeaving: @escaping @Sendable () -> Void,
+                                   _ operation: () async throws -> Response) async throws -> Response {
+        guard Self.keepsConnectionStream(request.body) else { return try await operation() }
+        var response = try await request.body.consumeWithInboundCloseHandler({ _ in try await operation() }, onInboundClosed: onLeaving)
+        // Saying so keeps a client from sending its next request on a closing connection.
+        response.headers[.connection] = "close"
+        return response
+    }
+
+    /// Whether `body` is a collected buffer that keeps the connection's stream
+    /// (`.byteBuffer(buffer, original)` in Hummingbird's storage). Hummingbird has no public
+    /// way to ask; its storage's shape says it. Should a later Hummingbird change that shape,
+    /// this says no and non-streaming requests run to their end unwatched (the server tests'
+    /// disconnect test then fails), never a crash.
+    static func keepsConnectionStream(_ body: RequestBody) -> Bool {
+        guard let backing = Mirror(reflecting: body).children.first(where: { $0.label == "_backing" })?.value,
+              let stored = Mirror(reflecting: backing).children.first, stored.label == "byteBuffer",
+              let original = Mirror(reflecting: stored.value).children.dropFirst().first?.value else { return false }
+        let optional = Mirror(reflecting: original)
+        return optional.displayStyle == .optional && optional.children.count == 1
+    }
+
     /// The body, within the size limit and within `requestTimeout` seconds: a client that
     /// trickles its body (slowloris) gets 408 instead of holding a connection forever.
-    private func collectBody(_ request: Request) async throws -> ByteBuffer {
+    private func collectBody(_ request: Request) async throws -> Request {
         let limits = configuration.limits
-        return try await withThrowingTaskGroup(of: ByteBuffer.self) { group in
+        return try await withThrowingTaskGroup(of: Request.self) { group in
             group.addTask {
                 var request = request
-                return try await request.collectBody(upTo: limits.maxBodyBytes)
+                _ = try await request.collectBody(upTo: limits.maxBodyBytes)
+                return request
             }
             group.addTask {
                 try await Task.sleep(for: .milliseconds(Int(limits.requestTimeout * 1000)))
@@ -201,6 +253,22 @@ public struct OpenAIServer: Sendable {
             "tokens_per_s": "\(String(format: "%.1f", result.decodeTokensPerSecond))",
         ])
     }
+}
+
+/// Set once, from the connection's watcher, when a non-streaming client closed its connection.
+final class ClientLeft: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+
+    func set() { lock.withLock { value = true } }
+    var isSet: Bool { lock.withLock { value } }
+}
+
+extension APIError {
+    /// nginx's 499: nobody reads it, but the request metrics and logs tell why the request ended.
+    static let clientLeft = APIError(HTTPResponse.Status(code: 499, reasonPhrase: "Client Closed Request"),
+                                     "The client closed its connection before the answer was ready; the generation was cancelled",
+                                     code: "client_closed_request")
 }
 
 func json(_ value: JSONValue, status: HTTPResponse.Status = .ok) -> Response {

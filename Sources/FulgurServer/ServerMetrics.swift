@@ -1,4 +1,5 @@
 import CoreMetrics
+import Fulgur
 import Prometheus
 
 /// The server's metrics, in a registry of its own (not the process-wide MetricsSystem, which
@@ -23,6 +24,14 @@ public struct ServerMetrics: Sendable {
     let timeToFirstToken: CoreMetrics.Timer
     /// Mean time between the tokens of one generation.
     let interTokenLatency: CoreMetrics.Timer
+    /// DFlash decoding: tokens each round emitted (the acceptance length, the target's own
+    /// token included), rounds, and the seconds the drafter's block forward (draft) and the
+    /// target's verify forward (verify) took in all; draft seconds a round is
+    /// rate(draft_seconds_total) / rate(rounds_total).
+    let acceptanceLength: CoreMetrics.Recorder
+    let speculativeRounds: CoreMetrics.Counter
+    let draftSeconds: CoreMetrics.FloatingPointCounter
+    let verifySeconds: CoreMetrics.FloatingPointCounter
 
     public init() {
         var factory = PrometheusMetricsFactory(registry: registry)
@@ -31,6 +40,8 @@ public struct ServerMetrics: Sendable {
             .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500), .seconds(1),
             .milliseconds(2500), .seconds(5), .seconds(10), .seconds(30), .seconds(60),
         ]
+        // Rounds emit 1 ... block size (at most 16) tokens.
+        factory.valueHistogramBuckets["fulgur_speculative_acceptance_length"] = (1...16).map(Double.init)
         self.factory = factory
         queueDepth = CoreMetrics.Gauge(label: "fulgur_queue_depth", factory: factory)
         running = CoreMetrics.Gauge(label: "fulgur_running_generations", factory: factory)
@@ -43,6 +54,10 @@ public struct ServerMetrics: Sendable {
         queueWait = CoreMetrics.Timer(label: "fulgur_queue_wait_seconds", factory: factory)
         timeToFirstToken = CoreMetrics.Timer(label: "fulgur_time_to_first_token_seconds", factory: factory)
         interTokenLatency = CoreMetrics.Timer(label: "fulgur_inter_token_latency_seconds", factory: factory)
+        acceptanceLength = CoreMetrics.Recorder(label: "fulgur_speculative_acceptance_length", factory: factory)
+        speculativeRounds = CoreMetrics.Counter(label: "fulgur_speculative_rounds_total", factory: factory)
+        draftSeconds = CoreMetrics.FloatingPointCounter(label: "fulgur_speculative_draft_seconds_total", factory: factory)
+        verifySeconds = CoreMetrics.FloatingPointCounter(label: "fulgur_speculative_verify_seconds_total", factory: factory)
         queueDepth.record(0)
         running.record(0)
         reservedLanes.record(0)
@@ -60,6 +75,14 @@ public struct ServerMetrics: Sendable {
     func sessionEnded(_ reason: Scheduler.SessionEnd) {
         CoreMetrics.Counter(label: "fulgur_sessions_ended_total", dimensions: [("reason", reason.rawValue)], factory: factory)
             .increment()
+    }
+
+    /// Records how a generation's speculative decoding went.
+    func speculative(_ stats: SpeculativeStats) {
+        for length in stats.acceptanceLengths { acceptanceLength.record(length) }
+        speculativeRounds.increment(by: stats.rounds)
+        draftSeconds.increment(by: stats.draftSeconds)
+        verifySeconds.increment(by: stats.verifySeconds)
     }
 
     /// Counts one answered request by route and status.

@@ -65,12 +65,23 @@ public final class EngineModel: ServingModel, @unchecked Sendable {
     public func bytes(of token: Int) -> [UInt8] { engine.tokenizer.bytes(of: token) }
 
     /// The first lane uses the engine's own generator, the others new ones over the same plan.
+    /// With a drafter loaded (`Engine.useDrafter`), every lane decodes speculatively with a
+    /// drafter cache of its own.
     public func makeSequences(_ count: Int) throws -> [any ModelSequence] {
-        try (0..<count).map { EngineSequence(engine: engine, generator: $0 == 0 ? engine.generator : try engine.makeGenerator()) }
+        try (0..<count).map { lane in
+            let generator = lane == 0 ? engine.generator : try engine.makeGenerator()
+            return EngineSequence(engine: engine, generator: generator,
+                                  speculative: engine.speculative == nil ? nil : try engine.makeSpeculativeGenerator(on: generator))
+        }
     }
 
     public func makeBatch(slots: Int, prefillChunk: Int) throws -> any ModelBatch {
-        EngineBatch(engine: engine, batch: try engine.makeBatchGenerator(slots: slots, prefillChunk: prefillChunk))
+        // The batch's forward passes take one token per decoding sequence; a verify block
+        // would need a step of several tokens for some sequences and one for others.
+        guard engine.speculative == nil else {
+            throw FulgurError(.unsupported, "DFlash decoding runs on the latency-first schedule's lanes; batched generation (--schedule throughput) does not decode speculatively")
+        }
+        return EngineBatch(engine: engine, batch: try engine.makeBatchGenerator(slots: slots, prefillChunk: prefillChunk))
     }
 }
 
@@ -123,14 +134,20 @@ final class EngineBatch: ModelBatch {
 final class EngineSequence: ModelSequence {
     let engine: Engine
     let generator: Generator
+    /// DFlash decoding over `generator`'s executor, when the server decodes speculatively.
+    let speculative: SpeculativeGenerator?
 
-    init(engine: Engine, generator: Generator) {
+    init(engine: Engine, generator: Generator, speculative: SpeculativeGenerator?) {
         self.engine = engine
         self.generator = generator
+        self.speculative = speculative
     }
 
     func generate(prompt: [Int], parameters: GenerationParameters,
                   onToken: (Int, TokenLogprobs?) -> Void, onText: (String) -> Bool) throws -> GenerationResult {
-        try engine.generate(prompt: prompt, parameters: parameters, on: generator, onToken: onToken, onText: onText)
+        if let speculative {
+            return try engine.generate(prompt: prompt, parameters: parameters, speculative: speculative, onToken: onToken, onText: onText)
+        }
+        return try engine.generate(prompt: prompt, parameters: parameters, on: generator, onToken: onToken, onText: onText)
     }
 }

@@ -9,7 +9,7 @@ struct FulgurCommand: AsyncParsableCommand {
         commandName: "fulgur",
         abstract: "Fast inference of Mixture-of-Experts language models.",
         subcommands: [Generate.self, Chat.self, Serve.self, Bench.self, Tokenize.self, Inspect.self, QuantizeCommand.self, Pull.self,
-                      RandomModelCommand.self])
+                      RandomModelCommand.self, RandomDrafterCommand.self])
 }
 
 /// Options every command that loads a model shares.

@@ -76,3 +76,32 @@ func compareLogitsFile(_ path: String, _ executor: any Executor, vocab: Int) thr
     print(String(format: "logits vs %@: relative error max %.2e, mean %.2e over %d positions; argmax agrees at %d of %d",
                  path, errors.max() ?? 0, errors.reduce(0, +) / Double(max(errors.count, 1)), ids.count, argmaxAgree, ids.count))
 }
+
+struct RandomDrafterCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "random-drafter",
+        abstract: "Write a DFlash drafter with random weights that fits a model, for tests of speculative decoding.",
+        discussion: """
+            The drafter (config.json and model.safetensors, the published format that --speculative reads) \
+            has the model's hidden size, vocabulary and attention heads, reads up to 5 of its layers, and \
+            drafts noise: about one token a round is accepted. Speculative output stays the model's own, \
+            so it serves tests that speculative decoding is lossless (the server's among them), not speed.
+            """)
+
+    @Option(name: .shortAndLong, help: "The target: a .gguf file or a Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct).")
+    var model: String?
+    @Option(help: "Write the drafter into this directory (created).") var export: String
+    @Option(help: "Drafter layers.") var layers = 1
+    @Option(help: "Seed of the weights.") var seed: UInt64 = 0
+
+    func run() throws {
+        try reportingErrors {
+            let path = try model ?? DefaultModel.ensure(log: { Terminal.status($0) })
+            let spec = try Model(path: path).spec
+            let config = try RandomDrafter.export(matching: spec, layers: layers, seed: seed, to: export)
+            let read = config["dflash_config"]?["target_layer_ids"]
+            Terminal.status("Wrote a random DFlash drafter for \(URL(fileURLWithPath: path).lastPathComponent) to \(export): "
+                            + "\(layers) layer(s), seed \(seed), reading target layers \(read?.serialized() ?? "?")")
+        }
+    }
+}

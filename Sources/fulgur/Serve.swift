@@ -25,6 +25,17 @@ struct Serve: AsyncParsableCommand {
             step, so that a long prompt does not stall the others). Further requests queue as above, \
             with the same --max-queue, --key-quota and 503/429 answers; sessions are for latency first.
 
+            DFlash (--speculative DRAFTER_DIR, latency first): every lane decodes speculatively with a \
+            drafter cache of its own; output is plain decoding's, token for token (a fixed seed gives the \
+            same text). Responses carry the statistics in a top-level "fulgur": {"speculative": {...}} \
+            object (the whole answer, or a stream's finishing chunk), and /metrics the acceptance \
+            histogram and draft/verify seconds. Batching (--schedule throughput) does not decode \
+            speculatively and refuses --speculative.
+
+            --quota-file PATH keeps --key-quota's counts in a JSON file, rewritten (a temporary file, \
+            then renamed over it) at every admission, and read at start, so that a restart does not \
+            reset them; a file that cannot be read as one is an error, never reset.
+
             SIGTERM or SIGINT: new requests get 503, running generations get --shutdown-grace seconds and \
             then end with an error event and [DONE]; the process exits 0.
             """)
@@ -46,6 +57,12 @@ struct Serve: AsyncParsableCommand {
     var prefillChunk: Int?
     @Option(name: .customLong("max-queue"), help: "Admissions that may wait for a lane; more get 503.") var maxQueue = 64
     @Option(name: .customLong("key-quota"), help: "Admissions one API key may make per UTC day; more get 429 (needs API keys).") var keyQuota: Int?
+    @Option(name: .customLong("quota-file"), help: "Keep --key-quota's counts in this JSON file (read at start, rewritten at every admission), so that they survive a restart.")
+    var quotaFile: String?
+    @Option(help: "Decode speculatively with the DFlash drafter in this directory, on every lane (latency first).")
+    var speculative: String?
+    @Option(name: .customLong("block-size"), parsing: .unconditional, help: "Tokens per speculative block, 2...16 (default: the drafter's, at most 16).")
+    var blockSize: Int?
     @Option(name: .customLong("session-length"), help: "Seconds an admission reserves its lane for its key (needs API keys; default: one request).")
     var sessionLength: Double?
     @Option(name: .customLong("idle-release"), help: "Seconds after which a reserved lane its key leaves idle is released (needs --session-length).")
@@ -65,7 +82,7 @@ struct Serve: AsyncParsableCommand {
         let lanes = schedule == .latency ? self.lanes ?? 1 : maxBatch ?? 32
         configuration.schedule = schedule == .latency ? .latency : .throughput(prefillChunk: prefillChunk ?? 32)
         configuration.admission = AdmissionPolicy(lanes: lanes, maxQueue: maxQueue, keyQuota: keyQuota,
-                                                  sessionLength: sessionLength, idleRelease: idleRelease)
+                                                  sessionLength: sessionLength, idleRelease: idleRelease, quotaFile: quotaFile)
         configuration.limits = RequestLimits(maxTokens: maxTokensLimit, maxBodyBytes: maxBodyBytes, requestTimeout: requestTimeout)
         configuration.shutdownGrace = shutdownGrace
         try reportingErrors {
@@ -85,7 +102,12 @@ struct Serve: AsyncParsableCommand {
                 guard sessionLength == nil else {
                     throw FulgurError(.usage, "--session-length reserves a lane for a key's requests, one after another, which is latency first; with --schedule throughput every request takes a KV slot of its own")
                 }
+                guard speculative == nil else {
+                    throw FulgurError(.usage, "--speculative decodes on the lanes of --schedule latency; --schedule throughput batches one token per generation a step and does not decode speculatively (use --schedule latency --lanes N)")
+                }
             }
+            if blockSize != nil, speculative == nil { throw FulgurError(.usage, "--block-size needs --speculative DRAFTER_DIR") }
+            if quotaFile != nil, keyQuota == nil { throw FulgurError(.usage, "--quota-file keeps --key-quota's counts: give --key-quota too") }
             guard maxQueue >= 0 else { throw FulgurError(.usage, "--max-queue must be >= 0, got \(maxQueue)") }
             guard maxTokensLimit >= 1 else { throw FulgurError(.usage, "--max-tokens-limit must be at least 1, got \(maxTokensLimit)") }
             guard maxBodyBytes >= 1024 else { throw FulgurError(.usage, "--max-body-bytes must be at least 1024, got \(maxBodyBytes)") }
@@ -105,6 +127,7 @@ struct Serve: AsyncParsableCommand {
             }
         }
         let engine = try reportingErrors { try modelOptions.load() }
+        if let speculative { try reportingErrors { try engine.useDrafter(directory: speculative, blockSize: blockSize) } }
         let server = try reportingErrors { try OpenAIServer(model: EngineModel(engine), configuration: configuration) }
         var logger = Logger(label: "fulgur.serve")
         logger.logLevel = .info

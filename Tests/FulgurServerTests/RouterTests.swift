@@ -151,3 +151,10 @@ private func errorCode(_ body: String) throws -> String? {
     #expect(try JSONValue(parsing: next.body)["choices"]?.array?.first?["text"] == "zz")
     #expect(try await client.send(.get, "/metrics").body.contains("fulgur_cancelled_generations_total 1"))
 }
+
+/// Only a body collected from a live connection is watched for the client leaving (see
+/// `OpenAIServer.untilClientLeaves`); Hummingbird's watcher would stop the process on a
+/// plain buffer such as the router tests send.
+@Test func aPlainBufferBodyIsNotWatchedForTheClientLeaving() {
+    #expect(!OpenAIServer.keepsConnectionStream(RequestBody(buffer: ByteBuffer(string: "{}"))))
+}

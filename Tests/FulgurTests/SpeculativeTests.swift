@@ -267,3 +267,46 @@ private func criticalValue(df: Int) -> Double {
         #expect(try oracle.generate(prompt: prompts[0], parameters: parameters, decode: { _ in "" }).tokens == expected)
     }
 }
+
+// MARK: A random drafter for any target, one per sequence
+
+/// `RandomDrafter.export(matching:)` writes a drafter in the published format that loads for
+/// its target and decodes losslessly, and `withOwnCache` copies run side by side on threads of
+/// their own (a server's lanes) without touching each other's caches.
+@Test func randomDrafterMatchingATargetIsLosslessAndItsCopiesKeepTheirOwnCaches() throws {
+    let model = try target("llama")
+    let directory = try temporaryDirectory() + "/drafter"
+    let config = try RandomDrafter.export(matching: model.spec, layers: 1, seed: 3, to: directory)
+    #expect(config["hidden_size"] == .int(model.spec.hiddenSize))
+    #expect(FileManager.default.fileExists(atPath: directory + "/model.safetensors"))
+    let parameters = GenerationParameters(maxTokens: 60)
+    let expected = try prompts.map { try plain(model, $0, parameters).tokens }
+    let first = try speculative(model, drafter: {
+        try DFlashDrafter(directory: directory, target: model, maxPositions: $0.cache.maxPositions, maxStepTokens: $0.maxStepTokens)
+    }, blockSize: 8)
+    let drafter = try #require(first.drafter as? DFlashDrafter)
+    let lanes = [first] + (try (0..<2).map { _ in
+        try SpeculativeGenerator(target: CPUExecutor(plan: model.plan), drafter: drafter.withOwnCache(), blockSize: 8)
+    })
+    let results = ResultBox(count: lanes.count * prompts.count)
+    DispatchQueue.concurrentPerform(iterations: lanes.count) { lane in
+        for (p, prompt) in prompts.enumerated() {
+            results.set(lane * prompts.count + p, Result { try lanes[lane].generate(prompt: prompt, parameters: parameters, decode: { "<\($0)>" }) })
+        }
+    }
+    for lane in lanes.indices {
+        for p in prompts.indices {
+            let r = try results.get(lane * prompts.count + p)
+            #expect(r.tokens == expected[p], "lane \(lane), prompt \(p)")
+            #expect(try #require(r.speculative).rounds >= 1)
+        }
+    }
+}
+
+private final class ResultBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var values: [Result<GenerationResult, Error>?]
+    init(count: Int) { values = Array(repeating: nil, count: count) }
+    func set(_ i: Int, _ value: Result<GenerationResult, Error>) { lock.withLock { values[i] = value } }
+    func get(_ i: Int) throws -> GenerationResult { try lock.withLock { values[i] }!.get() }
+}

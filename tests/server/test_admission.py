@@ -159,3 +159,49 @@ def test_throughput_first_refuses_sessions_with_a_usage_error():
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert run.returncode != 0
     assert "--session-length" in run.stderr and "--schedule throughput" in run.stderr, run.stderr
+
+
+def test_quotas_survive_a_restart_through_the_quota_file(start_server, tmp_path):
+    path = tmp_path / "quota.json"
+    flags = ("--lanes", "1", "--key-quota", "2", "--quota-file", str(path))
+    keys = ("alpha", "beta")
+    s = start_server(*flags, api_keys=keys)
+    for _ in range(2):
+        assert post(s, short(), key="alpha").status == 200
+    assert post(s, short(), key="alpha").status == 429
+    assert s.stop() == 0
+    saved = json.loads(path.read_text())
+    assert saved["used"] == {"alpha": 2}
+    assert not (tmp_path / "quota.json.tmp").exists()  # renamed over the file, not left beside it
+
+    # A restart on the same file: alpha's admissions today are still used up; beta's are not.
+    s = start_server(*flags, api_keys=keys)
+    refused = post(s, short(), key="alpha")
+    assert refused.status == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert post(s, short(), key="beta").status == 200
+    assert s.stop() == 0
+    assert json.loads(path.read_text())["used"] == {"alpha": 2, "beta": 1}
+
+    # The same file written a day earlier: a new day resets the counts.
+    saved = json.loads(path.read_text())
+    saved["day"] -= 1
+    path.write_text(json.dumps(saved))
+    s = start_server(*flags, api_keys=keys)
+    assert post(s, short(), key="alpha").status == 200
+    assert json.loads(path.read_text())["used"] == {"alpha": 1}
+
+
+def test_a_corrupt_quota_file_stops_the_server_at_start_and_is_left_alone(tmp_path):
+    path = tmp_path / "quota.json"
+    path.write_text('{"format": "fulgur-key-quota-1", "day": 3, "used": {"alpha": ')
+    run = subprocess.run([BINARY, "serve", "--port", "0", "--api-key", "alpha", "--key-quota", "2", "--quota-file", str(path)],
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert run.returncode != 0
+    assert str(path) in run.stderr and "not a quota file" in run.stderr, run.stderr
+    assert path.read_text().endswith('"alpha": ')
+
+
+def test_a_quota_file_needs_a_quota():
+    run = subprocess.run([BINARY, "serve", "--port", "0", "--api-key", "k", "--quota-file", "/tmp/never-written.json"],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode != 0 and "--quota-file" in run.stderr and "--key-quota" in run.stderr, run.stderr

@@ -1,6 +1,7 @@
 """The running server driven by the official `openai` client on the default model (CPU)."""
 import json
 import random
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -9,6 +10,7 @@ import openai
 import pytest
 
 from conftest import API_KEY
+from rawhttp import Stream, request_bytes
 
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Name three colors of the rainbow."}]
@@ -177,6 +179,45 @@ def test_a_client_that_leaves_mid_stream_cancels_and_the_server_goes_on(server, 
     r = chat(client, model, max_tokens=8, temperature=0)
     assert r.choices[0].message.content
     assert server.process.poll() is None
+
+
+def test_a_client_that_leaves_before_a_whole_answer_cancels_it_and_the_server_goes_on(server, client, model):
+    before = server.metric("fulgur_cancelled_generations_total") or 0
+    left_before = server.metric('fulgur_http_requests_total{path="/v1/completions",status="499"}') or 0
+    assert server.wait_for_metric("fulgur_running_generations", lambda v: v == 0) == 0
+    # Greedy counting runs to its limit: without cancellation it would go on long after the client.
+    body = json.dumps({"model": model, "prompt": "1, 2, 3, 4,", "max_tokens": 500, "temperature": 0}).encode()
+    sock = socket.create_connection((server.host, server.port), timeout=30)
+    sock.sendall(request_bytes("POST", "/v1/completions", body, api_key=API_KEY))
+    assert server.wait_for_metric("fulgur_running_generations", lambda v: v == 1) == 1
+    sock.close()
+    # Bounded waits, not speed claims: the generation stops at its next token.
+    assert server.wait_for_metric("fulgur_cancelled_generations_total", lambda v: v == before + 1, timeout=20) == before + 1
+    assert server.wait_for_metric("fulgur_running_generations", lambda v: v == 0, timeout=20) == 0
+    assert server.metric('fulgur_http_requests_total{path="/v1/completions",status="499"}') == left_before + 1
+    # A whole answer says that its connection closes (the watcher took over its reading).
+    r = client.completions.with_raw_response.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert r.headers["connection"] == "close"
+    assert r.parse().choices[0].text
+    assert server.process.poll() is None
+
+
+def test_a_waiting_client_that_leaves_before_a_whole_answer_gives_its_place_back(start_server):
+    s = start_server("--lanes", "1", "--max-queue", "4", "--key-quota", "2", api_keys=("alpha",))
+    running = Stream(s.address, "/v1/completions", {"prompt": "1, 2, 3, 4,", "max_tokens": 500, "temperature": 0, "stream": True}, "alpha")
+    assert running.next_event()[0] == "data"
+    sock = socket.create_connection((s.host, s.port), timeout=30)
+    sock.sendall(request_bytes("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 4}).encode(), api_key="alpha"))
+    assert s.wait_for_metric("fulgur_queue_depth", lambda v: v == 1) == 1
+    sock.close()
+    assert s.wait_for_metric("fulgur_queue_depth", lambda v: v == 0, timeout=20) == 0
+    assert s.wait_for_metric("fulgur_cancelled_generations_total", lambda v: v == 1, timeout=20) == 1
+    running.close()
+    assert s.wait_for_metric("fulgur_running_generations", lambda v: v == 0, timeout=20) == 0
+    # The place it gave up was given back: alpha's second admission of 2 is still there.
+    alpha = s.client("alpha")
+    r = alpha.completions.create(model=alpha.models.list().data[0].id, prompt="Hi", max_tokens=2)
+    assert r.usage.completion_tokens >= 1
 
 
 def test_health_needs_no_key(server):

@@ -107,6 +107,25 @@ public final class DFlashDrafter {
         return spec
     }
 
+    private init(path: String, blockSize: Int, maskTokenId: Int, targetLayerIds: [Int], context: any Executor, block: any Executor) {
+        self.path = path
+        self.blockSize = blockSize
+        self.maskTokenId = maskTokenId
+        self.targetLayerIds = targetLayerIds
+        self.context = context
+        self.block = block
+    }
+
+    /// Another drafter over the same weights with a cache of its own, for another sequence of
+    /// the same target (a server lane): the plans, and so the weights, are shared, as
+    /// `Engine.makeGenerator` shares the target's. CPU executors only (a CUDA executor
+    /// uploads its own copy of the weights).
+    public func withOwnCache() throws -> DFlashDrafter {
+        let ownBlock = try block.sharingWeights()
+        return DFlashDrafter(path: path, blockSize: blockSize, maskTokenId: maskTokenId, targetLayerIds: targetLayerIds,
+                             context: try ownBlock.sharingCache(plan: context.plan), block: ownBlock)
+    }
+
     /// Positions of context the drafter holds.
     public var contextLength: Int { block.length }
 

@@ -63,15 +63,52 @@ public struct RandomDrafter: Sendable, CustomStringConvertible {
 
     /// The tensors, from the spec the loader reads off `config` (no weights are made).
     private func tensors(linear: RandomModel.LinearFormat) throws -> [RandomTensor] {
-        let json = JSONValue.object(try config()).serialized()
-        guard let values = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any] else {
-            throw FulgurError(.config, "random \(target.preset) drafter: config is not a JSON object")
-        }
-        let c = HFConfig(path: "random \(target.preset) drafter config", values: values)
-        let spec = try DFlashDrafter.spec(c, dflash: try c.object("dflash_config")!)
         var maker = target
         maker.linear = linear
-        return try maker.tensorGroups(spec, contextFeatures: shape.targetLayers * spec.hiddenSize).flatMap { $0 }
+        return try Self.tensors(config: config(), maker: maker, name: "random \(target.preset) drafter")
+    }
+
+    /// The tensors of the drafter `config` describes, made by `maker` (its seed and formats).
+    private static func tensors(config: JSONObject, maker: RandomModel, name: String) throws -> [RandomTensor] {
+        let json = JSONValue.object(config).serialized()
+        guard let values = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any] else {
+            throw FulgurError(.config, "\(name): config is not a JSON object")
+        }
+        let c = HFConfig(path: "\(name) config", values: values)
+        let dflash = try c.object("dflash_config")!
+        let spec = try DFlashDrafter.spec(c, dflash: dflash)
+        return try maker.tensorGroups(spec, contextFeatures: dflash.ids("target_layer_ids").count * spec.hiddenSize).flatMap { $0 }
+    }
+
+    /// Writes a random drafter for any target, one without a published drafter shape
+    /// included (the default model, for the server's speculative tests), into `directory`:
+    /// `layers` Qwen3-style layers (BF16) with the target's first layer's attention heads and
+    /// MLP width (three times the hidden size for an MoE target), reading up to 5 target layers
+    /// spread as z-lab spreads them, block 8, the vocabulary's last id as the mask token. Its
+    /// guesses are noise, so about one token a round is emitted: enough for tests that
+    /// speculative output equals plain output, not for speed. Returns the config written.
+    @discardableResult
+    public static func export(matching target: ModelSpec, layers: Int = 1, seed: UInt64 = 0, to directory: String) throws -> JSONObject {
+        guard layers >= 1 else { throw FulgurError(.usage, "a drafter needs at least 1 layer, got \(layers)") }
+        guard let first = target.layers.first else { throw FulgurError(.config, "\(target.architecture): the target has no layers") }
+        let a = first.attention
+        let intermediate: Int
+        if case .dense(let width, _) = first.feedForward { intermediate = width } else { intermediate = 3 * target.hiddenSize }
+        var c = qwen3Drafter(heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, intermediate: intermediate,
+                             eos: target.eosTokenIds.first ?? 0)
+        c["hidden_size"] = .int(target.hiddenSize)
+        c["vocab_size"] = .int(target.vocabSize)
+        c["num_hidden_layers"] = .int(layers)
+        c["max_position_embeddings"] = .int(target.maxPositions)
+        let read = min(5, max(1, target.layerCount - 1))
+        c["dflash_config"] = ["mask_token_id": .int(target.vocabSize - 1),
+                              "target_layer_ids": .array(spread(targetLayers: target.layerCount, count: read).map { .int($0) })]
+        // tensorGroups reads only the maker's seed and formats for a dense drafter spec; the
+        // preset names nothing here.
+        let maker = try RandomModel(preset: "tiny-gpt-oss", seed: seed, experts: .bf16, linear: .bf16)
+        try RandomModel.write(tensors(config: c, maker: maker, name: "random drafter for \(target.architecture)"), config: c,
+                              to: directory, shardBytes: 5_000_000_000, progress: nil)
+        return c
     }
 
     /// Writes the drafter to a temporary directory and opens it for `model` (see

@@ -50,6 +50,31 @@ public final class Engine {
         speculative = try SpeculativeGenerator(target: executor, drafter: drafter, blockSize: blockSize ?? min(drafter.blockSize, 16))
     }
 
+    /// DFlash decoding on `generator` (the engine's own, or one from `makeGenerator`) with the
+    /// drafter `useDrafter` loaded: the engine's own generator gets `speculative`; another gets
+    /// a drafter over the same drafter weights with a cache of its own, so that sequences on
+    /// different threads each decode speculatively (a server's lanes).
+    public func makeSpeculativeGenerator(on generator: Generator) throws -> SpeculativeGenerator {
+        guard let speculative else { throw FulgurError(.usage, "no drafter is loaded: call useDrafter first") }
+        if generator === self.generator { return speculative }
+        guard let drafter = speculative.drafter as? DFlashDrafter else {
+            throw FulgurError(.unsupported, "only a DFlash drafter can be given to another sequence")
+        }
+        return try SpeculativeGenerator(target: generator.executor, drafter: drafter.withOwnCache(), blockSize: speculative.blockSize)
+    }
+
+    /// Generates after the token ids `prompt` with `speculative` (from
+    /// `makeSpeculativeGenerator`); see `Generator.generate` for the callbacks.
+    public func generate(prompt: [Int], parameters: GenerationParameters, speculative: SpeculativeGenerator,
+                         onToken: (Int, TokenLogprobs?) -> Void = { _, _ in },
+                         onText: (String) -> Bool = { _ in true }) throws -> GenerationResult {
+        var detokenizer = StreamingDetokenizer(tokenizer: tokenizer, skipSpecialTokens: false)
+        var result = try speculative.generate(prompt: prompt, parameters: parameters, decode: { detokenizer.append($0) },
+                                              onToken: onToken, onText: onText)
+        result.appendTail(detokenizer.finish(), onText: onText)
+        return result
+    }
+
     /// The tokenizer of a .gguf file (its metadata) or of a checkpoint directory (tokenizer.json).
     public static func loadTokenizer(modelPath: String, gguf: GGUFFile? = nil) throws -> Tokenizer {
         if let g = try gguf ?? (modelPath.hasSuffix(".gguf") ? GGUFFile(path: modelPath) : nil) {

@@ -118,8 +118,7 @@ public final class DFlashDrafter {
 
     /// Another drafter over the same weights with a cache of its own, for another sequence of
     /// the same target (a server lane): the plans, and so the weights, are shared, as
-    /// `Engine.makeGenerator` shares the target's. CPU executors only (a CUDA executor
-    /// uploads its own copy of the weights).
+    /// `Engine.makeGenerator` shares the target's (`Executor.sharingWeights`).
     public func withOwnCache() throws -> DFlashDrafter {
         let ownBlock = try block.sharingWeights()
         return DFlashDrafter(path: path, blockSize: blockSize, maskTokenId: maskTokenId, targetLayerIds: targetLayerIds,

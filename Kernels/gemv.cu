@@ -250,6 +250,10 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
 // against 0.28 ms at T = 1 (H200, 2026-11-27). Four rows cut the L1 reads to 4 bytes per weight
 // byte (64 B a clock an SM at the roofline, half of L1) and keep the FFMAs (T per weight
 // element) under the SM's rate up to T = 8.
+// But a small product then has few warps: the default model's MLP (3072 x 576 f32) gets 768
+// warps, 6 an SM, each with 4-5 loads per row in flight, and its launches took 12.5 us at
+// T = 8 against 2.7 at T = 1 (latency, not bytes or L1). The `_r1` entries keep one row a warp
+// at every T, for products of few rows (CUDALinear.plainFewRows).
 template <int TB> struct PlainRows { static constexpr int value = TB >= 4 ? 4 : TB; };
 
 template <int TB, bool BF16, int R>
@@ -316,10 +320,9 @@ __device__ __forceinline__ void plain_rows(const void* __restrict__ w, const flo
         }
 }
 
-template <int TB, bool BF16>
+template <int TB, bool BF16, int R = PlainRows<TB>::value>
 __device__ void plain(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
                       float* __restrict__ out, int n, int k, int rowStride, int T, int xStride, int groupRows, int outStride) {
-    constexpr int R = PlainRows<TB>::value;
     const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
     wait_for_previous_kernel();
     allow_next_kernel();
@@ -468,7 +471,8 @@ GEMV_ENTRY(1) GEMV_ENTRY(2) GEMV_ENTRY(3) GEMV_ENTRY(4) GEMV_ENTRY(5) GEMV_ENTRY
 GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_ENTRY(14) GEMV_ENTRY(15) GEMV_ENTRY(16)
 
 // gemv_<f32|bf16>_t<TB> for the token bins TB = 1, 2, 4, 8, 16 (T <= TB used). Launch with
-// 128 threads and ceil(N / (4 * PlainRows<TB>)) blocks (CUDALinear.plan), no shared memory.
+// 128 threads and ceil(N / (4 * PlainRows<TB>)) blocks (CUDALinear.plan), no shared memory;
+// gemv_<f32|bf16>_t<TB>_r1, one row a warp: ceil(N / 4) blocks.
 #define PLAIN_ENTRY(TB)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB(                              \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
@@ -479,6 +483,16 @@ GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_E
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
         int T, int xStride, int groupRows, int outStride) {                                        \
         gemv::plain<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB##_r1(                         \
+        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
+        int T, int xStride, int groupRows, int outStride) {                                        \
+        gemv::plain<TB, false, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB##_r1(                        \
+        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
+        int T, int xStride, int groupRows, int outStride) {                                        \
+        gemv::plain<TB, true, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
     }
 PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
 

@@ -36,6 +36,9 @@ public final class CUDALinear: @unchecked Sendable {
     /// `FULGUR_GEMV_LAYOUT=rows` turns it off (for comparisons).
     public static let wideRows = ProcessInfo.processInfo.environment["FULGUR_GEMV_LAYOUT"] == "rows" ? Int.max : 32768
     public static let wideMaxTokens = 1
+    /// Plain (BF16/f32) products of fewer rows keep one row a warp at every token count: they
+    /// need the warps more than the shared x reads (Kernels/gemv.cu, PlainRows).
+    public static let plainFewRows = 16384
     let wideKernels: [KernelModule.Function]
     /// Wide-layout grids found so far; executors sharing this product (server lanes) launch it
     /// from several threads.
@@ -121,8 +124,8 @@ public final class CUDALinear: @unchecked Sendable {
             wideKernels = try (1...Self.maxTokens).map { try module.function("\(wide)_t\($0)") }
         case .bf16, .f32:
             let family = storage == .bf16 ? "gemv_bf16" : "gemv_f32"
-            let bins = [1, 2, 4, 8, 16]
-            let functions = try bins.map { try module.function("\(family)_t\($0)") }
+            let bins = [1, 2, 4, 8, 16], oneRow = rows < Self.plainFewRows
+            let functions = try bins.map { try module.function("\(family)_t\($0)" + (oneRow && $0 > 1 ? "_r1" : "")) }
             kernels = (1...Self.maxTokens).map { t in functions[bins.firstIndex { $0 >= t }!] }
             wideKernels = []
         }
@@ -179,12 +182,13 @@ public final class CUDALinear: @unchecked Sendable {
     /// Launch shape of gemv_<format>_t<tokens>; mirrors gemv::Plan and kWarps in Kernels/gemv.cu:
     /// 4 warps of `rows` rows each, x staged in tiles of 32 * unroll chunks of `elements`
     /// (padded by 4 floats each) per token. Plain kernels: a warp per row, no shared memory.
-    static func plan(_ storage: Storage, tokens: Int) -> (rowsPerBlock: Int, sharedBytes: Int) {
+    static func plan(_ storage: Storage, tokens: Int, rows: Int = .max) -> (rowsPerBlock: Int, sharedBytes: Int) {
         switch storage {
         case .bf16, .f32:
-            // Mirrors gemv::PlainRows: a warp owns bin rows (4 from bin 4 up), bins 1, 2, 4, 8, 16.
+            // Mirrors gemv::PlainRows: a warp owns bin rows (4 from bin 4 up), bins 1, 2, 4, 8,
+            // 16; one row at every T in a product of fewer than plainFewRows rows (`_r1`).
             let bin = [1, 2, 4, 8, 16].first { $0 >= tokens }!
-            return (4 * min(bin, 4), 0)
+            return (rows < plainFewRows ? 4 : 4 * min(bin, 4), 0)
         case .mxfp4, .fp8:
             let rows = tokens == 1 ? 1 : tokens == 2 ? 2 : 4
             let unroll = tokens == 1 ? 4 : tokens < 8 ? 2 : 1
@@ -201,7 +205,7 @@ public final class CUDALinear: @unchecked Sendable {
     public func apply(x: UInt64, tokens: Int, out: UInt64, outStride: Int? = nil, xStride: Int? = nil, groupRows: Int? = nil,
                       stream: CUDAStream, overlapPrevious: Bool = true) throws {
         precondition((1...Self.maxTokens).contains(tokens), "CUDALinear takes 1 to \(Self.maxTokens) tokens")
-        let plan = Self.plan(storage, tokens: tokens)
+        let plan = Self.plan(storage, tokens: tokens, rows: outFeatures)
         let grid = ((outFeatures + plan.rowsPerBlock - 1) / plan.rowsPerBlock, 1, 1)
         let n = Int32(outFeatures), k = Int32(inFeatures), os = Int32(outStride ?? outFeatures)
         let biasArg = KernelModule.Argument.pointer(bias?.address ?? 0)

@@ -37,6 +37,33 @@ struct ModelOptions: ParsableArguments {
     }
 }
 
+/// DFlash options of generate and chat. The model's bundled drafter runs by default on a GPU.
+struct SpeculativeOptions: ParsableArguments {
+    @Option(help: "Decode speculatively with the DFlash drafter in this directory (default: the model's bundled drafter, on a GPU); prints acceptance and timing after the text.")
+    var speculative: String?
+    @Option(name: .customLong("block-size"), parsing: .unconditional, help: "Tokens per speculative block, 2...16 (default: the drafter's; \(BundledDrafter.defaultBlockSize) for a bundled one).")
+    var blockSize: Int?
+    @Flag(name: .customLong("no-speculative"), help: "Decode plainly, without the bundled DFlash drafter.")
+    var disabled = false
+
+    func validate() throws {
+        if disabled && (speculative != nil || blockSize != nil) {
+            throw ValidationError("--no-speculative turns DFlash off; it cannot go with --speculative or --block-size")
+        }
+    }
+
+    /// Loads the drafter the options and the device choose into `engine`, if any, and says so.
+    func apply(to engine: Engine) throws {
+        let bundled = BundledDrafter.directory(forModel: engine.model.path)
+        guard let choice = try BundledDrafter.choice(explicit: speculative, disabled: disabled, blockSize: blockSize,
+                                                     onGPU: !(engine.generator.executor is CPUExecutor), bundled: bundled) else { return }
+        try engine.useDrafter(directory: choice.directory, blockSize: choice.blockSize)
+        if speculative == nil, blockSize == nil {
+            Terminal.status("DFlash with the bundled drafter \(URL(fileURLWithPath: choice.directory).lastPathComponent), blocks of \(BundledDrafter.defaultBlockSize) (--no-speculative turns it off)")
+        }
+    }
+}
+
 // Numbers are parsed unconditionally so that `--temperature -1` reaches `validate` and gets
 // its message, instead of the "-1" being taken for an option.
 struct SamplingOptions: ParsableArguments {
@@ -84,18 +111,14 @@ struct Generate: ParsableCommand {
     @OptionGroup var sampling: SamplingOptions
     @Flag(help: "Wrap the prompt in the model's chat template as a user message.") var chat = false
     @Option(help: "System message (with --chat).") var system: String?
-    @Option(help: "Decode speculatively with the DFlash drafter in this directory; prints acceptance and timing after the text.")
-    var speculative: String?
-    @Option(name: .customLong("block-size"), parsing: .unconditional, help: "Tokens per speculative block, 2...16 (default: the drafter's).")
-    var blockSize: Int?
+    @OptionGroup var speculative: SpeculativeOptions
     @Argument(help: "The prompt.") var prompt: String
 
     func run() throws {
         try reportingErrors {
             let samplingParameters = try sampling.sampling()
-            if blockSize != nil, speculative == nil { throw FulgurError(.usage, "--block-size needs --speculative DRAFTER_DIR") }
             let engine = try modelOptions.load()
-            if let speculative { try engine.useDrafter(directory: speculative, blockSize: blockSize) }
+            try speculative.apply(to: engine)
             let text = chat
                 ? try engine.renderChat([ChatMessage(role: "system", content: system)].filter { $0.content != nil }
                     + [ChatMessage(role: "user", content: prompt)], addGenerationPrompt: true)
@@ -118,12 +141,14 @@ struct Chat: ParsableCommand {
     @OptionGroup var modelOptions: ModelOptions
     @OptionGroup var sampling: SamplingOptions
     @Option(help: "System message.") var system: String?
-    @Flag(help: "Print speed after each answer.") var stats = false
+    @Flag(help: "Print speed (and DFlash acceptance) after each answer.") var stats = false
+    @OptionGroup var speculative: SpeculativeOptions
 
     func run() throws {
         try reportingErrors {
             let samplingParameters = try sampling.sampling()
             let engine = try modelOptions.load()
+            try speculative.apply(to: engine)
             let parameters = sampling.parameters(samplingParameters, engine)
             var history: [ChatMessage] = system.map { [ChatMessage(role: "system", content: $0)] } ?? []
             Terminal.status("Chatting with \(engine.name). /reset clears the history, /exit or Ctrl-D quits.")
@@ -140,7 +165,10 @@ struct Chat: ParsableCommand {
                     let result = try engine.generate(text: prompt, parameters: parameters) { Terminal.out($0); return true }
                     Terminal.out("\n")
                     history.append(ChatMessage(role: "assistant", content: result.text))
-                    if stats { Terminal.status(Terminal.summary(result)) }
+                    if stats {
+                        Terminal.status(Terminal.summary(result))
+                        if let s = result.speculative { Terminal.status(s.summary) }
+                    }
                 } catch let e as FulgurError {
                     history.removeLast()
                     Terminal.error(e.message)

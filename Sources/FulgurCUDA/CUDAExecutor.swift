@@ -198,6 +198,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         precondition(rows.count % width == 0, "rows of \(rows.count) floats do not split into rows of \(width)")
         let count = rows.count / width
         try device.makeCurrent()
+        try oneSequence()
         guard length + count <= maxPositions else {
             throw FulgurError(.usage, "context is full: \(length) + \(count) rows exceed the \(maxPositions)-position context")
         }
@@ -244,7 +245,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     }
 
     public func sharingCache(plan other: Plan) throws -> any Executor {
-        try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch, sharing: self)
+        try oneSequence()
+        return try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch, sharing: self)
     }
 
     /// Another executor over this one's device copies of the weights (none uploaded again),
@@ -281,7 +283,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     private func run(_ input: [Int], after: (Int, Bool) throws -> Void) throws {
         // The server decodes on its own threads; a CUDA context is current per thread.
         try device.makeCurrent()
-        guard slots == 1 else { throw FulgurError(.usage, "CUDA executor: a cache of \(slots) sequences runs forward(batch:)") }
+        try oneSequence()
         capturedFeatures.removeAll(keepingCapacity: true)
         guard !input.isEmpty else { return }
         let table = plan.embedding.table.shape[0]
@@ -338,6 +340,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                                   fixedTokens: Bool = false) throws -> Double {
         precondition((1...maxStepTokens).contains(T))
         try device.makeCurrent()
+        try oneSequence()
         var skip = skipping
         if skip.contains("prefetch") { skip.insert("join") }
         guard length + (warmup + steps) * T <= maxPositions else {
@@ -374,6 +377,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// advancing them.
     public func profile(tokens T: Int, rounds: Int = 10) throws -> [(kind: String, launches: Int, micros: Double)] {
         try device.makeCurrent()
+        try oneSequence()
         let ints = [Int32](repeating: 1, count: T), pos = (0..<T).map { Int32(length + $0) }
         try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
         try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
@@ -406,6 +410,12 @@ public final class CUDAExecutor: @unchecked Sendable {
     public static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
 
     private func add(_ kind: String, _ run: @escaping (Int) throws -> Void) { launches.append((kind, run)) }
+
+    /// The single-sequence entry points read slot 0's positions (`length`); a cache of several
+    /// slots runs only `forward(batch:)`, whose rows name their slots.
+    private func oneSequence() throws {
+        guard slots == 1 else { throw FulgurError(.usage, "CUDA executor: a cache of \(slots) sequences runs forward(batch:)") }
+    }
 
     /// Device copies of a plan's weights in the order lowering makes them, so that an executor
     /// lowering the same plan finds each at the same index (`sharingWeights`).

@@ -63,6 +63,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     private let rowSlots: DeviceBuffer
     /// Sequences the cache holds: 1, or more for `forward(batch:)`.
     public let slots: Int
+    /// Whether rows name their slot (`forward(batch:)`, any number of slots) or all use slot 0.
+    private let slotted: Bool
     /// Positions held per slot (`slots` > 1).
     private var slotLengths: [Int]
     /// The device copies of the plan's weights, shared by executors made with `sharingWeights`.
@@ -106,7 +108,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// one uses instead of uploading its own (`sharingWeights`).
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
                 moeVersion: Int = CUDAMoE.defaultVersion, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, vocabularyStart: Int = 0,
-                sharing: CUDAExecutor? = nil, slots: Int = 1, sharingWeightsOf owner: CUDAExecutor? = nil,
+                sharing: CUDAExecutor? = nil, slots: Int = 1, slotted: Bool? = nil, sharingWeightsOf owner: CUDAExecutor? = nil,
                 progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         precondition(slots >= 1 && (sharing == nil || slots == 1), "a cache of at least one slot, and one when shared")
@@ -117,6 +119,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
         self.plan = plan
         self.slots = slots
+        self.slotted = slotted ?? (slots > 1)
+        precondition(self.slotted || slots == 1, "several slots need slot-indexed rows")
         slotLengths = [Int](repeating: 0, count: slots)
         weights = owner?.weights ?? WeightStore()
         self.device = device
@@ -253,18 +257,27 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// with its own cache of `slots` sequences, activations and stream: a server lane, or a
     /// batch (`forward(batch:)`). Not for tensor-parallel shards.
     public func sharingWeights(slots: Int, maxPositions: Int? = nil) throws -> CUDAExecutor {
+        try sharingWeights(slots: slots, slotted: slots > 1, maxPositions: maxPositions)
+    }
+
+    private func sharingWeights(slots: Int, slotted: Bool, maxPositions: Int?) throws -> CUDAExecutor {
         guard communicator == nil else { throw FulgurError(.unsupported, "CUDA executor: sharing a tensor-parallel shard's weights") }
+        guard slots >= 1 else { throw FulgurError(.usage, "a cache of at least one slot, got \(slots)") }
         return try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: maxPositions ?? self.maxPositions, maxStepTokens: maxStepTokens,
-                                moeVersion: moeVersion, prefetch: prefetch, slots: slots, sharingWeightsOf: self)
+                                moeVersion: moeVersion, prefetch: prefetch, slots: slots, slotted: slotted, sharingWeightsOf: self)
     }
 
     public func sharingWeights() throws -> any Executor { try sharingWeights(slots: 1) }
 
     /// A batch executor over these weights: a cache of `slots` sequences. Its steps take up to
-    /// `maxStepTokens` rows (one graph), so a longer batch runs as several, in order.
+    /// `maxStepTokens` rows (one graph), so a longer batch runs as several, in order, and a
+    /// sequence may bring any number of tokens (`maxSequenceTokens` is not a limit here).
+    /// Causal plans only: a non-causal row's keys end at the step's last row's position.
     public func batchExecutor(slots: Int, maxSequenceTokens: Int) throws -> any BatchExecutor {
-        guard slots >= 2 else { return try sharingWeights(slots: 2) }  // slot-indexed attention needs a slotted cache
-        return try sharingWeights(slots: slots)
+        guard plan.spec.layers.allSatisfy({ $0.attention.causal }) else {
+            throw FulgurError(.unsupported, "CUDA executor: batching a plan with non-causal attention (a DFlash drafter's)")
+        }
+        return try sharingWeights(slots: slots, slotted: true, maxPositions: nil)
     }
 
     /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
@@ -414,7 +427,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// The single-sequence entry points read slot 0's positions (`length`); a cache of several
     /// slots runs only `forward(batch:)`, whose rows name their slots.
     private func oneSequence() throws {
-        guard slots == 1 else { throw FulgurError(.usage, "CUDA executor: a cache of \(slots) sequences runs forward(batch:)") }
+        guard !slotted else { throw FulgurError(.usage, "CUDA executor: a batch's cache (\(slots) slots) runs forward(batch:)") }
     }
 
     /// Device copies of a plan's weights in the order lowering makes them, so that an executor
@@ -487,7 +500,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                      "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax", "argmax_slice", "argmax_pick"]
         let module = self.module, stream = self.stream, positions = self.positions
         // Row slots only where the cache holds several sequences (null: slot 0).
-        let rowSlots = slots > 1 ? self.rowSlots.address : 0
+        let rowSlots = slotted ? self.rowSlots.address : 0
         let f = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
         let launch: Launch = { name, grid, block, shared, args in
             try module.launch(f[name]!, grid: grid, block: (block, 1, 1), sharedBytes: shared, stream: stream, overlapPrevious: true, args)
@@ -497,7 +510,9 @@ public final class CUDAExecutor: @unchecked Sendable {
         // Embedding: f32 / bf16 / f16 tables as stored, anything else decoded to f32.
         let table = plan.embedding.table
         let tableType: Int32 = table.dtype == .f32 ? 0 : table.dtype == .bf16 ? 1 : table.dtype == .f16 ? 2 : 0
-        let tableBuffer = try sharedWeight("embedding \(table.shape)") { () -> DeviceBuffer in
+        // A plan without an embedding op (the DFlash drafter's context path) uploads no table.
+        let embeds = plan.ops.contains { if case .embed = $0 { return true }; return false }
+        let tableBuffer = !embeds ? nil : try sharedWeight("embedding \(table.shape)") { () -> DeviceBuffer in
             switch table.dtype {
             case .f32, .bf16, .f16:
                 return try device.upload(UnsafeRawBufferPointer(start: table.data, count: table.byteCount))
@@ -509,8 +524,8 @@ public final class CUDAExecutor: @unchecked Sendable {
                 return try rows.withUnsafeBytes { try device.upload($0) }
             }
         }.object
-        keep.append(tableBuffer)
-        bytes += table.dtype.byteCount(elements: hidden)
+        if let tableBuffer { keep.append(tableBuffer) }
+        if embeds { bytes += table.dtype.byteCount(elements: hidden) }
 
         // State carried between ops of a layer.
         var qOff = 0, kOff = 0, vOff = 0, qW = 0, kW = 0, vW = 0, inter = 0
@@ -604,7 +619,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             case .embed:
                 let tokens = self.tokens
                 add("embed") { T in
-                    try launch("embed", (T, 1, 1), 256, 0, [.pointer(tableBuffer.address), .int32(tableType), .pointer(tokens.address), .int32(Int32(hidden)), .pointer(x.address)])
+                    try launch("embed", (T, 1, 1), 256, 0, [.pointer(tableBuffer!.address), .int32(tableType), .pointer(tokens.address), .int32(Int32(hidden)), .pointer(x.address)])
                 }
             case .rmsNorm(let src, let dst, let weight, let eps):
                 switch (src, dst) {
@@ -875,7 +890,7 @@ extension CUDAExecutor: BatchExecutor {
     /// agree with running it alone to float rounding (kernels sum in another order at another
     /// step size), not bit for bit as on the CPU.
     public func forward(batch: [BatchStep]) throws -> [[Float]] {
-        guard slots > 1 else { throw FulgurError(.usage, "CUDA executor: forward(batch:) needs a cache of several slots (batchExecutor)") }
+        guard slotted else { throw FulgurError(.usage, "CUDA executor: forward(batch:) needs a batch's cache (batchExecutor)") }
         try device.makeCurrent()
         let table = plan.embedding.table.shape[0]
         var rows: [(slot: Int32, token: Int32, position: Int32, part: Int?)] = []

@@ -16,8 +16,11 @@ struct BatchRow {
     let worst: Double
     let rows: Int, argmaxAgree: Int
     let maxStepRows: Int
+    let expectedRows: Int
     let lanesIdentical: Bool, concurrentIdentical: Bool
-    var passed: Bool { worst <= executorTolerance && argmaxAgree == rows && maxStepRows > 16 && lanesIdentical && concurrentIdentical }
+    var passed: Bool {
+        worst <= executorTolerance && rows == expectedRows && argmaxAgree == rows && maxStepRows > 16 && lanesIdentical && concurrentIdentical
+    }
 }
 
 func checkBatch(_ device: CUDADevice, _ module: KernelModule, name: String, seed: UInt64) throws -> BatchRow {
@@ -69,9 +72,10 @@ func checkBatch(_ device: CUDADevice, _ module: KernelModule, name: String, seed
         }
         maxStepRows = max(maxStepRows, parts.reduce(0) { $0 + $1.tokens.count })
         let got = try batch.forward(batch: parts)
-        for (r, l) in zip(running, got) where !l.isEmpty {
+        for (r, (part, l)) in zip(running, zip(parts, got)) where part.wantsLogits {
             let reference = want[r.seq][r.decoded]  // after the prompt, then after each fed token
-            worst = max(worst, worstRowError(l, reference, width: vocab))
+            let e = worstRowError(l, reference, width: vocab)  // NaN for a missing or non-finite row
+            worst = worst.isNaN || e.isNaN ? .nan : max(worst, e)
             rows += 1
             if Sampler.argmax(l) == Sampler.argmax(reference) { agree += 1 }
         }
@@ -109,7 +113,7 @@ func checkBatch(_ device: CUDADevice, _ module: KernelModule, name: String, seed
         sequential.append(l)
     }
     if !failures.isEmpty { print("batch \(name): concurrent lanes failed: \(failures)") }
-    return BatchRow(model: name, worst: worst, rows: rows, argmaxAgree: agree, maxStepRows: maxStepRows,
+    return BatchRow(model: name, worst: worst, rows: rows, argmaxAgree: agree, maxStepRows: maxStepRows, expectedRows: lengths.count * (decode + 1),
                     lanesIdentical: identical(ownerLogits, laneLogits),
                     concurrentIdentical: failures.isEmpty && identical(concurrent[0], sequential[0]) && identical(concurrent[1], sequential[1]))
 }
@@ -122,7 +126,8 @@ func runBatchChecks(_ device: CUDADevice, _ module: KernelModule, seed: UInt64) 
             rows.append(try checkBatch(device, module, name: name, seed: seed + UInt64(i)))
         } catch {
             print("batch \(name): ERROR \(error)")
-            rows.append(BatchRow(model: name, worst: .nan, rows: 0, argmaxAgree: -1, maxStepRows: 0, lanesIdentical: false, concurrentIdentical: false))
+            rows.append(BatchRow(model: name, worst: .nan, rows: 0, argmaxAgree: -1, maxStepRows: 0, expectedRows: 1,
+                                 lanesIdentical: false, concurrentIdentical: false))
         }
     }
     print("\ncontinuous batching on the GPU: 6 sequences through 4 slots vs each alone on the CPU (bound \(executorTolerance)); lanes sharing weights")

@@ -59,13 +59,13 @@ public final class CUDAExecutor: @unchecked Sendable {
     private var graphs: [Int: CUDAGraph] = [:]
     private var keep: [AnyObject] = []  // device objects the launches point into
     private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
-    /// Each row's slot of the cache (`slots` > 1: continuous batching); zeros otherwise.
+    /// Each row's slot of the cache (`slotted`: continuous batching); zeros otherwise.
     private let rowSlots: DeviceBuffer
     /// Sequences the cache holds: 1, or more for `forward(batch:)`.
     public let slots: Int
     /// Whether rows name their slot (`forward(batch:)`, any number of slots) or all use slot 0.
     private let slotted: Bool
-    /// Positions held per slot (`slots` > 1).
+    /// Positions held per slot (`slotted`).
     private var slotLengths: [Int]
     /// The device copies of the plan's weights, shared by executors made with `sharingWeights`.
     private let weights: WeightStore
@@ -108,7 +108,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// one uses instead of uploading its own (`sharingWeights`).
     public init(plan: Plan, device: CUDADevice, module: KernelModule, maxPositions: Int? = nil, maxStepTokens: Int = 16,
                 moeVersion: Int = CUDAMoE.defaultVersion, prefetch: L2Prefetch = .off, communicator: (any StepAllReduce)? = nil, vocabularyStart: Int = 0,
-                sharing: CUDAExecutor? = nil, slots: Int = 1, slotted: Bool? = nil, sharingWeightsOf owner: CUDAExecutor? = nil,
+                sharing: CUDAExecutor? = nil, slots: Int = 1, slotted: Bool = false, sharingWeightsOf owner: CUDAExecutor? = nil,
                 progress: ((Int, Int) -> Void)? = nil) throws {
         precondition((1...CUDALinear.maxTokens).contains(maxStepTokens), "steps of 1 to \(CUDALinear.maxTokens) tokens")
         precondition(slots >= 1 && (sharing == nil || slots == 1), "a cache of at least one slot, and one when shared")
@@ -119,8 +119,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
         self.plan = plan
         self.slots = slots
-        self.slotted = slotted ?? (slots > 1)
-        precondition(self.slotted || slots == 1, "several slots need slot-indexed rows")
+        self.slotted = slotted
+        precondition(slotted || slots == 1, "several slots need slot-indexed rows")
         slotLengths = [Int](repeating: 0, count: slots)
         weights = owner?.weights ?? WeightStore()
         self.device = device
@@ -253,21 +253,18 @@ public final class CUDAExecutor: @unchecked Sendable {
         return try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch, sharing: self)
     }
 
-    /// Another executor over this one's device copies of the weights (none uploaded again),
-    /// with its own cache of `slots` sequences, activations and stream: a server lane, or a
-    /// batch (`forward(batch:)`). Not for tensor-parallel shards.
-    public func sharingWeights(slots: Int, maxPositions: Int? = nil) throws -> CUDAExecutor {
-        try sharingWeights(slots: slots, slotted: slots > 1, maxPositions: maxPositions)
-    }
-
-    private func sharingWeights(slots: Int, slotted: Bool, maxPositions: Int?) throws -> CUDAExecutor {
+    /// Another executor over this one's device copies of the weights (the large ones are not
+    /// uploaded again), with its own cache, activations and stream: a server lane (one
+    /// sequence), or a batch (`slotted`: `slots` sequences, `forward(batch:)`). Not for
+    /// tensor-parallel shards.
+    private func sibling(slots: Int, slotted: Bool) throws -> CUDAExecutor {
         guard communicator == nil else { throw FulgurError(.unsupported, "CUDA executor: sharing a tensor-parallel shard's weights") }
         guard slots >= 1 else { throw FulgurError(.usage, "a cache of at least one slot, got \(slots)") }
-        return try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: maxPositions ?? self.maxPositions, maxStepTokens: maxStepTokens,
+        return try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: maxPositions, maxStepTokens: maxStepTokens,
                                 moeVersion: moeVersion, prefetch: prefetch, slots: slots, slotted: slotted, sharingWeightsOf: self)
     }
 
-    public func sharingWeights() throws -> any Executor { try sharingWeights(slots: 1) }
+    public func sharingWeights() throws -> any Executor { try sibling(slots: 1, slotted: false) }
 
     /// A batch executor over these weights: a cache of `slots` sequences. Its steps take up to
     /// `maxStepTokens` rows (one graph), so a longer batch runs as several, in order, and a
@@ -277,7 +274,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         guard plan.spec.layers.allSatisfy({ $0.attention.causal }) else {
             throw FulgurError(.unsupported, "CUDA executor: batching a plan with non-causal attention (a DFlash drafter's)")
         }
-        return try sharingWeights(slots: slots, slotted: true, maxPositions: nil)
+        return try sibling(slots: slots, slotted: true)
     }
 
     /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
@@ -883,7 +880,7 @@ extension CUDAExecutor: BatchExecutor {
     public func reset(slot: Int) { slotLengths[slot] = 0 }
 
     /// One forward pass over the tokens of several sequences, each in its own slot of the cache
-    /// (continuous batching; `slots` > 1): the products, experts and LM head run once over all
+    /// (continuous batching; a cache from `batchExecutor`): the products, experts and LM head run once over all
     /// rows, attention reads and writes each row's slot at its position. The rows go in steps
     /// of up to `maxStepTokens` (a graph each), in order, so a sequence's rows may span two
     /// steps. Returns, per part, the logits after its last token or nothing. A sequence's logits

@@ -40,8 +40,10 @@
 // 27% occupancy, and a launch alone costs 3.0 us (1.5 us overlapped).
 
 #include "common.cuh"
+#include <cooperative_groups.h>
 
 namespace gemv {
+namespace cg = cooperative_groups;
 
 constexpr int kWarps = 4;
 
@@ -449,6 +451,238 @@ __device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ sca
     }
 }
 
+
+// Tensor-core products for 4-16 tokens (verify blocks, the DFlash drafter's block, the LM head
+// at 8-16 tokens): FP8 E4M3 (128x128 tile multipliers) and BF16 weights on mma.sync m16n8k16
+// with f32 accumulators. The FFMA paths above spend T FFMAs per weight element, so at T = 8
+// an SM needs 8 elements x 16 FP8 bytes a clock x 8 = more FFMAs than it can issue; they ran at
+// 13-18% of copy bandwidth for FP8 and 22% for the BF16 LM head at 16 tokens (H200). Here a warp
+// spends about 33 instructions on 1024 FP8 weights at 8 tokens (2 loads, 16 E4M3 -> f16x2
+// conversions, 4 shared loads of x, 8 mma) and the mma count grows only by one n-tile per 8
+// tokens, so 16 B a clock an SM is within the issue rate at every T <= 16.
+//
+// Exactness: weights go in exact (E4M3 -> f16 is exact; BF16 as is). x is split into terms
+// the mma takes: for FP8 weights f16 hi + lo of x scaled per (token, 64-column chunk) by a power
+// of two that puts max |x| in [2^14, 2^15) (no overflow, about 2^-22 relative, as the MoE
+// kernels); for BF16 weights bf16 hi + mid + lo (about 2^-24, the f32 range, no scaling). So
+// the result is an f32 sum in another order, as the FFMA paths.
+//
+// Layout: a block of 4 warps owns 64 rows (a warp 16) and one eighth of K; the 8 blocks of a
+// thread-block cluster (grid.y = 8) cover K, and rank 0 sums their partial tiles from
+// distributed shared memory in rank order (deterministic, no scratch in global memory, no
+// float atomics). K is walked in 64-column chunks (each chunk in one FP8 tile, so a warp applies
+// one multiplier per chunk), in pieces of P chunks: every lane issues the piece's weight loads
+// (FP8: 2 x 16 B a chunk, BF16: 4), the block stages the piece's x split into terms in shared
+// memory, then each warp multiplies. Lane 4g + t loads columns 16t .. 16t + 15 of rows g and
+// g + 8; mma step m (of 4 a chunk) takes their columns 4m .. 4m + 3 as its k-order
+// (2t, 2t + 1, 2t + 8, 2t + 9), and B is staged in the same order, so no shuffles.
+// Shared x: per token P chunks of 64 columns x terms x 2 bytes, token stride padded by 16 bytes
+// (the 16-byte B reads of a quarter-warp then hit 32 distinct banks).
+//
+// Budget: the weights' bytes (FP8 N*K + tile multipliers, BF16 2*N*K) plus T*K*4 of x per
+// block row from L2 and 7/8 of 64 * T * 4 bytes a block through distributed shared memory.
+// Requires K % 64 == 0 and, for FP8, a tile multiple of 64 (CUDALinear checks).
+constexpr int kMmaSplits = 8, kMmaWarps = 4;
+
+template <bool BF16, int NT> struct MmaFormat {
+    static constexpr int terms = BF16 ? 3 : 2;
+    static constexpr int piece = BF16 ? 2 : NT == 1 ? 8 : 4;  // chunks per piece (measured best on an H100, NOTES)
+    static constexpr int loads = BF16 ? 4 : 2;                // 16-byte weight loads per lane and chunk
+    static constexpr int chunkBytes = terms * 128;            // shared bytes per token and chunk
+    static constexpr int tokenStride = piece * chunkBytes + 16;
+};
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+    if (bf16)
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+    uint32_t d;
+    asm("cvt.rn.f16x2.f32 %0, %2, %1;" : "=r"(d) : "f"(lo), "f"(hi));
+    return d;
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    uint32_t d;
+    asm("cvt.rn.bf16x2.f32 %0, %2, %1;" : "=r"(d) : "f"(lo), "f"(hi));
+    return d;
+}
+__device__ __forceinline__ float bf16lo(uint32_t p) { return __uint_as_float(p << 16); }
+__device__ __forceinline__ float bf16hi(uint32_t p) { return __uint_as_float(p & 0xFFFF0000u); }
+
+// Stages chunks [c0, c0 + count) of x (tokens >= T and chunks >= count as zeros) into `xs` in
+// the B order, split into terms; FP8: mult[token][chunk] = the power of two to multiply the
+// chunk's products by. Lane 16-groups (half-warps) hold one (token, chunk) each pass.
+template <bool BF16, int NT>
+__device__ __forceinline__ void mma_stage(uint8_t* xs, float* mult, const float* __restrict__ x, int k, int T, int c0, int count) {
+    using F = MmaFormat<BF16, NT>;
+    constexpr int P = F::piece, N = NT * 8, passes = N * P * 16 / (kMmaWarps * 32), G = passes < 4 ? passes : 4;
+    static_assert(passes % G == 0, "passes in groups of G");
+#pragma unroll
+    for (int u0 = 0; u0 < passes; u0 += G) {
+    float4 v[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        const int i = threadIdx.x + (u0 + j) * kMmaWarps * 32, t = i / (P * 16), c = i / 16 % P, e = i % 16;
+        v[j] = t < T && c < count ? __ldg(reinterpret_cast<const float4*>(x + (size_t)t * k + (c0 + c) * 64 + 4 * e))
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+        const int u = j, i = threadIdx.x + (u0 + j) * kMmaWarps * 32, t = i / (P * 16), c = i / 16 % P, e = i % 16;
+        uint8_t* d = xs + t * F::tokenStride + c * F::chunkBytes + 8 * e;
+        if (BF16) {
+            const float q[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+            uint32_t hi[2], mid[2], lo[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                hi[j] = pack_bf16x2(q[2 * j], q[2 * j + 1]);
+                const float r0 = q[2 * j] - bf16lo(hi[j]), r1 = q[2 * j + 1] - bf16hi(hi[j]);
+                mid[j] = pack_bf16x2(r0, r1);
+                lo[j] = pack_bf16x2(r0 - bf16lo(mid[j]), r1 - bf16hi(mid[j]));
+            }
+            *reinterpret_cast<uint2*>(d) = make_uint2(hi[0], hi[1]);
+            *reinterpret_cast<uint2*>(d + 128) = make_uint2(mid[0], mid[1]);
+            *reinterpret_cast<uint2*>(d + 256) = make_uint2(lo[0], lo[1]);
+        } else {
+            float m = fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w)));
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            // max |x| * 2^-e in [2^14, 2^15): e = exponent(max) - 14, kept where 2^-e is a normal float.
+            const int be = (__float_as_uint(m) >> 23) & 0xFF, ex = be == 0 ? 0 : max(be - 141, -120);
+            const float down = __uint_as_float((uint32_t)(127 - ex) << 23);
+            const float q[4] = {v[u].x * down, v[u].y * down, v[u].z * down, v[u].w * down};
+            const uint32_t h0 = pack_f16x2(q[0], q[1]), h1 = pack_f16x2(q[2], q[3]);
+            const uint32_t l0 = pack_f16x2(q[0] - f16lo(h0), q[1] - f16hi(h0)), l1 = pack_f16x2(q[2] - f16lo(h1), q[3] - f16hi(h1));
+            *reinterpret_cast<uint2*>(d) = make_uint2(h0, h1);
+            *reinterpret_cast<uint2*>(d + 128) = make_uint2(l0, l1);
+            if (e == 0) mult[t * P + c] = __uint_as_float((uint32_t)(127 + ex) << 23);
+        }
+    }
+    }
+}
+
+template <bool BF16, int NT>
+__device__ void mma_product(const uint8_t* __restrict__ w, const float* __restrict__ tiles, const float* __restrict__ bias,
+                            const float* __restrict__ x, float* __restrict__ out, int n, int k, int outStride, int tileSize, int T) {
+    using F = MmaFormat<BF16, NT>;
+    constexpr int P = F::piece, L = F::loads;
+    __shared__ __align__(16) uint8_t xs[NT * 8 * F::tokenStride];
+    __shared__ float mult[NT * 8 * P];
+    __shared__ float red[kMmaWarps * 32 * NT * 4];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, g = lane >> 2, t4 = lane & 3;
+    const int row0 = blockIdx.x * 64 + warp * 16;
+    const int rowA = min(row0 + g, n - 1), rowB = min(row0 + g + 8, n - 1);
+    const int chunks = k / 64, per = (chunks + kMmaSplits - 1) / kMmaSplits;
+    const int first = blockIdx.y * per, last = min(chunks, first + per);
+    const int tilesPerRow = BF16 ? 0 : (k + tileSize - 1) / tileSize;
+    float acc[NT][4] = {};
+    bool waited = false;
+    for (int p0 = first; p0 < last || !waited; p0 += P) {
+        const int count = max(0, min(P, last - p0));
+        // The piece's weights: lane 4g + t's columns 16t .. 16t + 15 of rows g and g + 8, per chunk.
+        uint4 wa[P][L / 2], wb[P][L / 2];
+        float scale[P];
+#pragma unroll
+        for (int c = 0; c < P; ++c) {
+            if (c < count) {
+                const size_t col = (size_t)(p0 + c) * 64 + 16 * t4;  // element column
+#pragma unroll
+                for (int l = 0; l < L / 2; ++l) {
+                    if (BF16) {
+                        wa[c][l] = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)rowA * k + col + 8 * l);
+                        wb[c][l] = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)rowB * k + col + 8 * l);
+                    } else {
+                        wa[c][l] = load_streaming(w + (size_t)rowA * k + col);
+                        wb[c][l] = load_streaming(w + (size_t)rowB * k + col);
+                    }
+                }
+                scale[c] = BF16 ? 1.f : __ldg(tiles + (size_t)(min(row0, n - 1) / tileSize) * tilesPerRow + (p0 + c) * 64 / tileSize);
+            }
+        }
+        if (!waited) {
+            wait_for_previous_kernel();  // x is the previous kernel's output
+            allow_next_kernel();
+            waited = true;
+        }
+        if (count == 0) break;
+        __syncthreads();  // the previous piece's reads of xs are done
+        mma_stage<BF16, NT>(xs, mult, x, k, T, p0, count);
+        __syncthreads();
+#pragma unroll
+        for (int c = 0; c < P; ++c) {
+            if (c >= count) break;
+            float part[NT][4] = {};
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                uint32_t a[4];
+                if (BF16) {
+                    // Row g's columns 4m .. 4m + 3 are words 2m, 2m + 1 of its 32 bytes.
+                    a[0] = word(wa[c][m / 2], (2 * m) % 4); a[2] = word(wa[c][m / 2], (2 * m + 1) % 4);
+                    a[1] = word(wb[c][m / 2], (2 * m) % 4); a[3] = word(wb[c][m / 2], (2 * m + 1) % 4);
+                } else {
+                    uint32_t h2;
+                    const uint32_t qa = word(wa[c][0], m), qb = word(wb[c][0], m);
+                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa & 0xFFFF))); a[0] = h2;
+                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa >> 16))); a[2] = h2;
+                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb & 0xFFFF))); a[1] = h2;
+                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb >> 16))); a[3] = h2;
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const uint8_t* b = xs + (nt * 8 + g) * F::tokenStride + c * F::chunkBytes + 32 * t4 + 8 * m;
+#pragma unroll
+                    for (int term = 0; term < F::terms; ++term) {
+                        const uint2 bv = *reinterpret_cast<const uint2*>(b + 128 * term);
+                        mma16816(part[nt], a, bv.x, bv.y, BF16);
+                    }
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                if (BF16) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) acc[nt][i] += part[nt][i];
+                } else {
+                    const float m0 = mult[(nt * 8 + 2 * t4) * P + c] * scale[c], m1 = mult[(nt * 8 + 2 * t4 + 1) * P + c] * scale[c];
+                    acc[nt][0] = fmaf(part[nt][0], m0, acc[nt][0]);
+                    acc[nt][1] = fmaf(part[nt][1], m1, acc[nt][1]);
+                    acc[nt][2] = fmaf(part[nt][2], m0, acc[nt][2]);
+                    acc[nt][3] = fmaf(part[nt][3], m1, acc[nt][3]);
+                }
+            }
+        }
+    }
+    // Rank 0 of the cluster sums the 8 blocks' tiles in rank order and stores them.
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(nt * 4 + i) * kMmaWarps * 32 + threadIdx.x] = acc[nt][i];
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    if (cluster.block_rank() == 0) {
+        float sum[NT][4] = {};
+        for (int r = 0; r < kMmaSplits; ++r) {
+            const float* other = cluster.map_shared_rank(red, r);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) sum[nt][i] += other[(nt * 4 + i) * kMmaWarps * 32 + threadIdx.x];
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = row0 + g + (i >= 2 ? 8 : 0), t = nt * 8 + 2 * t4 + (i & 1);
+                if (row < n && t < T) out[(size_t)t * outStride + row] = bias ? sum[nt][i] + bias[row] : sum[nt][i];
+            }
+    }
+    cluster.sync();  // the other blocks' shared tiles stay until rank 0 has read them
+}
 }  // namespace gemv
 
 // One entry point per token count, named gemv_<format>_t<T>. Launch with 128 threads,
@@ -513,6 +747,23 @@ PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
     }
 WIDE_ENTRY(1) WIDE_ENTRY(2) WIDE_ENTRY(3) WIDE_ENTRY(4) WIDE_ENTRY(5) WIDE_ENTRY(6) WIDE_ENTRY(7) WIDE_ENTRY(8)
 WIDE_ENTRY(9) WIDE_ENTRY(10) WIDE_ENTRY(11) WIDE_ENTRY(12) WIDE_ENTRY(13) WIDE_ENTRY(14) WIDE_ENTRY(15) WIDE_ENTRY(16)
+
+// gemv_mma_<fp8|bf16>_n<NT>: the tensor-core layout above for T <= 8 * NT tokens. Launch with
+// 128 threads, grid (ceil(N / 64), 8) (a cluster of 8 along y is compiled in), no dynamic shared
+// memory; K % 64 == 0, FP8 tile % 64 == 0. Arguments as gemv_fp8_t<T> plus T (tiles and tile
+// unused for BF16).
+#define MMA_ENTRY(NT)                                                                              \
+    extern "C" __global__ void __cluster_dims__(1, gemv::kMmaSplits, 1) __launch_bounds__(128, 4) gemv_mma_fp8_n##NT( \
+        const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
+        int n, int k, int outStride, int tile, int T) {                                            \
+        gemv::mma_product<false, NT>(w, tiles, bias, x, out, n, k, outStride, tile, T);            \
+    }                                                                                              \
+    extern "C" __global__ void __cluster_dims__(1, gemv::kMmaSplits, 1) __launch_bounds__(128, 4) gemv_mma_bf16_n##NT( \
+        const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
+        int n, int k, int outStride, int tile, int T) {                                            \
+        gemv::mma_product<true, NT>(w, tiles, bias, x, out, n, k, outStride, tile, T);             \
+    }
+MMA_ENTRY(1) MMA_ENTRY(2)
 
 // Warms L2 with weights a later kernel of the step will read: `ranges` holds `count` pairs
 // (device address, bytes); the grid's threads walk the 128-byte lines of every range and

@@ -26,10 +26,20 @@ public final class CUDALinear: @unchecked Sendable {
     /// 2 (4 rows a block, x staged per block), or `.wide` (resident blocks stage x once and
     /// stream many rows each; for products of many rows, the LM head). `.wide` falls back to
     /// `.rows` for a token count whose x does not fit in shared memory.
-    public enum Layout: Sendable { case rows, wide }
+    ///
+    /// `.mma` (FP8 with tiles of a multiple of 64 and BF16, K a multiple of 64): tensor-core
+    /// tiles of 64 rows with K split over a cluster of 8 blocks (gemv::mma_product), taken by
+    /// default from `mmaMinTokens` tokens up; elsewhere `.rows` runs.
+    public enum Layout: Sendable { case rows, wide, mma }
     public var layout: Layout
-    /// Take the wide layout at every token count (the kernel checks), not only up to wideMaxTokens.
-    public var forceWide = false
+    /// Take `layout` at every token count it can take (checks and comparisons), not only where
+    /// the defaults pick it.
+    public var forceLayout = false
+    /// Products that can take the tensor-core layout take it from this many tokens up
+    /// (`FULGUR_GEMV_MMA_MIN`, e.g. 17 to turn it off for comparisons).
+    public static let mmaMinTokens = ProcessInfo.processInfo.environment["FULGUR_GEMV_MMA_MIN"].flatMap { Int($0) } ?? 4
+    /// gemv_mma_<format>_n1 and _n2 (up to 8 and 16 tokens); empty when the shape cannot take them.
+    let mmaKernels: [KernelModule.Function]
     /// Products with at least this many rows take the wide layout by default, for 1-token
     /// steps only: at 4 and 8 tokens it ran at half the rows layout's speed (one row per warp,
     /// so each x value read from shared memory feeds one row; Kernels/NOTES.md).
@@ -129,6 +139,12 @@ public final class CUDALinear: @unchecked Sendable {
             kernels = (1...Self.maxTokens).map { t in functions[bins.firstIndex { $0 >= t }!] }
             wideKernels = []
         }
+        let mmaFamily: String? = switch storage {
+        case .fp8(let tile) where tile % 64 == 0 && k % 64 == 0: "gemv_mma_fp8"
+        case .bf16 where k % 64 == 0: "gemv_mma_bf16"
+        default: nil
+        }
+        mmaKernels = try mmaFamily.map { f in try [1, 2].map { try module.function("\(f)_n\($0)") } } ?? []
         layout = rows >= Self.wideRows ? .wide : .rows
     }
 
@@ -209,7 +225,17 @@ public final class CUDALinear: @unchecked Sendable {
         let grid = ((outFeatures + plan.rowsPerBlock - 1) / plan.rowsPerBlock, 1, 1)
         let n = Int32(outFeatures), k = Int32(inFeatures), os = Int32(outStride ?? outFeatures)
         let biasArg = KernelModule.Argument.pointer(bias?.address ?? 0)
-        if layout == .wide, tokens <= Self.wideMaxTokens || forceWide, storage != .bf16, storage != .f32, let blocks = try wideBlocks(tokens) {
+        let mmaFits = !mmaKernels.isEmpty && (xStride ?? inFeatures) == inFeatures && (groupRows ?? outFeatures) == outFeatures
+        if mmaFits, forceLayout ? layout == .mma : tokens >= Self.mmaMinTokens {
+            var tile: Int32 = 0
+            if case .fp8(let t) = storage { tile = Int32(t) }
+            try module.launch(mmaKernels[tokens <= 8 ? 0 : 1], grid: ((outFeatures + 63) / 64, 8, 1), block: (128, 1, 1), stream: stream,
+                              overlapPrevious: overlapPrevious,
+                              [.pointer(codes.address), .pointer(scales?.address ?? 0), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(os),
+                               .int32(tile), .int32(Int32(tokens))])
+            return
+        }
+        if layout == .wide, tokens <= Self.wideMaxTokens || forceLayout, storage != .bf16, storage != .f32, let blocks = try wideBlocks(tokens) {
             precondition(xStride == nil && groupRows == nil, "quantized products take contiguous x")
             var args: [KernelModule.Argument] = [.pointer(codes.address), .pointer(scales!.address), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(os)]
             if case .fp8(let tile) = storage { args.append(.int32(Int32(tile))) }

@@ -104,7 +104,7 @@ func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _
         let xd = try x.withUnsafeBytes { try device.upload($0) }
         let out = try device.allocate(4 * t * rows)
         for layout in layouts {
-        for g in weights { g.layout = layout; g.forceWide = true }
+        for g in weights { g.layout = layout; g.forceLayout = true }
         try out.fill(byte: 0xFF, stream: stream)  // NaN: an element the kernel skips fails the check
         try gpu.apply(xd, tokens: t, into: out, stream: stream)
         try stream.synchronize()
@@ -170,12 +170,19 @@ func run() throws -> Bool {
             seed += 1
             rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: false, copy: copy, seed: seed)
         }
+        // The tensor-core layout (FP8, BF16; K a multiple of 64): edge shapes at every T.
+        let mma: [CUDALinear.Layout] = format == .fp8 || format == .bf16 ? [.mma] : []
+        for (n, k) in mma.isEmpty ? [] : [(37, 192), (200, 4160)] {
+            seed += 1
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: false, copy: copy, seed: seed, layouts: mma)
+        }
         if format.plain {
             // Plain BF16/f32 (gemv::plain, 1, 2 or 4 rows a warp by token bin): attention-sized
-            // and the gpt-oss-20b LM head, whose 8-token calls were L1-bound with one row a warp.
+            // and the gpt-oss-20b LM head, whose 8-token calls were L1-bound with one row a warp;
+            // BF16 also on the tensor cores.
             for (n, k, tokens) in [(2880, 2880, Array(1...16)), (201088, 2880, [1, 4, 8, 16])] {
                 seed += 1
-                rows += try check(device, module, stream, format, rows: n, columns: k, tokens: tokens, timed: true, copy: copy, seed: seed)
+                rows += try check(device, module, stream, format, rows: n, columns: k, tokens: tokens, timed: true, copy: copy, seed: seed, layouts: [.rows] + mma)
             }
             continue
         }
@@ -186,7 +193,7 @@ func run() throws -> Bool {
         rows += try check(device, module, stream, format, rows: 256, columns: 512, tokens: [1, 16], timed: true, copy: copy, seed: seed)
         for (n, k) in [(2880, 2880), (5760, 2880)] {
             seed += 1
-            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: true, copy: copy, seed: seed)
+            rows += try check(device, module, stream, format, rows: n, columns: k, tokens: Array(1...16), timed: true, copy: copy, seed: seed, layouts: [.rows] + mma)
         }
         // The wide layout (LM heads): edge shapes, every T, then against the rows layout on a
         // gpt-oss-20b LM head (201088 x 2880) and on 5760 x 2880.
@@ -204,7 +211,7 @@ func run() throws -> Bool {
     print("\nseed base \(seed); tolerance ‖gpu − cpu‖/‖cpu‖ <= \(tolerance)")
     print("format  N x K              T  rel.err    plain launch: us   GB/s  % copy   overlapping previous: us   GB/s  % copy")
     for r in rows where !r.timings.isEmpty || !(r.error <= tolerance) {
-        let shape = "\(r.rows)x\(r.columns)" + (r.layout == .wide ? " wide" : "")
+        let shape = "\(r.rows)x\(r.columns)" + (r.layout == .wide ? " wide" : r.layout == .mma ? " mma" : "")
         var line = r.format.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0) + shape.padding(toLength: 18, withPad: " ", startingAt: 0)
             + String(format: "%2d  %.2e", r.tokens, r.error)
         for (i, t) in r.timings.enumerated() {
@@ -214,7 +221,7 @@ func run() throws -> Bool {
         print(line)
     }
     let small = rows.filter { $0.timings.isEmpty }
-    print("edge shapes (37x96, 200x4160), T = 1...16, every format and layout: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
+    print("edge shapes (37x96, 37x192, 200x4160), T = 1...16, every format and layout: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
     print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
     return failed.isEmpty && moePassed && executorPassed && commPassed && tpPassed
 }

@@ -467,13 +467,18 @@ __device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ sca
 // kernels); for BF16 weights bf16 hi + mid + lo (about 2^-24, the f32 range, no scaling). So
 // the result is an f32 sum in another order, as the FFMA paths.
 //
-// Layout: a block of 4 warps owns 64 rows (a warp 16) and one eighth of K; the 8 blocks of a
-// thread-block cluster (grid.y = 8) cover K, and rank 0 sums their partial tiles from
+// Layout: a block of 4 warps owns one eighth of K and walks 64-row blocks (a warp 16 rows)
+// rb = blockIdx.x, + gridDim.x, ... (at most kMmaRowBlocks; the host sizes the grid so the
+// clusters are all resident and share the row blocks evenly); the 8 blocks of a thread-block
+// cluster (grid.y = 8) cover K, and at the end rank 0 sums their partial tiles from
 // distributed shared memory in rank order (deterministic, no scratch in global memory, no
 // float atomics). K is walked in 64-column chunks (each chunk in one FP8 tile, so a warp applies
 // one multiplier per chunk), in pieces of P chunks: every lane issues the piece's weight loads
 // (FP8: 2 x 16 B a chunk, BF16: 4), the block stages the piece's x split into terms in shared
-// memory, then each warp multiplies. Lane 4g + t loads columns 16t .. 16t + 15 of rows g and
+// memory (once per block when its share of K is one piece), then each warp multiplies.
+// Version 1 (one row block a block, so 5760 rows took two waves of short blocks, each paying
+// the x staging and two cluster barriers) ran 5760 x 2880 FP8 at 8 tokens in 14.5 us on an
+// H100, 38% of copy bandwidth (Kernels/NOTES.md). Lane 4g + t loads columns 16t .. 16t + 15 of rows g and
 // g + 8; mma step m (of 4 a chunk) takes their columns 4m .. 4m + 3 as its k-order
 // (2t, 2t + 1, 2t + 8, 2t + 9), and B is staged in the same order, so no shuffles.
 // Shared x: per token P chunks of 64 columns x terms x 2 bytes, token stride padded by 16 bytes
@@ -482,7 +487,7 @@ __device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ sca
 // Budget: the weights' bytes (FP8 N*K + tile multipliers, BF16 2*N*K) plus T*K*4 of x per
 // block row from L2 and 7/8 of 64 * T * 4 bytes a block through distributed shared memory.
 // Requires K % 64 == 0 and, for FP8, a tile multiple of 64 (CUDALinear checks).
-constexpr int kMmaSplits = 8, kMmaWarps = 4;
+constexpr int kMmaSplits = 8, kMmaWarps = 4, kMmaRowBlocks = 4;
 
 template <bool BF16, int NT> struct MmaFormat {
     static constexpr int terms = BF16 ? 3 : 2;
@@ -570,119 +575,133 @@ template <bool BF16, int NT>
 __device__ void mma_product(const uint8_t* __restrict__ w, const float* __restrict__ tiles, const float* __restrict__ bias,
                             const float* __restrict__ x, float* __restrict__ out, int n, int k, int outStride, int tileSize, int T) {
     using F = MmaFormat<BF16, NT>;
-    constexpr int P = F::piece, L = F::loads;
+    constexpr int P = F::piece, L = F::loads, tileFloats = kMmaWarps * 32 * NT * 4;
     __shared__ __align__(16) uint8_t xs[NT * 8 * F::tokenStride];
     __shared__ float mult[NT * 8 * P];
-    __shared__ float red[kMmaWarps * 32 * NT * 4];
+    __shared__ float red[kMmaRowBlocks * tileFloats];
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, g = lane >> 2, t4 = lane & 3;
-    const int row0 = blockIdx.x * 64 + warp * 16;
-    const int rowA = min(row0 + g, n - 1), rowB = min(row0 + g + 8, n - 1);
     const int chunks = k / 64, per = (chunks + kMmaSplits - 1) / kMmaSplits;
     const int first = blockIdx.y * per, last = min(chunks, first + per);
-    const int tilesPerRow = BF16 ? 0 : (k + tileSize - 1) / tileSize;
-    float acc[NT][4] = {};
+    const bool stageOnce = last - first <= P;  // the block's x fits one piece: staged for its first row block only
+    const int tilesPerRow = BF16 ? 0 : (k + tileSize - 1) / tileSize, rowBlocks = (n + 63) / 64;
     bool waited = false;
-    for (int p0 = first; p0 < last || !waited; p0 += P) {
-        const int count = max(0, min(P, last - p0));
-        // The piece's weights: lane 4g + t's columns 16t .. 16t + 15 of rows g and g + 8, per chunk.
-        uint4 wa[P][L / 2], wb[P][L / 2];
-        float scale[P];
+    int iter = 0;
+    for (int rb = blockIdx.x; rb < rowBlocks; rb += gridDim.x, ++iter) {
+        const int row0 = rb * 64 + warp * 16;
+        const int rowA = min(row0 + g, n - 1), rowB = min(row0 + g + 8, n - 1);
+        float acc[NT][4] = {};
+        for (int p0 = first; p0 < last; p0 += P) {
+            const int count = min(P, last - p0);
+            // The piece's weights: lane 4g + t's columns 16t .. 16t + 15 of rows g and g + 8, per chunk.
+            uint4 wa[P][L / 2], wb[P][L / 2];
+            float scale[P];
 #pragma unroll
-        for (int c = 0; c < P; ++c) {
-            if (c < count) {
-                const size_t col = (size_t)(p0 + c) * 64 + 16 * t4;  // element column
+            for (int c = 0; c < P; ++c) {
+                if (c < count) {
+                    const size_t col = (size_t)(p0 + c) * 64 + 16 * t4;  // element column
 #pragma unroll
-                for (int l = 0; l < L / 2; ++l) {
-                    if (BF16) {
-                        wa[c][l] = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)rowA * k + col + 8 * l);
-                        wb[c][l] = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)rowB * k + col + 8 * l);
-                    } else {
-                        wa[c][l] = load_streaming(w + (size_t)rowA * k + col);
-                        wb[c][l] = load_streaming(w + (size_t)rowB * k + col);
+                    for (int l = 0; l < L / 2; ++l) {
+                        if (BF16) {
+                            wa[c][l] = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)rowA * k + col + 8 * l);
+                            wb[c][l] = load_streaming(reinterpret_cast<const uint16_t*>(w) + (size_t)rowB * k + col + 8 * l);
+                        } else {
+                            wa[c][l] = load_streaming(w + (size_t)rowA * k + col);
+                            wb[c][l] = load_streaming(w + (size_t)rowB * k + col);
+                        }
                     }
+                    scale[c] = BF16 ? 1.f : __ldg(tiles + (size_t)(min(row0, n - 1) / tileSize) * tilesPerRow + (p0 + c) * 64 / tileSize);
                 }
-                scale[c] = BF16 ? 1.f : __ldg(tiles + (size_t)(min(row0, n - 1) / tileSize) * tilesPerRow + (p0 + c) * 64 / tileSize);
             }
-        }
-        if (!waited) {
-            wait_for_previous_kernel();  // x is the previous kernel's output
-            allow_next_kernel();
-            waited = true;
-        }
-        if (count == 0) break;
-        __syncthreads();  // the previous piece's reads of xs are done
-        mma_stage<BF16, NT>(xs, mult, x, k, T, p0, count);
-        __syncthreads();
+            if (!waited) {
+                wait_for_previous_kernel();  // x is the previous kernel's output
+                allow_next_kernel();
+                waited = true;
+            }
+            if (!stageOnce || iter == 0) {
+                __syncthreads();  // the previous piece's reads of xs are done
+                mma_stage<BF16, NT>(xs, mult, x, k, T, p0, count);
+                __syncthreads();
+            }
 #pragma unroll
-        for (int c = 0; c < P; ++c) {
-            if (c >= count) break;
-            float part[NT][4] = {};
+            for (int c = 0; c < P; ++c) {
+                if (c >= count) break;
+                float part[NT][4] = {};
 #pragma unroll
-            for (int m = 0; m < 4; ++m) {
-                uint32_t a[4];
-                if (BF16) {
-                    // Row g's columns 4m .. 4m + 3 are words 2m, 2m + 1 of its 32 bytes.
-                    a[0] = word(wa[c][m / 2], (2 * m) % 4); a[2] = word(wa[c][m / 2], (2 * m + 1) % 4);
-                    a[1] = word(wb[c][m / 2], (2 * m) % 4); a[3] = word(wb[c][m / 2], (2 * m + 1) % 4);
-                } else {
-                    uint32_t h2;
-                    const uint32_t qa = word(wa[c][0], m), qb = word(wb[c][0], m);
-                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa & 0xFFFF))); a[0] = h2;
-                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa >> 16))); a[2] = h2;
-                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb & 0xFFFF))); a[1] = h2;
-                    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb >> 16))); a[3] = h2;
+                for (int m = 0; m < 4; ++m) {
+                    uint32_t a[4];
+                    if (BF16) {
+                        // Row g's columns 4m .. 4m + 3 are words 2m, 2m + 1 of its 32 bytes.
+                        a[0] = word(wa[c][m / 2], (2 * m) % 4); a[2] = word(wa[c][m / 2], (2 * m + 1) % 4);
+                        a[1] = word(wb[c][m / 2], (2 * m) % 4); a[3] = word(wb[c][m / 2], (2 * m + 1) % 4);
+                    } else {
+                        uint32_t h2;
+                        const uint32_t qa = word(wa[c][0], m), qb = word(wb[c][0], m);
+                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa & 0xFFFF))); a[0] = h2;
+                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa >> 16))); a[2] = h2;
+                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb & 0xFFFF))); a[1] = h2;
+                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb >> 16))); a[3] = h2;
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const uint8_t* b = xs + (nt * 8 + g) * F::tokenStride + c * F::chunkBytes + 32 * t4 + 8 * m;
+#pragma unroll
+                        for (int term = 0; term < F::terms; ++term) {
+                            const uint2 bv = *reinterpret_cast<const uint2*>(b + 128 * term);
+                            mma16816(part[nt], a, bv.x, bv.y, BF16);
+                        }
+                    }
                 }
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    const uint8_t* b = xs + (nt * 8 + g) * F::tokenStride + c * F::chunkBytes + 32 * t4 + 8 * m;
+                    if (BF16) {
 #pragma unroll
-                    for (int term = 0; term < F::terms; ++term) {
-                        const uint2 bv = *reinterpret_cast<const uint2*>(b + 128 * term);
-                        mma16816(part[nt], a, bv.x, bv.y, BF16);
+                        for (int i = 0; i < 4; ++i) acc[nt][i] += part[nt][i];
+                    } else {
+                        const float m0 = mult[(nt * 8 + 2 * t4) * P + c] * scale[c], m1 = mult[(nt * 8 + 2 * t4 + 1) * P + c] * scale[c];
+                        acc[nt][0] = fmaf(part[nt][0], m0, acc[nt][0]);
+                        acc[nt][1] = fmaf(part[nt][1], m1, acc[nt][1]);
+                        acc[nt][2] = fmaf(part[nt][2], m0, acc[nt][2]);
+                        acc[nt][3] = fmaf(part[nt][3], m1, acc[nt][3]);
                     }
                 }
             }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                if (BF16) {
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) acc[nt][i] += part[nt][i];
-                } else {
-                    const float m0 = mult[(nt * 8 + 2 * t4) * P + c] * scale[c], m1 = mult[(nt * 8 + 2 * t4 + 1) * P + c] * scale[c];
-                    acc[nt][0] = fmaf(part[nt][0], m0, acc[nt][0]);
-                    acc[nt][1] = fmaf(part[nt][1], m1, acc[nt][1]);
-                    acc[nt][2] = fmaf(part[nt][2], m0, acc[nt][2]);
-                    acc[nt][3] = fmaf(part[nt][3], m1, acc[nt][3]);
-                }
-            }
         }
-    }
-    // Rank 0 of the cluster sums the 8 blocks' tiles in rank order and stores them.
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[(nt * 4 + i) * kMmaWarps * 32 + threadIdx.x] = acc[nt][i];
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    if (cluster.block_rank() == 0) {
-        float sum[NT][4] = {};
-        for (int r = 0; r < kMmaSplits; ++r) {
-            const float* other = cluster.map_shared_rank(red, r);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) sum[nt][i] += other[(nt * 4 + i) * kMmaWarps * 32 + threadIdx.x];
-        }
+        // This rank's share of the row block's tile (zeros for a rank with no columns).
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int row = row0 + g + (i >= 2 ? 8 : 0), t = nt * 8 + 2 * t4 + (i & 1);
-                if (row < n && t < T) out[(size_t)t * outStride + row] = bias ? sum[nt][i] + bias[row] : sum[nt][i];
+            for (int i = 0; i < 4; ++i) red[iter * tileFloats + (nt * 4 + i) * kMmaWarps * 32 + threadIdx.x] = acc[nt][i];
+    }
+    if (!waited) {  // a rank with no columns still writes nothing before the previous kernel is done
+        wait_for_previous_kernel();
+        allow_next_kernel();
+    }
+    // Rank 0 of the cluster sums the 8 blocks' tiles in rank order and stores them.
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    if (cluster.block_rank() == 0) {
+        for (int i0 = 0; i0 < iter; ++i0) {
+            const int row0 = (blockIdx.x + i0 * gridDim.x) * 64 + warp * 16;
+            float sum[NT][4] = {};
+            for (int r = 0; r < kMmaSplits; ++r) {
+                const float* other = cluster.map_shared_rank(red, r) + i0 * tileFloats;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) sum[nt][i] += other[(nt * 4 + i) * kMmaWarps * 32 + threadIdx.x];
             }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int row = row0 + g + (i >= 2 ? 8 : 0), t = nt * 8 + 2 * t4 + (i & 1);
+                    if (row < n && t < T) out[(size_t)t * outStride + row] = bias ? sum[nt][i] + bias[row] : sum[nt][i];
+                }
+        }
     }
     cluster.sync();  // the other blocks' shared tiles stay until rank 0 has read them
 }
+
 }  // namespace gemv
 
 // One entry point per token count, named gemv_<format>_t<T>. Launch with 128 threads,
@@ -749,8 +768,8 @@ WIDE_ENTRY(1) WIDE_ENTRY(2) WIDE_ENTRY(3) WIDE_ENTRY(4) WIDE_ENTRY(5) WIDE_ENTRY
 WIDE_ENTRY(9) WIDE_ENTRY(10) WIDE_ENTRY(11) WIDE_ENTRY(12) WIDE_ENTRY(13) WIDE_ENTRY(14) WIDE_ENTRY(15) WIDE_ENTRY(16)
 
 // gemv_mma_<fp8|bf16>_n<NT>: the tensor-core layout above for T <= 8 * NT tokens. Launch with
-// 128 threads, grid (ceil(N / 64), 8) (a cluster of 8 along y is compiled in), no dynamic shared
-// memory; K % 64 == 0, FP8 tile % 64 == 0. Arguments as gemv_fp8_t<T> plus T (tiles and tile
+// 128 threads, grid (G, 8) with G * kMmaRowBlocks >= ceil(N / 64) (a cluster of 8 along y is
+// compiled in), no dynamic shared memory; K % 64 == 0, FP8 tile % 64 == 0. Arguments as gemv_fp8_t<T> plus T (tiles and tile
 // unused for BF16).
 #define MMA_ENTRY(NT)                                                                              \
     extern "C" __global__ void __cluster_dims__(1, gemv::kMmaSplits, 1) __launch_bounds__(128, 4) gemv_mma_fp8_n##NT( \

@@ -50,8 +50,8 @@ public final class CUDALinear: @unchecked Sendable {
     /// need the warps more than the shared x reads (Kernels/gemv.cu, PlainRows).
     public static let plainFewRows = 16384
     let wideKernels: [KernelModule.Function]
-    /// Wide-layout grids found so far; executors sharing this product (server lanes) launch it
-    /// from several threads.
+    /// Wide-layout and tensor-core grids found so far; executors sharing this product (server
+    /// lanes) launch it from several threads.
     private var wideGrid: [Int: Int] = [:]
     private let wideGridLock = NSLock()
 
@@ -172,6 +172,21 @@ public final class CUDALinear: @unchecked Sendable {
         return grid > 0 ? grid : nil
     }
 
+    /// Clusters (grid.x) of a tensor-core product: as many as fit on the GPU at once, each
+    /// taking an equal number (at most gemv::kMmaRowBlocks = 4) of the 64-row blocks.
+    private var mmaGrid: [Int: Int] = [:]
+    private func mmaClusters(_ f: KernelModule.Function, _ index: Int) throws -> Int {
+        wideGridLock.lock()
+        defer { wideGridLock.unlock() }
+        if let g = mmaGrid[index] { return g }
+        let rowBlocks = (outFeatures + 63) / 64
+        let resident = max(1, try module.residentBlocksPerMultiprocessor(f, threads: 128, sharedBytes: 0) * module.device.multiprocessors / 8)
+        let perCluster = min(4, (rowBlocks + resident - 1) / resident)
+        let g = (rowBlocks + perCluster - 1) / perCluster
+        mmaGrid[index] = g
+        return g
+    }
+
     /// `parts` decoded to f32 and stacked as `[sum of out, in]` rows (the [in, out] layout
     /// transposed); exact for every stored format.
     static func f32Rows(_ parts: [LinearWeight]) -> [Float] {
@@ -229,7 +244,8 @@ public final class CUDALinear: @unchecked Sendable {
         if mmaFits, forceLayout ? layout == .mma : tokens >= Self.mmaMinTokens {
             var tile: Int32 = 0
             if case .fp8(let t) = storage { tile = Int32(t) }
-            try module.launch(mmaKernels[tokens <= 8 ? 0 : 1], grid: ((outFeatures + 63) / 64, 8, 1), block: (128, 1, 1), stream: stream,
+            let f = mmaKernels[tokens <= 8 ? 0 : 1]
+            try module.launch(f, grid: (try mmaClusters(f, tokens <= 8 ? 0 : 1), 8, 1), block: (128, 1, 1), stream: stream,
                               overlapPrevious: overlapPrevious,
                               [.pointer(codes.address), .pointer(scales?.address ?? 0), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(os),
                                .int32(tile), .int32(Int32(tokens))])

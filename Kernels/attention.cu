@@ -4,41 +4,307 @@
 // (MiMo 192 / 128), and non-causal blocks (the DFlash drafter: a query also sees the step's
 // later keys, up to its window).
 //
-// Budget per layer and step: every query head reads its KV head's keys and values in its
-// window: T * heads * L * (dk + dv) * 4 bytes through L2, of which kvHeads * L * (dk + dv) * 4
-// come from memory (the heads of a group share them). gpt-oss-20b at L = 1024 full / 128
-// window: 8 * 1024 * 128 * 4 = 4 MB from memory on a full layer (1 us at 4 TB/s), small next
-// to the layer's 55 MB of weights; flops 4 * T * heads * L * d, negligible.
-// Version 2 splits each (head, token)'s keys over several blocks (flash-decoding) and merges
-// the shares in the last block to finish.
+// Budget per layer and step: each token reads its KV heads' keys and values in its window once
+// for the whole query-head group: T * kvHeads * L * (dk + dv) * 4 bytes through L2, of which
+// kvHeads * L * (dk + dv) * 4 come from memory; the split shares add
+// 2 * T * heads * splits * (dv + 2) * 4 (written, then read by the merge). gpt-oss-20b, T = 8,
+// L = 512 on a full layer: 16.8 MB through L2 (version 2, a block per query head: 134 MB),
+// 2.1 MB of memory, 2 x 2.2 MB of shares; flops 4 * T * heads * L * d = 67 MFLOP, negligible.
+// The bound is latency: each block's chain of one copy round, four barriers a 64-key chunk, an
+// arrival counter and, in the last block, the merge.
+// Version 2 split each (head, token)'s keys over several blocks (flash-decoding) and merged the
+// shares in the last block to finish; version 3 (this one) gives a block the whole query-head
+// group of a KV head, so each key and value is copied into shared memory once for G heads.
 
 #include "common.cuh"
 
 namespace attention {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 128, kChunk = 64, kMaxSplits = 16, kMaxGroup = 16, kMergeBatch = 32;
+static_assert(kThreads == 2 * kChunk, "scores: two threads per key of a chunk");
 
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float m = scratch[0];
-    for (int i = 1; i < kThreads / 32; ++i) m = fmaxf(m, scratch[i]);
-    return m;
+// cp.async: global -> shared without registers, so a chunk's whole K and V (and q) are in
+// flight at once. 16 bytes through L2 only; 4 bytes (unaligned rows) through L1 as a plain load.
+__device__ __forceinline__ void copy16(float* dst, const float* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy4(float* dst, const float* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copies_done() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Rows r < rows of `width` floats into shared rows `stride` floats apart; row r is source row
+// (first + r) mod ring, rows srcStride floats apart (first < ring). 16-byte copies when
+// `vector` (width % 4 == 0, 16-byte aligned rows), else 4-byte ones. A unit (16 or 4 bytes)
+// per thread, kThreads / units rows at a time; no division per row (the ring wraps by
+// subtraction, at most once a row when the chunk is shorter than the ring).
+__device__ __forceinline__ void copy_rows(float* dst, int stride, int rows, int width, bool vector, const float* src, size_t srcStride,
+                                          int first, int ring) {
+    const int size = vector ? 4 : 1, units = width / size;
+    if (units <= kThreads) {
+        const int perPass = kThreads / units, r0 = threadIdx.x / units, c = (threadIdx.x - r0 * units) * size;
+        if (r0 >= perPass) return;
+        int slot = first + r0;
+        while (slot >= ring) slot -= ring;
+        for (int r = r0; r < rows; r += perPass) {
+            if (vector) copy16(dst + r * stride + c, src + slot * srcStride + c);
+            else copy4(dst + r * stride + c, src + slot * srcStride + c);
+            slot += perPass;
+            while (slot >= ring) slot -= ring;
+        }
+    } else {
+        int slot = first;
+        for (int r = 0; r < rows; ++r) {
+            for (int c = threadIdx.x * size; c < width; c += kThreads * size) {
+                if (vector) copy16(dst + r * stride + c, src + slot * srcStride + c);
+                else copy4(dst + r * stride + c, src + slot * srcStride + c);
+            }
+            if (++slot == ring) slot = 0;
+        }
+    }
 }
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-    v = warp_sum(v);
+// P.V for this thread's NU heads (hl * NU + u) and dimension d over the chunk's `count` keys,
+// on top of its running output rescaled by the heads' corrections. p: [kChunk][pStride]
+// probabilities, heads contiguous (NU of them read at once).
+template <int NU>
+__device__ __forceinline__ void pv(float* os, const float* vs, const float* p, const float* corr, int pStride, int valueDim,
+                                   int count, int hl, int d) {
+    const int g0 = hl * NU;
+    float a[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) a[u] = os[(g0 + u) * valueDim + d] * corr[g0 + u];
+#pragma unroll 2
+    for (int j = 0; j < count; ++j) {
+        const float v = vs[j * valueDim + d];
+        const float* pj = p + j * pStride + g0;
+        float pu[NU];
+        if constexpr (NU % 4 == 0) {
+#pragma unroll
+            for (int u = 0; u < NU; u += 4) {
+                const float4 f = *reinterpret_cast<const float4*>(pj + u);
+                pu[u] = f.x; pu[u + 1] = f.y; pu[u + 2] = f.z; pu[u + 3] = f.w;
+            }
+        } else if constexpr (NU == 2) {
+            const float2 f = *reinterpret_cast<const float2*>(pj);
+            pu[0] = f.x; pu[1] = f.y;
+        } else {
+            pu[0] = pj[0];
+        }
+#pragma unroll
+        for (int u = 0; u < NU; ++u) a[u] = fmaf(pu[u], v, a[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < NU; ++u) os[(g0 + u) * valueDim + d] = a[u];
+}
+
+// Dynamic shared memory, floats in this order (CUDAExecutor.attentionDecodeSharedBytes mirrors
+// it): V chunk kChunk * valueDim, K chunk kChunk * kStride, q GMAX * kStride (rounded up to 4),
+// probabilities kChunk * GMAX, outputs GMAX * valueDim. GMAX: G rounded up to a power of two
+// (the rows of heads G..GMAX-1 hold zero q and are never written out). kStride pads a key row
+// by 4 floats so a 16-byte read of 8 consecutive keys hits 8 bank groups (headDim % 8 == 0;
+// else 1 float, and 4-byte reads).
+__device__ __forceinline__ int key_stride(int headDim) { return headDim + (headDim % 8 == 0 ? 4 : 1); }
+
+// Per head of the group: running max, sum and last rescale; in the merge, the shares' weights
+// and the denominator. In the kernel, not in decode<>, so its five instances share one copy.
+struct HeadState {
+    float mrun[kMaxGroup], lrun[kMaxGroup], corr[kMaxGroup];
+    float weight[kMaxGroup][kMaxSplits], total[kMaxGroup];
+    int last;
+};
+
+template <int GMAX>
+__device__ __forceinline__ void decode(const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads,
+                                       int kvHeads, int headDim, int valueDim, const int* positions, int T, int window, int causal,
+                                       const float* sinks, float scale, float* out, int outStride, float* partial, int* counters,
+                                       float* shared, HeadState& st) {
+    float* mrun = st.mrun;
+    float* lrun = st.lrun;
+    float* corr = st.corr;
+    int& last = st.last;
+    const int G = heads / kvHeads, kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z, h0 = kvh * G;
+    const bool vectorK = headDim % 8 == 0, vectorV = valueDim % 4 == 0;
+    const int kStride = key_stride(headDim);
+    float* vs = shared;
+    float* ks = vs + kChunk * valueDim;
+    float* qs = ks + kChunk * kStride;
+    float* ps = qs + ((GMAX * kStride + 3) & ~3);
+    float* os = ps + kChunk * GMAX;
+
+    const int pos = positions[t], lastPos = positions[T - 1];
+    const int first = window > 0 ? max(0, pos - window + 1) : 0;
+    const int end = causal ? pos : window > 0 ? min(lastPos, pos + window - 1) : lastPos;
+    const int per = (end - first + splits) / splits;  // ceil((end - first + 1) / splits)
+    const int lo = first + split * per, hi = min(end, lo + per - 1);
+
+    // P.V layout: a thread per value dimension (DT of them; two passes when valueDim > 128)
+    // and NU consecutive heads; two head halves when the value heads are small.
+    const int HT = valueDim <= 64 && GMAX >= 2 ? 2 : 1, DT = kThreads / HT;
+    const int hl = threadIdx.x / DT, dl = threadIdx.x % DT;
+    constexpr int NU1 = GMAX, NU2 = GMAX >= 2 ? GMAX / 2 : 1;
+    const int NU = HT == 2 ? NU2 : NU1;
+    for (int d = dl; d < valueDim; d += DT)
+        for (int u = 0; u < NU; ++u) os[(hl * NU + u) * valueDim + d] = 0.f;
+    if (threadIdx.x < kMaxGroup) { mrun[threadIdx.x] = -INFINITY; lrun[threadIdx.x] = 0.f; corr[threadIdx.x] = 0.f; }
+    // q of the group's heads (zero rows up to GMAX); joins the first chunk's copies.
+    if (lo <= hi) {
+        const float* qt = q + (size_t)t * qStride + (size_t)h0 * headDim;
+        copy_rows(qs, kStride, G, headDim, false, qt, headDim, 0, G);
+        for (int i = G * headDim + threadIdx.x; i < GMAX * headDim; i += kThreads) qs[(i / headDim) * kStride + i % headDim] = 0.f;
+    }
+
+    // Scores: two threads per key; with two heads or more each takes every other head over all
+    // dimensions, with one head each takes every other 4-float group (summed by a shuffle).
+    const int key = threadIdx.x >> 1, part = threadIdx.x & 1;
+    constexpr int SU = GMAX >= 2 ? GMAX / 2 : 1;
+    const int gFirst = GMAX >= 2 ? part : 0;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int c0 = lo; c0 <= hi; c0 += kChunk) {
+        const int count = min(kChunk, hi - c0 + 1);
+        const int slot = c0 % capacity;
+        copy_rows(ks, kStride, count, headDim, vectorK, cacheK + (size_t)kvh * headDim, (size_t)kvHeads * headDim, slot, capacity);
+        copy_rows(vs, valueDim, count, valueDim, vectorV, cacheV + (size_t)kvh * valueDim, (size_t)kvHeads * valueDim, slot, capacity);
+        copies_done();
+        __syncthreads();  // K, V (and q, the zeroed rows, the running state) visible to all
+
+        float s[SU];
+#pragma unroll
+        for (int u = 0; u < SU; ++u) s[u] = 0.f;
+        if (key < count) {
+            const float* kr = ks + key * kStride;
+            const int step = GMAX >= 2 ? 1 : 2;
+            if (vectorK) {
+#pragma unroll 2
+                for (int c = GMAX >= 2 ? 0 : 4 * part; c < headDim; c += 4 * step) {
+                    const float4 k4 = *reinterpret_cast<const float4*>(kr + c);
+#pragma unroll
+                    for (int u = 0; u < SU; ++u) {
+                        const float4 q4 = *reinterpret_cast<const float4*>(qs + (gFirst + 2 * u) * kStride + c);
+                        s[u] = fmaf(q4.x, k4.x, s[u]); s[u] = fmaf(q4.y, k4.y, s[u]); s[u] = fmaf(q4.z, k4.z, s[u]); s[u] = fmaf(q4.w, k4.w, s[u]);
+                    }
+                }
+            } else {
+                for (int c = GMAX >= 2 ? 0 : part; c < headDim; c += step) {
+                    const float kc = kr[c];
+#pragma unroll
+                    for (int u = 0; u < SU; ++u) s[u] = fmaf(qs[(gFirst + 2 * u) * kStride + c], kc, s[u]);
+                }
+            }
+        }
+        if (GMAX == 1) s[0] += __shfl_xor_sync(0xffffffffu, s[0], 1);
+        if (GMAX >= 2 || part == 0) {
+#pragma unroll
+            for (int u = 0; u < SU; ++u) ps[key * GMAX + gFirst + 2 * u] = key < count ? s[u] * scale : -INFINITY;
+        }
+        __syncthreads();  // the chunk's scores
+
+        // Online softmax, a warp per head: the chunk's max, its probabilities in place, the
+        // head's new running max and sum, and the factor its running output is rescaled by.
+        for (int g = warp; g < G; g += kThreads / 32) {
+            const float a = ps[lane * GMAX + g], b = ps[(lane + 32) * GMAX + g];
+            float cm = fmaxf(a, b);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, o));
+            const float mOld = mrun[g], mNew = fmaxf(mOld, cm);  // finite: the chunk has a key
+            const float ea = lane < count ? expf(a - mNew) : 0.f, eb = lane + 32 < count ? expf(b - mNew) : 0.f;
+            ps[lane * GMAX + g] = ea;
+            ps[(lane + 32) * GMAX + g] = eb;
+            // Every lane's read of mrun[g] feeds the sum, so lane 0 writes after all have read.
+            const float sum = warp_sum(ea + eb);
+            if (lane == 0) {
+                const float c = expf(mOld - mNew);  // 0 on the first chunk (mOld = -inf)
+                corr[g] = c;
+                lrun[g] = lrun[g] * c + sum;
+                mrun[g] = mNew;
+            }
+        }
+        __syncthreads();  // probabilities and corrections
+
+        for (int d = dl; d < valueDim; d += DT) {
+            if (HT == 2) pv<NU2>(os, vs, ps, corr, GMAX, valueDim, count, hl, d);
+            else pv<NU1>(os, vs, ps, corr, GMAX, valueDim, count, hl, d);
+        }
+        __syncthreads();  // K, V and p are rewritten by the next chunk
+    }
+
+    // This block's shares, each thread its own outputs (and head g's thread g its max and sum).
+    const size_t shareFloats = valueDim + 2;
+    float* mine = partial + (((size_t)t * heads + h0) * splits + split) * shareFloats;  // head g at + g * splits * shareFloats
+    for (int d = dl; d < valueDim; d += DT)
+        for (int u = 0; u < NU; ++u) {
+            const int g = hl * NU + u;
+            if (g < G) mine[g * splits * shareFloats + 2 + d] = os[g * valueDim + d];
+        }
+    if (threadIdx.x < G) {
+        mine[threadIdx.x * splits * shareFloats] = mrun[threadIdx.x];
+        mine[threadIdx.x * splits * shareFloats + 1] = lrun[threadIdx.x];
+    }
+    __threadfence();
     __syncthreads();
-    if (lane == 0) scratch[warp] = v;
+    // One arrival counter per (token, KV head): the slot of the group's first head.
+    int* counter = counters + t * heads + h0;
+    if (threadIdx.x == 0) {
+        const int arrived = atomicAdd(counter, 1);
+        last = arrived == splits - 1;
+        if (last) *counter = 0;  // ready for the next call
+    }
     __syncthreads();
-    float s = 0.f;
-    for (int i = 0; i < kThreads / 32; ++i) s += scratch[i];
-    return s;
+    if (!last) return;
+    __threadfence();
+
+    // The merge, by the last block: per head the overall max M (with the sink), each share's
+    // weight exp(m_s - M) (0 for an empty share) and the denominator; then every output as the
+    // weighted sum of its shares in split order (deterministic).
+    const float* shares = partial + ((size_t)t * heads + h0) * splits * shareFloats;  // head g at + g * splits * shareFloats
+    if (threadIdx.x < G) {
+        const int g = threadIdx.x;
+        const float* own = shares + g * splits * shareFloats;
+        float w[kMaxSplits];  // each share's max, then its weight (splits <= kMaxSplits: CUDAExecutor.attentionSplits)
+#pragma unroll
+        for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? __ldcg(own + s * shareFloats) : -INFINITY;
+        float M = sinks ? sinks[h0 + g] : -INFINITY;
+#pragma unroll
+        for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
+        float L = sinks ? expf(sinks[h0 + g] - M) : 0.f;
+#pragma unroll
+        for (int s = 0; s < kMaxSplits; ++s) {
+            const bool some = w[s] != -INFINITY;
+            w[s] = some ? expf(w[s] - M) : 0.f;
+            if (some) L += __ldcg(own + s * shareFloats + 1) * w[s];
+            st.weight[g][s] = w[s];
+        }
+        st.total[g] = L;
+    }
+    __syncthreads();
+    // This thread's outputs i = threadIdx.x + kThreads * k (head i / valueDim, dimension
+    // i % valueDim), their shares walked output by output, kMergeBatch loads in flight.
+    const int outputs = G * valueDim;
+    const int mineOutputs = threadIdx.x < outputs ? (outputs - 1 - threadIdx.x) / kThreads + 1 : 0, loads = mineOutputs * splits;
+    int g = threadIdx.x / valueDim, d = threadIdx.x % valueDim, s = 0;
+    float o = 0.f;
+    for (int b = 0; b < loads; b += kMergeBatch) {
+        float v[kMergeBatch];
+        const int g0 = g, d0 = d, s0 = s;
+#pragma unroll
+        for (int u = 0; u < kMergeBatch; ++u) {
+            v[u] = b + u < loads && st.weight[g][s] != 0.f ? __ldcg(shares + ((size_t)g * splits + s) * shareFloats + 2 + d) : 0.f;
+            if (++s == splits) { s = 0; d += kThreads; g += d / valueDim; d %= valueDim; }
+        }
+        g = g0; d = d0; s = s0;
+#pragma unroll
+        for (int u = 0; u < kMergeBatch; ++u) {
+            if (b + u < loads) {
+                const float w = st.weight[g][s];
+                if (w != 0.f) o += v[u] * w;
+                if (s == splits - 1) {
+                    out[(size_t)t * outStride + (h0 + g) * valueDim + d] = o / st.total[g];
+                    o = 0.f;
+                }
+            }
+            if (++s == splits) { s = 0; d += kThreads; g += d / valueDim; d %= valueDim; }
+        }
+    }
 }
 
 }  // namespace attention
@@ -48,161 +314,44 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // positions[t]; its keys run from max(0, pos - window + 1) (window 0: from 0) to pos
 // (causal) or, non-causal, to min(positions[T - 1], pos + window - 1).
 //
-// The keys are split over gridDim.z blocks per (head, token) so that a decode step has
-// hundreds of blocks in flight, not one per head (version 1: 59 us a layer at 512 positions
-// on an H200, half of a gpt-oss step). Each block walks its share in chunks of 64 keys with an
-// online softmax and writes (max, sum, unnormalized output) to `partial`; the last block of
-// the (head, token) to finish (an arrival counter, reset by that block) merges the shares
-// and the sink. Grid (heads, T, splits), 128 threads, dynamic shared memory headDim floats.
-// partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between calls.
-// valueDim <= 256. Continuous batching: with `slots` set, the cache holds one sequence per slot,
-// slot-major ([slots, capacity, kvHeads, dim]), and row t reads slot slots[t]'s (causal rows
-// only: a non-causal row's range ends at row T - 1's position, which is one sequence's).
-namespace attention {
-constexpr int kChunk = 64, kMaxSplits = 16, kValueBatch = 8;
-}
-
-extern "C" __global__ void __launch_bounds__(128, 8) attention_decode(
+// A block takes one KV head's whole group of G = heads / kvHeads query heads (G <= 16) for one
+// token and one share of its keys: grid (kvHeads, T, splits), 128 threads. Version 2 had a
+// block per query head: 8192 blocks for an 8-token gpt-oss step, each reading its KV head's
+// keys from L2 again (52 us a layer at 512 positions on an H200). The keys are split over
+// gridDim.z blocks so that a decode step has hundreds of blocks in flight. Each block walks its
+// share in chunks of 64 keys: the chunk's K and V rows are copied into shared memory once
+// (all copies in flight together), then the G x 64 scores (two threads a key), a warp per
+// head's online softmax, and P.V (a thread per value dimension and up to 16 heads). It writes
+// each head's (max, sum, unnormalized output) to `partial`; the last block of the (token, KV
+// head) to finish (an arrival counter, reset by that block) merges the shares and the sinks of
+// all G heads. Dynamic shared memory: CUDAExecutor.attentionDecodeSharedBytes (gpt-oss 40 KB,
+// MiMo qk192/v128 with G = 16 108 KB: the host raises the launch limit).
+// partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between
+// calls (only each group's first head's is used). valueDim <= 256, splits <= 16.
+// Continuous batching: with `slots` set, the cache holds one sequence per slot, slot-major
+// ([slots, capacity, kvHeads, dim]), and row t reads slot slots[t]'s (causal rows only: a
+// non-causal row's range ends at row T - 1's position, which is one sequence's).
+extern "C" __global__ void __launch_bounds__(128, 6) attention_decode(
     const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads, int kvHeads,
     int headDim, int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale,
     float* out, int outStride, float* partial, int* counters, const int* slots) {
     using namespace attention;
-    extern __shared__ float qs[];  // headDim
-    __shared__ float p[kChunk];
-    __shared__ float scratch[kThreads / 32];
-    __shared__ float merge[kThreads];
-    __shared__ int last;
+    extern __shared__ float4 shared4[];
+    __shared__ HeadState st;
+    float* shared = reinterpret_cast<float*>(shared4);
     wait_for_previous_kernel();
     allow_next_kernel();
-    const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z, kvh = h / (heads / kvHeads);
     if (slots) {
-        cacheK += (size_t)slots[t] * capacity * kvHeads * headDim;
-        cacheV += (size_t)slots[t] * capacity * kvHeads * valueDim;
+        cacheK += (size_t)slots[blockIdx.y] * capacity * kvHeads * headDim;
+        cacheV += (size_t)slots[blockIdx.y] * capacity * kvHeads * valueDim;
     }
-    const int pos = positions[t], lastPos = positions[T - 1];
-    const int first = window > 0 ? max(0, pos - window + 1) : 0;
-    const int end = causal ? pos : window > 0 ? min(lastPos, pos + window - 1) : lastPos;
-    const int per = (end - first + splits) / splits;  // ceil((end - first + 1) / splits)
-    const int lo = first + split * per, hi = min(end, lo + per - 1);
-    for (int i = threadIdx.x; i < headDim; i += kThreads) qs[i] = q[(size_t)t * qStride + h * headDim + i];
-    __syncthreads();
-    // Scores: two threads per key, each half of the dimensions. Values: a thread per value
-    // dimension (two when valueDim > 128), and for valueDim <= 64 two groups of threads
-    // taking alternate keys.
-    const int key = threadIdx.x / 2, half = threadIdx.x & 1, halfDim = headDim / 2;
-    const bool vectorK = headDim % 8 == 0;
-    const int groups = valueDim <= 64 ? 2 : 1, group = valueDim <= 64 ? threadIdx.x / 64 : 0;
-    const int d0 = valueDim <= 64 ? threadIdx.x % 64 : threadIdx.x;
-    float m = -INFINITY, l = 0.f, acc[2] = {0.f, 0.f};
-    for (int c0 = lo; c0 <= hi; c0 += kChunk) {
-        const int j = c0 + key;
-        float s = 0.f;
-        if (j <= hi) {
-            const float* kr = cacheK + ((size_t)(j % capacity) * kvHeads + kvh) * headDim;
-            if (vectorK) {
-                // 4 float4 loads in flight before the first use (more cost registers: at 122 a
-                // thread, 4 blocks fit an SM and verify steps of 8-16 tokens got 10-20% slower).
-                const int i0 = half * halfDim, i1 = i0 + halfDim;
-                for (int b = i0; b < i1; b += 16) {
-                    float4 kv[4];
-#pragma unroll
-                    for (int u = 0; u < 4; ++u)
-                        if (b + 4 * u < i1) kv[u] = *reinterpret_cast<const float4*>(kr + b + 4 * u);
-#pragma unroll
-                    for (int u = 0; u < 4; ++u) {
-                        const int i = b + 4 * u;
-                        if (i < i1) { s = fmaf(qs[i], kv[u].x, s); s = fmaf(qs[i + 1], kv[u].y, s); s = fmaf(qs[i + 2], kv[u].z, s); s = fmaf(qs[i + 3], kv[u].w, s); }
-                    }
-                }
-            } else if (half == 0) {
-                for (int i = 0; i < headDim; ++i) s = fmaf(qs[i], kr[i], s);
-            }
-        }
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s = j <= hi ? s * scale : -INFINITY;
-        const float mNew = fmaxf(m, block_max(s, scratch));
-        const float e = j <= hi ? expf(s - mNew) : 0.f;
-        if (half == 0) p[key] = e;
-        const float correction = expf(m - mNew);  // 0 on the first chunk (m = -inf)
-        l = l * correction + block_sum(half == 0 ? e : 0.f, scratch);  // its barriers also publish p
-        m = mNew;
-        const int count = min(kChunk, hi - c0 + 1);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int d = d0 + r * kThreads;
-            if (d >= valueDim || (r == 1 && valueDim <= 64)) break;
-            float a = acc[r] * correction;
-            const float* vcol = cacheV + (size_t)kvh * valueDim + d;
-            // kValueBatch value loads in flight before the first use.
-            for (int jb = group; jb < count; jb += kValueBatch * groups) {
-                float vv[kValueBatch];
-#pragma unroll
-                for (int u = 0; u < kValueBatch; ++u) {
-                    const int jj = jb + u * groups;
-                    vv[u] = jj < count ? vcol[(size_t)((c0 + jj) % capacity) * kvHeads * valueDim] : 0.f;
-                }
-#pragma unroll
-                for (int u = 0; u < kValueBatch; ++u) {
-                    const int jj = jb + u * groups;
-                    if (jj < count) a = fmaf(p[jj], vv[u], a);
-                }
-            }
-            acc[r] = a;
-        }
-        __syncthreads();  // p is rewritten by the next chunk
-    }
-    // This block's share: (m, l, acc) with the two key groups of small value heads merged.
-    float* mine = partial + (((size_t)t * heads + h) * splits + split) * (valueDim + 2);
-    if (groups == 2) {
-        merge[threadIdx.x] = acc[0];
-        __syncthreads();
-        if (group == 0) acc[0] += merge[threadIdx.x + 64];
-    }
-    if (group == 0) {
-        for (int r = 0; r < 2; ++r) {
-            const int d = d0 + r * kThreads;
-            if (d < valueDim && !(r == 1 && valueDim <= 64)) mine[2 + d] = acc[r];
-        }
-    }
-    if (threadIdx.x == 0) { mine[0] = m; mine[1] = l; }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int arrived = atomicAdd(counters + t * heads + h, 1);
-        last = arrived == splits - 1;
-        if (last) counters[t * heads + h] = 0;  // ready for the next call
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    const float* shares = partial + ((size_t)t * heads + h) * splits * (valueDim + 2);
-    // Every share's (max, sum) loaded at once, then each output dimension's shares at once
-    // (the loops over splits were chains of dependent L2 loads). splits <= kMaxSplits
-    // (CUDAExecutor.attentionSplits). Same sums in the same order as before.
-    float w[kMaxSplits];  // each share's max, then its weight exp(max - M) (0 for an empty share)
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? __ldcg(shares + s * (valueDim + 2)) : -INFINITY;
-    float M = sinks ? sinks[h] : -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
-    float L = sinks ? expf(sinks[h] - M) : 0.f;
-#pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) {
-        const bool some = w[s] != -INFINITY;
-        w[s] = some ? expf(w[s] - M) : 0.f;
-        if (some) L += __ldcg(shares + s * (valueDim + 2) + 1) * w[s];
-    }
-    for (int d = threadIdx.x; d < valueDim; d += kThreads) {
-        float o = 0.f;
-#pragma unroll
-        for (int s0 = 0; s0 < kMaxSplits; s0 += 8) {
-            float sh[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) sh[u] = s0 + u < splits && w[s0 + u] != 0.f ? __ldcg(shares + (s0 + u) * (valueDim + 2) + 2 + d) : 0.f;
-#pragma unroll
-            for (int u = 0; u < 8; ++u)
-                if (w[s0 + u] != 0.f) o += sh[u] * w[s0 + u];
-        }
-        out[(size_t)t * outStride + h * valueDim + d] = o / L;
-    }
+    const int G = heads / kvHeads;
+#define ATTENTION_DECODE(GMAX) decode<GMAX>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, \
+                                            causal, sinks, scale, out, outStride, partial, counters, shared, st)
+    if (G == 1) ATTENTION_DECODE(1);
+    else if (G == 2) ATTENTION_DECODE(2);
+    else if (G <= 4) ATTENTION_DECODE(4);
+    else if (G <= 8) ATTENTION_DECODE(8);
+    else ATTENTION_DECODE(16);
+#undef ATTENTION_DECODE
 }

@@ -419,6 +419,32 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// 16 tokens, measured slower on an H200: 8.50 / 19.35 ms against 8.40 / 18.91 for 8 / 16.)
     public static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
 
+    /// attention_decode's dynamic shared memory for a layer (Kernels/attention.cu, `decode`):
+    /// the V and K rows of a 64-key chunk (key rows padded), then q, probabilities and outputs of
+    /// the group's query heads, the group rounded up to a power of two. Refuses shapes the kernel
+    /// does not take, and lets it launch with more than 48 KiB.
+    public static func attentionDecodeSharedBytes(heads: Int, kvHeads: Int, headDim: Int, valueDim: Int, module: KernelModule) throws -> Int {
+        guard kvHeads > 0, heads % kvHeads == 0, heads / kvHeads <= 16 else {
+            throw FulgurError(.unsupported, "CUDA executor: attention of \(heads) query heads over \(kvHeads) KV heads (attention_decode takes groups of up to 16 query heads per KV head)")
+        }
+        guard valueDim <= 256 else {
+            throw FulgurError(.unsupported, "CUDA executor: value heads of \(valueDim) dimensions (up to 256)")
+        }
+        let group = heads / kvHeads, chunk = 64
+        let padded = group == 1 ? 1 : 1 << (Int.bitWidth - (group - 1).leadingZeroBitCount)
+        let keyStride = headDim + (headDim % 8 == 0 ? 4 : 1)
+        let bytes = 4 * (chunk * valueDim + chunk * keyStride + (padded * keyStride + 3) / 4 * 4 + chunk * padded + padded * valueDim)
+        let f = try module.function("attention_decode")
+        let room = module.device.maxSharedMemoryPerBlock - (try module.staticSharedBytes(f))
+        guard bytes <= room else {
+            throw FulgurError(.unsupported, "CUDA executor: attention heads of \(headDim) key / \(valueDim) value dimensions in groups of \(group) need \(bytes) bytes of shared memory a block; this GPU allows \(room)")
+        }
+        // The device's limit, not this layer's need: executors sharing the module (a target and
+        // its drafter) would otherwise lower each other's.
+        try module.allowSharedMemory(f, bytes: room)
+        return bytes
+    }
+
     private func add(_ kind: String, _ run: @escaping (Int) throws -> Void) { launches.append((kind, run)) }
 
     /// The single-sequence entry points read slot 0's positions (`length`); a cache of several
@@ -566,9 +592,8 @@ public final class CUDAExecutor: @unchecked Sendable {
             guard !attend || qW == a.heads * a.headDim, kW == a.kvHeads * a.headDim, vW == a.kvHeads * a.valueHeadDim else {
                 throw FulgurError(.unsupported, "CUDA executor: layer \(layer)'s q/k/v widths \(qW)/\(kW)/\(vW) do not match its attention shape")
             }
-            guard a.valueHeadDim <= 256 else {
-                throw FulgurError(.unsupported, "CUDA executor: value heads of \(a.valueHeadDim) dimensions (up to 256)")
-            }
+            let decodeShared = attend
+                ? try Self.attentionDecodeSharedBytes(heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueHeadDim, module: module) : 0
             let cache = caches[layer]
             let r = rope ?? RoPESpec.standard(theta: 1, rotaryDim: 0)
             var freq: UInt64 = 0
@@ -596,7 +621,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             if attend {
                 let splits = Self.attentionSplits(cache.capacity)
                 add("attention") { T in
-                    try launch("attention_decode", (a.heads, T, splits), 128, 4 * a.headDim, [
+                    try launch("attention_decode", (a.kvHeads, T, splits), 128, decodeShared, [
                         .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
                         .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),
                         .pointer(positions.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),

@@ -311,6 +311,18 @@ let attentionCases: [AttentionCase] = [
     AttentionCase(name: "MiMo full 4/1 heads qk192 v128 rope64", heads: 4, kvHeads: 1, headDim: 192, valueDim: 128, window: nil, sinks: false,
                   causal: true, qkNorm: false, rope: .standard(theta: 5_000_000, rotaryDim: 64), valueScale: 0.707, maxPositions: 1024,
                   starts: [0, 700], pad: 96),
+    // Groups of 16 query heads (MiMo's full layers: 64 over 4 KV heads, 108 KB of shared memory
+    // a block), of 1, and of 3 (padded to 4) with key rows not a multiple of 8 floats and value
+    // rows not of 4 (the 4-byte copy paths).
+    AttentionCase(name: "MiMo full 64/4 heads qk192 v128 rope64 sinks", heads: 64, kvHeads: 4, headDim: 192, valueDim: 128, window: nil,
+                  sinks: true, causal: true, qkNorm: false, rope: .standard(theta: 5_000_000, rotaryDim: 64), valueScale: 0.707,
+                  maxPositions: 1024, starts: [0, 700]),
+    AttentionCase(name: "group of 1: 8/8 heads d64 sinks", heads: 8, kvHeads: 8, headDim: 64, valueDim: 64, window: 128, sinks: true,
+                  causal: true, qkNorm: false, rope: .standard(theta: 10_000, rotaryDim: 64), valueScale: 1, maxPositions: 4096,
+                  starts: [0, 427]),
+    AttentionCase(name: "group of 3: 6/2 heads qk100 v98", heads: 6, kvHeads: 2, headDim: 100, valueDim: 98, window: nil, sinks: false,
+                  causal: true, qkNorm: false, rope: .standard(theta: 10_000, rotaryDim: 64), valueScale: 1, maxPositions: 512,
+                  starts: [0, 300], pad: 3),
     AttentionCase(name: "Qwen3 16/8 heads d128 q/k norm", heads: 16, kvHeads: 8, headDim: 128, valueDim: 128, window: nil, sinks: false,
                   causal: true, qkNorm: true, rope: .standard(theta: 1_000_000, rotaryDim: 128), valueScale: 1, maxPositions: 2048,
                   starts: [3, 1500]),
@@ -376,7 +388,8 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
         .int32(Int32(a.rope.rotaryDim)), .int32(a.rope.style == .neox ? 1 : 0), .pointer(freq?.address ?? 0), .double(a.rope.attentionFactor), .float(a.valueScale),
         .pointer(positionBuffer.address), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)), .pointer(0)])
     if a.attend {
-        try k.launch("attention_decode", (heads, T, splits), 128, 4 * a.headDim, [
+        let shared = try CUDAExecutor.attentionDecodeSharedBytes(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, module: k.module)
+        try k.launch("attention_decode", (a.kvHeads, T, splits), 128, shared, [
             .pointer(q), .int32(s32), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)),
             .int32(Int32(heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)),
             .pointer(positionBuffer.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),

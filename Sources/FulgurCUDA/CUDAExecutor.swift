@@ -1,3 +1,4 @@
+import Foundation
 import Fulgur
 
 /// Runs a plan on one GPU: the same ops as the CPU executor, in f32 activations, with the
@@ -419,6 +420,33 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// 16 tokens, measured slower on an H200: 8.50 / 19.35 ms against 8.40 / 18.91 for 8 / 16.)
     public static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
 
+    /// Which attention kernel a step of T tokens launches: version 2 (`attention_decode_v2`, a
+    /// block per query head) below `attentionGroupedMinTokens`, version 3 (`attention_decode`, a
+    /// block per KV head's group) from there up. On an H100 (Kernels/NOTES.md, sixth session)
+    /// version 3 made the 8-token gpt-oss-20b step 6.14 -> 5.49 ms and the 1-token step
+    /// 2.49 -> 2.80. FULGUR_ATTENTION_VERSION=2 or 3 takes one version at every T (comparisons).
+    static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
+    public static let attentionGroupedMinTokens = 4
+    static func groupedAttention(tokens: Int) -> Bool {
+        attentionVersion == 3 || (attentionVersion != 2 && tokens >= attentionGroupedMinTokens)
+    }
+
+    /// The attention kernel, grid and dynamic shared memory a step of T tokens launches for a
+    /// layer (`sharedBytes`: attentionDecodeSharedBytes). Version 3's blocks each run a chain of
+    /// global round trips (copy, shares, arrival counter, merge), so a second wave of them
+    /// doubles the time: its splits are cut to one wave of resident blocks.
+    public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule) throws
+        -> (Int) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
+        let splits = attentionSplits(capacity)
+        let resident = try module.residentBlocksPerMultiprocessor(try module.function("attention_decode"), threads: 128, sharedBytes: sharedBytes)
+            * module.device.multiprocessors
+        return { T in
+            groupedAttention(tokens: T)
+                ? ("attention_decode", (kvHeads, T, min(splits, max(1, resident / (kvHeads * T)))), sharedBytes)
+                : ("attention_decode_v2", (heads, T, splits), 4 * headDim)
+        }
+    }
+
     /// attention_decode's dynamic shared memory for a layer (Kernels/attention.cu, `decode`):
     /// the V and K rows of a 64-key chunk (key rows padded), then q, probabilities and outputs of
     /// the group's query heads, the group rounded up to a power of two. Refuses shapes the kernel
@@ -441,7 +469,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
         // The device's limit, not this layer's need: executors sharing the module (a target and
         // its drafter) would otherwise lower each other's.
-        try module.allowSharedMemory(f, bytes: room)
+        try module.allowSharedMemory(f, bytes: ProcessInfo.processInfo.environment["FULGUR_ATTENTION_SMEM"] == "need" ? bytes : room)
         return bytes
     }
 
@@ -519,7 +547,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             keep.append(b)
             return b
         }
-        let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode",
+        let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode", "attention_decode_v2",
                      "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax", "argmax_slice", "argmax_pick"]
         let module = self.module, stream = self.stream, positions = self.positions
         // Row slots only where the cache holds several sequences (null: slot 0).
@@ -619,9 +647,11 @@ public final class CUDAExecutor: @unchecked Sendable {
                     .pointer(rowSlots)])
             }
             if attend {
-                let splits = Self.attentionSplits(cache.capacity)
+                let shape = try Self.attentionShape(heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, sharedBytes: decodeShared,
+                                                    capacity: cache.capacity, module: module)
                 add("attention") { T in
-                    try launch("attention_decode", (a.kvHeads, T, splits), 128, decodeShared, [
+                    let l = shape(T)
+                    try launch(l.name, l.grid, 128, l.sharedBytes, [
                         .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
                         .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),
                         .pointer(positions.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),

@@ -71,7 +71,7 @@ struct LayerKernels {
         self.device = device
         self.module = module
         self.stream = stream
-        let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "attention_prep", "attention_decode", "argmax"]
+        let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "attention_prep", "attention_decode", "attention_decode_v2", "argmax"]
         functions = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
     }
 
@@ -387,9 +387,13 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
         .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)), .pointer(qn?.address ?? 0), .pointer(kn?.address ?? 0), .float(eps),
         .int32(Int32(a.rope.rotaryDim)), .int32(a.rope.style == .neox ? 1 : 0), .pointer(freq?.address ?? 0), .double(a.rope.attentionFactor), .float(a.valueScale),
         .pointer(positionBuffer.address), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)), .pointer(0)])
+    var launched = "prep only"
     if a.attend {
+        // The kernel and grid the executor launches at this T (version 2 below 4 tokens).
         let shared = try CUDAExecutor.attentionDecodeSharedBytes(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, module: k.module)
-        try k.launch("attention_decode", (a.kvHeads, T, splits), 128, shared, [
+        let l = try CUDAExecutor.attentionShape(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, sharedBytes: shared, capacity: capacity, module: k.module)(T)
+        launched = "\(l.name), \(l.grid.2) splits"
+        try k.launch(l.name, l.grid, 128, l.sharedBytes, [
             .pointer(q), .int32(s32), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)),
             .int32(Int32(heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)),
             .pointer(positionBuffer.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
@@ -422,7 +426,7 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
     }
 
     let ring = a.window == nil ? "capacity \(capacity)" : "ring of \(capacity)"
-    var c = LayerCase("attention \(a.name) T=\(T) at \(start)...\(start + T - 1) (\(ring), \(a.attend ? "\(splits) splits" : "prep only"))")
+    var c = LayerCase("attention \(a.name) T=\(T) at \(start)...\(start + T - 1) (\(ring), \(launched))")
     if a.attend { c.close("q", part(gotRegion, qOff, qW), qr, width: a.headDim, bound: layerNormTolerance) }
     c.close("k", part(gotRegion, kOff, kW), kr, width: a.headDim, bound: layerNormTolerance)
     c.exact("v", part(gotRegion, vOff, vW), vr)

@@ -357,8 +357,10 @@ extern "C" __global__ void __launch_bounds__(128, 6) attention_decode(
 }
 
 
-// Version 2 (a block per query head), kept for comparison with version 3 while the latter is
-// measured (CUDAExecutor.attentionVersion, FULGUR_ATTENTION_VERSION=2). Same arguments; grid
+// Version 2 (a block per query head): the executor launches it for steps under 4 tokens
+// (CUDAExecutor.attentionShape), where version 3 measured slower on an H100 (1-token
+// gpt-oss-20b step 2.49 against 2.80 ms; Kernels/NOTES.md, sixth session);
+// FULGUR_ATTENTION_VERSION=2 or 3 takes one version at every T. Same arguments; grid
 // (heads, T, splits), 128 threads, dynamic shared memory headDim floats.
 namespace attention2 {
 

@@ -418,7 +418,17 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Blocks that share one (head, token)'s keys: enough for the longest range the layer sees.
     /// (Fewer at large steps, to fill the GPU about 8 blocks an SM deep instead of 15 waves at
     /// 16 tokens, measured slower on an H200: 8.50 / 19.35 ms against 8.40 / 18.91 for 8 / 16.)
-    public static func attentionSplits(_ capacity: Int) -> Int { min(16, max(1, (capacity + 127) / 128)) }
+    public static func attentionSplits(_ capacity: Int) -> Int { min(attentionMaxSplits, max(1, (capacity + 127) / 128)) }
+    /// The most splits either attention kernel takes (kMaxSplits in Kernels/attention.cu); the
+    /// shares buffer is sized for it.
+    public static let attentionMaxSplits = 16
+
+    /// Version 3's entry for a group of heads / kvHeads query heads: attention_decode_g<GMAX>, the
+    /// group rounded up to a power of two (1, 2, 4, 8, 16).
+    static func groupedAttentionKernel(heads: Int, kvHeads: Int) -> String {
+        let group = heads / max(kvHeads, 1)
+        return "attention_decode_g\(group <= 1 ? 1 : 1 << (Int.bitWidth - (group - 1).leadingZeroBitCount))"
+    }
 
     /// Which attention kernel a step of T tokens launches: version 2 (`attention_decode_v2`, a
     /// block per query head) below `attentionGroupedMinTokens`, version 3 (`attention_decode`, a
@@ -427,6 +437,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// 2.49 -> 2.80. FULGUR_ATTENTION_VERSION=2 or 3 takes one version at every T (comparisons).
     static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
     public static let attentionGroupedMinTokens = 4
+    /// A cap on version 3's splits (`FULGUR_ATTENTION_MAX_SPLITS`, for measurements).
+    static let groupedMaxSplits = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_MAX_SPLITS"] ?? "") ?? 16
     static func groupedAttention(tokens: Int) -> Bool {
         attentionVersion == 3 || (attentionVersion != 2 && tokens >= attentionGroupedMinTokens)
     }
@@ -438,11 +450,15 @@ public final class CUDAExecutor: @unchecked Sendable {
     public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule) throws
         -> (Int) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
         let splits = attentionSplits(capacity)
-        let resident = try module.residentBlocksPerMultiprocessor(try module.function("attention_decode"), threads: 128, sharedBytes: sharedBytes)
+        // Version 3 splits finer (a share of at least 32 keys; a sliding layer's ring of 144
+        // gets 5, not 2), then cuts to one wave.
+        let groupedSplits = min(attentionMaxSplits, groupedMaxSplits, max(1, (capacity + 31) / 32))
+        let grouped = groupedAttentionKernel(heads: heads, kvHeads: kvHeads)
+        let resident = try module.residentBlocksPerMultiprocessor(try module.function(grouped), threads: 128, sharedBytes: sharedBytes)
             * module.device.multiprocessors
         return { T in
             groupedAttention(tokens: T)
-                ? ("attention_decode", (kvHeads, T, min(splits, max(1, resident / (kvHeads * T)))), sharedBytes)
+                ? (grouped, (kvHeads, T, min(groupedSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
                 : ("attention_decode_v2", (heads, T, splits), 4 * headDim)
         }
     }
@@ -462,7 +478,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         let padded = group == 1 ? 1 : 1 << (Int.bitWidth - (group - 1).leadingZeroBitCount)
         let keyStride = headDim + (headDim % 8 == 0 ? 4 : 1)
         let bytes = 4 * (chunk * valueDim + chunk * keyStride + (padded * keyStride + 3) / 4 * 4 + chunk * padded + padded * valueDim)
-        let f = try module.function("attention_decode")
+        let f = try module.function(groupedAttentionKernel(heads: heads, kvHeads: kvHeads))
         let room = module.device.maxSharedMemoryPerBlock - (try module.staticSharedBytes(f))
         guard bytes <= room else {
             throw FulgurError(.unsupported, "CUDA executor: attention heads of \(headDim) key / \(valueDim) value dimensions in groups of \(group) need \(bytes) bytes of shared memory a block; this GPU allows \(room)")
@@ -526,7 +542,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         // at a time); the counters start at zero and the kernel leaves them there.
         var partialFloats = 1, counterCount = 1
         for (l, c) in zip(spec.layers, caches) {
-            partialFloats = max(partialFloats, S * l.attention.heads * Self.attentionSplits(c.capacity) * (l.attention.valueHeadDim + 2))
+            partialFloats = max(partialFloats, S * l.attention.heads * Self.attentionMaxSplits * (l.attention.valueHeadDim + 2))
             counterCount = max(counterCount, S * l.attention.heads)
         }
         let partial = try device.allocate(4 * partialFloats), counters = try device.allocate(4 * counterCount)
@@ -547,7 +563,8 @@ public final class CUDAExecutor: @unchecked Sendable {
             keep.append(b)
             return b
         }
-        let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode", "attention_decode_v2",
+        let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode_g1", "attention_decode_g2", "attention_decode_g4",
+                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2",
                      "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax", "argmax_slice", "argmax_pick"]
         let module = self.module, stream = self.stream, positions = self.positions
         // Row slots only where the cache holds several sequences (null: slot 0).

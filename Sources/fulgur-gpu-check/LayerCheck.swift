@@ -71,7 +71,8 @@ struct LayerKernels {
         self.device = device
         self.module = module
         self.stream = stream
-        let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "attention_prep", "attention_decode", "attention_decode_v2", "argmax"]
+        let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "attention_prep", "attention_decode_g1", "attention_decode_g2", "attention_decode_g4",
+                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "argmax"]
         functions = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
     }
 
@@ -348,7 +349,6 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
     precondition(T <= S && start + T <= a.maxPositions)
     // CUDAExecutor.Cache (and KVCache.capacity): a sliding layer keeps a ring of window + S.
     let capacity = a.window.map { min($0 + S, a.maxPositions) } ?? a.maxPositions
-    let splits = CUDAExecutor.attentionSplits(capacity)
     let positions = Array(start..<(start + T))
     // The executor's region: a token's row is [q | k | v] (keys and values only for storeKV),
     // `stride` floats apart.
@@ -377,7 +377,7 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
     let freq = a.rope.inverseFrequencies.isEmpty ? nil : try k.upload(a.rope.inverseFrequencies)
     let counters = try k.upload([Int32](repeating: 0, count: S * max(heads, 1)))
     let attn = try k.poisoned(4 * T * max(heads, 1) * a.valueDim)
-    let partial = try k.poisoned(4 * T * max(heads, 1) * splits * (a.valueDim + 2))
+    let partial = try k.poisoned(4 * T * max(heads, 1) * CUDAExecutor.attentionMaxSplits * (a.valueDim + 2))
     try k.device.synchronize()
 
     let q = regionBuffer.address + UInt64(4 * qOff), kp = regionBuffer.address + UInt64(4 * kOff), v = regionBuffer.address + UInt64(4 * vOff)

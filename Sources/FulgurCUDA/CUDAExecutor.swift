@@ -431,10 +431,11 @@ public final class CUDAExecutor: @unchecked Sendable {
     }
 
     /// Which attention kernel a step of T tokens launches: version 2 (`attention_decode_v2`, a
-    /// block per query head) below `attentionGroupedMinTokens`, version 3 (`attention_decode`, a
-    /// block per KV head's group) from there up. On an H100 (Kernels/NOTES.md, sixth session)
-    /// version 3 made the 8-token gpt-oss-20b step 6.14 -> 5.49 ms and the 1-token step
-    /// 2.49 -> 2.80. FULGUR_ATTENTION_VERSION=2 or 3 takes one version at every T (comparisons).
+    /// block per query head) below `attentionGroupedMinTokens`, version 3 (`attention_decode_g<G>`,
+    /// a block per KV head's group) from there up. On an H100 (Kernels/NOTES.md, sixth session)
+    /// version 3 made the 8-token gpt-oss-20b step 6.14 -> 5.49 ms (5.24 after its later changes)
+    /// and the 1-token step 2.49 -> 2.80. FULGUR_ATTENTION_VERSION=2 or 3 takes one version at
+    /// every T (comparisons).
     static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
     public static let attentionGroupedMinTokens = 4
     /// A cap on version 3's splits (`FULGUR_ATTENTION_MAX_SPLITS`, for measurements).

@@ -48,6 +48,20 @@ __device__ __forceinline__ float f16hi(uint32_t h2) {
     return f;
 }
 
+// Two floats -> f16x2 (low half: lo), round to nearest. Shared by moe.cu and gemv.cu.
+__device__ __forceinline__ uint32_t f16x2(float lo, float hi) {
+    uint32_t d;
+    asm("cvt.rn.f16x2.f32 %0, %2, %1;" : "=r"(d) : "f"(lo), "f"(hi));
+    return d;
+}
+
+// d += A (16x16, row) * B (16x8, col), f16 operands, f32 accumulators (mma.sync m16n8k16).
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // Nibbles i and i + 4 of a word -> f16x2 (low half: nibble i). The three magnitude bits land
 // on f16 bits 9-11 and the sign on bit 15, which is the E2M1 value times 2^-14 for all eight
 // codes (code 1, 0.5, is the f16 subnormal 2^-15): two shifts and one LOP3 for two elements,

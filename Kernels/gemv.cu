@@ -60,10 +60,15 @@ template <int T> struct Plan {
     static constexpr int chains = rows * T >= 4 ? 1 : 4 / (rows * T);
 };
 
-// Two E4M3 codes -> two f32 through the f16x2 conversion (sm_89+), which keeps NaN codes NaN.
-__device__ __forceinline__ float2 e4m3x2(uint32_t pair) {
+// Two E4M3 codes (the low 16 bits of pair) -> f16x2, exact (sm_89+), NaN codes stay NaN.
+__device__ __forceinline__ uint32_t e4m3x2_f16(uint32_t pair) {
     uint32_t h2;
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)pair));
+    return h2;
+}
+// Two E4M3 codes -> two f32 through the f16x2 conversion.
+__device__ __forceinline__ float2 e4m3x2(uint32_t pair) {
+    const uint32_t h2 = e4m3x2_f16(pair);
     return make_float2(f16lo(h2), f16hi(h2));
 }
 
@@ -497,19 +502,10 @@ template <bool BF16, int NT> struct MmaFormat {
     static constexpr int tokenStride = piece * chunkBytes + 16;
 };
 
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
-    if (bf16)
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
-    uint32_t d;
-    asm("cvt.rn.f16x2.f32 %0, %2, %1;" : "=r"(d) : "f"(lo), "f"(hi));
-    return d;
+// mma_f16 (common.cuh) with bf16 operands.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     uint32_t d;
@@ -561,8 +557,8 @@ __device__ __forceinline__ void mma_stage(uint8_t* xs, float* mult, const float*
             const int be = (__float_as_uint(m) >> 23) & 0xFF, ex = be == 0 ? 0 : max(be - 141, -120);
             const float down = __uint_as_float((uint32_t)(127 - ex) << 23);
             const float q[4] = {v[u].x * down, v[u].y * down, v[u].z * down, v[u].w * down};
-            const uint32_t h0 = pack_f16x2(q[0], q[1]), h1 = pack_f16x2(q[2], q[3]);
-            const uint32_t l0 = pack_f16x2(q[0] - f16lo(h0), q[1] - f16hi(h0)), l1 = pack_f16x2(q[2] - f16lo(h1), q[3] - f16hi(h1));
+            const uint32_t h0 = f16x2(q[0], q[1]), h1 = f16x2(q[2], q[3]);
+            const uint32_t l0 = f16x2(q[0] - f16lo(h0), q[1] - f16hi(h0)), l1 = f16x2(q[2] - f16lo(h1), q[3] - f16hi(h1));
             *reinterpret_cast<uint2*>(d) = make_uint2(h0, h1);
             *reinterpret_cast<uint2*>(d + 128) = make_uint2(l0, l1);
             if (e == 0) mult[t * P + c] = __uint_as_float((uint32_t)(127 + ex) << 23);
@@ -634,12 +630,9 @@ __device__ void mma_product(const uint8_t* __restrict__ w, const float* __restri
                         a[0] = word(wa[c][m / 2], (2 * m) % 4); a[2] = word(wa[c][m / 2], (2 * m + 1) % 4);
                         a[1] = word(wb[c][m / 2], (2 * m) % 4); a[3] = word(wb[c][m / 2], (2 * m + 1) % 4);
                     } else {
-                        uint32_t h2;
                         const uint32_t qa = word(wa[c][0], m), qb = word(wb[c][0], m);
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa & 0xFFFF))); a[0] = h2;
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qa >> 16))); a[2] = h2;
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb & 0xFFFF))); a[1] = h2;
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"((unsigned short)(qb >> 16))); a[3] = h2;
+                        a[0] = e4m3x2_f16(qa & 0xFFFF); a[2] = e4m3x2_f16(qa >> 16);
+                        a[1] = e4m3x2_f16(qb & 0xFFFF); a[3] = e4m3x2_f16(qb >> 16);
                     }
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
@@ -647,7 +640,8 @@ __device__ void mma_product(const uint8_t* __restrict__ w, const float* __restri
 #pragma unroll
                         for (int term = 0; term < F::terms; ++term) {
                             const uint2 bv = *reinterpret_cast<const uint2*>(b + 128 * term);
-                            mma16816(part[nt], a, bv.x, bv.y, BF16);
+                            if (BF16) mma_bf16(part[nt], a, bv.x, bv.y);
+                            else mma_f16(part[nt], a, bv.x, bv.y);
                         }
                     }
                 }

@@ -692,12 +692,6 @@ __device__ __forceinline__ void store_release_block(int* p, int v) {
     asm volatile("st.release.cta.shared::cta.s32 [%0], %1;" ::"r"(smem_addr(p)), "r"(v) : "memory");
 }
 
-__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Scale byte B of w as f32: code 0 is 2^-127 as in e8m0(); code 255 (NaN) comes out as
 // infinity, so such a row's outputs are infinite or NaN. Three instructions against e8m0's five.
 template <int B>
@@ -717,12 +711,6 @@ __device__ __forceinline__ void e2m1_pairs(uint32_t w, uint32_t (&h)[4]) {
     h[1] = (w << 3) & 0x8E008E00u;
     h[2] = ((w << 6) & 0x0E000E00u) | ((w << 2) & 0x80008000u);
     h[3] = ((w << 9) & 0x0E000E00u) | ((w << 1) & 0x80008000u);
-}
-
-__device__ __forceinline__ uint32_t f16x2(float lo, float hi) {
-    uint32_t d;
-    asm("cvt.rn.f16x2.f32 %0, %2, %1;" : "=r"(d) : "f"(lo), "f"(hi));
-    return d;
 }
 
 // One 32-column block of a step: rows g and g+8 (code words wg, wg8; scale bytes SB, SB+1 of

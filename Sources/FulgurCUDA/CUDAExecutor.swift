@@ -426,9 +426,10 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Version 3's entry for a group of heads / kvHeads query heads: attention_decode_g<GMAX>, the
     /// group rounded up to a power of two (1, 2, 4, 8, 16).
     static func groupedAttentionKernel(heads: Int, kvHeads: Int) -> String {
-        let group = heads / max(kvHeads, 1)
-        return "attention_decode_g\(group <= 1 ? 1 : 1 << (Int.bitWidth - (group - 1).leadingZeroBitCount))"
+        "attention_decode_g\(paddedGroup(heads / max(kvHeads, 1)))"
     }
+    /// A query-head group rounded up to a power of two (the kernel's GMAX).
+    static func paddedGroup(_ group: Int) -> Int { group <= 1 ? 1 : 1 << (Int.bitWidth - (group - 1).leadingZeroBitCount) }
 
     /// Which attention kernel a step of T tokens launches: version 2 (`attention_decode_v2`, a
     /// block per query head) below `attentionGroupedMinTokens`, version 3 (`attention_decode_g<G>`,
@@ -476,7 +477,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             throw FulgurError(.unsupported, "CUDA executor: value heads of \(valueDim) dimensions (up to 256)")
         }
         let group = heads / kvHeads, chunk = 64
-        let padded = group == 1 ? 1 : 1 << (Int.bitWidth - (group - 1).leadingZeroBitCount)
+        let padded = paddedGroup(group)
         let keyStride = headDim + (headDim % 8 == 0 ? 4 : 1)
         let bytes = 4 * (chunk * valueDim + chunk * keyStride + (padded * keyStride + 3) / 4 * 4 + chunk * padded + padded * valueDim)
         let f = try module.function(groupedAttentionKernel(heads: heads, kvHeads: kvHeads))
@@ -486,7 +487,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
         // The device's limit, not this layer's need: executors sharing the module (a target and
         // its drafter) would otherwise lower each other's.
-        try module.allowSharedMemory(f, bytes: ProcessInfo.processInfo.environment["FULGUR_ATTENTION_SMEM"] == "need" ? bytes : room)
+        // (Raising it only to the layer's need measured the same on an H100.)
+        try module.allowSharedMemory(f, bytes: room)
         return bytes
     }
 

@@ -244,8 +244,8 @@ public final class CUDALinear: @unchecked Sendable {
         if mmaFits, forceLayout ? layout == .mma : tokens >= Self.mmaMinTokens {
             var tile: Int32 = 0
             if case .fp8(let t) = storage { tile = Int32(t) }
-            let f = mmaKernels[tokens <= 8 ? 0 : 1]
-            try module.launch(f, grid: (try mmaClusters(f, tokens <= 8 ? 0 : 1), 8, 1), block: (128, 1, 1), stream: stream,
+            let index = tokens <= 8 ? 0 : 1, f = mmaKernels[index]
+            try module.launch(f, grid: (try mmaClusters(f, index), 8, 1), block: (128, 1, 1), stream: stream,
                               overlapPrevious: overlapPrevious,
                               [.pointer(codes.address), .pointer(scales?.address ?? 0), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(os),
                                .int32(tile), .int32(Int32(tokens))])

@@ -233,8 +233,9 @@ public struct RandomModel: Sendable, CustomStringConvertible {
         func linear(_ name: String, out: Int, in inFeatures: Int) -> [RandomTensor] {
             let m = RandomMatrix(.fp8, seed: RandomFill.seed(seed, name), rows: out, cols: inFeatures, std: std(inFeatures))
             switch self.linear {
-            case .fp8: return [.codes(name, m, dtype: .fp8e4m3, shape: [out, inFeatures]), .tileScales(Self.module(name) + ".weight_scale_inv", m)]
-            case .bf16: return [.bf16(name, m, shape: [out, inFeatures])]
+            case .fp8: return [.codes(name, m, dtype: .fp8e4m3, shape: [out, inFeatures]).part(of: m, named: name, form: .quantized),
+                               .tileScales(Self.module(name) + ".weight_scale_inv", m).part(of: m, named: name, form: nil)]
+            case .bf16: return [.bf16(name, m, shape: [out, inFeatures]).part(of: m, named: name, form: .bf16)]
             }
         }
         func mxfp4Check(_ name: String, _ inFeatures: Int) throws {
@@ -247,9 +248,9 @@ public struct RandomModel: Sendable, CustomStringConvertible {
             let m = RandomMatrix(.mxfp4, seed: RandomFill.seed(seed, name), rows: out, cols: inFeatures, std: std(inFeatures))
             switch experts {
             case .mxfp4:
-                return [.codes(name, m, dtype: .u8, shape: [out, inFeatures / 2]),
-                        .blockScales(Self.module(name) + ".weight_scale", m, shape: [out, inFeatures / 32])]
-            case .bf16: return [.bf16(name, m, shape: [out, inFeatures])]
+                return [.codes(name, m, dtype: .u8, shape: [out, inFeatures / 2]).part(of: m, named: name, form: .quantized),
+                        .blockScales(Self.module(name) + ".weight_scale", m, shape: [out, inFeatures / 32]).part(of: m, named: name, form: nil)]
+            case .bf16: return [.bf16(name, m, shape: [out, inFeatures]).part(of: m, named: name, form: .bf16)]
             }
         }
         /// gpt-oss's stacked experts: `[E, out, in]` as MXFP4 `_blocks`/`_scales`, or BF16 `[E, in, out]`.
@@ -258,9 +259,9 @@ public struct RandomModel: Sendable, CustomStringConvertible {
             let m = RandomMatrix(.mxfp4, seed: RandomFill.seed(seed, name), batches: count, rows: out, cols: inFeatures, std: std(inFeatures))
             switch experts {
             case .mxfp4:
-                return [.codes(name + "_blocks", m, dtype: .u8, shape: [count, out, inFeatures / 32, 16]),
-                        .blockScales(name + "_scales", m, shape: [count, out, inFeatures / 32])]
-            case .bf16: return [.bf16Transposed(name, m)]
+                return [.codes(name + "_blocks", m, dtype: .u8, shape: [count, out, inFeatures / 32, 16]).part(of: m, named: name, form: .quantized),
+                        .blockScales(name + "_scales", m, shape: [count, out, inFeatures / 32]).part(of: m, named: name, form: nil)]
+            case .bf16: return [.bf16Transposed(name, m).part(of: m, named: name, form: .bf16)]
             }
         }
 

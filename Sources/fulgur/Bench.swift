@@ -128,9 +128,11 @@ struct Bench: ParsableCommand {
     func tensorParallel(plan: Plan, name: String, sizes: [Int]) throws {
         let group = try deviceGroup()
         let warmup = 5, positions = context + sizes.reduce(0) { $0 + $1 * (steps + warmup) } + 16
-        let bar = ProgressBar(label: "Weights to \(tp) GPUs")
+        let bar = ProgressBar(label: "Weights to \(tp) GPUs"), start = Date()
         let split = try CUDATensorParallel(plan: plan, group: group, maxPositions: positions, progress: { bar.update($0, $1) })
         bar.finish()
+        Terminal.status(String(format: "weights on %d GPUs in %.1f s (%.1f GB of device memory in use on GPU 0)", tp, Date().timeIntervalSince(start),
+                               Double(group.devices[0].pool.bytesInUse) / 1e9))
         var rng = SeededGenerator(seed: 7)
         if context > 0 { _ = try split.forward((0..<context).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }, logits: .none) }
         let whole = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, advance: false)

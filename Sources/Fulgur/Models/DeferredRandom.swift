@@ -39,6 +39,15 @@ public struct DeferredRandomMatrix: Sendable, Equatable, CustomStringConvertible
     public let columnStart: Int
     public let columns: Int
 
+    /// The whole matrix `batch` of `batches` that RandomModel would make for a tensor of seed
+    /// `seed` and weights of about `std` (for checks of the device fill, and benchmarks).
+    /// MXFP4 needs columns that are a multiple of 32.
+    public init(_ kind: Kind, form: Form = .quantized, seed: UInt64, batches: Int = 1, batch: Int = 0, rows: Int, columns: Int, std: Float) {
+        precondition(kind == .fp8 || columns % 32 == 0, "MXFP4 rows are whole 32-element blocks")
+        precondition((0..<batches).contains(batch) && rows > 0 && columns > 0, "a batch of a non-empty matrix")
+        self.init(RandomMatrix(kind == .fp8 ? .fp8 : .mxfp4, seed: seed, batches: batches, rows: rows, cols: columns, std: std), batch: batch, form: form)
+    }
+
     /// The whole matrix `b` of `m` (an expert of a stacked tensor, or the only one).
     init(_ m: RandomMatrix, batch: Int = 0, form: Form) {
         kind = m.kind == .fp8 ? .fp8 : .mxfp4

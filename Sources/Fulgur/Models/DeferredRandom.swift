@@ -292,9 +292,6 @@ final class DeferredRandomTensors: TensorSource {
     func add(_ entry: SafetensorsWriter.Entry, _ buffer: HostAllocation) { host.add(entry, buffer) }
     func add(matrix: RandomMatrix, named name: String, form: DeferredRandomMatrix.Form) { matrices[name] = (matrix, form) }
 
-    /// Matrices, with their whole shapes (for reports).
-    var matrixNames: [String] { matrices.keys.sorted() }
-
     func deferredWeight(_ name: String, expert: Int?) -> LinearWeight? {
         guard let (m, form) = matrices[name], (expert ?? 0) < m.batches else { return nil }
         let suffix = expert.map { "[\($0)]" } ?? ""

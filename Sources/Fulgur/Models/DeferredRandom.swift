@@ -316,21 +316,10 @@ extension RandomModel {
         let groups = try tensorGroups(spec)
         let source = DeferredRandomTensors(description: "random \(description), deferred matrices")
         for (g, group) in groups.enumerated() {
-            var made: [RandomTensor] = []
-            for t in group {
-                if let d = t.matrix {
-                    if let form = d.form { source.add(matrix: d.matrix, named: d.name, form: form) }
-                } else {
-                    made.append(t)
-                }
-            }
-            let buffers = made.map { HostAllocation(byteCount: $0.byteCount) }
-            let jobs = made.indices.flatMap { t in (0..<made[t].pieces).map { (t, $0) } }
-            DispatchQueue.concurrentPerform(iterations: jobs.count) { j in
-                let (t, piece) = jobs[j]
-                made[t].fill(piece, buffers[t].pointer + made[t].pieceOffset(piece))
-            }
-            for (t, buffer) in zip(made, buffers) { source.add(t.entry, buffer) }
+            // The scales' tensors come with their codes: one description per matrix.
+            for t in group { if let d = t.matrix, let form = d.form { source.add(matrix: d.matrix, named: d.name, form: form) } }
+            let small = group.filter { $0.matrix == nil }
+            for (t, buffer) in zip(small, Self.make(small)) { source.add(t.entry, buffer) }
             progress?(g + 1, groups.count)
         }
         return try Model(spec: spec, tensors: source)

@@ -121,16 +121,21 @@ public struct RandomModel: Sendable, CustomStringConvertible {
         let groups = try tensorGroups(spec)
         let source = RandomTensors(description: "random \(description)")
         for (g, group) in groups.enumerated() {
-            let buffers = group.map { HostAllocation(byteCount: $0.byteCount) }
-            let jobs = group.indices.flatMap { t in (0..<group[t].pieces).map { (t, $0) } }
-            DispatchQueue.concurrentPerform(iterations: jobs.count) { j in
-                let (t, piece) = jobs[j]
-                group[t].fill(piece, buffers[t].pointer + group[t].pieceOffset(piece))
-            }
-            for (t, buffer) in zip(group, buffers) { source.add(t.entry, buffer) }
+            for (t, buffer) in zip(group, Self.make(group)) { source.add(t.entry, buffer) }
             progress?(g + 1, groups.count)
         }
         return source
+    }
+
+    /// `tensors` made in memory, their pieces in parallel over the machine's cores.
+    static func make(_ tensors: [RandomTensor]) -> [HostAllocation] {
+        let buffers = tensors.map { HostAllocation(byteCount: $0.byteCount) }
+        let jobs = tensors.indices.flatMap { t in (0..<tensors[t].pieces).map { (t, $0) } }
+        DispatchQueue.concurrentPerform(iterations: jobs.count) { j in
+            let (t, piece) = jobs[j]
+            tensors[t].fill(piece, buffers[t].pointer + tensors[t].pieceOffset(piece))
+        }
+        return buffers
     }
 
     /// Writes `config.json` and the weights into `directory` (created; it must not already

@@ -7,12 +7,12 @@
 // e2m1Pairs). A shard therefore holds exactly the whole model's values at its positions, and
 // DeferredRandomMatrix makes the same bytes on the CPU (fulgur-gpu-check random compares them).
 //
-// Budget: writes only, once per process. A MiMo-V2-Flash shard over 2 GPUs is about 78 GB of
+// Budget: writes only, once per process. A MiMo-V2-Flash shard over 2 GPUs is about 80 GB of
 // codes and scales per GPU: about 30 ms of writes at 3 TB/s. Every byte costs one hash (three
-// 64-bit multiplies, about 25 instructions) and a table load from L1/L2 (128 KB of tables):
-// about 2e12 instructions per GPU, some 0.1-0.2 s at H100 integer rates. The host's launches
-// (one per expert matrix part: about 37k per GPU) cost more than the kernels; the target is
-// "seconds", not a roofline.
+// 64-bit multiplies), an integer division for its row and a table load from L1/L2 (130 KB of
+// tables): about 40 instructions, 3e12 per GPU, a few tenths of a second at H100 integer rates
+// (estimated, not measured). The host's launches (one per expert matrix part: about 36k per
+// GPU, a few microseconds each) cost about as much; the target is "seconds", not a roofline.
 //
 // Tables (RandomFiller uploads them once per GPU): bytes [0, 65536) FP8 E4M3 codes,
 // [65536, 131072) E2M1 pairs (element 2j in the low nibble), then 256 f32 E4M3 values and 16

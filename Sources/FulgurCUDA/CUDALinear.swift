@@ -4,7 +4,8 @@ import Fulgur
 /// A linear weight (or several stacked by rows) copied to the GPU, applied by the kernels of
 /// Kernels/gemv.cu to 1-16 tokens of f32 activations. MXFP4 with split E8M0 scales, FP8 E4M3
 /// with f32 tile multipliers and BF16 stay as stored; every other format (f16, GGML blocks,
-/// the [in, out] layout) is decoded to f32 once at upload, which is exact.
+/// the [in, out] layout) is decoded to f32 once at upload, which is exact. Deferred random
+/// weights (RandomModel.buildDeferred) are made in device memory, not uploaded.
 public final class CUDALinear: @unchecked Sendable {
     public static let maxTokens = 16
     public enum Storage: Equatable { case mxfp4, fp8(tile: Int), bf16, f32 }
@@ -93,16 +94,9 @@ public final class CUDALinear: @unchecked Sendable {
         let storage = Self.storage(of: parts[0]), k = parts[0].inFeatures
         let device = module.device
         let rows = parts.reduce(0) { $0 + $1.outFeatures }
-        func concatenated(_ pieces: [UnsafeRawBufferPointer]) throws -> DeviceBuffer {
-            let buffer = try device.allocate(pieces.reduce(0) { $0 + $1.count })
-            var offset = 0
-            for p in pieces { try buffer.upload(p, offset: offset); offset += p.count }
-            return buffer
-        }
         switch storage {
         case .mxfp4, .fp8, .bf16:
-            codes = try concatenated(parts.map { $0.storage.codes })
-            scales = storage == .bf16 ? nil : try concatenated(parts.map { $0.storage.scales! })
+            (codes, scales) = try Self.deviceStorage(parts, scaled: storage != .bf16, module: module)
         case .f32:
             let values = Self.f32Rows(parts)
             codes = try values.withUnsafeBytes { try device.upload($0) }
@@ -146,6 +140,41 @@ public final class CUDALinear: @unchecked Sendable {
         }
         mmaKernels = try mmaFamily.map { f in try [1, 2].map { try module.function("\(f)_n\($0)") } } ?? []
         layout = rows >= Self.wideRows ? .wide : .rows
+    }
+
+    /// The parts' stored codes (or BF16 values) and scales, each concatenated by rows in
+    /// device memory: copied from the host, or made on the GPU for deferred random parts
+    /// (RandomFiller), which never exist on the host.
+    static func deviceStorage(_ parts: [LinearWeight], scaled: Bool, module: KernelModule) throws -> (codes: DeviceBuffer, scales: DeviceBuffer?) {
+        let device = module.device, counts = parts.map(\.storageByteCounts)
+        let codes = try device.allocate(counts.reduce(0) { $0 + $1.codes })
+        let scales = scaled ? try device.allocate(counts.reduce(0) { $0 + $1.scales }) : nil
+        var filler: RandomFiller? = nil, codeOffset = 0, scaleOffset = 0
+        for (p, n) in zip(parts, counts) {
+            if let m = p.deferred {
+                let f = try filler ?? module.randomFiller()
+                filler = f
+                try f.fill(m, codes: codes.address + UInt64(codeOffset), scales: scales.map { $0.address + UInt64(scaleOffset) })
+            } else {
+                let stored = p.storage
+                try codes.upload(stored.codes, offset: codeOffset)
+                if let scales { try scales.upload(stored.scales!, offset: scaleOffset) }
+            }
+            codeOffset += n.codes
+            scaleOffset += n.scales
+        }
+        try filler?.finish()
+        return (codes, scales)
+    }
+
+    /// The device bytes of the weight (codes or plain values) and scales as stored, for checks.
+    public func deviceBytes() throws -> (codes: [UInt8], scales: [UInt8]?) {
+        var c = [UInt8](repeating: 0, count: codes.byteCount)
+        try c.withUnsafeMutableBytes { try codes.download(into: $0) }
+        guard let scales else { return (c, nil) }
+        var s = [UInt8](repeating: 0, count: scales.byteCount)
+        try s.withUnsafeMutableBytes { try scales.download(into: $0) }
+        return (c, s)
     }
 
     /// Shared memory of the wide layout at `tokens` (x for the whole K, padded as gemv::stage).

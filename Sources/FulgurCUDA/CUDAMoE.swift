@@ -162,23 +162,13 @@ public final class CUDAMoE: @unchecked Sendable {
                 try module.allowSharedMemory(gateUpKernels[i], bytes: Self.sharedBytes(bin: b))
                 try module.allowSharedMemory(downKernels[i], bytes: Self.sharedBytes(bin: b))
             }
-            // Experts stacked [E, rows, ...]: each expert's weights copied in at its offset.
-            func stack(_ rows: Int, _ columns: Int, _ parts: (ExpertWeights) -> [LinearWeight]) throws -> (DeviceBuffer, DeviceBuffer) {
-                let codeBytes = rows * columns / 2, scaleBytes = rows * columns / 32
-                let codes = try device.allocate(E * codeBytes), scales = try device.allocate(E * scaleBytes)
-                for (e, x) in m.experts.enumerated() {
-                    var c = e * codeBytes, sc = e * scaleBytes
-                    for w in parts(x) {
-                        let (wc, ws) = w.storage
-                        try codes.upload(wc, offset: c)
-                        try scales.upload(ws!, offset: sc)
-                        c += wc.count; sc += ws!.count
-                    }
-                }
-                return (codes, scales)
+            // Experts stacked [E, rows, ...]: each expert's weights copied (or made) at its offset.
+            func stack(_ parts: (ExpertWeights) -> [LinearWeight]) throws -> (DeviceBuffer, DeviceBuffer) {
+                let stacked = try CUDALinear.deviceStorage(m.experts.flatMap(parts), scaled: true, module: module)
+                return (stacked.codes, stacked.scales!)
             }
-            let (gateUpCodes, gateUpScales) = try stack(2 * I, H) { x in x.gateUp.map { [$0] } ?? [x.gate!, x.up!] }
-            let (downCodes, downScales) = try stack(H, I) { [$0.down] }
+            let (gateUpCodes, gateUpScales) = try stack { x in x.gateUp.map { [$0] } ?? [x.gate!, x.up!] }
+            let (downCodes, downScales) = try stack { [$0.down] }
             let gateUpBias = try floats(hasGateUpBias ? m.experts.flatMap { $0.gateUpBias! } : nil)
             kernels = .v1(Version1(route: route, gateUp: gateUpKernels, down: downKernels, gateUpCodes: gateUpCodes, gateUpScales: gateUpScales,
                                    gateUpBias: gateUpBias, downCodes: downCodes, downScales: downScales, downBias: downBias,
@@ -198,15 +188,7 @@ public final class CUDAMoE: @unchecked Sendable {
             try module.allowSharedMemory(experts, bytes: plan.sharedBytes)
             plans = [plan, plan, plan, plan]
         }
-        // gate_up tile i: rows 0-7 are gate rows 8i..8i+7, rows 8-15 the matching up rows.
-        let gateUp = try CUDAMoE.upload(device, CUDAMoE.tiled(experts: E, tiles: I / 8, columns: H) { e, tile, r in
-            let x = m.experts[e], j = 8 * tile + r % 8, gate = r < 8
-            if let fused = x.gateUp { return CUDAMoE.row(fused, interleaved ? 2 * j + (gate ? 0 : 1) : (gate ? 0 : I) + j) }
-            return CUDAMoE.row(gate ? x.gate! : x.up!, j)
-        })
-        let down = try CUDAMoE.upload(device, CUDAMoE.tiled(experts: E, tiles: H / 16, columns: I) { e, tile, r in
-            CUDAMoE.row(m.experts[e].down, 16 * tile + r)
-        })
+        let (gateUp, down) = try Self.tiledWeights(m, module: module)
         let gateUpBias = try floats(hasGateUpBias ? m.experts.flatMap { x -> [Float] in
             let b = x.gateUpBias!
             return interleaved ? (0..<I).map { b[2 * $0] } + (0..<I).map { b[2 * $0 + 1] } : b
@@ -387,6 +369,86 @@ public final class CUDAMoE: @unchecked Sendable {
         var raw = [Int64](repeating: 0, count: 8 * blocks)
         try raw.withUnsafeMutableBytes { try trace.download(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<(64 * blocks)])) }
         return (0..<blocks).map { Array(raw[(8 * $0)..<(8 * $0 + 8)]) }
+    }
+
+    /// gate_up and down of every expert in the `tiled` layout. gate_up tile i: rows 0-7 are
+    /// gate rows 8i..8i+7, rows 8-15 the matching up rows; down tile i: rows 16i..16i+15.
+    /// Repacked on the host and uploaded, or, when every expert is a deferred random matrix
+    /// (RandomModel.buildDeferred), made in device memory (RandomFiller.fillTiled).
+    static func tiledWeights(_ m: MoEWeights, module: KernelModule) throws -> (gateUp: DeviceBuffer, down: DeviceBuffer) {
+        let device = module.device
+        let deferred = m.experts.allSatisfy { x in [x.gateUp, x.gate, x.up, x.down].allSatisfy { $0 == nil || $0!.deferred != nil } }
+        guard deferred else {
+            let host = hostTiled(m)
+            return (try upload(device, host.gateUp), try upload(device, host.down))
+        }
+        let bytes = tiledByteCounts(m)
+        let gateUp = try device.allocate(bytes.gateUp), down = try device.allocate(bytes.down)
+        let filler = try module.randomFiller()
+        try filler.run(tiledLaunches(m, gateUp: gateUp.address, down: down.address, tables: filler.tables.address))
+        try filler.finish()
+        return (gateUp, down)
+    }
+
+    /// Bytes of gate_up and down in the tiled layout.
+    static func tiledByteCounts(_ m: MoEWeights) -> (gateUp: Int, down: Int) {
+        let E = m.experts.count, I = m.spec.intermediate, H = m.router.inFeatures
+        func tileBytes(_ columns: Int) -> Int { (columns / 32 + 1) / 2 * stepBytes }
+        return (E * (I / 8) * tileBytes(H), E * (H / 16) * tileBytes(I))
+    }
+
+    /// RandomFiller's launches that write every expert of `m` (all deferred) in the tiled
+    /// layout at `gateUp` and `down`: per expert, the gate half of the gate_up tiles (rows
+    /// 0-7), the up half (rows 8-15), then down.
+    static func tiledLaunches(_ m: MoEWeights, gateUp: UInt64, down: UInt64, tables: UInt64) throws -> [RandomFiller.Launch] {
+        let I = m.spec.intermediate, H = m.router.inFeatures
+        let E = m.experts.count, bytes = tiledByteCounts(m)
+        var launches: [RandomFiller.Launch] = []
+        for (e, x) in m.experts.enumerated() {
+            let at = gateUp + UInt64(e * bytes.gateUp / E)
+            // (matrix, first row, row step) of the gate half, then of the up half.
+            let halves: [(DeferredRandomMatrix, Int, Int)]
+            if let fused = x.gateUp?.deferred {
+                halves = x.interleaved ? [(fused, 0, 2), (fused, 1, 2)] : [(fused, 0, 1), (fused, I, 1)]
+            } else {
+                halves = [(x.gate!.deferred!, 0, 1), (x.up!.deferred!, 0, 1)]
+            }
+            for (h, (matrix, first, step)) in halves.enumerated() {
+                launches.append(try RandomFiller.tiledLaunch(matrix, firstRow: first, rowStep: step, at: at, tiles: I / 8,
+                                                             tileRows: (8 * h)..<(8 * h + 8), tables: tables))
+            }
+            launches.append(try RandomFiller.tiledLaunch(x.down.deferred!, firstRow: 0, rowStep: 1, at: down + UInt64(e * bytes.down / E),
+                                                         tiles: H / 16, tileRows: 0..<16, tables: tables))
+        }
+        return launches
+    }
+
+    /// The `tiled` bytes of gate_up and down made on the host from the experts' stored bytes
+    /// (those of deferred experts made by DeferredRandomMatrix): what `tiledWeights` puts on
+    /// the device, for checks.
+    public static func hostTiled(_ m: MoEWeights) -> (gateUp: [UInt8], down: [UInt8]) {
+        let E = m.experts.count, I = m.spec.intermediate, H = m.router.inFeatures
+        let gateUp = tiled(experts: E, tiles: I / 8, columns: H) { e, tile, r in
+            let x = m.experts[e], j = 8 * tile + r % 8, gate = r < 8
+            if let fused = x.gateUp { return CUDAMoE.row(fused, x.interleaved ? 2 * j + (gate ? 0 : 1) : (gate ? 0 : I) + j) }
+            return CUDAMoE.row(gate ? x.gate! : x.up!, j)
+        }
+        let down = tiled(experts: E, tiles: H / 16, columns: I) { e, tile, r in CUDAMoE.row(m.experts[e].down, 16 * tile + r) }
+        return (gateUp, down)
+    }
+
+    /// The device bytes of gate_up and down in the tiled layout (versions 2 and up), for checks.
+    public func deviceTiledBytes() throws -> (gateUp: [UInt8], down: [UInt8])? {
+        let base: Version2
+        switch kernels {
+        case .v1: return nil
+        case .v2(let v): base = v
+        case .v4(let v): base = v.base
+        }
+        var g = [UInt8](repeating: 0, count: base.gateUp.byteCount), d = [UInt8](repeating: 0, count: base.down.byteCount)
+        try g.withUnsafeMutableBytes { try base.gateUp.download(into: $0) }
+        try d.withUnsafeMutableBytes { try base.down.download(into: $0) }
+        return (g, d)
     }
 
     /// Codes and E8M0 scales of row `r` of an MXFP4 weight.

@@ -7,6 +7,10 @@ public final class KernelModule: @unchecked Sendable {
     public let device: CUDADevice
     public let path: String
     let handle: OpaquePointer?
+    /// Kernels/random.cu's tables and stream on this GPU, made when a deferred random weight
+    /// first needs them (`randomFiller()`).
+    private var filler: RandomFiller?
+    private let fillerLock = NSLock()
 
     /// `$FULGUR_KERNELS`, else `fulgur.fatbin` next to the executable, else the checkout's
     /// `Kernels/build/fulgur.fatbin` when the executable is a `swift build` product in it.
@@ -39,6 +43,16 @@ public final class KernelModule: @unchecked Sendable {
         self.device = device
         self.path = path
         self.handle = module
+    }
+
+    /// The filler of deferred random weights on this module's GPU (one per module).
+    func randomFiller() throws -> RandomFiller {
+        fillerLock.lock()
+        defer { fillerLock.unlock() }
+        if let filler { return filler }
+        let made = try RandomFiller(module: self)
+        filler = made
+        return made
     }
 
     /// A kernel of the module; look it up once, not per launch.
@@ -80,7 +94,7 @@ public final class KernelModule: @unchecked Sendable {
 
     /// A kernel argument as the kernel declares it.
     public enum Argument {
-        case pointer(UInt64), int32(Int32), float(Float), double(Double)
+        case pointer(UInt64), int32(Int32), uint64(UInt64), float(Float), double(Double)
     }
 
     /// Enqueues `f` on `stream`. With `overlapPrevious` the kernel may start while the
@@ -96,6 +110,7 @@ public final class KernelModule: @unchecked Sendable {
             switch a {
             case .pointer(let p): slots[i] = p
             case .int32(let v): slots[i] = UInt64(UInt32(bitPattern: v))
+            case .uint64(let v): slots[i] = v
             case .float(let v): slots[i] = UInt64(v.bitPattern)
             case .double(let v): slots[i] = v.bitPattern
             }

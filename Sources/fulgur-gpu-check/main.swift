@@ -1,8 +1,9 @@
 // Checks and times the CUDA kernels on a GPU machine (scripts/gpu-check runs it there):
 // every kernel against the CPU executor on fresh random inputs, then device-to-device copy
 // bandwidth and each kernel's achieved bandwidth, timed with events after warm-up.
-// Arguments name the kernel families to check (executor, speculative, layer, batch, moe, comm, gemv);
-// none checks all (comm only where there are at least 2 GPUs).
+// Arguments name the kernel families to check (executor, speculative, layer, batch, moe, comm, gemv,
+// random, tp); none checks all but tp (comm, and random's split models, only where there are at
+// least 2 GPUs).
 // Exits 1 on any mismatch, 2 when the GPU or the kernels cannot be used, 3 when a comm phase hangs.
 import Foundation
 import Fulgur
@@ -163,7 +164,8 @@ func run() throws -> Bool {
     let moePassed = families.isEmpty || families.contains("moe") ? try runMoE(device, module, stream, copy: copy, seed: seed + 1000) : true
     let commPassed = families.isEmpty || families.contains("comm") ? try runCommChecks(seed: seed + 3000) : true
     let tpPassed = families.contains("tp") ? try runTensorParallelChecks() : true
-    guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed && commPassed && tpPassed }
+    let randomPassed = families.isEmpty || families.contains("random") ? try runRandomChecks(device, module) : true
+    guard families.isEmpty || families.contains("gemv") else { return moePassed && executorPassed && commPassed && tpPassed && randomPassed }
     for format in Format.allCases {
         // Edge shapes: rows not a multiple of a block's rows, fewer chunks than lanes, ragged chunk counts.
         for (n, k) in [(37, 96), (200, 4160)] {
@@ -223,7 +225,7 @@ func run() throws -> Bool {
     let small = rows.filter { $0.timings.isEmpty }
     print("edge shapes (37x96, 37x192, 200x4160), T = 1...16, every format and layout: \(small.count) checks, worst rel.err \(String(format: "%.2e", small.map(\.error).max() ?? 0))")
     print(failed.isEmpty ? "PASS: \(rows.count) checks" : "FAIL: \(failed.count) of \(rows.count) checks over tolerance")
-    return failed.isEmpty && moePassed && executorPassed && commPassed && tpPassed
+    return failed.isEmpty && moePassed && executorPassed && commPassed && tpPassed && randomPassed
 }
 
 do {

@@ -7,8 +7,9 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Decode speed on one GPU against the memory roofline.",
         discussion: """
-            Builds random weights at the shape of a published model (presets: \(RandomModel.presets.joined(separator: ", "))) \
-            or loads a checkpoint, measures the card's copy bandwidth, then replays decode steps of 1 token and \
+            Builds random weights at the shape of a published model (presets: \(RandomModel.presets.joined(separator: ", "))); \
+            by default each GPU makes its own shard of the experts and linear layers in device memory (--random-weights), \
+            so a full-size model starts in seconds. Or loads a checkpoint. It then measures the card's copy bandwidth, then replays decode steps of 1 token and \
             verify steps of 8 and 16 from CUDA graphs (greedy tokens feed the next step on the GPU) and times one step \
             per kernel family. The roofline is the weight bytes a 1-token step reads (experts at top-k) over the copy \
             bandwidth.
@@ -27,6 +28,15 @@ struct Bench: ParsableCommand {
     @Option(help: "Expert weights of a preset: mxfp4 or bf16.") var experts: RandomModel.ExpertFormat = .mxfp4
     @Option(help: "Other linear layers of a preset: fp8 (128x128 block scales) or bf16.") var linear: RandomModel.LinearFormat = .fp8
     @Option(help: "Seed of a preset's weights.") var seed: UInt64 = 0
+    @Option(name: .customLong("random-weights"), help: """
+        Where a preset's matrices (experts and linear layers) are made: device (each GPU fills its own shard in device \
+        memory with a kernel, so mimo-v2-flash over 2 GPUs starts in seconds with about 3 GB of host memory; the CPU \
+        executor makes a matrix in memory when it first reads it) or host (the whole model in host memory, the weights \
+        `fulgur random-model` exports: about 165 GB and minutes of CPU for mimo-v2-flash). The two are different \
+        random models of the same shapes and distributions. Default: device, host with --compare-logits (its \
+        reference comes from an exported model).
+        """)
+    var randomWeights: RandomWeights?
     @Option(help: "Positions filled before timing (attention reads them).") var context = 512
     @Option(help: "Timed steps per step size.") var steps = 100
     @Option(name: .customLong("tokens"), help: "Step sizes to time, comma-separated (1...16).") var tokenList = "1,8,16"
@@ -72,6 +82,8 @@ struct Bench: ParsableCommand {
                 guard tp >= 1 else { throw FulgurError(.usage, "--tp must be at least 1") }
                 let random = try RandomModel(preset: model, layers: layers, seed: seed, experts: experts, linear: linear)
                 print(try MemoryPlan(random, gpus: tp, context: context).table)
+                print(String(format: "host memory for the weights: %.1f GB with --random-weights device (embedding, LM head, routers, norms), %.1f GB with host",
+                             Double(try random.byteCount(deferringMatrices: true)) / 1e9, Double(try random.byteCount(deferringMatrices: false)) / 1e9))
                 return
             }
             let device = try CUDADevice()
@@ -83,10 +95,9 @@ struct Bench: ParsableCommand {
                 name = URL(fileURLWithPath: model).lastPathComponent
             } else {
                 let random = try RandomModel(preset: model, layers: layers, seed: seed, experts: experts, linear: linear)
-                let bar = ProgressBar(label: "Building random weights")
-                plan = try random.build(progress: { bar.update($0, $1) }).plan
-                bar.finish()
-                name = random.description
+                let place = randomWeights ?? (compareLogits == nil ? .device : .host)
+                plan = try place.build(random).plan
+                name = random.description + (place == .device ? ", deferred random matrices" : "")
             }
             Terminal.status(String(format: "%@ ready in %.1f s", name, Date().timeIntervalSince(start)))
             if let compareLogits {
@@ -117,9 +128,11 @@ struct Bench: ParsableCommand {
     func tensorParallel(plan: Plan, name: String, sizes: [Int]) throws {
         let group = try deviceGroup()
         let warmup = 5, positions = context + sizes.reduce(0) { $0 + $1 * (steps + warmup) } + 16
-        let bar = ProgressBar(label: "Weights to \(tp) GPUs")
+        let bar = ProgressBar(label: "Weights to \(tp) GPUs"), start = Date()
         let split = try CUDATensorParallel(plan: plan, group: group, maxPositions: positions, progress: { bar.update($0, $1) })
         bar.finish()
+        Terminal.status(String(format: "weights on %d GPUs in %.1f s (%.1f GB of device memory in use on GPU 0)", tp, Date().timeIntervalSince(start),
+                               Double(group.devices[0].pool.bytesInUse) / 1e9))
         var rng = SeededGenerator(seed: 7)
         if context > 0 { _ = try split.forward((0..<context).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }, logits: .none) }
         let whole = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, advance: false)
@@ -145,5 +158,20 @@ struct Bench: ParsableCommand {
         let visible = try CUDADevice.visibleCount()
         guard tp <= visible else { throw FulgurError(.usage, "--tp \(tp) splits the model over \(tp) GPUs; the driver sees \(visible)") }
         return try DeviceGroup(ordinals: (0..<tp).map { Int32($0) })
+    }
+}
+
+/// Where `fulgur bench` makes a preset's matrices (`--random-weights`).
+enum RandomWeights: String, ExpressibleByArgument, CaseIterable {
+    case device, host
+
+    /// The model, with a progress bar: only its small tensors in memory (device), or everything.
+    func build(_ random: RandomModel) throws -> Model {
+        let bar = ProgressBar(label: self == .device ? "Building small tensors (matrices are made where they run)" : "Building random weights")
+        defer { bar.finish() }
+        switch self {
+        case .device: return try random.buildDeferred(progress: { bar.update($0, $1) })
+        case .host: return try random.build(progress: { bar.update($0, $1) })
+        }
     }
 }

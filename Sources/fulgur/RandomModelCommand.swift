@@ -14,7 +14,9 @@ struct RandomModelCommand: ParsableCommand {
             Presets: \(RandomModel.presets.joined(separator: ", ")). Without --export the model is built in \
             memory and planned, and its size and build time are printed. With --export the same weights are \
             written (made while writing, so memory stays small): for transformers 5.17 by default (BF16, \
-            gpt-oss experts MXFP4), or with --for fulgur exactly as held (MXFP4 experts, FP8 layers).
+            gpt-oss experts MXFP4), or with --for fulgur exactly as held (MXFP4 experts, FP8 layers). \
+            `fulgur bench` by default makes other random weights of the same shapes and distributions, on the GPU \
+            (its --random-weights device); its --random-weights host gives the weights made here.
             """)
 
     @Argument(help: "Preset name.") var preset: String

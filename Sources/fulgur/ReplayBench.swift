@@ -27,9 +27,10 @@ extension Bench {
         let start = Date()
         let random = try RandomModel(preset: model, layers: layers, seed: seed, experts: experts, linear: linear)
         let randomDrafter = try RandomDrafter(for: random, linear: drafterLinear)
-        let bar = ProgressBar(label: "Building random weights")
-        let target = try random.build(progress: { bar.update($0, $1) })
-        bar.finish()
+        // The CPU executor would make every deferred matrix in memory anyway: host weights there.
+        let place = randomWeights ?? (device == .cpu ? .host : .device)
+        let target = try place.build(random)
+        let modelName = random.description + (place == .device ? ", deferred random matrices" : "")
 
         let positions = ReplayBenchmark.positions(context: context, rounds: rounds, warmupRounds: warmupRounds, blockSize: block)
         let executor: any Executor, makeExecutor: ((Plan, Int) throws -> any Executor)?, deviceName: String
@@ -69,8 +70,8 @@ extension Bench {
         }
         let drafter = try randomDrafter.load(for: target, maxPositions: executor.maxPositions, maxStepTokens: executor.maxStepTokens,
                                              executor: makeExecutor)
-        Terminal.status(String(format: "%@ and its drafter ready in %.1f s", random.description, Date().timeIntervalSince(start)))
-        let report = try ReplayBenchmark.run(target: executor, drafter: drafter, model: random.description, drafterName: randomDrafter.description,
+        Terminal.status(String(format: "%@ and its drafter ready in %.1f s", modelName, Date().timeIntervalSince(start)))
+        let report = try ReplayBenchmark.run(target: executor, drafter: drafter, model: modelName, drafterName: randomDrafter.description,
                                              device: deviceName, acceptance: values, blockSize: block, context: context, rounds: rounds,
                                              warmupRounds: warmupRounds, log: { Terminal.status($0) })
         print(report.table)

@@ -49,6 +49,7 @@ extension PlanBuilder {
     }
 
     private static func resolveLinearUnnamed(_ name: String, out: Int, in inFeatures: Int, spec: ModelSpec, tensors: TensorSource) throws -> LinearWeight {
+        if let w = tensors.deferredWeight(name, expert: nil) { return try checked(w, out: out, in: inFeatures, tensors: tensors) }
         let t = try tensors.tensor(name)
         let base = name.hasSuffix(".weight") ? String(name.dropLast(".weight".count)) : name
         let source = tensors.sourceDescription
@@ -79,5 +80,13 @@ extension PlanBuilder {
         default:
             return try LinearWeight(tensors.tensor(name, shape: [out, inFeatures]))
         }
+    }
+
+    /// A deferred weight, checked to be `[out, in]`.
+    static func checked(_ w: LinearWeight, out: Int, in inFeatures: Int, tensors: TensorSource) throws -> LinearWeight {
+        guard w.outFeatures == out, w.inFeatures == inFeatures else {
+            throw FulgurError(.shape, "\(tensors.sourceDescription): deferred matrix '\(w.name)' is [\(w.outFeatures), \(w.inFeatures)], expected [\(out), \(inFeatures)]")
+        }
+        return w
     }
 }

@@ -121,16 +121,21 @@ public struct RandomModel: Sendable, CustomStringConvertible {
         let groups = try tensorGroups(spec)
         let source = RandomTensors(description: "random \(description)")
         for (g, group) in groups.enumerated() {
-            let buffers = group.map { HostAllocation(byteCount: $0.byteCount) }
-            let jobs = group.indices.flatMap { t in (0..<group[t].pieces).map { (t, $0) } }
-            DispatchQueue.concurrentPerform(iterations: jobs.count) { j in
-                let (t, piece) = jobs[j]
-                group[t].fill(piece, buffers[t].pointer + group[t].pieceOffset(piece))
-            }
-            for (t, buffer) in zip(group, buffers) { source.add(t.entry, buffer) }
+            for (t, buffer) in zip(group, Self.make(group)) { source.add(t.entry, buffer) }
             progress?(g + 1, groups.count)
         }
         return source
+    }
+
+    /// `tensors` made in memory, their pieces in parallel over the machine's cores.
+    static func make(_ tensors: [RandomTensor]) -> [HostAllocation] {
+        let buffers = tensors.map { HostAllocation(byteCount: $0.byteCount) }
+        let jobs = tensors.indices.flatMap { t in (0..<tensors[t].pieces).map { (t, $0) } }
+        DispatchQueue.concurrentPerform(iterations: jobs.count) { j in
+            let (t, piece) = jobs[j]
+            tensors[t].fill(piece, buffers[t].pointer + tensors[t].pieceOffset(piece))
+        }
+        return buffers
     }
 
     /// Writes `config.json` and the weights into `directory` (created; it must not already
@@ -233,8 +238,9 @@ public struct RandomModel: Sendable, CustomStringConvertible {
         func linear(_ name: String, out: Int, in inFeatures: Int) -> [RandomTensor] {
             let m = RandomMatrix(.fp8, seed: RandomFill.seed(seed, name), rows: out, cols: inFeatures, std: std(inFeatures))
             switch self.linear {
-            case .fp8: return [.codes(name, m, dtype: .fp8e4m3, shape: [out, inFeatures]), .tileScales(Self.module(name) + ".weight_scale_inv", m)]
-            case .bf16: return [.bf16(name, m, shape: [out, inFeatures])]
+            case .fp8: return [.codes(name, m, dtype: .fp8e4m3, shape: [out, inFeatures]).part(of: m, named: name, form: .quantized),
+                               .tileScales(Self.module(name) + ".weight_scale_inv", m).part(of: m, named: name, form: nil)]
+            case .bf16: return [.bf16(name, m, shape: [out, inFeatures]).part(of: m, named: name, form: .bf16)]
             }
         }
         func mxfp4Check(_ name: String, _ inFeatures: Int) throws {
@@ -247,9 +253,9 @@ public struct RandomModel: Sendable, CustomStringConvertible {
             let m = RandomMatrix(.mxfp4, seed: RandomFill.seed(seed, name), rows: out, cols: inFeatures, std: std(inFeatures))
             switch experts {
             case .mxfp4:
-                return [.codes(name, m, dtype: .u8, shape: [out, inFeatures / 2]),
-                        .blockScales(Self.module(name) + ".weight_scale", m, shape: [out, inFeatures / 32])]
-            case .bf16: return [.bf16(name, m, shape: [out, inFeatures])]
+                return [.codes(name, m, dtype: .u8, shape: [out, inFeatures / 2]).part(of: m, named: name, form: .quantized),
+                        .blockScales(Self.module(name) + ".weight_scale", m, shape: [out, inFeatures / 32]).part(of: m, named: name, form: nil)]
+            case .bf16: return [.bf16(name, m, shape: [out, inFeatures]).part(of: m, named: name, form: .bf16)]
             }
         }
         /// gpt-oss's stacked experts: `[E, out, in]` as MXFP4 `_blocks`/`_scales`, or BF16 `[E, in, out]`.
@@ -258,9 +264,9 @@ public struct RandomModel: Sendable, CustomStringConvertible {
             let m = RandomMatrix(.mxfp4, seed: RandomFill.seed(seed, name), batches: count, rows: out, cols: inFeatures, std: std(inFeatures))
             switch experts {
             case .mxfp4:
-                return [.codes(name + "_blocks", m, dtype: .u8, shape: [count, out, inFeatures / 32, 16]),
-                        .blockScales(name + "_scales", m, shape: [count, out, inFeatures / 32])]
-            case .bf16: return [.bf16Transposed(name, m)]
+                return [.codes(name + "_blocks", m, dtype: .u8, shape: [count, out, inFeatures / 32, 16]).part(of: m, named: name, form: .quantized),
+                        .blockScales(name + "_scales", m, shape: [count, out, inFeatures / 32]).part(of: m, named: name, form: nil)]
+            case .bf16: return [.bf16Transposed(name, m).part(of: m, named: name, form: .bf16)]
             }
         }
 

@@ -211,6 +211,24 @@ struct RandomTensor {
     let pieceOffset: (Int) -> Int
     /// Fills piece `i`; `dst` points at the piece's first byte.
     let fill: (Int, UnsafeMutableRawPointer) -> Void
+    /// The matrix whose codes, scales or BF16 values this tensor holds (nil for the small
+    /// tensors), for models that defer their matrices (`RandomModel.buildDeferred`).
+    var matrix: MatrixPart? = nil
+
+    struct MatrixPart {
+        /// The name PlanBuilder asks for (the weight's, or a stacked tensor's base name).
+        let name: String
+        let matrix: RandomMatrix
+        /// How the weight holds it; nil for the scales, which come with the codes.
+        let form: DeferredRandomMatrix.Form?
+    }
+
+    /// This tensor, marked as holding part of `m`.
+    func part(of m: RandomMatrix, named name: String, form: DeferredRandomMatrix.Form?) -> RandomTensor {
+        var t = self
+        t.matrix = MatrixPart(name: name, matrix: m, form: form)
+        return t
+    }
 
     var name: String { entry.name }
     var byteCount: Int { entry.byteCount }

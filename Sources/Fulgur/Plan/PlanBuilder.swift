@@ -114,7 +114,10 @@ public enum PlanBuilder {
             }
             for e in 0..<m.experts {
                 let gateUp: LinearWeight, down: LinearWeight
-                if packed {
+                if let gu = tensors.deferredWeight(guName, expert: e), let d = tensors.deferredWeight(downName, expert: e) {
+                    gateUp = try checked(gu, out: 2 * inter, in: hidden, tensors: tensors)
+                    down = try checked(d, out: hidden, in: inter, tensors: tensors)
+                } else if packed {
                     gateUp = try LinearWeight(mxfp4: tensors.tensor(guName + "_blocks"), scales: tensors.tensor(guName + "_scales"), expert: e)
                     down = try LinearWeight(mxfp4: tensors.tensor(downName + "_blocks"), scales: tensors.tensor(downName + "_scales"), expert: e)
                     guard gateUp.outFeatures == 2 * inter, gateUp.inFeatures == hidden, down.outFeatures == hidden, down.inFeatures == inter else {

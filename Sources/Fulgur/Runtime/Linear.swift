@@ -18,10 +18,17 @@ public struct LinearWeight: @unchecked Sendable {
     public let outFeatures: Int
     public let inFeatures: Int
     public let transposed: Bool
-    let data: UnsafeRawPointer
-    /// Per-row E8M0 scales (mxfp4) or the tile multipliers (fp8).
-    let scales: UnsafeRawPointer?
+    /// A deferred random matrix (RandomModel.buildDeferred) holds no bytes: executors that
+    /// can make them where they are used (CUDALinear, CUDAMoE) read this description; anything
+    /// that reads `data` or `scales` makes them in memory first, once (`DeferredBytes`).
+    public let deferred: DeferredRandomMatrix?
+    private let stored: (data: UnsafeRawPointer, scales: UnsafeRawPointer?)?
+    private let deferredBytes: DeferredBytes?
     let owners: [AnyObject]
+
+    var data: UnsafeRawPointer { stored?.data ?? deferredBytes!.pointers.data }
+    /// Per-row E8M0 scales (mxfp4) or the tile multipliers (fp8).
+    var scales: UnsafeRawPointer? { stored != nil ? stored!.scales : deferredBytes!.pointers.scales }
 
     public var dtype: DType {
         switch format {
@@ -100,9 +107,34 @@ public struct LinearWeight: @unchecked Sendable {
         self.transposed = transposed
         self.outFeatures = transposed ? columns : rows
         self.inFeatures = transposed ? rows : columns
-        self.data = data
-        self.scales = scales
+        stored = (data, scales)
+        deferred = nil
+        deferredBytes = nil
         self.owners = owners
+    }
+
+    /// A deferred random matrix as a weight: `[rows, columns]` of its format, no bytes yet.
+    public init(deferred m: DeferredRandomMatrix, name: String) {
+        self.name = name
+        format = m.format
+        transposed = false
+        outFeatures = m.rows
+        inFeatures = m.columns
+        stored = nil
+        deferred = m
+        deferredBytes = DeferredBytes(m)
+        owners = []
+    }
+
+    /// The stored bytes `storage` gives, counted without making them (deferred weights).
+    public var storageByteCounts: (codes: Int, scales: Int) {
+        if let deferred { return deferred.byteCounts }
+        let rows = transposed ? inFeatures : outFeatures
+        switch format {
+        case .plain: return (rows * storedRowBytes, 0)
+        case .mxfp4: return (rows * storedRowBytes, outFeatures * inFeatures / 32)
+        case .fp8(let tile): return (rows * storedRowBytes, 4 * ((outFeatures + tile - 1) / tile) * ((inFeatures + tile - 1) / tile))
+        }
     }
 
     /// Bytes of the stored row (codes only, scales excluded).
@@ -126,14 +158,11 @@ public struct LinearWeight: @unchecked Sendable {
     /// The stored bytes a product reads, for copying to a device: the codes and, for MXFP4
     /// and FP8, the scale tensor (E8M0 bytes `[out, in/32]`, or f32 tile multipliers).
     public var storage: (codes: UnsafeRawBufferPointer, scales: UnsafeRawBufferPointer?) {
-        let rows = transposed ? inFeatures : outFeatures
-        let codes = UnsafeRawBufferPointer(start: data, count: rows * storedRowBytes)
+        let counts = storageByteCounts
+        let codes = UnsafeRawBufferPointer(start: data, count: counts.codes)
         switch format {
         case .plain: return (codes, nil)
-        case .mxfp4: return (codes, UnsafeRawBufferPointer(start: scales, count: outFeatures * inFeatures / 32))
-        case .fp8(let tile):
-            let count = 4 * ((outFeatures + tile - 1) / tile) * ((inFeatures + tile - 1) / tile)
-            return (codes, UnsafeRawBufferPointer(start: scales, count: count))
+        case .mxfp4, .fp8: return (codes, UnsafeRawBufferPointer(start: scales, count: counts.scales))
         }
     }
 

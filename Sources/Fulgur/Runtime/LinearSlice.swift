@@ -16,12 +16,18 @@ extension LinearWeight {
     /// falls on its blocks: MXFP4 when the columns start and end on 32-element blocks; FP8
     /// when every 128-row (or column) tile of the slice comes from one tile of the source, so
     /// one multiplier still serves it; plain types always (GGML blocks when the columns fall on
-    /// blocks). Anything else (and the [in, out] layout) becomes f32, which is exact. Tensor
-    /// parallelism cuts weights this way (Plan.shard).
+    /// blocks). Anything else (and the [in, out] layout) becomes f32, which is exact. A deferred
+    /// random matrix's slice is deferred too where its rows are evenly spaced and the format
+    /// survives (DeferredRandomMatrix.selecting). Tensor parallelism cuts weights this way
+    /// (Plan.shard).
     public func selecting(rows: [Int], columns: Range<Int>) throws -> LinearWeight {
         precondition(rows.allSatisfy { (0..<outFeatures).contains($0) } && columns.lowerBound >= 0 && columns.upperBound <= inFeatures,
                      "slice outside \(name) [\(outFeatures), \(inFeatures)]")
         let n = rows.count, k = columns.count, sliceName = "\(name)[\(rows.first ?? 0)..., \(columns.lowerBound)..<\(columns.upperBound)]"
+        // A deferred matrix's slice stays deferred (no bytes made) where it can.
+        if let slice = deferred?.selecting(rows: rows, columns: columns) {
+            return LinearWeight(deferred: slice, name: sliceName)
+        }
         if !transposed {
             switch format {
             case .plain(let d):

@@ -41,9 +41,15 @@ public protocol TensorSource: AnyObject {
     var tensorNames: [String] { get }
     func tensorIfPresent(_ name: String) -> TensorView?
     var sourceDescription: String { get }
+    /// A weight that is not stored but defined by its positions (a deferred random matrix,
+    /// RandomModel.buildDeferred), made where it is used; `expert` picks one of a stacked
+    /// tensor. Nil for everything a file holds.
+    func deferredWeight(_ name: String, expert: Int?) -> LinearWeight?
 }
 
 extension TensorSource {
+    public func deferredWeight(_ name: String, expert: Int?) -> LinearWeight? { nil }
+
     public func tensor(_ name: String) throws -> TensorView {
         guard let t = tensorIfPresent(name) else {
             throw FulgurError(.format, "\(sourceDescription): tensor '\(name)' is missing")

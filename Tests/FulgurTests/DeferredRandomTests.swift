@@ -205,8 +205,9 @@ import Testing
     }
 
     /// Split over 2 shards (and 4 where the heads allow) the deferred model computes the
-    /// whole one's function: its slices are the whole matrices' values. The experts' slices
-    /// stay deferred where their columns fall on MXFP4 blocks.
+    /// whole one's function: its slices are the whole matrices' values. Plan.shard keeps the
+    /// experts deferred: gate/up rows always (gpt-oss's interleaved pairs are contiguous rows),
+    /// down's columns where they fall on MXFP4 blocks (not tiny-gpt-oss's 96 / 2).
     @Test(arguments: [("tiny-mimo-v2-flash", 2), ("tiny-qwen3-moe", 2), ("tiny-gpt-oss", 2), ("tiny-qwen3-moe", 4)])
     func shardsOfADeferredModelAddUpToTheWholeModel(_ preset: String, _ count: Int) throws {
         let model = try RandomModel(preset: preset, seed: 4).buildDeferred()
@@ -218,7 +219,10 @@ import Testing
             let shard = try model.plan.shard(rank: rank, of: count)
             for case .moe(_, _, let m) in shard.ops {
                 let blocks = m.spec.intermediate % 32 == 0
-                for e in m.experts { #expect((e.down.deferred != nil) == blocks, "\(e.down.name)") }
+                for e in m.experts {
+                    for w in [e.gateUp, e.gate, e.up].compactMap({ $0 }) { #expect(w.deferred != nil, "\(w.name)") }
+                    #expect((e.down.deferred != nil) == blocks, "\(e.down.name)")
+                }
             }
         }
     }

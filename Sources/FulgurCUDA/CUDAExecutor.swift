@@ -439,6 +439,9 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// every T (comparisons).
     static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
     public static let attentionGroupedMinTokens = 4
+    /// Blocks a row of logits is cut over by `argmax` and `argmax_slice` (a thread-block
+    /// cluster; sampling::kSplits in Kernels/sampling.cu): their grid is (argmaxSplits, T).
+    public static let argmaxSplits = 8
     /// A cap on version 3's splits (`FULGUR_ATTENTION_MAX_SPLITS`, for measurements).
     static let groupedMaxSplits = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_MAX_SPLITS"] ?? "") ?? 16
     static func groupedAttention(tokens: Int) -> Bool {
@@ -846,13 +849,13 @@ public final class CUDAExecutor: @unchecked Sendable {
             keep.append(table)
             let slice: [KernelModule.Argument] = [.pointer(logits.address), .int32(Int32(vocab)), .int32(Int32(vocabularyStart)),
                                                   .int32(Int32(communicator.rank)), .int32(Int32(ranks)), .pointer(table.address)]
-            add("sampling") { T in try launch("argmax_slice", (T, 1, 1), 1024, 0, slice) }
+            add("sampling") { T in try launch("argmax_slice", (Self.argmaxSplits, T, 1), 1024, 0, slice) }
             add("comm") { T in try communicator.enqueue(input: table, output: table, count: entry * T * ranks, stream: stream) }
             add("sampling") { T in
                 try launch("argmax_pick", (1, 1, 1), 32, 0, [.pointer(table.address), .int32(Int32(T)), .int32(Int32(ranks)), .pointer(ids.address)])
             }
         } else {
-            add("sampling") { T in try launch("argmax", (T, 1, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
+            add("sampling") { T in try launch("argmax", (Self.argmaxSplits, T, 1), 1024, 0, [.pointer(logits.address), .int32(Int32(vocab)), .pointer(ids.address)]) }
         }
         bytesPerDecodeStep = bytes
     }

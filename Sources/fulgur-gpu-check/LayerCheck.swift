@@ -262,7 +262,7 @@ func checkArgmax(_ k: LayerKernels, _ rng: inout SeededGenerator) throws -> [Lay
             }
             let lb = try k.upload(logits), ids = try k.poisoned(4 * T)
             try k.device.synchronize()
-            try k.launch("argmax", (T, 1, 1), 1024, 0, [.pointer(lb.address), .int32(Int32(vocab)), .pointer(ids.address)])
+            try k.launch("argmax", (CUDAExecutor.argmaxSplits, T, 1), 1024, 0, [.pointer(lb.address), .int32(Int32(vocab)), .pointer(ids.address)])
             let got = try k.download(ids, T, Int32(0))
             let want = (0..<T).map { t in Int32(Sampler.argmax(Array(logits[(t * vocab)..<((t + 1) * vocab)]))) }
             var c = LayerCase("argmax vocab \(vocab) T=\(T)")

@@ -84,7 +84,7 @@ func checkSlicedArgmaxKernels(_ group: DeviceGroup) throws -> Bool {
         let logits = try rows.flatMap { Array($0[slice]) }.withUnsafeBytes { try device.upload($0) }
         try device.synchronize()  // a pageable upload may return before its DMA is done
         let stream = try device.makeStream(), table = try device.allocate(4 * entry * T * ranks), ids = try device.allocate(4 * T)
-        try module.launch(try module.function("argmax_slice"), grid: (T, 1, 1), block: (1024, 1, 1), stream: stream,
+        try module.launch(try module.function("argmax_slice"), grid: (CUDAExecutor.argmaxSplits, T, 1), block: (1024, 1, 1), stream: stream,
                           [.pointer(logits.address), .int32(Int32(slice.count)), .int32(Int32(slice.lowerBound)), .int32(Int32(r)), .int32(Int32(ranks)),
                            .pointer(table.address)])
         try allReduce.enqueue(rank: r, input: table, output: table, count: entry * T * ranks, stream: stream)

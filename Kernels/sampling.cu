@@ -2,7 +2,7 @@
 // (vocab * 4 bytes: 800 KB for gpt-oss's 201088 entries).
 //
 // Budget: argmax reads T * vocab * 4 bytes (0.8 MB per token for gpt-oss, 0.2 us at 4 TB/s,
-// from L2 right after the LM head wrote it); the floor is the launch and one cluster barrier.
+// from L2 right after the LM head wrote it); the floor is the launch and two cluster barriers.
 //
 // Tensor parallelism (the LM head split by vocabulary, Plan.vocabularySlice): the greedy token
 // without gathering logits, as SlicedArgmax.swift describes and CPUTensorParallel runs on the

@@ -169,12 +169,7 @@ public final class CUDALinear: @unchecked Sendable {
 
     /// The device bytes of the weight (codes or plain values) and scales as stored, for checks.
     public func deviceBytes() throws -> (codes: [UInt8], scales: [UInt8]?) {
-        var c = [UInt8](repeating: 0, count: codes.byteCount)
-        try c.withUnsafeMutableBytes { try codes.download(into: $0) }
-        guard let scales else { return (c, nil) }
-        var s = [UInt8](repeating: 0, count: scales.byteCount)
-        try s.withUnsafeMutableBytes { try scales.download(into: $0) }
-        return (c, s)
+        (try codes.bytes(), try scales?.bytes())
     }
 
     /// Shared memory of the wide layout at `tokens` (x for the whole K, padded as gemv::stage).

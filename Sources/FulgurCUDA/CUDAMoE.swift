@@ -445,10 +445,7 @@ public final class CUDAMoE: @unchecked Sendable {
         case .v2(let v): base = v
         case .v4(let v): base = v.base
         }
-        var g = [UInt8](repeating: 0, count: base.gateUp.byteCount), d = [UInt8](repeating: 0, count: base.down.byteCount)
-        try g.withUnsafeMutableBytes { try base.gateUp.download(into: $0) }
-        try d.withUnsafeMutableBytes { try base.down.download(into: $0) }
-        return (g, d)
+        return (try base.gateUp.bytes(), try base.down.bytes())
     }
 
     /// Codes and E8M0 scales of row `r` of an MXFP4 weight.

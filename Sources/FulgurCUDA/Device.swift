@@ -154,6 +154,13 @@ public final class DeviceBuffer: @unchecked Sendable {
         try pool.driver.check(pool.driver.cuMemcpyDtoH(base, address, bytes.count), "cuMemcpyDtoH(\(bytes.count) bytes)")
     }
 
+    /// The whole buffer copied back, synchronously (as `download`).
+    public func bytes() throws -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: byteCount)
+        try b.withUnsafeMutableBytes { try download(into: $0) }
+        return b
+    }
+
     public func fill(byte: UInt8, stream: CUDAStream) throws {
         try pool.driver.check(pool.driver.cuMemsetD8Async(address, byte, byteCount, stream.handle), "cuMemsetD8Async(\(byteCount) bytes)")
     }

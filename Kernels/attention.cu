@@ -23,6 +23,36 @@ namespace attention {
 constexpr int kThreads = 128, kChunk = 64, kMaxSplits = 16, kMaxGroup = 16, kMergeBatch = 32;
 static_assert(kThreads == 2 * kChunk, "scores: two threads per key of a chunk");
 
+// The keys of share `split` of `splits` for query row t (the kernels' top comments give the range).
+__device__ __forceinline__ void key_range(const int* positions, int T, int t, int window, int causal, int split, int splits, int& lo, int& hi) {
+    const int pos = positions[t], lastPos = positions[T - 1];
+    const int first = window > 0 ? max(0, pos - window + 1) : 0;
+    const int end = causal ? pos : window > 0 ? min(lastPos, pos + window - 1) : lastPos;
+    const int per = (end - first + splits) / splits;  // ceil((end - first + 1) / splits)
+    lo = first + split * per;
+    hi = min(end, lo + per - 1);
+}
+
+// Called before waiting for the kernel before this one: asks L2 for the key and value rows of
+// keys [lo, hi] that earlier steps wrote, so the loads after the wait find them in L2 instead of
+// DRAM (at 1 token the kernel is a chain of dependent loads, not bytes). Keys before
+// positions[t] - t are old in any step (a step's rows of one sequence are consecutive
+// positions); the step's own keys are being written by attention_prep and are left alone.
+// positions and the older rows are safe to read now: attention_prep lets this launch start
+// only after its own wait, so every kernel before it is done. A prefetch never changes what a
+// later load returns (L2 is where global memory is coherent), only how soon.
+__device__ __forceinline__ void prefetch_old_keys(const float* cacheK, const float* cacheV, int capacity, int kvHeads, int kvh, int headDim,
+                                                  int valueDim, const int* positions, int t, int lo, int hi) {
+    const int last = min(hi, positions[t] - t - 1);
+    const int kLines = (headDim * 4 + 127) / 128, vLines = (valueDim * 4 + 127) / 128, lines = kLines + vLines;
+    for (int i = threadIdx.x; i < (last - lo + 1) * lines; i += kThreads) {
+        const int j = lo + i / lines, l = i - (i / lines) * lines;
+        const float* p = l < kLines ? cacheK + ((size_t)(j % capacity) * kvHeads + kvh) * headDim + 32 * l
+                                    : cacheV + ((size_t)(j % capacity) * kvHeads + kvh) * valueDim + 32 * (l - kLines);
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
+}
+
 // cp.async: global -> shared without registers, so a chunk's whole K and V (and q) are in
 // flight at once. 16 bytes through L2 only; 4 bytes (unaligned rows) through L1 as a plain load.
 __device__ __forceinline__ void copy16(float* dst, const float* src) {
@@ -132,11 +162,8 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     float* ps = qs + ((GMAX * kStride + 3) & ~3);
     float* os = ps + kChunk * GMAX;
 
-    const int pos = positions[t], lastPos = positions[T - 1];
-    const int first = window > 0 ? max(0, pos - window + 1) : 0;
-    const int end = causal ? pos : window > 0 ? min(lastPos, pos + window - 1) : lastPos;
-    const int per = (end - first + splits) / splits;  // ceil((end - first + 1) / splits)
-    const int lo = first + split * per, hi = min(end, lo + per - 1);
+    int lo, hi;
+    key_range(positions, T, t, window, causal, split, splits, lo, hi);
 
     // P.V layout: a thread per value dimension (DT of them; two passes when valueDim > 128)
     // and NU consecutive heads; two head halves when the value heads are small.
@@ -344,12 +371,15 @@ __device__ __forceinline__ void decode_entry(const float* q, int qStride, const 
     extern __shared__ float4 shared4[];
     __shared__ HeadState st;
     float* shared = reinterpret_cast<float*>(shared4);
-    wait_for_previous_kernel();
-    allow_next_kernel();
     if (slots) {
         cacheK += (size_t)slots[blockIdx.y] * capacity * kvHeads * headDim;
         cacheV += (size_t)slots[blockIdx.y] * capacity * kvHeads * valueDim;
     }
+    // No prefetch_old_keys here: measured (H100, gpt-oss-20b) it made the 8-token step's
+    // attention 2% slower and the 16-token step 3% (every token row's blocks asked for the
+    // same keys, and the chunks' cp.async copies are already all in flight at once).
+    wait_for_previous_kernel();
+    allow_next_kernel();
     decode<GMAX>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, causal, sinks, scale, out,
                  outStride, partial, counters, shared, st);
 }
@@ -358,7 +388,7 @@ __device__ __forceinline__ void decode_entry(const float* q, int qStride, const 
     extern "C" __global__ void __launch_bounds__(128, 6) attention_decode_g##GMAX(                                           \
         const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads, int kvHeads,         \
         int headDim, int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale,     \
-        float* out, int outStride, float* partial, int* counters, const int* slots) {                                        \
+        float* out, int outStride, float* partial, int* counters, const int* slots) { FULGUR_TRACE_KERNEL;                   \
         decode_entry<GMAX>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window,    \
                            causal, sinks, scale, out, outStride, partial, counters, slots);                                  \
     }
@@ -423,24 +453,26 @@ extern "C" __global__ void __launch_bounds__(128, 8) attention_decode_v2(
     const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads, int kvHeads,
     int headDim, int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale,
     float* out, int outStride, float* partial, int* counters, const int* slots) {
+    FULGUR_TRACE_KERNEL;
     using namespace attention2;
     extern __shared__ float qs[];  // headDim
     __shared__ float p[kChunk];
     __shared__ float scratch[kThreads / 32];
     __shared__ float merge[kThreads];
     __shared__ int last;
-    wait_for_previous_kernel();
-    allow_next_kernel();
     const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z, kvh = h / (heads / kvHeads);
     if (slots) {
         cacheK += (size_t)slots[t] * capacity * kvHeads * headDim;
         cacheV += (size_t)slots[t] * capacity * kvHeads * valueDim;
     }
-    const int pos = positions[t], lastPos = positions[T - 1];
-    const int first = window > 0 ? max(0, pos - window + 1) : 0;
-    const int end = causal ? pos : window > 0 ? min(lastPos, pos + window - 1) : lastPos;
-    const int per = (end - first + splits) / splits;  // ceil((end - first + 1) / splits)
-    const int lo = first + split * per, hi = min(end, lo + per - 1);
+    int lo, hi;
+    attention::key_range(positions, T, t, window, causal, split, splits, lo, hi);
+    // One head of each key/value head's group, for the step's first row, asks L2 for the rows
+    // (the other heads read the same rows, the other rows nearly the same).
+    if (h % (heads / kvHeads) == 0 && t == 0)
+        attention::prefetch_old_keys(cacheK, cacheV, capacity, kvHeads, kvh, headDim, valueDim, positions, t, lo, hi);
+    wait_for_previous_kernel();
+    allow_next_kernel();
     for (int i = threadIdx.x; i < headDim; i += kThreads) qs[i] = q[(size_t)t * qStride + h * headDim + i];
     __syncthreads();
     // Scores: two threads per key, each half of the dimensions. Values: a thread per value

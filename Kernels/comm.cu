@@ -149,6 +149,7 @@ __device__ __forceinline__ void all_reduce(const float4* in, float4* out, int n4
 // the same on every rank; 512 threads.
 extern "C" __global__ void __launch_bounds__(comm::kThreads)
     peer_all_reduce(const float* in, float* out, int count, uint8_t* self, int capacity, int rank, int ranks) {
+    FULGUR_TRACE_KERNEL;
     // Launched after the previous all-reduce with programmatic dependent launch, this waits for
     // it to end (its epoch store included); launched plainly it is a no-op.
     wait_for_previous_kernel();

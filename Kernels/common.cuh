@@ -10,6 +10,56 @@
 #endif
 extern "C" __device__ const uint64_t fulgur_source_hash = FULGUR_SOURCE_HASH;
 
+// Timeline builds (scripts/build-kernels --trace defines FULGUR_TRACE): every kernel entry
+// point used by a decode step starts with FULGUR_TRACE_KERNEL, and each block appends one
+// record when its thread 0 leaves, to the buffer the host names in fulgur_trace (null: none).
+// %gridid tells launches apart and %globaltimer (ns) is shared by all SMs. Thread 0 takes its
+// start stamp at entry, before any griddepcontrol.wait, so a programmatic dependent's blocks
+// show when they became resident, not when they began to work. Without FULGUR_TRACE the
+// macro is empty and the kernels are as always (the source hash is the same).
+#ifdef FULGUR_TRACE
+struct TraceRecord {
+    uint64_t grid, start, end;
+    uint32_t sm, block;
+};
+struct TraceBuffer {
+    uint32_t count, capacity, pad[2];
+    TraceRecord records[1];
+};
+extern "C" __device__ TraceBuffer* fulgur_trace = nullptr;
+__device__ __forceinline__ uint64_t global_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+struct TraceScope {
+    uint64_t start;
+    __device__ __forceinline__ TraceScope() : start(threadIdx.x == 0 && threadIdx.y == 0 ? global_ns() : 0) {}
+    __device__ __forceinline__ ~TraceScope() {
+        if (threadIdx.x != 0 || threadIdx.y != 0) return;
+        TraceBuffer* b = *reinterpret_cast<TraceBuffer* volatile*>(&fulgur_trace);
+        if (!b) return;
+        const uint32_t i = atomicAdd(&b->count, 1u);
+        if (i >= b->capacity) return;
+        uint64_t grid;
+        uint32_t sm;
+        asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        TraceRecord& r = b->records[i];
+        r.grid = grid;
+        r.start = start;
+        r.end = global_ns();
+        r.sm = sm;
+        r.block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    }
+};
+#define FULGUR_TRACE_KERNEL TraceScope fulgur_trace_scope_
+#else
+#define FULGUR_TRACE_KERNEL \
+    do {                    \
+    } while (0)
+#endif
+
 // Weights are streamed once per call: keep them out of L1 so the reused activations stay.
 __device__ __forceinline__ uint4 load_streaming(const void* p) {
     uint4 v;

@@ -706,12 +706,12 @@ __device__ void mma_product(const uint8_t* __restrict__ w, const float* __restri
 #define GEMV_ENTRY(T)                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_mxfp4_t##T(                             \
         const uint8_t* w, const uint8_t* scales, const float* bias, const float* x, float* out,    \
-        int n, int k, int outStride) {                                                             \
+        int n, int k, int outStride) { FULGUR_TRACE_KERNEL;                                        \
         gemv::mxfp4<T>(w, scales, bias, x, out, n, k, outStride);                                  \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_fp8_t##T(                               \
         const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
-        int n, int k, int outStride, int tile) {                                                   \
+        int n, int k, int outStride, int tile) { FULGUR_TRACE_KERNEL;                              \
         gemv::fp8<T>(w, tiles, bias, x, out, n, k, outStride, tile);                               \
     }
 GEMV_ENTRY(1) GEMV_ENTRY(2) GEMV_ENTRY(3) GEMV_ENTRY(4) GEMV_ENTRY(5) GEMV_ENTRY(6) GEMV_ENTRY(7) GEMV_ENTRY(8)
@@ -723,22 +723,22 @@ GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_E
 #define PLAIN_ENTRY(TB)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB(                              \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) {                                        \
+        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
         gemv::plain<TB, false>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB(                             \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) {                                        \
+        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
         gemv::plain<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB##_r1(                         \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) {                                        \
+        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
         gemv::plain<TB, false, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB##_r1(                        \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) {                                        \
+        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
         gemv::plain<TB, true, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
     }
 PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
@@ -750,12 +750,12 @@ PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
 #define WIDE_ENTRY(T)                                                                              \
     extern "C" __global__ void __launch_bounds__(256) gemv_wide_mxfp4_t##T(                        \
         const uint8_t* w, const uint8_t* scales, const float* bias, const float* x, float* out,    \
-        int n, int k, int outStride) {                                                             \
+        int n, int k, int outStride) { FULGUR_TRACE_KERNEL;                                        \
         gemv::wide<T, true>(w, scales, bias, x, out, n, k, outStride, 0);                          \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) gemv_wide_fp8_t##T(                          \
         const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
-        int n, int k, int outStride, int tile) {                                                   \
+        int n, int k, int outStride, int tile) { FULGUR_TRACE_KERNEL;                              \
         gemv::wide<T, false>(w, tiles, bias, x, out, n, k, outStride, tile);                       \
     }
 WIDE_ENTRY(1) WIDE_ENTRY(2) WIDE_ENTRY(3) WIDE_ENTRY(4) WIDE_ENTRY(5) WIDE_ENTRY(6) WIDE_ENTRY(7) WIDE_ENTRY(8)
@@ -768,12 +768,12 @@ WIDE_ENTRY(9) WIDE_ENTRY(10) WIDE_ENTRY(11) WIDE_ENTRY(12) WIDE_ENTRY(13) WIDE_E
 #define MMA_ENTRY(NT)                                                                              \
     extern "C" __global__ void __cluster_dims__(1, gemv::kMmaSplits, 1) __launch_bounds__(128, 4) gemv_mma_fp8_n##NT( \
         const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
-        int n, int k, int outStride, int tile, int T) {                                            \
+        int n, int k, int outStride, int tile, int T) { FULGUR_TRACE_KERNEL;                       \
         gemv::mma_product<false, NT>(w, tiles, bias, x, out, n, k, outStride, tile, T);            \
     }                                                                                              \
     extern "C" __global__ void __cluster_dims__(1, gemv::kMmaSplits, 1) __launch_bounds__(128, 4) gemv_mma_bf16_n##NT( \
         const uint8_t* w, const float* tiles, const float* bias, const float* x, float* out,       \
-        int n, int k, int outStride, int tile, int T) {                                            \
+        int n, int k, int outStride, int tile, int T) { FULGUR_TRACE_KERNEL;                       \
         gemv::mma_product<true, NT>(w, tiles, bias, x, out, n, k, outStride, tile, T);             \
     }
 MMA_ENTRY(1) MMA_ENTRY(2)

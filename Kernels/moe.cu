@@ -489,6 +489,7 @@ __device__ void down(Routes r, const float* __restrict__ act, int T, int H, int 
 extern "C" __global__ void __launch_bounds__(128) moe_route(
     const void* w, int bf16, const float* bias, const float* correction, int mode, int normalize, float scaling,
     int groups, int topKGroups, const float* x, int T, int H, int E, int k, float* logits, int* routes) {
+    FULGUR_TRACE_KERNEL;
     using namespace moe;
     const RouterArgs a{correction, mode, normalize, scaling, groups, topKGroups};
     const Routes r{routes, E, k};
@@ -546,13 +547,13 @@ extern "C" __global__ void __launch_bounds__(128) moe_route(
 #define MOE_ENTRY(TB)                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) moe_gate_up_t##TB(                                           \
         const int* routes, int E, int k, const float* x, int H, int I, const uint8_t* codes, const uint8_t* scales, \
-        const float* bias, int interleaved, int clamped, float alpha, float limit, float* act) {                 \
+        const float* bias, int interleaved, int clamped, float alpha, float limit, float* act) { FULGUR_TRACE_KERNEL; \
         moe::gate_up<TB>(moe::Routes{const_cast<int*>(routes), E, k}, x, H, I, moe::ExpertArgs{codes, scales, bias},  \
                          interleaved, clamped, alpha, limit, act);                                              \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) moe_down_t##TB(                                              \
         const int* routes, int E, int k, const float* act, int T, int H, int I, const uint8_t* codes,             \
-        const uint8_t* scales, const float* bias, float* out) {                                                    \
+        const uint8_t* scales, const float* bias, float* out) { FULGUR_TRACE_KERNEL;                               \
         moe::down<TB>(moe::Routes{const_cast<int*>(routes), E, k}, act, T, H, I, moe::ExpertArgs{codes, scales, bias}, out); \
     }
 MOE_ENTRY(1) MOE_ENTRY(2) MOE_ENTRY(4) MOE_ENTRY(8) MOE_ENTRY(16)
@@ -1036,6 +1037,7 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
 extern "C" __global__ void __maxnreg__(96) moe2_route(const void* w, int bf16, const float* bias, const float* x,
                                                              int T, int H, int E, float* logits, int* xexp, int* sync,
                                                              int syncCount) {
+    FULGUR_TRACE_KERNEL;
     moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);
 }
 
@@ -1344,7 +1346,7 @@ __device__ __forceinline__ void experts(
         const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
         const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias, \
         const uint8_t* down, const float* downBias, int clamped, float alpha, float limit, float* act, float* partial,  \
-        int* sync, int* routes, float* out, int ringSlots, int tokensPerSlot, int bBytes, int chunkSteps, long long* trace) { \
+        int* sync, int* routes, float* out, int ringSlots, int tokensPerSlot, int bBytes, int chunkSteps, long long* trace) { FULGUR_TRACE_KERNEL; \
         moe2::experts<SPLIT>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, k,     \
                              gateUp, gateUpBias, down, downBias, clamped, alpha, limit, act, partial, sync, routes, out,   \
                              ringSlots, tokensPerSlot, bBytes, chunkSteps, trace);                                        \
@@ -1606,7 +1608,7 @@ __device__ __forceinline__ void products(
         const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
         const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias, \
         int clamped, float alpha, float limit, float* act, int* sync, int* routes, int windowPairs, int tokensPerSlot,   \
-        const int* routed) {                                                                                            \
+        const int* routed) { FULGUR_TRACE_KERNEL;                                                                       \
         moe4::products<false, DEPTH, ROUTED>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, \
                                      k, gateUp, gateUpBias, clamped, alpha, limit, act, nullptr, sync, routes, nullptr,    \
                                      windowPairs, tokensPerSlot, 1, routed);                                                \
@@ -1614,7 +1616,7 @@ __device__ __forceinline__ void products(
     extern "C" __global__ void __launch_bounds__(moe4::kThreads, BLOCKS) DOWN(                                          \
         const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
         const float* act, int T, int H, int I, int E, int k, const uint8_t* down, const float* downBias, float* partial,  \
-        int* sync, float* out, int windowPairs, int tokensPerSlot, int splits, const int* routed) {                       \
+        int* sync, float* out, int windowPairs, int tokensPerSlot, int splits, const int* routed) { FULGUR_TRACE_KERNEL;  \
         moe4::products<true, DEPTH, ROUTED>(logits, correction, mode, normalize, scaling, groups, topKGroups, act, nullptr, T, H, I, \
                                     E, k, down, downBias, 0, 0.f, 0.f, nullptr, partial, sync, nullptr, out, windowPairs, \
                                     tokensPerSlot, splits, routed);                                                         \
@@ -1633,6 +1635,7 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
     const void* w, int bf16, const float* bias, const float* x, int T, int H, int E, float* logits, int* xexp, int* sync,
     int syncCount, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, int k,
     int tokensPerSlot, int* routed, int* routes) {
+    FULGUR_TRACE_KERNEL;
     __shared__ moe2::BlockRoutes br;
     __shared__ bool last;
     moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);

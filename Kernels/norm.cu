@@ -40,6 +40,7 @@ __device__ __forceinline__ float glu(float gate, float up, int clamped, float al
 
 // x[t, :] = row tokens[t] of the table (dtype 0: f32, 1: bf16, 2: f16). Grid T, any block.
 extern "C" __global__ void embed(const void* table, int dtype, const int* tokens, int hidden, float* x) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     const int t = blockIdx.x;
@@ -65,6 +66,7 @@ extern "C" __global__ void embed(const void* table, int dtype, const int* tokens
 constexpr int kNormValues = 8;
 
 extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const float* add, float* dst, const float* w, int n, float eps) {
+    FULGUR_TRACE_KERNEL;
     __shared__ float scratch[32];
     const size_t row = (size_t)blockIdx.x * n;
     if (n <= kNormValues * (int)blockDim.x) {
@@ -122,6 +124,7 @@ extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const f
 
 // x += src over n floats.
 extern "C" __global__ void add_inplace(float* x, const float* src, int n) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) x[i] += src[i];
@@ -130,6 +133,7 @@ extern "C" __global__ void add_inplace(float* x, const float* src, int n) {
 // act[t * inter + i] = glu(gate, up) with gate = gu[t * stride + i], up = gu[t * stride +
 // inter + i] (dense MLPs; gate and up side by side from one stacked product).
 extern "C" __global__ void glu(const float* gu, int inter, int stride, float* act, int T, int clamped, float alpha, float limit) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < T * inter; n += gridDim.x * blockDim.x) {
@@ -143,6 +147,7 @@ extern "C" __global__ void glu(const float* gu, int inter, int stride, float* ac
 // whose token rows are qStride / kStride / vStride floats apart. Grid (chunks, T).
 extern "C" __global__ void qkv_scatter(const float* part, int qRows, int kRows, int vRows, float* q, int qStride,
                                        float* k, int kStride, float* v, int vStride) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     const int c = blockIdx.x, t = blockIdx.y, chunks = gridDim.x, rows = qRows + kRows + vRows;
@@ -166,6 +171,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prep(
     float* q, int qStride, float* k, int kStride, float* v, int vStride, int heads, int kvHeads, int headDim, int valueDim,
     const float* qNorm, const float* kNorm, float eps, int rotaryDim, int neox, const double* invFreq, double attnFactor,
     float vScale, const int* positions, float* cacheK, float* cacheV, int capacity, const int* slots) {
+    FULGUR_TRACE_KERNEL;
     extern __shared__ float head[];
     __shared__ float scratch[32];
     wait_for_previous_kernel();
@@ -217,6 +223,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prep(
 // drafter's context rows). Grid (kvHeads, T).
 extern "C" __global__ void kv_store(const float* k, int kStride, const float* v, int vStride, int kvHeads, int headDim, int valueDim,
                                     const int* positions, float* cacheK, float* cacheV, int capacity) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     const int h = blockIdx.x, t = blockIdx.y, slot = positions[t] % capacity;
@@ -230,6 +237,7 @@ extern "C" __global__ void kv_store(const float* k, int kStride, const float* v,
 // all experts' stacked gate/up rows, gu[t, e * 2I ..] holds expert e's gate and up (gate at
 // even indices when interleaved, else the first I); act[t, e * I + i] = glu(gate, up).
 extern "C" __global__ void moe_dense_glu(const float* gu, float* act, int T, int E, int I, int interleaved, int clamped, float alpha, float limit) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     const int count = T * E * I;
@@ -244,6 +252,7 @@ extern "C" __global__ void moe_dense_glu(const float* gu, float* act, int T, int
 // out[t, h] = sum over token t's chosen experts of weight * y[t, e, h] (y from one grouped
 // gemv over all experts, biases included). chosen/weights: [T, k] from moe_route.
 extern "C" __global__ void moe_dense_combine(const float* y, const int* chosen, const float* weights, float* out, int T, int E, int k, int H) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     for (int n = blockIdx.x * blockDim.x + threadIdx.x; n < T * H; n += gridDim.x * blockDim.x) {
@@ -258,6 +267,7 @@ extern "C" __global__ void moe_dense_combine(const float* y, const int* chosen, 
 // state for the DFlash drafter, with the residual the next norm will fold in added here
 // without touching x. Grid T.
 extern "C" __global__ void capture_rows(const float* x, const float* add, int hidden, float* features, int stride) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     const int t = blockIdx.x;

@@ -93,6 +93,7 @@ __device__ __forceinline__ bool row_argmax(const float* logits, int vocab, float
 // ids[t] = the index of the largest logits[t, :] (the first one on ties; NaN never wins), as
 // the CPU's Sampler.argmax. 1024 threads, grid (sampling::kSplits, T): a cluster a row.
 extern "C" __global__ void __cluster_dims__(sampling::kSplits, 1, 1) __launch_bounds__(1024) argmax(const float* logits, int vocab, int* ids) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     float best;
@@ -106,6 +107,7 @@ extern "C" __global__ void __cluster_dims__(sampling::kSplits, 1, 1) __launch_bo
 // width; `start` is its first token id. 1024 threads, grid (sampling::kSplits, T).
 extern "C" __global__ void __cluster_dims__(sampling::kSplits, 1, 1) __launch_bounds__(1024) argmax_slice(
     const float* logits, int vocab, int start, int rank, int ranks, float4* table) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     float best;
@@ -120,6 +122,7 @@ extern "C" __global__ void __cluster_dims__(sampling::kSplits, 1, 1) __launch_bo
 // so every entry is filled); the lower rank, so the lower token id, on ties. One block, T
 // threads.
 extern "C" __global__ void argmax_pick(const float4* table, int T, int ranks, int* ids) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     const int t = threadIdx.x;
@@ -135,6 +138,7 @@ extern "C" __global__ void argmax_pick(const float4* table, int T, int ranks, in
 // positions[t] += T for the next step of a replayed graph (a decode loop that never returns
 // to the host). One block.
 extern "C" __global__ void advance_positions(int* positions, int T) {
+    FULGUR_TRACE_KERNEL;
     wait_for_previous_kernel();
     allow_next_kernel();
     if ((int)threadIdx.x < T) positions[threadIdx.x] += T;

@@ -382,6 +382,71 @@ public final class CUDAExecutor: @unchecked Sendable {
         return ms / Double(steps)
     }
 
+    /// Replays `steps` decode steps of `T` tokens as `timeReplayedSteps` does (greedy tokens fed
+    /// back, positions advancing on the GPU) with the kernels recording each block's start and
+    /// end, and returns where the step's time goes kernel by kernel (`Timeline`). Needs a
+    /// timeline build of the kernels (scripts/build-kernels --trace); the records cost the
+    /// kernels a little, so time steps without it. Leaves the cache's length where it was.
+    public func timeline(tokens T: Int, steps: Int = 20, warmup: Int = 3) throws -> Timeline {
+        precondition((1...maxStepTokens).contains(T) && steps >= 2)
+        try device.makeCurrent()
+        try oneSequence()
+        guard length + (warmup + steps) * T <= maxPositions else {
+            throw FulgurError(.usage, "the timeline needs \((warmup + steps) * T) positions after \(length); the context holds \(maxPositions)")
+        }
+        let start = length
+        defer { cache.length = start }
+        let advancePositions = try module.function("advance_positions")
+        let pos = (0..<T).map { Int32(length + $0) }
+        try [Int32](repeating: 1, count: T).withUnsafeBytes { try tokens.upload($0, stream: stream) }
+        try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+        var names: [(family: String, kernel: String)] = []
+        var family = ""
+        module.launchObserver = { names.append((family, $0)) }
+        defer { module.launchObserver = nil }
+        let graph = try CUDAGraph(capturing: stream) {
+            for l in launches {
+                family = l.kind
+                try l.run(T)
+            }
+            family = "step"
+            try tokens.copy(from: ids, bytes: 4 * T, stream: stream)
+            try module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
+        }
+        module.launchObserver = nil
+        for _ in 0..<warmup { try graph.launch(stream) }
+        try stream.synchronize()
+        // Room for every block of every launch: the grids are at most a few thousand blocks.
+        let capacity = names.count * steps * 4096, recordBytes = 32
+        let buffer = try device.allocate(16 + recordBytes * capacity)
+        try [UInt32(0), UInt32(capacity), 0, 0].withUnsafeBytes { try buffer.upload($0) }
+        try module.setTrace(buffer.address)
+        do {
+            for _ in 0..<steps { try graph.launch(stream) }
+            try stream.synchronize()
+        } catch {
+            try? module.setTrace(0)
+            throw error
+        }
+        try module.setTrace(0)
+        var header = [UInt32](repeating: 0, count: 4)
+        try header.withUnsafeMutableBytes { try buffer.download(into: $0) }
+        guard Int(header[0]) <= capacity else {
+            throw FulgurError(.usage, "timeline: \(header[0]) block records, room for \(capacity)")
+        }
+        var bytes = [UInt8](repeating: 0, count: 16 + recordBytes * Int(header[0]))
+        try bytes.withUnsafeMutableBytes { try buffer.download(into: $0) }
+        let records = bytes.withUnsafeBytes { raw in
+            (0..<Int(header[0])).map { i -> Timeline.Record in
+                let o = 16 + recordBytes * i
+                return Timeline.Record(grid: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self), start: raw.loadUnaligned(fromByteOffset: o + 8, as: UInt64.self),
+                                       end: raw.loadUnaligned(fromByteOffset: o + 16, as: UInt64.self), sm: raw.loadUnaligned(fromByteOffset: o + 24, as: UInt32.self),
+                                       block: raw.loadUnaligned(fromByteOffset: o + 28, as: UInt32.self))
+            }
+        }
+        return try Timeline(records: records, names: names, steps: steps, tokens: T)
+    }
+
     /// Per kernel family, microseconds of one step of `T` tokens: every launch timed alone
     /// between events (so without the overlap of programmatic launches; the sum exceeds a
     /// replayed step), median of `rounds`. The step runs at the current positions without

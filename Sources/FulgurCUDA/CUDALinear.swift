@@ -43,9 +43,18 @@ public final class CUDALinear: @unchecked Sendable {
     let mmaKernels: [KernelModule.Function]
     /// Products with at least this many rows take the wide layout by default, for 1-token
     /// steps only: at 4 and 8 tokens it ran at half the rows layout's speed (one row per warp,
-    /// so each x value read from shared memory feeds one row; Kernels/NOTES.md).
-    /// `FULGUR_GEMV_LAYOUT=rows` turns it off (for comparisons).
-    public static let wideRows = ProcessInfo.processInfo.environment["FULGUR_GEMV_LAYOUT"] == "rows" ? Int.max : 32768
+    /// so each x value read from shared memory feeds one row; Kernels/NOTES.md). At one token
+    /// its grid is resident at once, so every warp asks for its first weights before waiting
+    /// for the previous kernel, where the rows layout's second wave (q/k/v of gpt-oss-20b: 1280
+    /// blocks) cannot: in the replayed gpt-oss-20b step q/k/v went 11.3 -> 8.7 us and o_proj
+    /// 7.7 -> 5.8 us, the step 2.429 -> 2.368 ms (H100, 2026-11-28; the threshold was 32768, for
+    /// LM heads only). `FULGUR_GEMV_LAYOUT=rows` turns it off and `FULGUR_GEMV_WIDE_ROWS=N`
+    /// moves the threshold (for comparisons).
+    public static let wideRows: Int = {
+        let env = ProcessInfo.processInfo.environment
+        if env["FULGUR_GEMV_LAYOUT"] == "rows" { return Int.max }
+        return env["FULGUR_GEMV_WIDE_ROWS"].flatMap { Int($0) } ?? 2048
+    }()
     public static let wideMaxTokens = 1
     /// Plain (BF16/f32) products of fewer rows keep one row a warp at every token count: they
     /// need the warps more than the shared x reads (Kernels/gemv.cu, PlainRows).

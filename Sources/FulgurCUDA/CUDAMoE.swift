@@ -16,8 +16,8 @@ import Fulgur
 /// layout and runs the products in two plain launches, gate_up then down, whose warps each
 /// stream whole units straight into registers (`moe4_gate_up`, `moe4_down`). 7 (the default)
 /// is 4 routing once, in the router launch (`moe6_route`), whose product kernels
-/// (`moe7_gate_up`, `moe7_down`) copy the result instead of routing in every block. (5 and 6
-/// were measured and removed; Kernels/NOTES.md.)
+/// (`moe7_gate_up`, `moe7_down`) copy the result instead of routing in every block. (5, 6, 8,
+/// 9 and 10, and a router in one cluster of 8 blocks, were measured and removed; Kernels/NOTES.md.)
 public final class CUDAMoE: @unchecked Sendable {
     /// The kernels every executor uses unless told otherwise: with version 7 the gpt-oss-20b
     /// 1-token step measured 5% faster than with 2, its MoE calls at 8-16 tokens 1.8-1.9x faster

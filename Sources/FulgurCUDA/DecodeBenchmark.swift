@@ -39,18 +39,20 @@ public struct DecodeBenchmark: Codable {
     public let inGraph: [Kernel]
     /// The same for the 8-token (verify) step, when 8 is among the timed token counts.
     public let inGraphVerify: [Kernel]?
+    /// With `timeline`: each timed step size's kernels, read from a trace build's records.
+    public let timelines: [Timeline]?
 
     /// The 1-token step's share of the roofline.
     public var rooflineFraction: Double { rooflineMilliseconds / (steps.first { $0.tokens == 1 }?.millisecondsPerStep ?? .nan) }
 
     public static func run(plan: Plan, model: String, device: CUDADevice, module: KernelModule, context: Int = 512,
                            steps count: Int = 100, tokenCounts: [Int] = [1, 8, 16], moeVersion: Int = CUDAMoE.defaultVersion, prefetch: CUDAExecutor.L2Prefetch = .off,
-                           log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
+                           timeline: Bool = false, log: @escaping (String) -> Void = { _ in }) throws -> DecodeBenchmark {
         let stream = try device.makeStream()
         let copy = try CopyBandwidth(device, stream)
         log(String(format: "copy bandwidth %.0f GB/s", copy.gbps))
         let warmup = 5
-        let positions = context + tokenCounts.reduce(0) { $0 + ($1 * (count + warmup)) } + 16
+        let positions = context + tokenCounts.reduce(0) { $0 + ($1 * (count + warmup)) } + 16 + (timeline ? 16 * 30 : 0)
         let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: positions, moeVersion: moeVersion, prefetch: prefetch,
                                         progress: { done, all in if done == all { log("weights on the GPU") } })
         var rng = SeededGenerator(seed: 7)
@@ -77,6 +79,15 @@ public struct DecodeBenchmark: Codable {
             let verify = try executor.timeReplayedSteps(tokens: 8, steps: count, warmup: warmup, advance: false, fixedTokens: true)
             inGraphVerify = try ablation(tokens: 8, whole: verify)
         }
+        // At the prefilled context (each timeline leaves the cache where it found it).
+        var timelines: [Timeline]?
+        if timeline {
+            timelines = try tokenCounts.map { T in
+                let t = try executor.timeline(tokens: T)
+                log(String(format: "T = %d: timeline %.1f us a step", T, t.stepMicros))
+                return t
+            }
+        }
         var steps: [Step] = []
         for T in tokenCounts {
             let ms = try executor.timeReplayedSteps(tokens: T, steps: count, warmup: warmup)
@@ -88,7 +99,7 @@ public struct DecodeBenchmark: Codable {
                                copyGBps: copy.gbps, bytesPerStep: executor.bytesPerDecodeStep,
                                rooflineMilliseconds: copy.readMicros(executor.bytesPerDecodeStep) / 1e3,
                                launchesPerStep: executor.launchesPerStep, prefetch: prefetch.rawValue, steps: steps, kernels: kernels, inGraph: inGraph,
-                               inGraphVerify: inGraphVerify)
+                               inGraphVerify: inGraphVerify, timelines: timelines)
     }
 
     public var table: String {
@@ -120,6 +131,7 @@ public struct DecodeBenchmark: Codable {
                              + String(format: " %4d launches  %9.1f us  %5.1f%%", k.launches, k.microsecondsPerStep, 100 * k.microsecondsPerStep / (1e3 * eight)))
             }
         }
+        for t in timelines ?? [] { lines.append(t.table()) }
         return lines.joined(separator: "\n")
     }
 

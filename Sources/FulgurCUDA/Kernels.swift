@@ -1,4 +1,5 @@
 import Foundation
+import Fulgur
 
 /// The kernels of Kernels/*.cu, compiled by scripts/build-kernels into one fatbin and loaded
 /// from `$FULGUR_KERNELS` or `fulgur.fatbin` next to the executable. A fatbin built from other
@@ -53,6 +54,22 @@ public final class KernelModule: @unchecked Sendable {
         let made = try RandomFiller(module: self)
         filler = made
         return made
+    }
+
+    /// Called with each kernel's name as it is launched (or captured into a graph) while set;
+    /// the timeline uses it to name a captured step's kernels. One thread at a time.
+    public var launchObserver: ((String) -> Void)?
+
+    /// Names the buffer that a timeline build's kernels append their block records to (0: none;
+    /// Kernels/common.cuh's TraceBuffer). A fatbin built without `--trace` has no such buffer.
+    public func setTrace(_ address: UInt64) throws {
+        let d = device.driver
+        var global: CUdeviceptr = 0, size = 0
+        guard d.cuModuleGetGlobal(&global, &size, handle, "fulgur_trace") == 0 else {
+            throw FulgurError(.usage, "\(path) records no timeline: build it with scripts/build-kernels --trace and name Kernels/build/fulgur-trace.fatbin in FULGUR_KERNELS")
+        }
+        var a = address
+        try d.check(d.cuMemcpyHtoD(global, &a, 8), "set fulgur_trace in \(path)")
     }
 
     /// A kernel of the module; look it up once, not per launch.
@@ -115,6 +132,7 @@ public final class KernelModule: @unchecked Sendable {
             case .double(let v): slots[i] = v.bitPattern
             }
         }
+        launchObserver?(f.name)
         let d = device.driver
         // Built only on failure: formatting it per launch cost the host microseconds.
         func what() -> String { "launch \(f.name), grid \(grid), block \(block), \(sharedBytes) bytes shared" }

@@ -48,6 +48,8 @@ struct Bench: ParsableCommand {
     @Flag(name: .customLong("dry-run"), help: "Print where a preset's weights and KV cache go over --tp GPUs at --context positions, without a GPU or any weights.")
     var dryRun = false
     @Option(help: "Also write the report as JSON to this file.") var json: String?
+    @Flag(help: "Also read each step size's kernels off a timeline (needs the trace build of the kernels: scripts/build-kernels --trace, then FULGUR_KERNELS=Kernels/build/fulgur-trace.fatbin; its records cost the kernels a little).")
+    var timeline = false
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
     @Option(name: .customLong("replay-acceptance"), help: "Run DFlash decoding with the acceptance REPLAYED at these lengths (tokens per round, comma-separated, e.g. 4.3,5.6,6.3) instead of timing steps.")
@@ -111,7 +113,8 @@ struct Bench: ParsableCommand {
             var reports: [DecodeBenchmark] = []
             for p in prefetches {
                 let report = try DecodeBenchmark.run(plan: plan, model: name, device: device, module: module, context: context,
-                                                     steps: steps, tokenCounts: sizes, moeVersion: moeVersion, prefetch: p, log: { Terminal.status($0) })
+                                                     steps: steps, tokenCounts: sizes, moeVersion: moeVersion, prefetch: p, timeline: timeline,
+                                                     log: { Terminal.status($0) })
                 print(report.table)
                 reports.append(report)
                 try device.pool.trim()

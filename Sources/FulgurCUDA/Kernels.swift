@@ -85,12 +85,22 @@ public final class KernelModule: @unchecked Sendable {
     }
 
     /// Lets `f` launch with up to `bytes` of dynamic shared memory; a launch asking for more
-    /// than 48 KiB fails without this.
+    /// than 48 KiB fails without this. The limit belongs to the function, not to the caller, so
+    /// it only ever rises: two products of one kernel with different shared sizes (the wide
+    /// layout's x is K-sized) must not lower it under each other (MiMo-V2-Flash's wide q/k/v
+    /// launch failed with CUDA_ERROR_INVALID_VALUE after a smaller product set it).
     public func allowSharedMemory(_ f: Function, bytes: Int) throws {
+        sharedLock.lock()
+        defer { sharedLock.unlock() }
+        guard bytes > (sharedAllowed[f.name] ?? 0) else { return }
         let maxDynamicSharedSizeBytes: Int32 = 8  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         try device.driver.check(device.driver.cuFuncSetAttribute(f.handle, maxDynamicSharedSizeBytes, Int32(bytes)),
                                 "cuFuncSetAttribute(\(f.name), max dynamic shared memory \(bytes))")
+        sharedAllowed[f.name] = bytes
     }
+    /// The dynamic shared memory each function has been allowed so far (allowSharedMemory).
+    private var sharedAllowed: [String: Int] = [:]
+    private let sharedLock = NSLock()
 
     /// Bytes of statically declared shared memory `f` uses (its dynamic shared memory comes on top).
     public func staticSharedBytes(_ f: Function) throws -> Int {

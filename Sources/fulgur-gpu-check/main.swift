@@ -87,6 +87,38 @@ func copyBandwidth(_ device: CUDADevice, _ stream: CUDAStream) throws -> Copy { 
 struct Row { let format: Format; let layout: CUDALinear.Layout; let rows: Int; let columns: Int; let tokens: Int; let error: Double; let timings: [Timing] }
 typealias Timing = (micros: Double, gbps: Double, hostPaced: Int)
 
+/// Two wide products of one kernel with different K (so different shared memory for x), the
+/// larger run again after the smaller: the kernel's shared-memory limit belongs to the function
+/// and must not drop under the larger one (a MiMo-V2-Flash step failed with
+/// CUDA_ERROR_INVALID_VALUE when it did). The larger product's second result against the CPU.
+func checkWideSharedLimit(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _ format: Format, seed: UInt64) throws -> Row {
+    var rng = SeededGenerator(seed: seed)
+    let (n, big, small) = (64, 16384, 512)
+    let wb = try randomWeight(format, rows: n, columns: big, &rng), ws = try randomWeight(format, rows: n, columns: small, &rng)
+    let gb = try CUDALinear(wb, module: module), gs = try CUDALinear(ws, module: module)
+    for g in [gb, gs] { g.layout = .wide; g.forceLayout = true }
+    let xb = randomFloats(big, &rng), xs = randomFloats(small, &rng)
+    var want = [Float](repeating: 0, count: n)
+    wb.apply(xb, tokens: 1, into: &want)
+    let xbd = try xb.withUnsafeBytes { try device.upload($0) }, xsd = try xs.withUnsafeBytes { try device.upload($0) }
+    let out = try device.allocate(4 * n)
+    try gb.apply(xbd, tokens: 1, into: out, stream: stream)
+    try gs.apply(xsd, tokens: 1, into: out, stream: stream)
+    try out.fill(byte: 0xFF, stream: stream)
+    try gb.apply(xbd, tokens: 1, into: out, stream: stream)
+    try stream.synchronize()
+    var got = [Float](repeating: 0, count: n)
+    try got.withUnsafeMutableBytes { try out.download(into: $0) }
+    var diff = 0.0, norm = 0.0
+    for i in 0..<n {
+        diff += Double(got[i] - want[i]) * Double(got[i] - want[i])
+        norm += Double(want[i]) * Double(want[i])
+    }
+    let error = got.allSatisfy { $0.isFinite } ? (diff / norm).squareRoot() : .nan
+    print("gemv: \(format) wide \(n) x \(big) run again after \(n) x \(small): rel.err \(String(format: "%.2e", error))")
+    return Row(format: format, layout: .wide, rows: n, columns: big, tokens: 1, error: error, timings: [])
+}
+
 func check(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, _ format: Format, rows: Int, columns: Int,
            tokens: [Int], timed: Bool, copy: Copy, seed: UInt64, layouts: [CUDALinear.Layout] = [.rows]) throws -> [Row] {
     var rng = SeededGenerator(seed: seed)
@@ -207,6 +239,8 @@ func run() throws -> Bool {
         rows += try check(device, module, stream, format, rows: 5760, columns: 2880, tokens: [1, 2, 4, 8, 16], timed: true, copy: copy, seed: seed, layouts: [.wide])
         seed += 1
         rows += try check(device, module, stream, format, rows: 201088, columns: 2880, tokens: [1, 4, 8], timed: true, copy: copy, seed: seed, layouts: [.rows, .wide])
+        seed += 1
+        rows.append(try checkWideSharedLimit(device, module, stream, format, seed: seed))
     }
     try device.synchronize()
     let failed = rows.filter { !($0.error <= tolerance) }

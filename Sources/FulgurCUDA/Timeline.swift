@@ -31,8 +31,11 @@ public struct Timeline: Codable, Sendable {
         /// From the previous kernel's last block leaving to this kernel's first block entering:
         /// negative when its blocks were resident early (programmatic dependent launch).
         public let lead: Double
-        /// The median block's time from entering to leaving.
-        public let blockMedian: Double
+        /// The median block's time from entering to leaving, and the longest block's.
+        public let blockMedian: Double, blockMax: Double
+        /// From the first block entering to the last block entering (blocks that could not be
+        /// resident at once enter late).
+        public let entrySpread: Double
     }
 
     public let tokens: Int
@@ -49,10 +52,11 @@ public struct Timeline: Codable, Sendable {
     /// not ids, make the groups: the hardware may reuse an id once its grid is done.
     public init(records: [Record], names: [(family: String, kernel: String)], steps: Int, tokens: Int) throws {
         precondition(steps >= 2 && !names.isEmpty)
-        var launches: [(grid: UInt64, start: UInt64, end: UInt64, blocks: Int, durations: [UInt64])] = []
+        var launches: [(grid: UInt64, start: UInt64, end: UInt64, lastStart: UInt64, blocks: Int, durations: [UInt64])] = []
         for r in records.sorted(by: { ($0.start, $0.grid) < ($1.start, $1.grid) }) {
-            if launches.last?.grid != r.grid { launches.append((r.grid, r.start, 0, 0, [])) }
+            if launches.last?.grid != r.grid { launches.append((r.grid, r.start, 0, r.start, 0, [])) }
             launches[launches.count - 1].end = max(launches[launches.count - 1].end, r.end)
+            launches[launches.count - 1].lastStart = r.start
             launches[launches.count - 1].blocks += 1
             launches[launches.count - 1].durations.append(r.end &- r.start)
         }
@@ -63,16 +67,19 @@ public struct Timeline: Codable, Sendable {
         let K = names.count
         var kernels: [Kernel] = []
         for i in 0..<K {
-            var adds: [Double] = [], spans: [Double] = [], leads: [Double] = [], blocks: [Double] = []
+            var adds: [Double] = [], spans: [Double] = [], leads: [Double] = [], blocks: [Double] = [], longest: [Double] = [], spreads: [Double] = []
             for s in 1..<steps {
                 let g = launches[s * K + i], prev = launches[s * K + i - 1]
                 adds.append(Double(Int64(bitPattern: g.end &- prev.end)) / 1e3)
                 spans.append(Double(g.end - g.start) / 1e3)
                 leads.append(Double(Int64(bitPattern: g.start &- prev.end)) / 1e3)
                 blocks.append(median(g.durations.map { Double($0) / 1e3 }))
+                longest.append(Double(g.durations.max() ?? 0) / 1e3)
+                spreads.append(Double(g.lastStart - g.start) / 1e3)
             }
             kernels.append(Kernel(family: names[i].family, name: names[i].kernel, blocks: launches[K + i].blocks, adds: median(adds),
-                                  span: median(spans), lead: median(leads), blockMedian: median(blocks)))
+                                  span: median(spans), lead: median(leads), blockMedian: median(blocks), blockMax: median(longest),
+                                  entrySpread: median(spreads)))
         }
         let stepEnds = (1..<steps).map { s in Double(launches[(s + 1) * K - 1].end - launches[s * K - 1].end) / 1e3 }
         self.tokens = tokens
@@ -95,7 +102,7 @@ public struct Timeline: Codable, Sendable {
 
     /// The totals by family and by kernel, then every kernel of the step's first `detail`
     /// launches and of its last few.
-    public func table(detail: Int = 12) -> String {
+    public func table(detail: Int = 20) -> String {
         var lines = [String(format: "timeline of the %d-token step (median of %d replayed steps, trace build): %.1f us a step", tokens, steps, stepMicros)]
         for (title, key) in [("family", { (k: Kernel) in k.family }), ("kernel", { (k: Kernel) in k.name })] as [(String, (Kernel) -> String)] {
             lines.append("  by \(title): launches, us added to the step (sum), share")
@@ -104,16 +111,16 @@ public struct Timeline: Codable, Sendable {
                              + String(format: " %4d  %9.1f  %5.1f%%", t.launches, t.adds, 100 * t.adds / stepMicros))
             }
         }
-        lines.append("  launch by launch (us): adds = end after the previous kernel's end; span = first entry to last exit; lead = first entry after the previous end; block = median block")
+        lines.append("  launch by launch (us): adds = end after the previous kernel's end; span = first entry to last exit; lead = first entry after the previous end; block = median block, longest block; entries = first to last block entering")
         let shown = Array(kernels.indices.prefix(detail)) + Array(kernels.indices.suffix(4).filter { $0 >= detail })
         var last = -1
         for i in shown {
             if i != last + 1 { lines.append("    ...") }
             last = i
             let k = kernels[i]
-            lines.append(String(format: "    %3d %@ %@ %5d blocks  adds %7.2f  span %7.2f  lead %7.2f  block %7.2f", i,
+            lines.append(String(format: "    %3d %@ %@ %5d blocks  adds %7.2f  span %7.2f  lead %7.2f  block %7.2f / %7.2f  entries %7.2f", i,
                                 k.family.padding(toLength: 10, withPad: " ", startingAt: 0), k.name.padding(toLength: 24, withPad: " ", startingAt: 0),
-                                k.blocks, k.adds, k.span, k.lead, k.blockMedian))
+                                k.blocks, k.adds, k.span, k.lead, k.blockMedian, k.blockMax, k.entrySpread))
         }
         return lines.joined(separator: "\n")
     }

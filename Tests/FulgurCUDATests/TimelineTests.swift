@@ -32,6 +32,8 @@ import Testing
         #expect(abs(b.span - 6.0) < 1e-9)
         #expect(abs(b.adds - 5.0) < 1e-9)
         #expect(abs(b.blockMedian - 5.8) < 1e-9)  // the two blocks: 5.7 and 5.8 us; the upper median
+        #expect(abs(b.blockMax - 5.8) < 1e-9)
+        #expect(abs(b.entrySpread - 0.2) < 1e-9)  // block 1 enters 200 ns after block 0
         // a: its first block enters 500 ns before the previous step's c ends.
         #expect(abs(timeline.kernels[0].adds - 3.5) < 1e-9)
         #expect(abs(timeline.kernels[2].adds - 2.0) < 1e-9)

@@ -254,6 +254,7 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
         }
         __syncthreads();  // K, V and p are rewritten by the next chunk
     }
+    FULGUR_TRACE_MARK(0);
 
     // This block's shares, each thread its own outputs (and head g's thread g its max and sum).
     const size_t shareFloats = valueDim + 2;
@@ -279,6 +280,7 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     __syncthreads();
     if (!last) return;
     __threadfence();
+    FULGUR_TRACE_MARK(1);
 
     // The merge, by the last block: per head the overall max M (with the sink), each share's
     // weight exp(m_s - M) (0 for an empty share) and the denominator; then every output as the

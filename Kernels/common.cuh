@@ -19,7 +19,7 @@ extern "C" __device__ const uint64_t fulgur_source_hash = FULGUR_SOURCE_HASH;
 // macro is empty and the kernels are as always (the source hash is the same).
 #ifdef FULGUR_TRACE
 struct TraceRecord {
-    uint64_t grid, start, end;
+    uint64_t grid, start, end, marks[2];  // marks: FULGUR_TRACE_MARK(0 or 1) in thread 0, else 0
     uint32_t sm, block;
 };
 struct TraceBuffer {
@@ -32,9 +32,22 @@ __device__ __forceinline__ uint64_t global_ns() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
+// The block's marks (FULGUR_TRACE_MARK), written and read by thread 0 only.
+__device__ __forceinline__ uint64_t* trace_marks() {
+    __shared__ uint64_t marks[2];
+    return marks;
+}
+__device__ __forceinline__ void trace_mark(int i) {
+    if (threadIdx.x == 0 && threadIdx.y == 0) trace_marks()[i] = global_ns();
+}
 struct TraceScope {
     uint64_t start;
-    __device__ __forceinline__ TraceScope() : start(threadIdx.x == 0 && threadIdx.y == 0 ? global_ns() : 0) {}
+    __device__ __forceinline__ TraceScope() : start(0) {
+        if (threadIdx.x == 0 && threadIdx.y == 0) {
+            start = global_ns();
+            trace_marks()[0] = trace_marks()[1] = 0;
+        }
+    }
     __device__ __forceinline__ ~TraceScope() {
         if (threadIdx.x != 0 || threadIdx.y != 0) return;
         TraceBuffer* b = *reinterpret_cast<TraceBuffer* volatile*>(&fulgur_trace);
@@ -49,12 +62,20 @@ struct TraceScope {
         r.grid = grid;
         r.start = start;
         r.end = global_ns();
+        r.marks[0] = trace_marks()[0];
+        r.marks[1] = trace_marks()[1];
         r.sm = sm;
         r.block = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     }
 };
 #define FULGUR_TRACE_KERNEL TraceScope fulgur_trace_scope_
+// A point inside a kernel (0 or 1, any device function it calls) whose time thread 0 records
+// with its block's record.
+#define FULGUR_TRACE_MARK(i) trace_mark(i)
 #else
+#define FULGUR_TRACE_MARK(i) \
+    do {                     \
+    } while (0)
 #define FULGUR_TRACE_KERNEL \
     do {                    \
     } while (0)

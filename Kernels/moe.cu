@@ -1639,6 +1639,7 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
     __shared__ moe2::BlockRoutes br;
     __shared__ bool last;
     moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);
+    FULGUR_TRACE_MARK(0);
     __threadfence();  // this block's logits before its arrival
     __syncthreads();
     int* counter = routed + moe4::kBlockRoutesInts;
@@ -1646,6 +1647,7 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
     __syncthreads();
     if (!last) return;
     __threadfence();  // every block's logits are visible
+    FULGUR_TRACE_MARK(1);
     moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
                       tokensPerSlot, routes);
     const int* src = reinterpret_cast<const int*>(&br);

@@ -417,7 +417,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         for _ in 0..<warmup { try graph.launch(stream) }
         try stream.synchronize()
         // Room for every block of every launch: the grids are at most a few thousand blocks.
-        let capacity = names.count * steps * 4096, recordBytes = 32
+        let capacity = names.count * steps * 4096, recordBytes = Timeline.Record.bytes
         let buffer = try device.allocate(16 + recordBytes * capacity)
         try [UInt32(0), UInt32(capacity), 0, 0].withUnsafeBytes { try buffer.upload($0) }
         try module.setTrace(buffer.address)
@@ -439,9 +439,10 @@ public final class CUDAExecutor: @unchecked Sendable {
         let records = bytes.withUnsafeBytes { raw in
             (0..<Int(header[0])).map { i -> Timeline.Record in
                 let o = 16 + recordBytes * i
-                return Timeline.Record(grid: raw.loadUnaligned(fromByteOffset: o, as: UInt64.self), start: raw.loadUnaligned(fromByteOffset: o + 8, as: UInt64.self),
-                                       end: raw.loadUnaligned(fromByteOffset: o + 16, as: UInt64.self), sm: raw.loadUnaligned(fromByteOffset: o + 24, as: UInt32.self),
-                                       block: raw.loadUnaligned(fromByteOffset: o + 28, as: UInt32.self))
+                func u64(_ at: Int) -> UInt64 { raw.loadUnaligned(fromByteOffset: o + at, as: UInt64.self) }
+                return Timeline.Record(grid: u64(0), start: u64(8), end: u64(16), marks: (u64(24), u64(32)),
+                                       sm: raw.loadUnaligned(fromByteOffset: o + 40, as: UInt32.self),
+                                       block: raw.loadUnaligned(fromByteOffset: o + 44, as: UInt32.self))
             }
         }
         return try Timeline(records: records, names: names, steps: steps, tokens: T)

@@ -9,11 +9,14 @@ import Fulgur
 /// events around single launches nor leaving a family out of the graph can do.
 public struct Timeline: Codable, Sendable {
     /// One block's record as the kernels write it (32 bytes).
+    /// One block's record as the kernels write it (48 bytes): marks are FULGUR_TRACE_MARK(0)
+    /// and (1) inside the block, 0 where the block did not pass them.
     public struct Record: Sendable {
-        public var grid: UInt64, start: UInt64, end: UInt64
+        public var grid: UInt64, start: UInt64, end: UInt64, marks: (UInt64, UInt64)
         public var sm: UInt32, block: UInt32
-        public init(grid: UInt64, start: UInt64, end: UInt64, sm: UInt32 = 0, block: UInt32 = 0) {
-            (self.grid, self.start, self.end, self.sm, self.block) = (grid, start, end, sm, block)
+        public static let bytes = 48
+        public init(grid: UInt64, start: UInt64, end: UInt64, marks: (UInt64, UInt64) = (0, 0), sm: UInt32 = 0, block: UInt32 = 0) {
+            (self.grid, self.start, self.end, self.marks, self.sm, self.block) = (grid, start, end, marks, sm, block)
         }
     }
 
@@ -36,6 +39,8 @@ public struct Timeline: Codable, Sendable {
         /// From the first block entering to the last block entering (blocks that could not be
         /// resident at once enter late).
         public let entrySpread: Double
+        /// In the longest block, from its entry to its marks 0 and 1 (nil: not passed).
+        public let longestMarks: [Double?]
     }
 
     public let tokens: Int
@@ -52,13 +57,15 @@ public struct Timeline: Codable, Sendable {
     /// not ids, make the groups: the hardware may reuse an id once its grid is done.
     public init(records: [Record], names: [(family: String, kernel: String)], steps: Int, tokens: Int) throws {
         precondition(steps >= 2 && !names.isEmpty)
-        var launches: [(grid: UInt64, start: UInt64, end: UInt64, lastStart: UInt64, blocks: Int, durations: [UInt64])] = []
+        var launches: [(grid: UInt64, start: UInt64, end: UInt64, lastStart: UInt64, blocks: Int, durations: [UInt64], longest: Record?)] = []
         for r in records.sorted(by: { ($0.start, $0.grid) < ($1.start, $1.grid) }) {
-            if launches.last?.grid != r.grid { launches.append((r.grid, r.start, 0, r.start, 0, [])) }
-            launches[launches.count - 1].end = max(launches[launches.count - 1].end, r.end)
-            launches[launches.count - 1].lastStart = r.start
-            launches[launches.count - 1].blocks += 1
-            launches[launches.count - 1].durations.append(r.end &- r.start)
+            if launches.last?.grid != r.grid { launches.append((r.grid, r.start, 0, r.start, 0, [], nil)) }
+            let i = launches.count - 1
+            launches[i].end = max(launches[i].end, r.end)
+            launches[i].lastStart = r.start
+            launches[i].blocks += 1
+            launches[i].durations.append(r.end &- r.start)
+            if launches[i].longest.map({ r.end &- r.start > $0.end &- $0.start }) ?? true { launches[i].longest = r }
         }
         guard launches.count == names.count * steps else {
             throw FulgurError(.format, "timeline: \(launches.count) launches recorded over \(steps) steps, expected \(names.count) a step (\(records.count) block records)")
@@ -68,6 +75,7 @@ public struct Timeline: Codable, Sendable {
         var kernels: [Kernel] = []
         for i in 0..<K {
             var adds: [Double] = [], spans: [Double] = [], leads: [Double] = [], blocks: [Double] = [], longest: [Double] = [], spreads: [Double] = []
+            var marks: [[Double]] = [[], []]
             for s in 1..<steps {
                 let g = launches[s * K + i], prev = launches[s * K + i - 1]
                 adds.append(Double(Int64(bitPattern: g.end &- prev.end)) / 1e3)
@@ -76,10 +84,13 @@ public struct Timeline: Codable, Sendable {
                 blocks.append(median(g.durations.map { Double($0) / 1e3 }))
                 longest.append(Double(g.durations.max() ?? 0) / 1e3)
                 spreads.append(Double(g.lastStart - g.start) / 1e3)
+                if let l = g.longest {
+                    for (m, at) in [l.marks.0, l.marks.1].enumerated() where at != 0 { marks[m].append(Double(Int64(bitPattern: at &- l.start)) / 1e3) }
+                }
             }
             kernels.append(Kernel(family: names[i].family, name: names[i].kernel, blocks: launches[K + i].blocks, adds: median(adds),
                                   span: median(spans), lead: median(leads), blockMedian: median(blocks), blockMax: median(longest),
-                                  entrySpread: median(spreads)))
+                                  entrySpread: median(spreads), longestMarks: marks.map { $0.isEmpty ? nil : median($0) }))
         }
         let stepEnds = (1..<steps).map { s in Double(launches[(s + 1) * K - 1].end - launches[s * K - 1].end) / 1e3 }
         self.tokens = tokens
@@ -120,7 +131,8 @@ public struct Timeline: Codable, Sendable {
             let k = kernels[i]
             lines.append(String(format: "    %3d %@ %@ %5d blocks  adds %7.2f  span %7.2f  lead %7.2f  block %7.2f / %7.2f  entries %7.2f", i,
                                 k.family.padding(toLength: 10, withPad: " ", startingAt: 0), k.name.padding(toLength: 24, withPad: " ", startingAt: 0),
-                                k.blocks, k.adds, k.span, k.lead, k.blockMedian, k.blockMax, k.entrySpread))
+                                k.blocks, k.adds, k.span, k.lead, k.blockMedian, k.blockMax, k.entrySpread)
+                         + k.longestMarks.enumerated().compactMap { m, at in at.map { String(format: "  mark %d at %.2f", m, $0) } }.joined())
         }
         return lines.joined(separator: "\n")
     }

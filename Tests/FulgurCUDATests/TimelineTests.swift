@@ -15,7 +15,7 @@ import Testing
             for (length, early) in [(UInt64(4000), UInt64(500)), (6000, 1000), (2000, 0)] {
                 let start = (ends.last ?? t) - early
                 // Block 1 enters 200 ns after block 0 and leaves last.
-                records.append(.init(grid: grid, start: start + 200, end: start + length, block: 1))
+                records.append(.init(grid: grid, start: start + 200, end: start + length, marks: (start + 1200, 0), block: 1))
                 records.append(.init(grid: grid, start: start, end: start + length - 300, block: 0))
                 ends.append(start + length)
                 grid = grid == 1000 ? 2000 : grid == 2000 ? 1000 : grid + 7  // ids may come back once a grid is done
@@ -34,6 +34,7 @@ import Testing
         #expect(abs(b.blockMedian - 5.8) < 1e-9)  // the two blocks: 5.7 and 5.8 us; the upper median
         #expect(abs(b.blockMax - 5.8) < 1e-9)
         #expect(abs(b.entrySpread - 0.2) < 1e-9)  // block 1 enters 200 ns after block 0
+        #expect(b.longestMarks[0].map { abs($0 - 1.0) < 1e-9 } == true && b.longestMarks[1] == nil)  // the longest block's mark 0
         // a: its first block enters 500 ns before the previous step's c ends.
         #expect(abs(timeline.kernels[0].adds - 3.5) < 1e-9)
         #expect(abs(timeline.kernels[2].adds - 2.0) < 1e-9)

@@ -416,8 +416,9 @@ public final class CUDAExecutor: @unchecked Sendable {
         module.launchObserver = nil
         for _ in 0..<warmup { try graph.launch(stream) }
         try stream.synchronize()
-        // Room for every block of every launch: the grids are at most a few thousand blocks.
-        let capacity = names.count * steps * 4096, recordBytes = Timeline.Record.bytes
+        // Room for the blocks of `steps` steps, at most 256 MB (gpt-oss-20b: about 86k blocks a
+        // step, 50k of them the LM head's; more than fits is reported, not dropped silently).
+        let recordBytes = Timeline.Record.bytes, capacity = min(names.count * steps * 4096, (256 << 20) / recordBytes)
         let buffer = try device.allocate(16 + recordBytes * capacity)
         try [UInt32(0), UInt32(capacity), 0, 0].withUnsafeBytes { try buffer.upload($0) }
         try module.setTrace(buffer.address)

@@ -8,7 +8,6 @@ import Fulgur
 /// launches overlapping, each kernel's share of the step can be read off, which neither
 /// events around single launches nor leaving a family out of the graph can do.
 public struct Timeline: Codable, Sendable {
-    /// One block's record as the kernels write it (32 bytes).
     /// One block's record as the kernels write it (48 bytes): marks are FULGUR_TRACE_MARK(0)
     /// and (1) inside the block, 0 where the block did not pass them.
     public struct Record: Sendable {

@@ -357,21 +357,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         guard length + (warmup + steps) * T <= maxPositions else {
             throw FulgurError(.usage, "the benchmark needs \((warmup + steps) * T) positions after \(length); the context holds \(maxPositions)")
         }
-        let advancePositions = try module.function("advance_positions")
-        var rng = SeededGenerator(seed: 11)
-        let vocab = UInt64(min(plan.embedding.table.shape[0], plan.spec.vocabSize))
-        let ints = fixedTokens ? (0..<T).map { _ in Int32(rng.next() % vocab) } : [Int32](repeating: 1, count: T)
-        let pos = (0..<T).map { Int32(length + $0) }
-        try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
-        try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
-        let copyIds = { [self] in
-            if !fixedTokens { try tokens.copy(from: ids, bytes: 4 * T, stream: stream) }
-            try module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
-        }
-        let graph = try CUDAGraph(capturing: stream) {
-            for l in launches where !skip.contains(l.kind) { try l.run(T) }
-            try copyIds()
-        }
+        let graph = try replayGraph(tokens: T, skipping: skip, fixedTokens: fixedTokens)
         for _ in 0..<warmup { try graph.launch(stream) }
         let start = try device.makeEvent(), end = try device.makeEvent()
         try start.record(stream)
@@ -382,12 +368,40 @@ public final class CUDAExecutor: @unchecked Sendable {
         return ms / Double(steps)
     }
 
+    /// The step of `T` tokens for back-to-back replays (`timeReplayedSteps`, `timeline`): uploads
+    /// the tokens (fixed random ones, or 1s that each step's greedy tokens replace) and the
+    /// positions from `length`, then captures the launches not in `skipping`, feeding the greedy
+    /// tokens back (unless fixed) and advancing the positions on the GPU. `capturing` is told
+    /// each launch's family as it is captured ("step" for the feeding back).
+    private func replayGraph(tokens T: Int, skipping: Set<String> = [], fixedTokens: Bool = false,
+                             capturing: (String) -> Void = { _ in }) throws -> CUDAGraph {
+        let advancePositions = try module.function("advance_positions")
+        var rng = SeededGenerator(seed: 11)
+        let vocab = UInt64(min(plan.embedding.table.shape[0], plan.spec.vocabSize))
+        let ints = fixedTokens ? (0..<T).map { _ in Int32(rng.next() % vocab) } : [Int32](repeating: 1, count: T)
+        let pos = (0..<T).map { Int32(length + $0) }
+        try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
+        try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+        return try CUDAGraph(capturing: stream) {
+            for l in launches where !skipping.contains(l.kind) {
+                capturing(l.kind)
+                try l.run(T)
+            }
+            capturing("step")
+            if !fixedTokens { try tokens.copy(from: ids, bytes: 4 * T, stream: stream) }
+            try module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
+        }
+    }
+
+    /// Default steps of `timeline` after its untimed ones (the bench reserves positions for them).
+    public static let timelineSteps = 20, timelineWarmup = 3
+
     /// Replays `steps` decode steps of `T` tokens as `timeReplayedSteps` does (greedy tokens fed
     /// back, positions advancing on the GPU) with the kernels recording each block's start and
     /// end, and returns where the step's time goes kernel by kernel (`Timeline`). Needs a
     /// timeline build of the kernels (scripts/build-kernels --trace); the records cost the
     /// kernels a little, so time steps without it. Leaves the cache's length where it was.
-    public func timeline(tokens T: Int, steps: Int = 20, warmup: Int = 3) throws -> Timeline {
+    public func timeline(tokens T: Int, steps: Int = CUDAExecutor.timelineSteps, warmup: Int = CUDAExecutor.timelineWarmup) throws -> Timeline {
         precondition((1...maxStepTokens).contains(T) && steps >= 2)
         try device.makeCurrent()
         try oneSequence()
@@ -396,23 +410,11 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
         let start = length
         defer { cache.length = start }
-        let advancePositions = try module.function("advance_positions")
-        let pos = (0..<T).map { Int32(length + $0) }
-        try [Int32](repeating: 1, count: T).withUnsafeBytes { try tokens.upload($0, stream: stream) }
-        try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
         var names: [(family: String, kernel: String)] = []
         var family = ""
         module.launchObserver = { names.append((family, $0)) }
         defer { module.launchObserver = nil }
-        let graph = try CUDAGraph(capturing: stream) {
-            for l in launches {
-                family = l.kind
-                try l.run(T)
-            }
-            family = "step"
-            try tokens.copy(from: ids, bytes: 4 * T, stream: stream)
-            try module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
-        }
+        let graph = try replayGraph(tokens: T) { family = $0 }
         module.launchObserver = nil
         for _ in 0..<warmup { try graph.launch(stream) }
         try stream.synchronize()

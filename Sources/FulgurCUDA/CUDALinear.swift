@@ -46,8 +46,8 @@ public final class CUDALinear: @unchecked Sendable {
     /// so each x value read from shared memory feeds one row; Kernels/NOTES.md). At one token
     /// its grid is resident at once, so every warp asks for its first weights before waiting
     /// for the previous kernel, where the rows layout's second wave (q/k/v of gpt-oss-20b: 1280
-    /// blocks) cannot: in the replayed gpt-oss-20b step q/k/v went 11.3 -> 8.7 us and o_proj
-    /// 7.7 -> 5.8 us, the step 2.429 -> 2.368 ms (H100, 2026-11-28; the threshold was 32768, for
+    /// blocks) cannot: in the replayed gpt-oss-20b step q/k/v went 11.3 -> 8.8 us and o_proj
+    /// 7.7 -> 5.7 us, the step 2.430 -> 2.348 ms in one call (H100, 2026-11-28; the threshold was 32768, for
     /// LM heads only). `FULGUR_GEMV_LAYOUT=rows` turns it off and `FULGUR_GEMV_WIDE_ROWS=N`
     /// moves the threshold (for comparisons).
     public static let wideRows: Int = {

@@ -52,7 +52,8 @@ public struct DecodeBenchmark: Codable {
         let copy = try CopyBandwidth(device, stream)
         log(String(format: "copy bandwidth %.0f GB/s", copy.gbps))
         let warmup = 5
-        let positions = context + tokenCounts.reduce(0) { $0 + ($1 * (count + warmup)) } + 16 + (timeline ? 16 * 30 : 0)
+        let positions = context + tokenCounts.reduce(0) { $0 + ($1 * (count + warmup)) } + 16
+            + (timeline ? (tokenCounts.max() ?? 0) * (CUDAExecutor.timelineSteps + CUDAExecutor.timelineWarmup) : 0)
         let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: positions, moeVersion: moeVersion, prefetch: prefetch,
                                         progress: { done, all in if done == all { log("weights on the GPU") } })
         var rng = SeededGenerator(seed: 7)

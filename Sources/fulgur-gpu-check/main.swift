@@ -109,12 +109,7 @@ func checkWideSharedLimit(_ device: CUDADevice, _ module: KernelModule, _ stream
     try stream.synchronize()
     var got = [Float](repeating: 0, count: n)
     try got.withUnsafeMutableBytes { try out.download(into: $0) }
-    var diff = 0.0, norm = 0.0
-    for i in 0..<n {
-        diff += Double(got[i] - want[i]) * Double(got[i] - want[i])
-        norm += Double(want[i]) * Double(want[i])
-    }
-    let error = got.allSatisfy { $0.isFinite } ? (diff / norm).squareRoot() : .nan
+    let error = worstRowError(got, want, width: n)
     print("gemv: \(format) wide \(n) x \(big) run again after \(n) x \(small): rel.err \(String(format: "%.2e", error))")
     return Row(format: format, layout: .wide, rows: n, columns: big, tokens: 1, error: error, timings: [])
 }

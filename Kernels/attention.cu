@@ -20,7 +20,7 @@
 
 namespace attention {
 
-constexpr int kThreads = 128, kChunk = 64, kMaxSplits = 16, kMaxGroup = 16, kMergeBatch = 32;
+constexpr int kThreads = 128, kChunk = 64, kMaxSplits = 16, kMaxGroup = 16;
 static_assert(kThreads == 2 * kChunk, "scores: two threads per key of a chunk");
 
 // The keys of share `split` of `splits` for query row t (the kernels' top comments give the range).
@@ -284,54 +284,58 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
 
     // The merge, by the last block: per head the overall max M (with the sink), each share's
     // weight exp(m_s - M) (0 for an empty share) and the denominator; then every output as the
-    // weighted sum of its shares in split order (deterministic).
-    const float* shares = partial + ((size_t)t * heads + h0) * splits * shareFloats;  // head g at + g * splits * shareFloats
-    if (threadIdx.x < G) {
-        const int g = threadIdx.x;
-        const float* own = shares + g * splits * shareFloats;
-        float w[kMaxSplits];  // each share's max, then its weight (splits <= kMaxSplits: CUDAExecutor.attentionSplits)
+    // weighted sum of its shares in split order (deterministic). The group's shares are one
+    // contiguous run of G * splits * shareFloats floats (head g at + g * splits * shareFloats),
+    // copied into shared memory (the chunk buffers, free now) with every 16-byte copy in flight
+    // at once: one L2 round trip for as many heads as fit, instead of dependent rounds of loads
+    // into registers (maxima, then sums, then outputs: 7-8 us a merge at 8 tokens, gpt-oss-20b,
+    // H100, timeline marks; the loop before that one, 16-22 us). The copy is widened to 16-byte
+    // boundaries: CUDAExecutor sizes `partial` in multiples of 16 floats from an aligned base, so
+    // the few floats either side are inside it (another group's, never used). cp.async.cg reads
+    // L2, where other blocks' shares are (L1 could hold stale lines of an earlier step's).
+    const float* shares = partial + ((size_t)t * heads + h0) * splits * shareFloats;
+    const int headFloats = splits * (int)shareFloats;
+    const int room = kChunk * valueDim + kChunk * kStride + ((GMAX * kStride + 3) & ~3) + kChunk * GMAX + GMAX * valueDim;
+    const int perBatch = min(G, (room - 8) / headFloats);  // >= 1: room >= kChunk * valueDim + ..., headFloats <= kMaxSplits * (valueDim + 2)
+    for (int g0 = 0; g0 < G; g0 += perBatch) {
+        const int nb = min(perBatch, G - g0);
+        const float* src = shares + (size_t)g0 * headFloats;
+        const float* base = reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(src) & ~(uintptr_t)15);
+        const int off = (int)(src - base), units = (off + nb * headFloats + 3) / 4;
+        if (g0 > 0) __syncthreads();  // the previous batch's outputs have read `shared`
+        for (int u = threadIdx.x; u < units; u += kThreads) copy16(shared + 4 * u, base + 4 * u);
+        copies_done();
+        __syncthreads();
+        const float* buf = shared + off;  // head g0 + gl's share s at buf + (gl * splits + s) * shareFloats
+        if (threadIdx.x < nb) {
+            const int gl = threadIdx.x, g = g0 + gl;
+            const float* own = buf + gl * headFloats;
+            float w[kMaxSplits];  // each share's max, then its weight (splits <= kMaxSplits: CUDAExecutor.attentionSplits)
 #pragma unroll
-        for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? __ldcg(own + s * shareFloats) : -INFINITY;
-        float M = sinks ? sinks[h0 + g] : -INFINITY;
+            for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? own[s * shareFloats] : -INFINITY;
+            float M = sinks ? sinks[h0 + g] : -INFINITY;
 #pragma unroll
-        for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
-        float L = sinks ? expf(sinks[h0 + g] - M) : 0.f;
+            for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
+            float L = sinks ? expf(sinks[h0 + g] - M) : 0.f;
 #pragma unroll
-        for (int s = 0; s < kMaxSplits; ++s) {
-            const bool some = w[s] != -INFINITY;
-            w[s] = some ? expf(w[s] - M) : 0.f;
-            if (some) L += __ldcg(own + s * shareFloats + 1) * w[s];
-            st.weight[g][s] = w[s];
-        }
-        st.total[g] = L;
-    }
-    __syncthreads();
-    // This thread's outputs i = threadIdx.x + kThreads * k (head i / valueDim, dimension
-    // i % valueDim), their shares walked output by output, kMergeBatch loads in flight.
-    const int outputs = G * valueDim;
-    const int mineOutputs = threadIdx.x < outputs ? (outputs - 1 - threadIdx.x) / kThreads + 1 : 0, loads = mineOutputs * splits;
-    int g = threadIdx.x / valueDim, d = threadIdx.x % valueDim, s = 0;
-    float o = 0.f;
-    for (int b = 0; b < loads; b += kMergeBatch) {
-        float v[kMergeBatch];
-        const int g0 = g, d0 = d, s0 = s;
-#pragma unroll
-        for (int u = 0; u < kMergeBatch; ++u) {
-            v[u] = b + u < loads && st.weight[g][s] != 0.f ? __ldcg(shares + ((size_t)g * splits + s) * shareFloats + 2 + d) : 0.f;
-            if (++s == splits) { s = 0; d += kThreads; g += d / valueDim; d %= valueDim; }
-        }
-        g = g0; d = d0; s = s0;
-#pragma unroll
-        for (int u = 0; u < kMergeBatch; ++u) {
-            if (b + u < loads) {
-                const float w = st.weight[g][s];
-                if (w != 0.f) o += v[u] * w;
-                if (s == splits - 1) {
-                    out[(size_t)t * outStride + (h0 + g) * valueDim + d] = o / st.total[g];
-                    o = 0.f;
-                }
+            for (int s = 0; s < kMaxSplits; ++s) {
+                const bool some = w[s] != -INFINITY;
+                w[s] = some ? expf(w[s] - M) : 0.f;
+                if (some) L += own[s * shareFloats + 1] * w[s];
+                st.weight[gl][s] = w[s];
             }
-            if (++s == splits) { s = 0; d += kThreads; g += d / valueDim; d %= valueDim; }
+            st.total[gl] = L;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nb * valueDim; i += kThreads) {
+            const int gl = i / valueDim, d = i - gl * valueDim;
+            const float* own = buf + gl * headFloats + 2 + d;
+            float o = 0.f;
+            for (int s = 0; s < splits; ++s) {
+                const float w = st.weight[gl][s];
+                if (w != 0.f) o += own[s * shareFloats] * w;
+            }
+            out[(size_t)t * outStride + (h0 + g0 + gl) * valueDim + d] = o / st.total[gl];
         }
     }
 }

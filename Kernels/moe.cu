@@ -100,9 +100,12 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// One warp routes token t: lane l holds experts l, l + 32, ... (E <= kMaxExperts).
-__device__ void route_token(const RouterArgs& a, const float* logits, int E, int k, int t, Routes r) {
-    constexpr int J = kMaxExperts / 32;
+// One warp routes token t: lane l holds experts l, l + 32, ... (E <= 32 * J). J is the number
+// of 32-expert groups rounded up (route_token picks it): every loop over j runs all J
+// iterations whatever E is, and the routing runs in one block after everything else of the
+// router, so with J = 12 for every model gpt-oss-20b's 32 experts paid 12x the instructions.
+template <int J>
+__device__ void route_token_j(const RouterArgs& a, const float* logits, int E, int k, int t, Routes r) {
     const int lane = threadIdx.x & 31;
     float logit[J], score[J], choice[J];
 #pragma unroll
@@ -226,6 +229,14 @@ __device__ void route_token(const RouterArgs& a, const float* logits, int E, int
         r.chosen()[t * k + n] = idx[n];
         r.chosenWeight()[t * k + n] = a.mode == kSigmoidWithBias ? w[n] * a.scaling : w[n];
     }
+}
+
+__device__ void route_token(const RouterArgs& a, const float* logits, int E, int k, int t, Routes r) {
+    static_assert(kMaxExperts <= 12 * 32, "route_token's largest J");
+    if (E <= 32) route_token_j<1>(a, logits, E, k, t, r);
+    else if (E <= 128) route_token_j<4>(a, logits, E, k, t, r);
+    else if (E <= 256) route_token_j<8>(a, logits, E, k, t, r);
+    else route_token_j<12>(a, logits, E, k, t, r);
 }
 
 // After route_token for every token: the touched experts in ascending id with prefix sums of

@@ -446,7 +446,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 // on an H200, half of a gpt-oss step). Each block walks its share in chunks of 64 keys with an
 // online softmax and writes (max, sum, unnormalized output) to `partial`; the last block of
 // the (head, token) to finish (an arrival counter, reset by that block) merges the shares
-// and the sink. Grid (heads, T, splits), 128 threads, dynamic shared memory headDim floats.
+// and the sink. Grid (heads, T, splits), 128 threads, dynamic shared memory max(headDim,
+// splits * (valueDim + 2) + 8) floats (q, then the merge's shares).
 // partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between calls.
 // valueDim <= 256. Continuous batching: with `slots` set, the cache holds one sequence per slot,
 // slot-major ([slots, capacity, kvHeads, dim]), and row t reads slot slots[t]'s (causal rows
@@ -570,34 +571,42 @@ extern "C" __global__ void __launch_bounds__(128, 8) attention_decode_v2(
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const float* shares = partial + ((size_t)t * heads + h) * splits * (valueDim + 2);
-    // Every share's (max, sum) loaded at once, then each output dimension's shares at once
-    // (the loops over splits were chains of dependent L2 loads). splits <= kMaxSplits
-    // (CUDAExecutor.attentionSplits). Same sums in the same order as before.
-    float w[kMaxSplits];  // each share's max, then its weight exp(max - M) (0 for an empty share)
+    // The (token, head)'s shares are one run of splits * (valueDim + 2) floats: copied into
+    // shared memory (qs, which the host sizes for them: CUDAExecutor.attentionShape) with every
+    // 16-byte copy in flight at once, widened to 16-byte bounds (`partial` is sized in
+    // multiples of 16 floats from an aligned base, so the floats either side are inside it and
+    // never used); cp.async.cg reads L2, where the other blocks' shares are. Then every thread
+    // takes the weights from shared memory. The loads into registers before this took several
+    // dependent L2 round trips (maxima, then sums, then outputs), as in version 3's merge
+    // (Kernels/NOTES.md, ninth session). Same sums in the same order as before.
+    {
+        const int shareFloats = valueDim + 2, n = splits * shareFloats;
+        const float* src = partial + ((size_t)t * heads + h) * n;
+        const float* base = reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(src) & ~(uintptr_t)15);
+        const int off = (int)(src - base), units = (off + n + 3) / 4;
+        for (int u = threadIdx.x; u < units; u += kThreads) attention::copy16(qs + 4 * u, base + 4 * u);
+        attention::copies_done();
+        __syncthreads();
+        const float* shares = qs + off;
+        float w[kMaxSplits];  // each share's max, then its weight exp(max - M) (0 for an empty share)
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? __ldcg(shares + s * (valueDim + 2)) : -INFINITY;
-    float M = sinks ? sinks[h] : -INFINITY;
+        for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? shares[s * shareFloats] : -INFINITY;
+        float M = sinks ? sinks[h] : -INFINITY;
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
-    float L = sinks ? expf(sinks[h] - M) : 0.f;
+        for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
+        float L = sinks ? expf(sinks[h] - M) : 0.f;
 #pragma unroll
-    for (int s = 0; s < kMaxSplits; ++s) {
-        const bool some = w[s] != -INFINITY;
-        w[s] = some ? expf(w[s] - M) : 0.f;
-        if (some) L += __ldcg(shares + s * (valueDim + 2) + 1) * w[s];
-    }
-    for (int d = threadIdx.x; d < valueDim; d += kThreads) {
-        float o = 0.f;
-#pragma unroll
-        for (int s0 = 0; s0 < kMaxSplits; s0 += 8) {
-            float sh[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) sh[u] = s0 + u < splits && w[s0 + u] != 0.f ? __ldcg(shares + (s0 + u) * (valueDim + 2) + 2 + d) : 0.f;
-#pragma unroll
-            for (int u = 0; u < 8; ++u)
-                if (w[s0 + u] != 0.f) o += sh[u] * w[s0 + u];
+        for (int s = 0; s < kMaxSplits; ++s) {
+            const bool some = w[s] != -INFINITY;
+            w[s] = some ? expf(w[s] - M) : 0.f;
+            if (some) L += shares[s * shareFloats + 1] * w[s];
         }
-        out[(size_t)t * outStride + h * valueDim + d] = o / L;
+        for (int d = threadIdx.x; d < valueDim; d += kThreads) {
+            float o = 0.f;
+#pragma unroll
+            for (int s = 0; s < kMaxSplits; ++s)
+                if (s < splits && w[s] != 0.f) o += shares[s * shareFloats + 2 + d] * w[s];
+            out[(size_t)t * outStride + h * valueDim + d] = o / L;
+        }
     }
 }

@@ -521,7 +521,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// layer (`sharedBytes`: attentionDecodeSharedBytes). Version 3's blocks each run a chain of
     /// global round trips (copy, shares, arrival counter, merge), so a second wave of them
     /// doubles the time: its splits are cut to one wave of resident blocks.
-    public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule) throws
+    public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, valueDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule) throws
         -> (Int) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
         let splits = attentionSplits(capacity)
         // Version 3 splits finer (a share of at least 32 keys; a sliding layer's ring of 144
@@ -530,10 +530,13 @@ public final class CUDAExecutor: @unchecked Sendable {
         let grouped = groupedAttentionKernel(heads: heads, kvHeads: kvHeads)
         let resident = try module.residentBlocksPerMultiprocessor(try module.function(grouped), threads: 128, sharedBytes: sharedBytes)
             * module.device.multiprocessors
+        // Version 2's dynamic shared memory: q, then the merge's shares (splits * (valueDim + 2)
+        // floats, plus 8 for the copy's widening to 16-byte bounds).
+        let v2Shared = 4 * max(headDim, splits * (valueDim + 2) + 8)
         return { T in
             groupedAttention(tokens: T)
                 ? (grouped, (kvHeads, T, min(groupedSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
-                : ("attention_decode_v2", (heads, T, splits), 4 * headDim)
+                : ("attention_decode_v2", (heads, T, splits), v2Shared)
         }
     }
 
@@ -739,7 +742,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                     .pointer(rowSlots)])
             }
             if attend {
-                let shape = try Self.attentionShape(heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, sharedBytes: decodeShared,
+                let shape = try Self.attentionShape(heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueHeadDim, sharedBytes: decodeShared,
                                                     capacity: cache.capacity, module: module)
                 add("attention") { T in
                     let l = shape(T)

@@ -132,6 +132,11 @@ public final class KernelModule: @unchecked Sendable {
         case pointer(UInt64), int32(Int32), uint64(UInt64), float(Float), double(Double)
     }
 
+    /// Kernels launched without programmatic overlap whatever their caller asks
+    /// (`FULGUR_SERIAL_KERNELS=name,name`): for measuring what a kernel's early residency costs
+    /// the one before it (Kernels/NOTES.md). Always correct, never faster.
+    static let serialKernels = Set((ProcessInfo.processInfo.environment["FULGUR_SERIAL_KERNELS"] ?? "").split(separator: ",").map(String.init))
+
     /// Enqueues `f` on `stream`. With `overlapPrevious` the kernel may start while the
     /// previous kernel in the stream is still running (programmatic dependent launch, sm_90):
     /// only for kernels that execute `griddepcontrol.wait` before they touch memory that
@@ -157,7 +162,7 @@ public final class KernelModule: @unchecked Sendable {
         try slots.withUnsafeMutableBufferPointer { s in
             var params = (0..<s.count).map { UnsafeMutableRawPointer(s.baseAddress! + $0) as UnsafeMutableRawPointer? }
             try params.withUnsafeMutableBufferPointer { p in
-                guard overlapPrevious else {
+                guard overlapPrevious && !Self.serialKernels.contains(f.name) else {
                     try d.check(d.cuLaunchKernel(f.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
                                                  UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedBytes),
                                                  stream.handle, p.baseAddress, nil), "cuLaunchKernel: \(what())")

@@ -287,9 +287,10 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     // weighted sum of its shares in split order (deterministic). The group's shares are one
     // contiguous run of G * splits * shareFloats floats (head g at + g * splits * shareFloats),
     // copied into shared memory (the chunk buffers, free now) with every 16-byte copy in flight
-    // at once: one L2 round trip for as many heads as fit, instead of dependent rounds of loads
-    // into registers (maxima, then sums, then outputs: 7-8 us a merge at 8 tokens, gpt-oss-20b,
-    // H100, timeline marks; the loop before that one, 16-22 us). The copy is widened to 16-byte
+    // at once: one L2 round trip for as many heads as fit. Loads into registers (maxima, then
+    // sums, then outputs) measured the same: 7-9 us a merge at 8 tokens (gpt-oss-20b, timeline
+    // marks; 2-3 us of it o_proj's early weight traffic); the branchy (output, share) loop
+    // before both, 16-22 us (Kernels/NOTES.md, ninth session). The copy is widened to 16-byte
     // boundaries: CUDAExecutor sizes `partial` in multiples of 16 floats from an aligned base, so
     // the few floats either side are inside it (another group's, never used). cp.async.cg reads
     // L2, where other blocks' shares are (L1 could hold stale lines of an earlier step's).

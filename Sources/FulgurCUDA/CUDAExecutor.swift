@@ -1026,8 +1026,12 @@ public final class CUDAExecutor: @unchecked Sendable {
 extension CUDAExecutor: Executor {}
 
 extension CUDAExecutor: BatchExecutor {
-    public func length(slot: Int) -> Int { slotLengths[slot] }
-    public func reset(slot: Int) { slotLengths[slot] = 0 }
+    public func length(slot: Int) -> Int { slotLengths[checkedSlot(slot)] }
+    public func reset(slot: Int) { slotLengths[checkedSlot(slot)] = 0 }
+    private func checkedSlot(_ slot: Int) -> Int {
+        precondition((0..<slotLengths.count).contains(slot), "slot \(slot) of a CUDA executor with \(slotLengths.count) slots")
+        return slot
+    }
 
     /// One forward pass over the tokens of several sequences, each in its own slot of the cache
     /// (continuous batching; a cache from `batchExecutor`): the products, experts and LM head run once over all

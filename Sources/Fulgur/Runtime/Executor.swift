@@ -49,9 +49,10 @@ public protocol BatchExecutor: AnyObject {
     var slots: Int { get }
     /// The most positions a slot holds.
     var maxPositions: Int { get }
-    /// Positions slot `slot` holds (its next token's position).
+    /// Positions slot `slot` holds (its next token's position). `slot` is in 0..<slots: another
+    /// is a programming error and stops the process with a message (as an array index would).
     func length(slot: Int) -> Int
-    /// Empties slot `slot` for a new sequence.
+    /// Empties slot `slot` (in 0..<slots, as for `length`) for a new sequence.
     func reset(slot: Int)
     /// Runs each part's tokens at the next positions of its slot; returns, per part in order,
     /// the logits after its last token (`[vocab]`), or nothing where `wantsLogits` is false.
@@ -127,8 +128,12 @@ public final class CPUBatchExecutor: BatchExecutor {
         caches = (0..<slots).map { _ in KVCache(spec: plan.spec, maxPositions: min(maxPositions, plan.spec.maxPositions), maxStepTokens: maxSequenceTokens) }
     }
 
-    public func length(slot: Int) -> Int { caches[slot].length }
-    public func reset(slot: Int) { caches[slot].reset() }
+    public func length(slot: Int) -> Int { caches[checkedSlot(slot)].length }
+    public func reset(slot: Int) { caches[checkedSlot(slot)].reset() }
+    private func checkedSlot(_ slot: Int) -> Int {
+        precondition((0..<slots).contains(slot), "slot \(slot) of a batch executor with \(slots) slots")
+        return slot
+    }
 
     public func forward(batch: [BatchStep]) throws -> [[Float]] {
         for part in batch where !(0..<slots).contains(part.slot) {

@@ -134,7 +134,7 @@ public final class KernelModule: @unchecked Sendable {
 
     /// Kernels launched without programmatic overlap whatever their caller asks
     /// (`FULGUR_SERIAL_KERNELS=name,name`): for measuring what a kernel's early residency costs
-    /// the one before it (Kernels/NOTES.md). Always correct, never faster.
+    /// the one before it (Kernels/NOTES.md). Correct either way; slower in every case measured.
     static let serialKernels = Set((ProcessInfo.processInfo.environment["FULGUR_SERIAL_KERNELS"] ?? "").split(separator: ",").map(String.init))
 
     /// Enqueues `f` on `stream`. With `overlapPrevious` the kernel may start while the

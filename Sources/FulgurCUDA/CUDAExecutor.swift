@@ -1028,10 +1028,6 @@ extension CUDAExecutor: Executor {}
 extension CUDAExecutor: BatchExecutor {
     public func length(slot: Int) -> Int { slotLengths[checkedSlot(slot)] }
     public func reset(slot: Int) { slotLengths[checkedSlot(slot)] = 0 }
-    private func checkedSlot(_ slot: Int) -> Int {
-        precondition((0..<slotLengths.count).contains(slot), "slot \(slot) of a CUDA executor with \(slotLengths.count) slots")
-        return slot
-    }
 
     /// One forward pass over the tokens of several sequences, each in its own slot of the cache
     /// (continuous batching; a cache from `batchExecutor`): the products, experts and LM head run once over all

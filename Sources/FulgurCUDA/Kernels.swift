@@ -162,7 +162,7 @@ public final class KernelModule: @unchecked Sendable {
         try slots.withUnsafeMutableBufferPointer { s in
             var params = (0..<s.count).map { UnsafeMutableRawPointer(s.baseAddress! + $0) as UnsafeMutableRawPointer? }
             try params.withUnsafeMutableBufferPointer { p in
-                guard overlapPrevious && !Self.serialKernels.contains(f.name) else {
+                guard overlapPrevious && (Self.serialKernels.isEmpty || !Self.serialKernels.contains(f.name)) else {
                     try d.check(d.cuLaunchKernel(f.handle, UInt32(grid.0), UInt32(grid.1), UInt32(grid.2),
                                                  UInt32(block.0), UInt32(block.1), UInt32(block.2), UInt32(sharedBytes),
                                                  stream.handle, p.baseAddress, nil), "cuLaunchKernel: \(what())")

@@ -59,6 +59,15 @@ public protocol BatchExecutor: AnyObject {
     func forward(batch: [BatchStep]) throws -> [[Float]]
 }
 
+extension BatchExecutor {
+    /// `slot`, after stopping the process with a message if it is not in 0..<slots (the
+    /// `length(slot:)` / `reset(slot:)` contract).
+    public func checkedSlot(_ slot: Int) -> Int {
+        precondition((0..<slots).contains(slot), "slot \(slot) of a batch executor with \(slots) slots")
+        return slot
+    }
+}
+
 /// One sequence's share of a batched step.
 public struct BatchStep: Sendable {
     public let slot: Int
@@ -130,10 +139,6 @@ public final class CPUBatchExecutor: BatchExecutor {
 
     public func length(slot: Int) -> Int { caches[checkedSlot(slot)].length }
     public func reset(slot: Int) { caches[checkedSlot(slot)].reset() }
-    private func checkedSlot(_ slot: Int) -> Int {
-        precondition((0..<slots).contains(slot), "slot \(slot) of a batch executor with \(slots) slots")
-        return slot
-    }
 
     public func forward(batch: [BatchStep]) throws -> [[Float]] {
         for part in batch where !(0..<slots).contains(part.slot) {

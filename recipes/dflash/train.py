@@ -84,7 +84,11 @@ def arguments():
     ap.add_argument("--optimizer", default="adamw", help="adamw, muon, or a comma list to train each on the same data "
                     "(the first is exported)")
     ap.add_argument("--steps", type=int, help="training steps (default: as many as --train-minutes allows)")
-    ap.add_argument("--train-minutes", type=float, default=4.5, help="per optimizer (cut to fit --budget-minutes)")
+    ap.add_argument("--train-minutes", type=float, default=4.5, help="per optimizer (cut to fit --budget-minutes); with "
+                    "--checkpoint, the length of the whole learning-rate schedule, which may span several calls")
+    ap.add_argument("--checkpoint", help="training state file: a call that runs out of --budget-minutes before the "
+                    "schedule ends saves it here (and still exports the best state so far); a call that finds it "
+                    "resumes from it (same data, one optimizer)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per step")
     ap.add_argument("--block-tokens", type=int, default=1024, help="block positions per sequence per step")
     ap.add_argument("--lr", type=float, default=0.02, help="Muon's")
@@ -104,6 +108,8 @@ def arguments():
         ap.error("--data-only needs --save-data")
     if not args.data_only and not args.out:
         ap.error("--out is required (except with --data-only)")
+    if args.checkpoint and ("," in args.optimizer or args.steps):
+        ap.error("--checkpoint takes one optimizer and a timed schedule (no --steps)")
     return args
 
 
@@ -389,7 +395,11 @@ def schedule(progress, warmup):
     return min(1.0, progress / max(warmup, 1e-9)) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(name, config, target, examples, val, lm_head, embed, args, device, seconds):
+def train(name, config, target, examples, val, lm_head, embed, args, device, seconds, schedule_seconds=None, resume=None):
+    """Trains for `seconds` (or --steps) of a learning-rate schedule `schedule_seconds` long
+    (default `seconds`), from scratch or from a `resume` checkpoint (a dict saved by an earlier
+    call). Returns the drafter at its best validated state, the history, the best's summary,
+    the autocast context, and the checkpoint to save if the schedule did not finish."""
     torch.manual_seed(args.seed)
     drafter = init_weights(DFlashDrafter(config)).to(device).train()
     opts = optimizers(drafter, name, args)
@@ -397,16 +407,29 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     blocks = [int(b) for b in args.block_sizes.split(",")]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(args.seed)
-    log(f"[{name}] drafter: {config.num_hidden_layers} layers, {parameter_count(drafter) / 1e6:.2f} M parameters, "
-        f"blocks {blocks}, {len(examples)} training sequences, {len(val)} validation, "
-        f"{'%d steps' % args.steps if args.steps else '%.0f s' % seconds}")
-    history, step, t0, last_val = [], 0, time.time(), None
+    schedule_seconds = schedule_seconds or seconds
+    history, step, trained_before = [], 0, 0.0
     best = dict(score=-1.0)
     since_best, seen = 0, 0
+    if resume:
+        drafter.load_state_dict(resume["drafter"])
+        for o, state in zip(opts, resume["optimizers"]):
+            o.load_state_dict(state)
+        g.set_state(resume["generator"])
+        history, step, trained_before = resume["history"], resume["step"], resume["trained_seconds"]
+        best, since_best, seen = resume["best"], resume["since_best"], resume["seen"]
+        log(f"[{name}] resumed at step {step}, {trained_before:.0f} of {schedule_seconds:.0f} s of the schedule, "
+            f"best validation so far {best['score']} at step {best.get('step')}")
+    log(f"[{name}] drafter: {config.num_hidden_layers} layers, {parameter_count(drafter) / 1e6:.2f} M parameters, "
+        f"blocks {blocks}, {len(examples)} training sequences, {len(val)} validation, "
+        f"{'%d steps' % args.steps if args.steps else '%.0f s in this call' % seconds}")
+    t0, last_val = time.time(), (trained_before if resume else None)  # a resumed state was validated when saved
+    phases, profiled = {}, range(step + 20, step + 40) if device.type == "cuda" else range(0)
     while True:
-        progress = step / args.steps if args.steps else (time.time() - t0) / seconds
-        finished = progress >= 1
         now = time.time() - t0
+        progress = step / args.steps if args.steps else (trained_before + now) / schedule_seconds
+        finished = progress >= 1 or (not args.steps and now >= seconds)
+        now += trained_before
         if step > 0 and (finished or last_val is None or now - last_val >= args.val_every):
             last_val = now
             acc, score = replay_all(drafter, lm_head, embed, val, blocks, config.mask_token_id, autocast)
@@ -432,25 +455,58 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
             for grp, lr in zip(o.param_groups, lrs):
                 grp["lr"] = lr * schedule(progress, args.warmup)
         block = blocks[step % len(blocks)]
+        mark = phase_clock(step in profiled)
         picked = [examples[int(i)] for i in torch.randint(len(examples), (args.batch,), generator=g)]
         seen += len(picked)
         tokens, lengths = padded_tokens(picked, config.mask_token_id, device)
-        features = target.features([e["tokens"] for e in picked])
         anchors, keep = random_anchors(picked, max(1, args.block_tokens // block), g, device)
+        mark(phases, "batch")
+        features = target.features([e["tokens"] for e in picked])
+        mark(phases, "features")
         batch = (tokens, lengths, features, anchors, keep)
         with autocast:
             loss, correct, valid = block_loss(drafter, lm_head, embed, batch, block, config.mask_token_id)
+        mark(phases, "forward")
         loss.backward()
+        mark(phases, "backward")
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
+        mark(phases, "optimizer")
         step += 1
-    log(f"[{name}] {step} steps in {time.time() - t0:.0f} s ({seen / max(1, len(examples)):.2f} epochs); "
+        if phases and step == profiled.stop:
+            log(f"[{name}] a step's phases (mean of {len(profiled)} steps, synchronized): "
+                + ", ".join(f"{k} {1000 * v / len(profiled):.1f} ms" for k, v in phases.items()))
+    trained = time.time() - t0
+    log(f"[{name}] {step} steps in {trained:.0f} s this call ({seen / max(1, len(examples)):.2f} epochs in all); "
         f"best validation {best['score']} at step {best.get('step')} ({best.get('seconds')} s): {best.get('acceptance')}")
+    checkpoint = None
+    if not args.steps and trained_before + trained < schedule_seconds:
+        checkpoint = dict(drafter=drafter.state_dict(), optimizers=[o.state_dict() for o in opts], generator=g.get_state(),
+                          history=history, step=step, trained_seconds=trained_before + trained, best=best,
+                          since_best=since_best, seen=seen, schedule_seconds=schedule_seconds)
+        if since_best >= args.patience > 0:
+            checkpoint = None  # stopped early: nothing left to resume
     drafter.load_state_dict(best["state"])
     summary = {k: v for k, v in best.items() if k != "state"}
-    return drafter.eval(), history, summary, autocast
+    return drafter.eval(), history, summary, autocast, checkpoint
+
+
+def phase_clock(on):
+    """A function that adds the seconds since its last call (after a CUDA synchronize) to
+    phases[name], when `on`; otherwise it does nothing."""
+    if not on:
+        return lambda phases, name: None
+    torch.cuda.synchronize()
+    last = [time.perf_counter()]
+
+    def mark(phases, name):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + t - last[0]
+        last[0] = t
+    return mark
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,10 +596,30 @@ def main():
         # export, real decoding, 20 s of margin), then share what is left.
         reserve = (len(names) - i) * (args.eval_minutes * 60 + 20)
         seconds = min(args.train_minutes * 60, (end - time.time() - reserve) / (len(names) - i))
+        resume, schedule_seconds = None, None
+        if args.checkpoint:
+            schedule_seconds = args.train_minutes * 60
+            if os.path.exists(args.checkpoint):
+                resume = torch.load(args.checkpoint, map_location=device, weights_only=False)
+                if resume["schedule_seconds"] != schedule_seconds or resume["layers"] != args.layers:
+                    raise SystemExit(f"{args.checkpoint} was saved for {resume['schedule_seconds']:.0f} s and "
+                                     f"{resume['layers']} layers: pass the same --train-minutes and --layers, or delete it")
+            left = schedule_seconds - (resume["trained_seconds"] if resume else 0)
+            seconds = min(left, end - time.time() - reserve)
+            if seconds < left:  # this call will not finish the schedule: no real decoding at its end
+                seconds = min(left, end - time.time() - 45)
         if seconds < 10 and not args.steps:
             log(f"[{name}] only {seconds:.0f} s left for training: lower --gen-minutes or raise --budget-minutes")
             seconds = max(seconds, 10)
-        drafter, history, best, autocast = train(name, config, target, train_ex, val, lm_head, embed, args, device, seconds)
+        drafter, history, best, autocast, checkpoint = train(name, config, target, train_ex, val, lm_head, embed, args,
+                                                             device, seconds, schedule_seconds, resume)
+        if checkpoint and args.checkpoint:
+            checkpoint["layers"] = args.layers
+            torch.save(checkpoint, args.checkpoint)
+            log(f"[{name}] the schedule goes on: training state saved to {args.checkpoint} "
+                f"({checkpoint['trained_seconds']:.0f} of {schedule_seconds:.0f} s done); run again with the same arguments")
+        elif args.checkpoint and os.path.exists(args.checkpoint):
+            os.remove(args.checkpoint)
         directory = args.out if i == 0 else os.path.join(args.out, name) if args.save_all else None
         if directory:
             drafter.save(directory)
@@ -554,6 +630,8 @@ def main():
         log(f"[{name}] test replay ({len(test)} prompts, {time.time() - t_rep:.0f} s): {test_replay}")
         report["runs"][name] = dict(directory=directory, history=history, best=best, test_replay=test_replay)
         json.dump(report, open(os.path.join(args.out, "report.json"), "w"), indent=1)
+        if checkpoint:
+            continue  # real decoding when the schedule ends
         acceptance = evaluate(model, tokenizer, drafter.float(), [dict(scenario=e["scenario"], prompt=e["prompt"]) for e in test],
                               blocks, args.eval_max_new_tokens or args.max_new_tokens, {stop_id},
                               deadline=time.time() + args.eval_minutes * 60)
@@ -563,7 +641,7 @@ def main():
     for name, run in report["runs"].items():
         for block, by in run["test_replay"].items():
             log(f"  {name}, block {block}, test replay ({len(test)} prompts): " + ", ".join(f"{k} {v:.2f}" for k, v in by.items()))
-        for block, by in run["acceptance"].items():
+        for block, by in run.get("acceptance", {}).items():
             log(f"  {name}, block {block}, decoded: " + ", ".join(
                 f"{k} {v['mean']:.2f} ({len(v['per_prompt'])} prompts)" for k, v in sorted(by.items())))
 

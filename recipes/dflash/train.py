@@ -86,6 +86,8 @@ def arguments():
     ap.add_argument("--steps", type=int, help="training steps (default: as many as --train-minutes allows)")
     ap.add_argument("--train-minutes", type=float, default=4.5, help="per optimizer (cut to fit --budget-minutes); with "
                     "--checkpoint, the length of the whole learning-rate schedule, which may span several calls")
+    ap.add_argument("--init", help="start from this exported drafter (config.json + safetensors of the same shape; "
+                    "a fresh optimizer and schedule: a lower --adam-lr suits continued training)")
     ap.add_argument("--checkpoint", help="training state file: a call that runs out of --budget-minutes before the "
                     "schedule ends saves it here (and still exports the best state so far); a call that finds it "
                     "resumes from it (same data, one optimizer)")
@@ -411,6 +413,16 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     history, step, trained_before = [], 0, 0.0
     best = dict(score=-1.0)
     since_best, seen = 0, 0
+    if args.init and not resume:
+        start = DrafterConfig.read(os.path.join(args.init, "config.json"))
+        differ = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                              "intermediate_size", "vocab_size", "mask_token_id", "target_layer_ids")
+                  if getattr(start, k) != getattr(config, k)]
+        if differ:
+            raise SystemExit(f"--init {args.init}: its " + ", ".join(f"{k} {getattr(start, k)}" for k in differ)
+                             + " differ from this run's (" + ", ".join(f"{getattr(config, k)}" for k in differ) + ")")
+        drafter.load_state_dict(DFlashDrafter.load(args.init).state_dict())
+        log(f"[{name}] starting from the drafter in {args.init}")
     if resume:
         drafter.load_state_dict(resume["drafter"])
         for o, state in zip(opts, resume["optimizers"]):
@@ -424,7 +436,10 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
         f"blocks {blocks}, {len(examples)} training sequences, {len(val)} validation, "
         f"{'%d steps' % args.steps if args.steps else '%.0f s in this call' % seconds}")
     t0, last_val = time.time(), (trained_before if resume else None)  # a resumed state was validated when saved
-    phases, profiled = {}, range(step + 20, step + 40) if device.type == "cuda" else range(0)
+    # Timings once warm (the first ~150 steps run slower while the allocator grows): phases
+    # synchronized over 20 steps, then torch.profiler's table of 5 steps.
+    phases, profiled = {}, range(step + 200, step + 220) if device.type == "cuda" else range(0)
+    profiler, kernel_steps = None, range(step + 230, step + 235) if device.type == "cuda" else range(0)
     while True:
         now = time.time() - t0
         progress = step / args.steps if args.steps else (trained_before + now) / schedule_seconds
@@ -456,6 +471,8 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
                 grp["lr"] = lr * schedule(progress, args.warmup)
         block = blocks[step % len(blocks)]
         mark = phase_clock(step in profiled)
+        if step == kernel_steps.start:
+            profiler = start_profiler()
         picked = [examples[int(i)] for i in torch.randint(len(examples), (args.batch,), generator=g)]
         seen += len(picked)
         tokens, lengths = padded_tokens(picked, config.mask_token_id, device)
@@ -478,6 +495,10 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
         if phases and step == profiled.stop:
             log(f"[{name}] a step's phases (mean of {len(profiled)} steps, synchronized): "
                 + ", ".join(f"{k} {1000 * v / len(profiled):.1f} ms" for k, v in phases.items()))
+        if profiler and step == kernel_steps.stop:
+            log(f"[{name}] torch.profiler, steps {kernel_steps.start}-{kernel_steps.stop - 1} (with validation if one fell there):\n"
+                + stop_profiler(profiler))
+            profiler = None
     trained = time.time() - t0
     log(f"[{name}] {step} steps in {trained:.0f} s this call ({seen / max(1, len(examples)):.2f} epochs in all); "
         f"best validation {best['score']} at step {best.get('step')} ({best.get('seconds')} s): {best.get('acceptance')}")
@@ -491,6 +512,29 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     drafter.load_state_dict(best["state"])
     summary = {k: v for k, v in best.items() if k != "state"}
     return drafter.eval(), history, summary, autocast, checkpoint
+
+
+def start_profiler():
+    """torch.profiler over CPU and CUDA, started; None if it cannot start (timings are optional)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        p = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        p.start()
+        return p
+    except Exception as e:  # noqa: BLE001
+        log(f"torch.profiler did not start: {e}")
+        return None
+
+
+def stop_profiler(p):
+    """The profiler's table, operators sorted by their own GPU time (the 30 largest)."""
+    try:
+        p.stop()
+        events = p.key_averages()
+        key = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        return events.table(sort_by=key, row_limit=30)
+    except Exception as e:  # noqa: BLE001
+        return f"(no table: {e})"
 
 
 def phase_clock(on):

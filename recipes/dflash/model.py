@@ -107,17 +107,28 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope(x, positions, theta):
-    """Rotates `x` [batch, heads, tokens, head_dim] at `positions` [batch, tokens] (NeoX
-    halves, as Qwen3 and Llama in transformers)."""
-    dim = x.shape[-1]
-    # Angles in float64, as Fulgur computes them (transformers uses float32: a few 1e-4 radians
-    # apart at position 8192).
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float64) / dim))
-    angles = positions.to(torch.float64)[:, None, :, None] * inv  # [batch, 1, tokens, dim/2]
-    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
-    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
-    x1, x2 = x[..., : dim // 2], x[..., dim // 2:]
+class Rotary:
+    """cos and sin of RoPE angles at `positions` [batch, tokens] (NeoX halves, as Qwen3 and
+    Llama in transformers), computed once for a pass and shared by every layer. Angles in
+    float64, as Fulgur computes them (transformers uses float32: a few 1e-4 radians apart at
+    position 8192); cast to each dtype asked for on first use."""
+
+    def __init__(self, positions, dim, theta):
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float64) / dim))
+        angles = positions.to(torch.float64)[:, None, :, None] * inv  # [batch, 1, tokens, dim/2]
+        self.cos, self.sin, self.cast = angles.cos(), angles.sin(), {}
+
+    def tables(self, dtype):
+        if dtype not in self.cast:
+            self.cast[dtype] = (torch.cat([self.cos, self.cos], -1).to(dtype), torch.cat([self.sin, self.sin], -1).to(dtype))
+        return self.cast[dtype]
+
+
+def rope(x, rotary):
+    """Rotates `x` [batch, heads, tokens, head_dim] by a `Rotary` of its positions."""
+    cos, sin = rotary.tables(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
@@ -135,15 +146,15 @@ class Attention(nn.Module):
     def split(self, x, heads):
         return x.view(*x.shape[:2], heads, self.head_dim).transpose(1, 2)  # [batch, heads, tokens, head_dim]
 
-    def keys_values(self, x, positions):
-        """Keys (k_norm, then RoPE) and values of `x` [batch, tokens, hidden]: the context's
-        (from the fused target feature) and the block's own."""
-        k = rope(self.k_norm(self.split(self.k_proj(x), self.kv_heads)), positions, self.theta)
+    def keys_values(self, x, rotary):
+        """Keys (k_norm, then RoPE by `rotary`, a `Rotary` of x's positions) and values of `x`
+        [batch, tokens, hidden]: the context's (from the fused target feature) and the block's own."""
+        k = rope(self.k_norm(self.split(self.k_proj(x), self.kv_heads)), rotary)
         return k, self.split(self.v_proj(x), self.kv_heads)
 
-    def forward(self, x, positions, context, mask):
-        q = rope(self.q_norm(self.split(self.q_proj(x), self.heads)), positions, self.theta)
-        k, v = self.keys_values(x, positions)
+    def forward(self, x, rotary, context, mask):
+        q = rope(self.q_norm(self.split(self.q_proj(x), self.heads)), rotary)
+        k, v = self.keys_values(x, rotary)
         if context is not None:
             k, v = torch.cat([context[0], k], 2), torch.cat([context[1], v], 2)
         group = self.heads // self.kv_heads
@@ -173,8 +184,8 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, positions, context, mask):
-        x = x + self.self_attn(self.input_layernorm(x), positions, context, mask)
+    def forward(self, x, rotary, context, mask):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, context, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -191,14 +202,18 @@ class DFlashDrafter(nn.Module):
         """Per layer, the keys and values of target features [batch, tokens, len(ids) * hidden]
         at `positions` [batch, tokens]: what the drafter's cache holds."""
         fused = self.hidden_norm(self.fc(features))
-        return [layer.self_attn.keys_values(fused, positions) for layer in self.layers]
+        rotary = self.rotary(positions)
+        return [layer.self_attn.keys_values(fused, rotary) for layer in self.layers]
+
+    def rotary(self, positions):
+        return Rotary(positions, self.config.head_dim, self.config.rope_theta)
 
     def forward(self, block_embeddings, positions, context, mask=None):
         """Final-normed hidden states of the block [batch, tokens, hidden] (embedded by the
         target) at `positions`, attending to `context` (from `context()`, or None)."""
-        x = block_embeddings
+        x, rotary = block_embeddings, self.rotary(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, context[i] if context is not None else None, mask)
+            x = layer(x, rotary, context[i] if context is not None else None, mask)
         return self.norm(x)
 
     @staticmethod

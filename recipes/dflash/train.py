@@ -435,7 +435,8 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     log(f"[{name}] drafter: {config.num_hidden_layers} layers, {parameter_count(drafter) / 1e6:.2f} M parameters, "
         f"blocks {blocks}, {len(examples)} training sequences, {len(val)} validation, "
         f"{'%d steps' % args.steps if args.steps else '%.0f s in this call' % seconds}")
-    t0, last_val = time.time(), (trained_before if resume else None)  # a resumed state was validated when saved
+    # A resumed state was validated when saved: the next check comes after a step of this call.
+    t0, last_val, first_step = time.time(), (trained_before if resume else None), step
     # Timings once warm (the first ~150 steps run slower while the allocator grows): phases
     # synchronized over 20 steps, then torch.profiler's table of 5 steps.
     phases, profiled = {}, range(step + 200, step + 220) if device.type == "cuda" else range(0)
@@ -445,7 +446,7 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
         progress = step / args.steps if args.steps else (trained_before + now) / schedule_seconds
         finished = progress >= 1 or (not args.steps and now >= seconds)
         now += trained_before
-        if step > 0 and (finished or last_val is None or now - last_val >= args.val_every):
+        if step > first_step and (finished or last_val is None or now - last_val >= args.val_every):
             last_val = now
             acc, score = replay_all(drafter, lm_head, embed, val, blocks, config.mask_token_id, autocast)
             first = correct[:, :, 1][valid[:, :, 1]].float().mean().item()
@@ -499,12 +500,15 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
             log(f"[{name}] torch.profiler, steps {kernel_steps.start}-{kernel_steps.stop - 1} (with validation if one fell there):\n"
                 + stop_profiler(profiler))
             profiler = None
+    if profiler:  # the loop ended inside the profiled steps
+        stop_profiler(profiler)
     trained = time.time() - t0
     log(f"[{name}] {step} steps in {trained:.0f} s this call ({seen / max(1, len(examples)):.2f} epochs in all); "
         f"best validation {best['score']} at step {best.get('step')} ({best.get('seconds')} s): {best.get('acceptance')}")
     checkpoint = None
     if not args.steps and trained_before + trained < schedule_seconds:
-        checkpoint = dict(drafter=drafter.state_dict(), optimizers=[o.state_dict() for o in opts], generator=g.get_state(),
+        # Copies: state_dict() holds the live parameters, which take the best state below.
+        checkpoint = dict(drafter={k: v.detach().clone() for k, v in drafter.state_dict().items()}, optimizers=[o.state_dict() for o in opts], generator=g.get_state(),
                           history=history, step=step, trained_seconds=trained_before + trained, best=best,
                           since_best=since_best, seen=seen, schedule_seconds=schedule_seconds)
         if since_best >= args.patience > 0:

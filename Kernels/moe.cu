@@ -935,23 +935,46 @@ __device__ __forceinline__ void stage(uint8_t* b, const float* __restrict__ src,
 
 // The sum over a token's experts (ascending id, as MoE.run adds them) of 16 rows of partial,
 // for every token: out is written, never accumulated. With `splits` > 1 (version 4) each pair's
-// row is split over the reduction dimension into partial [split][P][H], added split by split.
-// One warp.
-__device__ __forceinline__ void combine(int tile, int T, int H, int k, const int (*tokenPairs)[kMaxTopK],
-                                        const float* partial, float* __restrict__ out, int P = 0, int splits = 1) {
+// row is split over the reduction dimension into partial [split][P][H], added split by split
+// (splits is 1 or 2: CUDAMoE.v4MaxSplits). One warp. A lane's loads of a group of outputs are all issued before the first add (same
+// order of additions): with the loop over splits at run time they went out one to four at a
+// time, up to 32 dependent L2 round trips for 8 tokens, about 20 us a combine on an H200, and the
+// last tiles' combines were the down kernel's tail.
+template <int SP, int MG>
+__device__ __forceinline__ void combine_sp(int tile, int T, int H, int k, const int (*tokenPairs)[kMaxTopK],
+                                           const float* partial, float* __restrict__ out, int P) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int m = 0; m < kMaxTokens * 16 / 32; ++m) {
-        const int idx = lane + 32 * m, t = idx >> 4, row = tile * 16 + (idx & 15);
-        if (t < T) {
+    for (int m0 = 0; m0 < kMaxTokens * 16 / 32; m0 += MG) {
+        if (32 * m0 >= 16 * T) break;  // uniform: no token in this group
+        float v[MG][kMaxTopK][SP];
+#pragma unroll
+        for (int m = 0; m < MG; ++m) {
+            const int idx = lane + 32 * (m0 + m), t = idx >> 4, row = tile * 16 + (idx & 15);
+#pragma unroll
+            for (int q = 0; q < kMaxTopK; ++q)
+#pragma unroll
+                for (int sp = 0; sp < SP; ++sp)
+                    v[m][q][sp] = t < T && q < k ? __ldcg(partial + ((size_t)sp * P + tokenPairs[t][q]) * H + row) : 0.f;
+        }
+#pragma unroll
+        for (int m = 0; m < MG; ++m) {
+            const int idx = lane + 32 * (m0 + m), t = idx >> 4, row = tile * 16 + (idx & 15);
             float s = 0.f;
 #pragma unroll
             for (int q = 0; q < kMaxTopK; ++q)
                 if (q < k)
-                    for (int sp = 0; sp < splits; ++sp) s += __ldcg(partial + ((size_t)sp * P + tokenPairs[t][q]) * H + row);
-            out[(size_t)t * H + row] = s;
+#pragma unroll
+                    for (int sp = 0; sp < SP; ++sp) s += v[m][q][sp];
+            if (t < T) out[(size_t)t * H + row] = s;
         }
     }
+}
+
+__device__ __forceinline__ void combine(int tile, int T, int H, int k, const int (*tokenPairs)[kMaxTopK],
+                                        const float* partial, float* __restrict__ out, int P = 0, int splits = 1) {
+    if (splits == 1) combine_sp<1, 4>(tile, T, H, k, tokenPairs, partial, out, P);
+    else combine_sp<2, 2>(tile, T, H, k, tokenPairs, partial, out, P);
 }
 
 // A block's units: gate_up units [g0, g0 + gCount) of the slot-major list, then down units
@@ -1561,6 +1584,7 @@ __device__ __forceinline__ void products(
         __syncthreads();
         moe2::stage(bsm, src, winRow, winExp, K, steps, m);
         __syncthreads();
+        if (u == (int)(blk * U / G)) FULGUR_TRACE_MARK(0);  // the first window's B is staged: units start
         for (int v = u + warp; v < wu1; v += kWarps) {
             unit(v, s, piece, tile, w, n);
             const int e = br.slotExpert[s], p0 = br.slotFirst[s], c = br.slotCount[s];
@@ -1606,6 +1630,7 @@ __device__ __forceinline__ void products(
         }
         u = wu1;
     }
+    FULGUR_TRACE_MARK(1);  // warp 0's units (and its combines) are done
 }
 
 }  // namespace moe4

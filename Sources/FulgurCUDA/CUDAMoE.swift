@@ -1,4 +1,5 @@
 import Dispatch
+import Foundation
 import Fulgur
 
 /// A mixture-of-experts layer copied to the GPU and run by the kernels of Kernels/moe.cu for
@@ -253,15 +254,23 @@ public final class CUDAMoE: @unchecked Sendable {
 
     /// Version 4's plans for 1...16 tokens. B takes 256 bytes per 64 columns per pair; a window
     /// holds the pairs of up to all the call's tokens (T k), at least a whole slot, and as many
-    /// more as keep two blocks on a multiprocessor. Slots of 8 tokens where 8 pairs fit a block,
-    /// else 4. Down's K is split in two at T <= 4, where there are few units to spread.
+    /// more as keep two blocks on a multiprocessor. Slots of 8 tokens where 8 pairs still leave
+    /// two blocks a multiprocessor, else 4: at MiMo-V2-Flash's hidden size (4096: 16 KB a pair)
+    /// slots of 8 held gate_up to one block of 8 warps a multiprocessor, and 4 took its 8-token
+    /// call from 63 to 52 us (H200, MiMo's shard over 4 GPUs; Kernels/NOTES.md, eleventh
+    /// session); an expert chosen by more than 4 of the step's tokens then streams its weights
+    /// once per 4. `FULGUR_MOE_SLOT_TOKENS` (4 or 8) overrides, for measurements. Down's K is
+    /// split in two at T <= 4, where there are few units to spread.
     static func plans4(gateUp: KernelModule.Function, down: KernelModule.Function, module: KernelModule,
                        hidden H: Int, intermediate I: Int, topK k: Int) throws -> [Plan4] {
         let device = module.device
         let pairG = 256 * ((H + 63) / 64), pairD = 256 * ((I + 63) / 64)
         let staticBytes = max(try module.staticSharedBytes(gateUp), try module.staticSharedBytes(down))
         let room = device.maxSharedMemoryPerBlock - staticBytes, twoPerSM = room / 2 - 1024
-        guard let tokensPerSlot = [8, 4].first(where: { $0 * max(pairG, pairD) <= room }) else {
+        let pair = max(pairG, pairD)
+        let asked = ProcessInfo.processInfo.environment["FULGUR_MOE_SLOT_TOKENS"].flatMap { Int($0) }.map { [$0] }
+            ?? (8 * pair <= twoPerSM ? [8, 4] : [4])
+        guard let tokensPerSlot = asked.first(where: { [4, 8].contains($0) && $0 * pair <= room }) else {
             throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): 4 pairs' activations (\(4 * max(pairG, pairD)) bytes) do not fit the \(room) bytes of shared memory a block has here (version 4)")
         }
         func window(_ T: Int, _ pairBytes: Int) -> Int {

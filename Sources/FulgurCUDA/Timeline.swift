@@ -112,7 +112,7 @@ public struct Timeline: Codable, Sendable {
 
     /// The totals by family and by kernel, then every kernel of the step's first `detail`
     /// launches and of its last few.
-    public func table(detail: Int = 20) -> String {
+    public func table(detail: Int = 40) -> String {
         var lines = [String(format: "timeline of the %d-token step (median of %d replayed steps, trace build): %.1f us a step", tokens, steps, stepMicros)]
         for (title, key) in [("family", { (k: Kernel) in k.family }), ("kernel", { (k: Kernel) in k.name })] as [(String, (Kernel) -> String)] {
             lines.append("  by \(title): launches, us added to the step (sum), share")

@@ -28,6 +28,12 @@ let moeShapes = [
     MoEShape(name: "mimo-like", hidden: 4096, experts: 64, intermediate: 2048, topK: 8,
              routing: .sigmoidWithBias(normalize: true, scaling: 2.5, groups: 1, topKGroups: 1),
              activation: .silu, storage: .separate, bf16Router: false, biases: false, timed: true),
+    // What one GPU computes of MiMo-V2-Flash's MoE over 4 (tensor parallelism splits every
+    // expert's intermediate dimension: 2048 / 4): all 256 experts, thin ones. The 8-token
+    // verify step of the 4-GPU run spends most of its time here (bench/results, tenth-eleventh sessions).
+    MoEShape(name: "mimo-shard4", hidden: 4096, experts: 256, intermediate: 512, topK: 8,
+             routing: .sigmoidWithBias(normalize: true, scaling: 2.5, groups: 1, topKGroups: 1),
+             activation: .silu, storage: .separate, bf16Router: false, biases: false, timed: true),
     // Correctness only: softmax-top-k with fused halves (Qwen3-MoE), and grouped sigmoid routing
     // (DeepSeek-V3) on small shapes.
     MoEShape(name: "qwen-like", hidden: 512, experts: 128, intermediate: 256, topK: 8, routing: .softmaxTopK(normalize: true),
@@ -274,8 +280,13 @@ func printTrace(_ gpu: CUDAMoE, _ copies: [CUDAMoE], _ x: DeviceBuffer, tokens t
 /// Checks and times every MoE shape with both kernel versions; prints the table; true when all pass.
 func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, copy: Copy, seed: UInt64) throws -> Bool {
     var rows: [MoERow] = []
-    for (i, s) in moeShapes.enumerated() {
-        let tokens = [1, 2, 3, 4, 5, 8, 12, 16]
+    // FULGUR_MOE_SHAPES (names, comma-separated) and FULGUR_MOE_TOKENS narrow a run (a device
+    // call's minutes); the NaN routing check always runs.
+    let env = ProcessInfo.processInfo.environment
+    let shapeFilter = env["FULGUR_MOE_SHAPES"].map { Set($0.split(separator: ",").map(String.init)) }
+    let tokenFilter = env["FULGUR_MOE_TOKENS"]?.split(separator: ",").compactMap { Int($0) }
+    for (i, s) in moeShapes.enumerated() where shapeFilter?.contains(s.name) ?? true {
+        let tokens = tokenFilter ?? [1, 2, 3, 4, 5, 8, 12, 16]
         rows += try checkMoE(device, module, stream, s, tokens: tokens, timed: s.timed ? tokens : [], copy: copy, seed: seed + UInt64(i))
     }
     let checks = rows.count * moeVersions.count
@@ -302,7 +313,7 @@ func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, 
         print(line)
     }
     for v in moeVersions.indices {
-        print("MoE v\(moeVersions[v]): \(rows.count) checks (T = 1, 2, 3, 4, 5, 8, 12, 16 on \(moeShapes.map(\.name).joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map { $0.results[v].error }.max() ?? 0)), \(rows.filter { !$0.results[v].passed }.count) failed")
+        print("MoE v\(moeVersions[v]): \(rows.count) checks (T = \(Array(Set(rows.map(\.tokens))).sorted().map(String.init).joined(separator: ", ")) on \(Array(Set(rows.map(\.shape))).sorted().joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map { $0.results[v].error }.max() ?? 0)), \(rows.filter { !$0.results[v].passed }.count) failed")
     }
     print(failed.isEmpty ? "MoE PASS: \(checks) checks" : "MoE FAIL: \(failed.count) of \(rows.count) shapes x T (\(checks) checks)")
     let nanPassed = try checkNaNRouting(device, module, stream, seed: seed + 500)

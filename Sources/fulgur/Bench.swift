@@ -45,6 +45,8 @@ struct Bench: ParsableCommand {
     var prefetch = "off"
     @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step); with --replay-acceptance, the target (the drafter stays on GPU 0).")
     var tp = 1
+    @Option(help: "Time one tensor-parallel shard alone on one GPU, as R/N (shard R of N, e.g. 0/4): what each GPU of --tp N computes, without the all-reduces (its tokens are not the model's). Works with --timeline.")
+    var shard: String?
     @Flag(name: .customLong("dry-run"), help: "Print where a preset's weights and KV cache go over --tp GPUs at --context positions, without a GPU or any weights.")
     var dryRun = false
     @Option(help: "Also write the report as JSON to this file.") var json: String?
@@ -63,6 +65,9 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
+            guard shard == nil || (replayAcceptance == nil && tp == 1 && compareLogits == nil && !dryRun) else {
+                throw FulgurError(.usage, "--shard times one shard alone: it takes no --tp, --replay-acceptance, --compare-logits or --dry-run")
+            }
             if let replayAcceptance { return try runReplay(replayAcceptance) }
             guard device == .cuda else { throw FulgurError(.usage, "--device cpu runs only with --replay-acceptance; the step benchmark times CUDA graphs") }
             let sizes = tokenList.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
@@ -90,7 +95,7 @@ struct Bench: ParsableCommand {
             }
             let device = try CUDADevice()
             let module = try KernelModule(device: device)
-            let plan: Plan, name: String
+            var plan: Plan, name: String
             let start = Date()
             if FileManager.default.fileExists(atPath: model) {
                 plan = try Model(path: model).plan
@@ -100,6 +105,14 @@ struct Bench: ParsableCommand {
                 let place = randomWeights ?? (compareLogits == nil ? .device : .host)
                 plan = try place.build(random).plan
                 name = random.description + (place == .device ? ", deferred random matrices" : "")
+            }
+            if let shard {
+                let parts = shard.split(separator: "/").compactMap { Int($0) }
+                guard parts.count == 2, parts[1] >= 1, (0..<parts[1]).contains(parts[0]) else {
+                    throw FulgurError(.usage, "--shard takes R/N with 0 <= R < N (e.g. 0/4); got '\(shard)'")
+                }
+                plan = try plan.shard(rank: parts[0], of: parts[1]).droppingCommunication()
+                name += ", shard \(parts[0]) of \(parts[1]) alone (no all-reduce; tokens not the model's)"
             }
             Terminal.status(String(format: "%@ ready in %.1f s", name, Date().timeIntervalSince(start)))
             if let compareLogits {

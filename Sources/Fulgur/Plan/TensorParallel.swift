@@ -16,6 +16,14 @@
 /// - embedding, norms, RoPE, the residual stream: replicated.
 /// An `.allReduce(.out)` op follows o_proj and each feed-forward; it is the only communication.
 extension Plan {
+    /// This plan without its all-reduces: one tensor-parallel shard's own chain of kernels,
+    /// runnable on one GPU with no communicator, for timing what each GPU computes
+    /// (`fulgur bench --shard`). Its outputs are partial sums, so its tokens are not the model's.
+    public func droppingCommunication() -> Plan {
+        Plan(spec: spec, ops: ops.filter { if case .allReduce = $0 { return false } else { return true } },
+             widths: widths, embedding: embedding, lmHead: lmHead)
+    }
+
     /// Shard `rank` of `count`. Throws when a layer's shape does not split (heads or the
     /// intermediate size not divisible by `count`, or a drafter plan).
     public func shard(rank: Int, of count: Int) throws -> Plan {

@@ -266,7 +266,12 @@ public final class CUDAMoE: @unchecked Sendable {
         let device = module.device
         let pairG = 256 * ((H + 63) / 64), pairD = 256 * ((I + 63) / 64)
         let staticBytes = max(try module.staticSharedBytes(gateUp), try module.staticSharedBytes(down))
-        let room = device.maxSharedMemoryPerBlock - staticBytes, twoPerSM = room / 2 - 1024
+        // twoPerSM: the most dynamic shared memory at which two blocks still fit a
+        // multiprocessor. It was room / 2 - 1 KB, which forgot the second block's static
+        // shared memory: MiMo's 8-token down window came to 108 KB and ran one block of 8
+        // warps a multiprocessor.
+        let room = device.maxSharedMemoryPerBlock - staticBytes
+        let twoPerSM = device.sharedMemoryPerMultiprocessor / 2 - device.reservedSharedMemoryPerBlock - staticBytes
         let pair = max(pairG, pairD)
         let asked = ProcessInfo.processInfo.environment["FULGUR_MOE_SLOT_TOKENS"].flatMap { Int($0) }.map { [$0] }
             ?? (8 * pair <= twoPerSM ? [8, 4] : [4])

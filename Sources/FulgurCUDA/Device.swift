@@ -8,6 +8,9 @@ public final class CUDADevice: @unchecked Sendable {
     public let multiprocessors: Int
     /// The most shared memory one block may use (static plus dynamic, after opting in).
     public let maxSharedMemoryPerBlock: Int
+    /// Shared memory of one multiprocessor, and what the driver reserves of it for each
+    /// resident block (1 KB on sm_80 and later): how many blocks of a size fit at once.
+    public let sharedMemoryPerMultiprocessor: Int, reservedSharedMemoryPerBlock: Int
     public let totalMemory: Int
     public let pool: DevicePool
     let driver: Driver
@@ -29,6 +32,9 @@ public final class CUDADevice: @unchecked Sendable {
         try d.check(d.cuDeviceGetAttribute(&sms, multiprocessorCount, device), "cuDeviceGetAttribute(multiprocessor count)")
         let sharedOptIn: Int32 = 97  // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         try d.check(d.cuDeviceGetAttribute(&shared, sharedOptIn, device), "cuDeviceGetAttribute(max shared memory per block, opt-in)")
+        var perSM: Int32 = 0, reserved: Int32 = 0  // attributes 81 and 111: CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, _RESERVED_SHARED_MEMORY_PER_BLOCK
+        try d.check(d.cuDeviceGetAttribute(&perSM, 81, device), "cuDeviceGetAttribute(max shared memory per multiprocessor)")
+        try d.check(d.cuDeviceGetAttribute(&reserved, 111, device), "cuDeviceGetAttribute(reserved shared memory per block)")
         try d.check(d.cuDeviceTotalMem(&memory, device), "cuDeviceTotalMem")
         var ctx: OpaquePointer?
         try d.check(d.cuDevicePrimaryCtxRetain(&ctx, device), "cuDevicePrimaryCtxRetain")
@@ -37,6 +43,8 @@ public final class CUDADevice: @unchecked Sendable {
         self.name = String(decoding: nameBytes.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         self.multiprocessors = Int(sms)
         self.maxSharedMemoryPerBlock = Int(shared)
+        self.sharedMemoryPerMultiprocessor = Int(perSM)
+        self.reservedSharedMemoryPerBlock = Int(reserved)
         self.totalMemory = memory
         self.driver = d
         self.context = ctx

@@ -50,6 +50,23 @@ import Testing
         }
     }
 
+    /// `fulgur bench --shard` times one shard's own chain on one GPU: the shard's plan with its
+    /// all-reduces left out, which an executor without a communicator runs (the shard itself
+    /// needs one: CPUExecutor stops on an all-reduce it cannot do).
+    @Test func aShardWithoutCommunicationRunsAlone() throws {
+        let model = try Model(path: Fixtures.path("models/mimo_v2_flash"))
+        let shard = try model.plan.shard(rank: 1, of: 2)
+        func isAllReduce(_ op: Op) -> Bool { if case .allReduce = op { return true } else { return false } }
+        let reduces = shard.ops.filter(isAllReduce).count
+        #expect(reduces == 2 * model.spec.layerCount)
+        let alone = shard.droppingCommunication()
+        #expect(alone.ops.count == shard.ops.count - reduces && !alone.ops.contains(where: isAllReduce))
+        #expect(alone.lmHead.outFeatures == shard.lmHead.outFeatures && alone.widths == shard.widths)
+        let prompt = (0..<6).map { ($0 * 37 + 11) % model.spec.vocabSize }
+        let logits = try CPUExecutor(plan: alone, maxStepTokens: 8).forward(prompt)
+        #expect(logits.count == alone.lmHead.outFeatures && logits.allSatisfy(\.isFinite))
+    }
+
     @Test func vocabularySlicesCoverTheVocabularyOnce() throws {
         let model = try Model(path: Fixtures.path("models/llama"))
         for count in 1...5 {

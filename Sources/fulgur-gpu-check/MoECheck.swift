@@ -285,6 +285,14 @@ func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, 
     let env = ProcessInfo.processInfo.environment
     let shapeFilter = env["FULGUR_MOE_SHAPES"].map { Set($0.split(separator: ",").map(String.init)) }
     let tokenFilter = env["FULGUR_MOE_TOKENS"]?.split(separator: ",").compactMap { Int($0) }
+    if let unknown = shapeFilter?.subtracting(moeShapes.map(\.name)), !unknown.isEmpty {
+        print("MoE FAIL: FULGUR_MOE_SHAPES names no shape \(unknown.sorted()) (shapes: \(moeShapes.map(\.name).joined(separator: ", ")))")
+        return false
+    }
+    if let tokenFilter, tokenFilter.isEmpty || !tokenFilter.allSatisfy({ (1...16).contains($0) }) {
+        print("MoE FAIL: FULGUR_MOE_TOKENS takes step sizes from 1 to 16, comma-separated")
+        return false
+    }
     for (i, s) in moeShapes.enumerated() where shapeFilter?.contains(s.name) ?? true {
         let tokens = tokenFilter ?? [1, 2, 3, 4, 5, 8, 12, 16]
         rows += try checkMoE(device, module, stream, s, tokens: tokens, timed: s.timed ? tokens : [], copy: copy, seed: seed + UInt64(i))

@@ -68,6 +68,13 @@ struct Bench: ParsableCommand {
             guard shard == nil || (replayAcceptance == nil && tp == 1 && compareLogits == nil && !dryRun) else {
                 throw FulgurError(.usage, "--shard times one shard alone: it takes no --tp, --replay-acceptance, --compare-logits or --dry-run")
             }
+            let shardOf: (rank: Int, count: Int)? = try shard.map { text in
+                let parts = text.split(separator: "/", omittingEmptySubsequences: false).map { Int($0) }
+                guard parts.count == 2, let r = parts[0], let n = parts[1], n >= 1, (0..<n).contains(r) else {
+                    throw FulgurError(.usage, "--shard takes R/N with 0 <= R < N (e.g. 0/4); got '\(text)'")
+                }
+                return (r, n)
+            }
             if let replayAcceptance { return try runReplay(replayAcceptance) }
             guard device == .cuda else { throw FulgurError(.usage, "--device cpu runs only with --replay-acceptance; the step benchmark times CUDA graphs") }
             let sizes = tokenList.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
@@ -106,13 +113,9 @@ struct Bench: ParsableCommand {
                 plan = try place.build(random).plan
                 name = random.description + (place == .device ? ", deferred random matrices" : "")
             }
-            if let shard {
-                let parts = shard.split(separator: "/").compactMap { Int($0) }
-                guard parts.count == 2, parts[1] >= 1, (0..<parts[1]).contains(parts[0]) else {
-                    throw FulgurError(.usage, "--shard takes R/N with 0 <= R < N (e.g. 0/4); got '\(shard)'")
-                }
-                plan = try plan.shard(rank: parts[0], of: parts[1]).droppingCommunication()
-                name += ", shard \(parts[0]) of \(parts[1]) alone (no all-reduce; tokens not the model's)"
+            if let shardOf {
+                plan = try plan.shard(rank: shardOf.rank, of: shardOf.count).droppingCommunication()
+                name += ", shard \(shardOf.rank) of \(shardOf.count) alone (no all-reduce; tokens not the model's)"
             }
             Terminal.status(String(format: "%@ ready in %.1f s", name, Date().timeIntervalSince(start)))
             if let compareLogits {

@@ -276,7 +276,7 @@ public final class CUDAMoE: @unchecked Sendable {
         let asked = ProcessInfo.processInfo.environment["FULGUR_MOE_SLOT_TOKENS"].flatMap { Int($0) }.map { [$0] }
             ?? (8 * pair <= twoPerSM ? [8, 4] : [4])
         guard let tokensPerSlot = asked.first(where: { [4, 8].contains($0) && $0 * pair <= room }) else {
-            throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): 4 pairs' activations (\(4 * max(pairG, pairD)) bytes) do not fit the \(room) bytes of shared memory a block has here (version 4)")
+            throw FulgurError(.unsupported, "MoE layer of hidden size \(H), intermediate \(I): 4 pairs' activations (\(4 * pair) bytes) do not fit the \(room) bytes of shared memory a block has here (version 4)")
         }
         func window(_ T: Int, _ pairBytes: Int) -> Int {
             min(T * k, max(min(tokensPerSlot, T), twoPerSM / pairBytes), room / pairBytes)

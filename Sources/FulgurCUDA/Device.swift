@@ -32,9 +32,11 @@ public final class CUDADevice: @unchecked Sendable {
         try d.check(d.cuDeviceGetAttribute(&sms, multiprocessorCount, device), "cuDeviceGetAttribute(multiprocessor count)")
         let sharedOptIn: Int32 = 97  // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         try d.check(d.cuDeviceGetAttribute(&shared, sharedOptIn, device), "cuDeviceGetAttribute(max shared memory per block, opt-in)")
-        var perSM: Int32 = 0, reserved: Int32 = 0  // attributes 81 and 111: CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, _RESERVED_SHARED_MEMORY_PER_BLOCK
-        try d.check(d.cuDeviceGetAttribute(&perSM, 81, device), "cuDeviceGetAttribute(max shared memory per multiprocessor)")
-        try d.check(d.cuDeviceGetAttribute(&reserved, 111, device), "cuDeviceGetAttribute(reserved shared memory per block)")
+        var perSM: Int32 = 0, reserved: Int32 = 0
+        let sharedPerSM: Int32 = 81  // CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+        try d.check(d.cuDeviceGetAttribute(&perSM, sharedPerSM, device), "cuDeviceGetAttribute(max shared memory per multiprocessor)")
+        let reservedPerBlock: Int32 = 111  // CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK
+        try d.check(d.cuDeviceGetAttribute(&reserved, reservedPerBlock, device), "cuDeviceGetAttribute(reserved shared memory per block)")
         try d.check(d.cuDeviceTotalMem(&memory, device), "cuDeviceTotalMem")
         var ctx: OpaquePointer?
         try d.check(d.cuDevicePrimaryCtxRetain(&ctx, device), "cuDevicePrimaryCtxRetain")

@@ -321,7 +321,7 @@ func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, 
         print(line)
     }
     for v in moeVersions.indices {
-        print("MoE v\(moeVersions[v]): \(rows.count) checks (T = \(Array(Set(rows.map(\.tokens))).sorted().map(String.init).joined(separator: ", ")) on \(Array(Set(rows.map(\.shape))).sorted().joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map { $0.results[v].error }.max() ?? 0)), \(rows.filter { !$0.results[v].passed }.count) failed")
+        print("MoE v\(moeVersions[v]): \(rows.count) checks (T = \(Set(rows.map(\.tokens)).sorted().map(String.init).joined(separator: ", ")) on \(Set(rows.map(\.shape)).sorted().joined(separator: ", "))), worst rel.err \(String(format: "%.2e", rows.map { $0.results[v].error }.max() ?? 0)), \(rows.filter { !$0.results[v].passed }.count) failed")
     }
     print(failed.isEmpty ? "MoE PASS: \(checks) checks" : "MoE FAIL: \(failed.count) of \(rows.count) shapes x T (\(checks) checks)")
     let nanPassed = try checkNaNRouting(device, module, stream, seed: seed + 500)

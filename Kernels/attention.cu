@@ -144,16 +144,20 @@ struct HeadState {
     int last;
 };
 
-template <int GMAX>
+// PerHead (GMAX = 1): the block takes one query head (blockIdx.x) of its KV head's group, as
+// version 2's grid does, with this chunk pipeline (attention_decode_h1, 1-3 tokens).
+template <int GMAX, bool PerHead = false>
 __device__ __forceinline__ void decode(const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads,
                                        int kvHeads, int headDim, int valueDim, const int* positions, int T, int window, int causal,
                                        const float* sinks, float scale, float* out, int outStride, float* partial, int* counters,
                                        float* shared, HeadState& st) {
+    static_assert(!PerHead || GMAX == 1, "a block per query head has a group of one");
     float* mrun = st.mrun;
     float* lrun = st.lrun;
     float* corr = st.corr;
     int& last = st.last;
-    const int G = heads / kvHeads, kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z, h0 = kvh * G;
+    const int G = PerHead ? 1 : heads / kvHeads, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int kvh = PerHead ? blockIdx.x / (heads / kvHeads) : blockIdx.x, h0 = PerHead ? blockIdx.x : kvh * G;
     const bool vectorK = headDim % 8 == 0, vectorV = valueDim % 4 == 0;
     const int kStride = key_stride(headDim);
     float* vs = shared;
@@ -369,7 +373,7 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
 // GMAX = G rounded up to a power of two): a single kernel with all five instances measured 8.7
 // of its 14.9 cycles between a warp's instructions waiting for instruction fetch (ncu, H100,
 // gpt-oss-20b at 8 tokens: 48-55 us a launch).
-template <int GMAX>
+template <int GMAX, bool PerHead = false>
 __device__ __forceinline__ void decode_entry(const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads,
                                              int kvHeads, int headDim, int valueDim, const int* positions, int T, int window, int causal,
                                              const float* sinks, float scale, float* out, int outStride, float* partial, int* counters,
@@ -382,13 +386,19 @@ __device__ __forceinline__ void decode_entry(const float* q, int qStride, const 
         cacheK += (size_t)slots[blockIdx.y] * capacity * kvHeads * headDim;
         cacheV += (size_t)slots[blockIdx.y] * capacity * kvHeads * valueDim;
     }
-    // No prefetch_old_keys here: measured (H100, gpt-oss-20b) it made the 8-token step's
-    // attention 2% slower and the 16-token step 3% (every token row's blocks asked for the
-    // same keys, and the chunks' cp.async copies are already all in flight at once).
+    // No prefetch_old_keys for a group: measured (H100, gpt-oss-20b) it made the 8-token
+    // step's attention 2% slower and the 16-token step 3% (every token row's blocks asked for
+    // the same keys, and the chunks' cp.async copies are already all in flight at once). A
+    // block per query head (1-3 tokens) asks as version 2 does: one head of each group, row 0.
+    if (PerHead && blockIdx.x % (heads / kvHeads) == 0 && blockIdx.y == 0) {
+        int lo, hi;
+        key_range(positions, T, 0, window, causal, blockIdx.z, gridDim.z, lo, hi);
+        prefetch_old_keys(cacheK, cacheV, capacity, kvHeads, blockIdx.x / (heads / kvHeads), headDim, valueDim, positions, 0, lo, hi);
+    }
     wait_for_previous_kernel();
     allow_next_kernel();
-    decode<GMAX>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, causal, sinks, scale, out,
-                 outStride, partial, counters, shared, st);
+    decode<GMAX, PerHead>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, causal, sinks,
+                          scale, out, outStride, partial, counters, shared, st);
 }
 
 #define ATTENTION_DECODE_ENTRY(GMAX)                                                                                          \
@@ -401,6 +411,21 @@ __device__ __forceinline__ void decode_entry(const float* q, int qStride, const 
     }
 ATTENTION_DECODE_ENTRY(1) ATTENTION_DECODE_ENTRY(2) ATTENTION_DECODE_ENTRY(4) ATTENTION_DECODE_ENTRY(8) ATTENTION_DECODE_ENTRY(16)
 #undef ATTENTION_DECODE_ENTRY
+
+// Version 4, for 1-3 tokens: version 2's grid (heads, T, splits), a block per query head, with
+// version 3's chunk pipeline (decode<1, true>): q and the chunk's K and V rows copied into shared
+// memory together, one round trip, then scores, softmax and P.V from shared memory. Version 2
+// loads q, then K (two rounds of four 16-byte loads), then V (a round per 8 keys of a thread),
+// each a dependent L2 round trip: 11-16 us a block for 64 keys (gpt-oss-20b, H200 timeline).
+// Same arguments; dynamic shared memory CUDAExecutor.attentionDecodeSharedBytes for a group of one.
+extern "C" __global__ void __launch_bounds__(128, 6) attention_decode_h1(
+    const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads, int kvHeads, int headDim,
+    int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale, float* out, int outStride,
+    float* partial, int* counters, const int* slots) {
+    FULGUR_TRACE_KERNEL;
+    decode_entry<1, true>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, causal, sinks,
+                          scale, out, outStride, partial, counters, slots);
+}
 
 
 // Version 2 (a block per query head): the executor launches it for steps under 4 tokens

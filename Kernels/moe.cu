@@ -173,10 +173,20 @@ __device__ void route_token_j(const RouterArgs& a, const float* logits, int E, i
     // A NaN choice (NaN activations reaching the router) ranks below every number: without
     // this the lanes' argmax disagreed and a token could be routed to expert INT_MAX (an
     // out-of-bounds read that took the whole GPU context down); now NaN flows to the output.
+    // Each candidate becomes an unsigned key that orders as the float does (-0 as +0, so they
+    // tie as in a float compare); 0 marks no candidate (past E, or already chosen), below
+    // every float's key. A round takes the lane's best (highest key, lowest j: lower expert id),
+    // then the warp's highest key and, among the lanes holding it, the lowest expert id: two
+    // redux.sync and one shuffle for the weight, where a shuffle argmax and a warp sum took
+    // fifteen dependent shuffles (MiMo's 256 experts, top-8: 8596 -> 5188 cycles a token,
+    // H200; Kernels/NOTES.md, twelfth session).
+    uint32_t key[J];
 #pragma unroll
-    for (int j = 0; j < J; ++j)
-        if (isnan(choice[j])) choice[j] = -INFINITY;
-    uint32_t taken = 0;  // bit j: expert lane + 32j already chosen
+    for (int j = 0; j < J; ++j) {
+        const float c = isnan(choice[j]) ? -INFINITY : choice[j] == 0.f ? 0.f : choice[j];
+        const uint32_t u = __float_as_uint(c);
+        key[j] = lane + 32 * j < E ? ((u & 0x80000000u) ? ~u : (u | 0x80000000u)) : 0u;
+    }
     // Loops over the top-k unrolled with guards, so idx and w stay in registers (a run-time
     // index put them in local memory, on the routing's critical path).
     int idx[kMaxTopK];
@@ -184,21 +194,20 @@ __device__ void route_token_j(const RouterArgs& a, const float* logits, int E, i
 #pragma unroll
     for (int n = 0; n < kMaxTopK; ++n) {
         if (n >= k) break;
-        float v = -INFINITY;
-        int i = INT_MAX;
+        uint32_t best = key[0];
+        int bj = 0;
+        float bs = score[0];
 #pragma unroll
-        for (int j = 0; j < J; ++j) {
-            const int e = lane + 32 * j;
-            if (e < E && !((taken >> j) & 1) && (i == INT_MAX || choice[j] > v)) { v = choice[j]; i = e; }
-        }
-        warp_argmax(v, i);
-        if ((i & 31) == lane) taken |= 1u << (i / 32);
-        float s = 0;
+        for (int j = 1; j < J; ++j)
+            if (key[j] > best) { best = key[j]; bj = j; bs = score[j]; }
+        const uint32_t top = __reduce_max_sync(0xffffffffu, best);
+        const int i = __reduce_min_sync(0xffffffffu, best == top ? lane + 32 * bj : INT_MAX);
+        const int owner = i & 31;
+        idx[n] = i;
+        w[n] = __shfl_sync(0xffffffffu, bs, owner);
 #pragma unroll
         for (int j = 0; j < J; ++j)
-            if (lane + 32 * j == i) s = score[j];
-        idx[n] = i;
-        w[n] = warp_sum(s);  // only the owner lane contributes
+            if (lane == owner && j == bj) key[j] = 0u;
     }
     if (lane != 0) return;
     if (a.mode == kTopKSoftmax) {
@@ -240,44 +249,70 @@ __device__ void route_token(const RouterArgs& a, const float* logits, int E, int
 }
 
 // After route_token for every token: the touched experts in ascending id with prefix sums of
-// their pair counts (warp 0), then each pair's place (token order within an expert).
-__device__ void group_pairs(int T, int E, int k, Routes r) {
-    __shared__ int count[kMaxExperts], slot[kMaxExperts];
-    const int pairs = T * k, lane = threadIdx.x & 31;
-    for (int e = threadIdx.x; e < E; e += blockDim.x) count[e] = 0;
+// their pair counts, then each pair's place (token order within an expert) and, given
+// `tokenPairs`, token t's places in ascending expert order (tokenPairs[t][0..k)). Each warp
+// takes 32 experts; a bit mask per expert of the tokens that chose it gives the counts and
+// each pair's rank among its expert's tokens. One warp walking the experts 32 at a time, and a
+// loop over the earlier pairs for each pair, made this a chain of E / 32 scans and T * k loads
+// (MiMo's 256 experts: 3467 cycles at T = 1, H200; Kernels/NOTES.md, twelfth session).
+__device__ void group_pairs(int T, int E, int k, Routes r, int (*tokenPairs)[kMaxTopK] = nullptr) {
+    static_assert(kMaxTokens <= 32, "a 32-bit token mask per expert");
+    __shared__ uint32_t chose[kMaxExperts];  // bit t: token t chose the expert
+    __shared__ int slot[kMaxExperts], groupTouched[kMaxExperts / 32], groupPairs[kMaxExperts / 32];
+    const int pairs = T * k, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int groups = (E + 31) / 32;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) chose[e] = 0u;
     __syncthreads();
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&count[r.chosen()[p]], 1);
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicOr(&chose[r.chosen()[p]], 1u << (p / k));
     __syncthreads();
-    if (threadIdx.x < 32) {
-        int touched = 0, first = 0;
-        for (int e0 = 0; e0 < E; e0 += 32) {
-            const int e = e0 + lane, c = e < E ? count[e] : 0;
-            const uint32_t used = __ballot_sync(0xffffffffu, c > 0);
-            int incl = c;  // inclusive prefix sum of counts over the lanes
+    // A group's touched experts and pairs, then (once every group's are known) its slots.
+    auto scan = [&](int g, uint32_t& used, int& c, int& incl) {
+        const int e = 32 * g + lane;
+        c = e < E ? __popc(chose[e]) : 0;
+        used = __ballot_sync(0xffffffffu, c > 0);
+        incl = c;  // inclusive prefix sum of counts over the lanes
 #pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int v = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += v;
-            }
-            if (c > 0) {
-                const int s = touched + __popc(used & ((1u << lane) - 1));
-                slot[e] = s;
-                r.expert()[s] = e;
-                r.start()[s] = first + incl - c;
-            }
-            touched += __popc(used);
-            first += __shfl_sync(0xffffffffu, incl, 31);
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += v;
         }
-        if (lane == 0) { *r.touched() = touched; r.start()[touched] = pairs; }
+    };
+    if (groups > 1) {
+        for (int g = warp; g < groups; g += warps) {
+            uint32_t used; int c, incl;
+            scan(g, used, c, incl);
+            if (lane == 31) { groupTouched[g] = __popc(used); groupPairs[g] = incl; }
+        }
+        __syncthreads();
+    }
+    for (int g = warp; g < groups; g += warps) {
+        uint32_t used; int c, incl;
+        scan(g, used, c, incl);
+        int touched = 0, first = 0;
+        for (int h = 0; h < g; ++h) { touched += groupTouched[h]; first += groupPairs[h]; }
+        const int e = 32 * g + lane;
+        if (c > 0) {
+            const int s = touched + __popc(used & ((1u << lane) - 1));
+            slot[e] = s;
+            r.expert()[s] = e;
+            r.start()[s] = first + incl - c;
+        }
+        if (g == groups - 1 && lane == 0) {
+            *r.touched() = touched + __popc(used);
+            r.start()[touched + __popc(used)] = pairs;
+        }
     }
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        const int e = r.chosen()[p];
-        int before = 0;  // earlier tokens that chose e (a token chooses an expert once)
-        for (int q = p - p % k - 1; q >= 0; --q) before += r.chosen()[q] == e;
-        const int at = r.start()[slot[e]] + before;
-        r.token()[at] = p / k;
+        const int e = r.chosen()[p], t = p / k;
+        const int at = r.start()[slot[e]] + __popc(chose[e] & ((1u << t) - 1));  // earlier tokens that chose e
+        r.token()[at] = t;
         r.weight()[at] = r.chosenWeight()[p];
+        if (tokenPairs) {
+            int c = 0;  // t's experts below e
+            for (int n = 0; n < k; ++n) c += r.chosen()[t * k + n] < e;
+            tokenPairs[t][c] = at;
+        }
     }
 }
 
@@ -1115,7 +1150,7 @@ __device__ void route_block(BlockRoutes& b, const moe::RouterArgs& ra, const flo
     const moe::Routes r{b.routeInts, E, k};
     for (int t = warp; t < T; t += warps) moe::route_token(ra, logits, E, k, t, r);
     __syncthreads();
-    moe::group_pairs(T, E, k, r);
+    moe::group_pairs(T, E, k, r, b.tokenPairs);
     __syncthreads();
     if (warp == 0) {
         const int touched = *r.touched();
@@ -1137,12 +1172,7 @@ __device__ void route_block(BlockRoutes& b, const moe::RouterArgs& ra, const flo
             base += __shfl_sync(0xffffffffu, incl, 31);
         }
         if (lane == 0) b.slotTotal = base;
-    } else if (warp == 1) {
-        // Each token's pairs in ascending expert order (pairs are grouped by ascending expert).
-        if (lane < T)
-            for (int q = 0, c = 0; q < T * k; ++q)
-                if (r.token()[q] == lane) b.tokenPairs[lane][c++] = q;
-    } else if (warp == 2 && routes) {
+    } else if (warp == 1 && routes) {
         const moe::Routes g{routes, E, k};
         for (int i = lane; i < T * k; i += 32) {
             g.chosen()[i] = r.chosen()[i];

@@ -500,12 +500,13 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// A query-head group rounded up to a power of two (the kernel's GMAX).
     static func paddedGroup(_ group: Int) -> Int { group <= 1 ? 1 : 1 << (Int.bitWidth - (group - 1).leadingZeroBitCount) }
 
-    /// Which attention kernel a step of T tokens launches: version 2 (`attention_decode_v2`, a
-    /// block per query head) below `attentionGroupedMinTokens`, version 3 (`attention_decode_g<G>`,
-    /// a block per KV head's group) from there up. On an H100 (Kernels/NOTES.md, sixth session)
-    /// version 3 made the 8-token gpt-oss-20b step 6.14 -> 5.49 ms (5.24 after its later changes)
-    /// and the 1-token step 2.49 -> 2.80. FULGUR_ATTENTION_VERSION=2 or 3 takes one version at
-    /// every T (comparisons).
+    /// Which attention kernel a step of T tokens launches: below `attentionGroupedMinTokens`,
+    /// version 4 (`attention_decode_h1`: a block per query head, with version 3's chunk
+    /// pipeline), from there up version 3 (`attention_decode_g<G>`, a block per KV head's
+    /// group). On an H100 (Kernels/NOTES.md, sixth session) version 3 made the 8-token
+    /// gpt-oss-20b step 6.14 -> 5.49 ms (5.24 after its later changes) and the 1-token step
+    /// 2.49 -> 2.80. For comparisons, FULGUR_ATTENTION_VERSION=3 or 4 takes that version at
+    /// every T, and 2 version 2 (`attention_decode_v2`, a chain of dependent loads) below 4 tokens.
     static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
     public static let attentionGroupedMinTokens = 4
     /// Blocks a row of logits is cut over by `argmax` and `argmax_slice` (a thread-block
@@ -514,29 +515,44 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// A cap on version 3's splits (`FULGUR_ATTENTION_MAX_SPLITS`, for measurements).
     static let groupedMaxSplits = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_MAX_SPLITS"] ?? "") ?? 16
     static func groupedAttention(tokens: Int) -> Bool {
-        attentionVersion == 3 || (attentionVersion != 2 && tokens >= attentionGroupedMinTokens)
+        attentionVersion == 3 || (attentionVersion != 4 && tokens >= attentionGroupedMinTokens)
     }
 
     /// The attention kernel, grid and dynamic shared memory a step of T tokens launches for a
-    /// layer (`sharedBytes`: attentionDecodeSharedBytes). Version 3's blocks each run a chain of
-    /// global round trips (copy, shares, arrival counter, merge), so a second wave of them
-    /// doubles the time: its splits are cut to one wave of resident blocks.
+    /// layer (`sharedBytes`: attentionDecodeSharedBytes). Versions 3 and 4 run a chain of global
+    /// round trips a block (copy, shares, arrival counter, merge), so a second wave of blocks
+    /// doubles the time: their splits are cut to one wave of resident blocks.
     public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, valueDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule) throws
         -> (Int) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
         let splits = attentionSplits(capacity)
-        // Version 3 splits finer (a share of at least 32 keys; a sliding layer's ring of 144
-        // gets 5, not 2), then cuts to one wave.
+        // Versions 3 and 4 split finer (version 3 a share of at least 32 keys: a sliding layer's
+        // ring of 144 gets 5, not 2; version 4 one 64-key chunk), then cut to one wave.
         let groupedSplits = min(attentionMaxSplits, groupedMaxSplits, max(1, (capacity + 31) / 32))
         let grouped = groupedAttentionKernel(heads: heads, kvHeads: kvHeads)
         let resident = try module.residentBlocksPerMultiprocessor(try module.function(grouped), threads: 128, sharedBytes: sharedBytes)
             * module.device.multiprocessors
+        // Version 4: decode<1>'s shared memory (Kernels/attention.cu): a chunk's V and padded K
+        // rows, q, probabilities, outputs.
+        let keyStride = headDim + (headDim % 8 == 0 ? 4 : 1)
+        let perHeadShared = 4 * (64 * valueDim + 64 * keyStride + (keyStride + 3) / 4 * 4 + 64 + valueDim)
+        let perHead = try module.function("attention_decode_h1")
+        let room = module.device.maxSharedMemoryPerBlock - (try module.staticSharedBytes(perHead))
+        guard perHeadShared <= room else {
+            throw FulgurError(.unsupported, "CUDA executor: attention heads of \(headDim) key / \(valueDim) value dimensions need \(perHeadShared) bytes of shared memory a block; this GPU allows \(room)")
+        }
+        try module.allowSharedMemory(perHead, bytes: room)
+        let perHeadResident = try module.residentBlocksPerMultiprocessor(perHead, threads: 128, sharedBytes: perHeadShared)
+            * module.device.multiprocessors
+        let perHeadSplits = min(attentionMaxSplits, max(1, (capacity + 63) / 64))
         // Version 2's dynamic shared memory: q, then the merge's shares (splits * (valueDim + 2)
         // floats, plus 8 for the copy's widening to 16-byte bounds).
         let v2Shared = 4 * max(headDim, splits * (valueDim + 2) + 8)
         return { T in
-            groupedAttention(tokens: T)
-                ? (grouped, (kvHeads, T, min(groupedSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
-                : ("attention_decode_v2", (heads, T, splits), v2Shared)
+            if groupedAttention(tokens: T) {
+                return (grouped, (kvHeads, T, min(groupedSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
+            }
+            if attentionVersion == 2 { return ("attention_decode_v2", (heads, T, splits), v2Shared) }
+            return ("attention_decode_h1", (heads, T, min(perHeadSplits, max(1, perHeadResident / (heads * T)))), perHeadShared)
         }
     }
 
@@ -642,7 +658,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             return b
         }
         let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode_g1", "attention_decode_g2", "attention_decode_g4",
-                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2",
+                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "attention_decode_h1",
                      "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax", "argmax_slice", "argmax_pick"]
         let module = self.module, stream = self.stream, positions = self.positions
         // Row slots only where the cache holds several sequences (null: slot 0).

@@ -75,7 +75,7 @@ struct LayerKernels {
         self.module = module
         self.stream = stream
         let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "attention_prep", "attention_decode_g1", "attention_decode_g2", "attention_decode_g4",
-                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "argmax"]
+                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "attention_decode_h1", "argmax"]
         functions = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
     }
 
@@ -392,7 +392,7 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
         .pointer(positionBuffer.address), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)), .pointer(0)])
     var launched = "prep only"
     if a.attend {
-        // The kernel and grid the executor launches at this T (version 2 below 4 tokens).
+        // The kernel and grid the executor launches at this T (version 4 below 4 tokens).
         let shared = try CUDAExecutor.attentionDecodeSharedBytes(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, module: k.module)
         let l = try CUDAExecutor.attentionShape(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, sharedBytes: shared, capacity: capacity, module: k.module)(T)
         launched = "\(l.name), \(l.grid.2) splits"

@@ -95,6 +95,19 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+// scratch: 32 floats of shared memory.
+__device__ __forceinline__ float block_sum_all(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float s = 0.f;
+    for (int i = 0; i < warps; ++i) s += scratch[i];
+    return s;
+}
+
 // Programmatic dependent launch (sm_90; no-ops when the launch did not ask for it). A kernel
 // calls wait_for_previous_kernel before it reads what the previous kernel wrote or writes
 // anything, and allow_next_kernel after that, so the next kernel in the stream can be

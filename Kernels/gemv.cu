@@ -96,6 +96,69 @@ __device__ __forceinline__ void stage(float* tile, const float* __restrict__ x, 
     }
 }
 
+// The residual add and RMSNorm in front of a 1-token product (gemv_wide_norm_*), instead of an
+// add_rmsnorm launch before it: x = resid + add (add may be null), then h = w * (x * inv) with
+// inv = 1 / sqrt(mean(x^2) + eps), staged into the padded tile as stage() does; block 0 also
+// writes h to hOut. Every block computes the same values from the same loads. With `add`, x is
+// kept in `saved` and the block takes a ticket of `arrivals` once its loads of resid are used;
+// the block holding the last ticket writes x back into resid at its end (norm_finish), when
+// no block reads resid any more, and zeroes the counter. k <= 4 * THREADS * 4 (4096 at 256
+// threads), every thread's loads in flight together. The sum of squares is ordered
+// differently from add_rmsnorm's, so h can differ from it in the last bits (the CPU check's
+// tolerance covers both).
+template <int CE, int THREADS>
+__device__ __forceinline__ int norm_stage(float* tile, float* saved, const float* __restrict__ resid, const float* __restrict__ add,
+                                          const float* __restrict__ w, float eps, int k, float* __restrict__ hOut, int* arrivals) {
+    constexpr int U = 4;
+    __shared__ float scratch[32];
+    const int v4 = k / 4;
+    const float4* r4 = reinterpret_cast<const float4*>(resid);
+    const float4* a4 = reinterpret_cast<const float4*>(add);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+    float ss = 0.f;
+    float4 v[U], g[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        if (i < v4) {
+            v[u] = __ldcg(r4 + i);
+            g[u] = __ldg(w4 + i);
+            if (add) {
+                const float4 b = __ldcg(a4 + i);
+                v[u].x += b.x; v[u].y += b.y; v[u].z += b.z; v[u].w += b.w;
+            }
+            ss += v[u].x * v[u].x + v[u].y * v[u].y + v[u].z * v[u].z + v[u].w * v[u].w;
+        }
+    }
+    const float inv = rsqrtf(block_sum_all(ss, scratch) / k + eps);
+    // Every thread's loads of resid are in its sum by now: take the ticket (its value is
+    // needed only at the block's end).
+    const int ticket = add && threadIdx.x == 0 ? atomicAdd(arrivals, 1) : 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int i = threadIdx.x + u * THREADS;
+        if (i < v4) {
+            const float4 h = make_float4(g[u].x * (v[u].x * inv), g[u].y * (v[u].y * inv), g[u].z * (v[u].z * inv), g[u].w * (v[u].w * inv));
+            const int e = 4 * i;
+            *reinterpret_cast<float4*>(tile + e / CE * (CE + 4) + e % CE) = h;
+            if (add) reinterpret_cast<float4*>(saved)[i] = v[u];
+            if (blockIdx.x == 0) reinterpret_cast<float4*>(hOut)[i] = h;
+        }
+    }
+    return ticket;
+}
+
+// The end of a block that ran norm_stage: the last block to arrive writes x (saved) into resid.
+__device__ __forceinline__ void norm_finish(int ticket, const float* saved, float* resid, int k, int* arrivals, bool add) {
+    if (!add) return;
+    __shared__ bool last;
+    if (threadIdx.x == 0) last = ticket == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    for (int i = threadIdx.x; i < k / 4; i += blockDim.x) reinterpret_cast<float4*>(resid)[i] = reinterpret_cast<const float4*>(saved)[i];
+    if (threadIdx.x == 0) *arrivals = 0;  // ready for the next launch
+}
+
 template <int C, int R, int T>
 __device__ __forceinline__ float sum(const float (&part)[C][R][T], int r, int t) {
     float v = part[0][r][t];
@@ -417,9 +480,13 @@ __device__ __forceinline__ void wide_sum(const WidePiece<T, MX>& p, const float*
     }
 }
 
-template <int T, bool MX>
+// Norm (gemv_wide_norm_*, T = 1): x is not read; norm_stage makes it from resid and add.
+template <int T, bool MX, bool Norm = false>
 __device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ scales, const float* __restrict__ bias,
-                     const float* __restrict__ x, float* __restrict__ out, int n, int k, int outStride, int tileSize) {
+                     const float* __restrict__ x, float* __restrict__ out, int n, int k, int outStride, int tileSize,
+                     float* resid = nullptr, const float* add = nullptr, const float* normWeight = nullptr, float eps = 0.f,
+                     float* hOut = nullptr, int* arrivals = nullptr) {
+    static_assert(!Norm || T == 1, "the norm in front of a product is for one token");
     constexpr int CE = MX ? 32 : 16;
     extern __shared__ float4 shared[];
     float* xs = reinterpret_cast<float*>(shared);
@@ -432,7 +499,10 @@ __device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ sca
     if (items > 0) wide_load(a, w, scales, warp, 0, chunks, k, tilesPerRow, tileSize);
     wait_for_previous_kernel();  // x is the previous kernel's output
     allow_next_kernel();
-    stage<T, CE, kWideWarps * 32>(xs, x, k, 0, k, tokenStride);
+    int ticket = 0;
+    float* saved = xs + tokenStride;  // x of the norm, after the tile (the host sizes for both)
+    if constexpr (Norm) ticket = norm_stage<CE, kWideWarps * 32>(xs, saved, resid, add, normWeight, eps, k, hOut, arrivals);
+    else stage<T, CE, kWideWarps * 32>(xs, x, k, 0, k, tokenStride);
     __syncthreads();
     float acc[T] = {};
     auto finish = [&](int item) {
@@ -454,6 +524,7 @@ __device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ sca
         wide_sum(b, xs, tokenStride, (i + 1) % pieces, chunks, acc);
         finish(i + 1);
     }
+    if constexpr (Norm) norm_finish(ticket, saved, resid, k, arrivals, add != nullptr);
 }
 
 
@@ -760,6 +831,25 @@ PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
     }
 WIDE_ENTRY(1) WIDE_ENTRY(2) WIDE_ENTRY(3) WIDE_ENTRY(4) WIDE_ENTRY(5) WIDE_ENTRY(6) WIDE_ENTRY(7) WIDE_ENTRY(8)
 WIDE_ENTRY(9) WIDE_ENTRY(10) WIDE_ENTRY(11) WIDE_ENTRY(12) WIDE_ENTRY(13) WIDE_ENTRY(14) WIDE_ENTRY(15) WIDE_ENTRY(16)
+
+// gemv_wide_norm_<mxfp4|fp8>_t1: the residual add and RMSNorm before the product, in the
+// product (gemv::norm_stage): out = W . (normWeight * rmsnorm(resid + add)) for one token;
+// resid becomes resid + add (written by the last block to arrive; arrivals: an int, zero
+// between launches) and h the normalized row. K <= 4096. Launch as gemv_wide_*_t1 with 4 * K
+// more bytes of dynamic shared memory. An add_rmsnorm launch before the product added 2.6-3.1
+// us to the gpt-oss-20b 1-token step (H200 timeline) for 23 KB of data.
+extern "C" __global__ void __launch_bounds__(256) gemv_wide_norm_mxfp4_t1(
+    const uint8_t* w, const uint8_t* scales, const float* bias, float* h, float* out, int n, int k, int outStride,
+    float* resid, const float* add, const float* normWeight, float eps, int* arrivals) {
+    FULGUR_TRACE_KERNEL;
+    gemv::wide<1, true, true>(w, scales, bias, h, out, n, k, outStride, 0, resid, add, normWeight, eps, h, arrivals);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv_wide_norm_fp8_t1(
+    const uint8_t* w, const float* tiles, const float* bias, float* h, float* out, int n, int k, int outStride, int tile,
+    float* resid, const float* add, const float* normWeight, float eps, int* arrivals) {
+    FULGUR_TRACE_KERNEL;
+    gemv::wide<1, false, true>(w, tiles, bias, h, out, n, k, outStride, tile, resid, add, normWeight, eps, h, arrivals);
+}
 
 // gemv_mma_<fp8|bf16>_n<NT>: the tensor-core layout above for T <= 8 * NT tokens. Launch with
 // 128 threads, grid (G, 8) with G * kMmaRowBlocks >= ceil(N / 64) (a cluster of 8 along y is

@@ -1032,8 +1032,19 @@ struct Units {
 // The register caps of both kernels (96 x 256 + 128 x 320 = the 64K register file) let the
 // next call's router wait beside a running moe2_experts block and start the moment it ends.
 namespace moe2 {
+// With `norm.resid` (moe6_route at one token, in place of an add_rmsnorm launch before it): x is
+// made here, x = weight * rmsnorm(resid + add) as gemv::norm_stage does (the norm weight
+// copied into normWeight, shared memory, before the wait; resid and add loaded after it, each
+// thread its own chunks in registers). Block 0 writes x to the `x` buffer, which the product
+// launches after the router read; normWeight ends holding resid + add, which the router's last
+// block writes back into resid (moe6_route).
+struct RouterNorm {
+    const float* resid; const float* add; const float* weight; float eps;
+};
+
 __device__ __forceinline__ void router_logits(const void* w, int bf16, const float* bias, const float* x, int T, int H, int E,
-                                              float* logits, int* xexp, int* sync, int syncCount) {
+                                              float* logits, int* xexp, int* sync, int syncCount, RouterNorm norm = RouterNorm{},
+                                              float* normWeight = nullptr) {
     constexpr int threads = 256, warps = threads / 32, C = 4;  // up to C chunks of 8 columns per thread
     __shared__ float part[warps][4], peak[warps][4];
     const int e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, chunks = H / 8;
@@ -1055,10 +1066,67 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
             wv[i][0] = a.x; wv[i][1] = a.y; wv[i][2] = a.z; wv[i][3] = a.w; wv[i][4] = b.x; wv[i][5] = b.y; wv[i][6] = b.z; wv[i][7] = b.w;
         }
     }
+    if (norm.resid)  // the norm weight does not depend on the previous kernel either (16-byte cp.async, no registers)
+        for (int i = tid; i < H / 4; i += threads)
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(normWeight + 4 * i))),
+                         "l"(norm.weight + 4 * i) : "memory");
     wait_for_previous_kernel();
     allow_next_kernel();
     if (e == 0)
         for (int i = tid; i < syncCount; i += threads) sync[i] = 0;
+    if (norm.resid) {  // T = 1
+        float v[C][8];
+        float ss = 0.f;
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+            const int c = tid + i * threads;
+            if (c >= chunks) break;
+            const float4* r = reinterpret_cast<const float4*>(norm.resid + 8 * c);
+            float4 a = __ldcg(r), b = __ldcg(r + 1);
+            if (norm.add) {
+                const float4* d = reinterpret_cast<const float4*>(norm.add + 8 * c);
+                const float4 da = __ldcg(d), db = __ldcg(d + 1);
+                a.x += da.x; a.y += da.y; a.z += da.z; a.w += da.w; b.x += db.x; b.y += db.y; b.z += db.z; b.w += db.w;
+            }
+            v[i][0] = a.x; v[i][1] = a.y; v[i][2] = a.z; v[i][3] = a.w; v[i][4] = b.x; v[i][5] = b.y; v[i][6] = b.z; v[i][7] = b.w;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) ss += v[i][q] * v[i][q];
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __shared__ float scratch[32];
+        const float inv = rsqrtf(block_sum_all(ss, scratch) / H + norm.eps);  // its barriers also publish normWeight
+        float acc = 0.f, mx = 0.f;
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+            const int c = tid + i * threads;
+            if (c >= chunks) break;
+            float hv[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) {
+                hv[q] = normWeight[8 * c + q] * (v[i][q] * inv);
+                normWeight[8 * c + q] = v[i][q];  // this thread's own elements: x from here on
+                acc = fmaf(wv[i][q], hv[q], acc);
+                mx = fmaxf(mx, fabsf(hv[q]));
+            }
+            if (e == 0) {
+                float4* xo = reinterpret_cast<float4*>(const_cast<float*>(x) + 8 * c);
+                xo[0] = make_float4(hv[0], hv[1], hv[2], hv[3]);
+                xo[1] = make_float4(hv[4], hv[5], hv[6], hv[7]);
+            }
+        }
+        const float sum = warp_sum(acc), m = moe::warp_max(mx);
+        if (lane == 0) { part[warp][0] = sum; peak[warp][0] = m; }
+        __syncthreads();
+        if (tid == 0) {
+            float s = 0.f, m = 0.f;
+#pragma unroll
+            for (int q = 0; q < warps; ++q) { s += part[q][0]; m = fmaxf(m, peak[q][0]); }
+            logits[e] = s + (bias ? bias[e] : 0.f);
+            if (e == 0) xexp[0] = static_cast<int>(__float_as_uint(m) >> 23);
+        }
+        __syncthreads();
+        return;
+    }
     // Four tokens at a time: their x loads in flight together.
     for (int t0 = 0; t0 < T; t0 += 4) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f}, mx[4] = {0.f, 0.f, 0.f, 0.f};
@@ -1697,14 +1765,21 @@ MOE4_ENTRIES(moe7_gate_up, moe7_down, 8, true, 2)
 // token once (moe2::route_block) and leaves the result in `routed` (BlockRoutes as ints; the
 // int after it is the arrival counter, 0 between calls) and v1's layout in `routes` (checks),
 // so the product launches copy 6 KB instead of each routing every token. 256 threads, E blocks.
+// With `resid` (one token): the residual add and RMSNorm before the router are done here
+// (moe2::router_logits' RouterNorm), x is written, not read, and the last block to arrive
+// (the one that routes, when every block's loads of resid are done) writes resid + add back
+// into resid; dynamic shared memory 4 * H bytes then (the norm weight, then resid + add), else 0.
 extern "C" __global__ void __launch_bounds__(256) moe6_route(
     const void* w, int bf16, const float* bias, const float* x, int T, int H, int E, float* logits, int* xexp, int* sync,
     int syncCount, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, int k,
-    int tokensPerSlot, int* routed, int* routes) {
+    int tokensPerSlot, int* routed, int* routes, float* resid, const float* add, const float* normWeight, float eps) {
     FULGUR_TRACE_KERNEL;
     __shared__ moe2::BlockRoutes br;
     __shared__ bool last;
-    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);
+    extern __shared__ float4 normShared[];  // H floats with resid, else none (a static 32 KB here kept the
+                                            // product launches' first blocks off the SMs: 8-token step +0.4%)
+    const moe2::RouterNorm norm{resid, add, normWeight, eps};
+    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, norm, reinterpret_cast<float*>(normShared));
     FULGUR_TRACE_MARK(0);
     __threadfence();  // this block's logits before its arrival
     __syncthreads();
@@ -1714,6 +1789,10 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
     if (!last) return;
     __threadfence();  // every block's logits are visible
     FULGUR_TRACE_MARK(1);
+    // Every block has read resid (its arrival came after its logits): resid + add goes back
+    // now, its stores draining while this block routes.
+    if (resid && add)
+        for (int i = threadIdx.x; i < H / 4; i += blockDim.x) reinterpret_cast<float4*>(resid)[i] = normShared[i];
     moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
                       tokensPerSlot, routes);
     const int* src = reinterpret_cast<const int*>(&br);

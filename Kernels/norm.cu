@@ -15,18 +15,6 @@
 
 namespace layer {
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    v = warp_sum(v);
-    __syncthreads();  // scratch may still be read by a previous call
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float s = 0.f;
-    for (int i = 0; i < warps; ++i) s += scratch[i];
-    return s;
-}
-
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
 // gpt-oss: gate clamped above at limit, up clamped to +-limit, (up + 1) * gate * sigmoid(alpha * gate).
@@ -98,7 +86,7 @@ extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const f
                 if (i < n) x[row + i] = v[j];
             }
         }
-        const float inv = rsqrtf(layer::block_sum(sum, scratch) / n + eps);
+        const float inv = rsqrtf(block_sum_all(sum, scratch) / n + eps);
 #pragma unroll
         for (int j = 0; j < kNormValues; ++j) {
             const int i = threadIdx.x + j * blockDim.x;
@@ -118,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(1024) add_rmsnorm(float* x, const f
         }
         sum += v * v;
     }
-    const float inv = rsqrtf(layer::block_sum(sum, scratch) / n + eps);
+    const float inv = rsqrtf(block_sum_all(sum, scratch) / n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) dst[row + i] = w[i] * (xr[i] * inv);
 }
 
@@ -189,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prep(
         sum += head[i] * head[i];
     }
     if (weight) {
-        const float inv = rsqrtf(layer::block_sum(sum, scratch) / headDim + eps);
+        const float inv = rsqrtf(block_sum_all(sum, scratch) / headDim + eps);
         for (int i = threadIdx.x; i < headDim; i += blockDim.x) head[i] = weight[i] * (head[i] * inv);
     }
     __syncthreads();

@@ -509,6 +509,10 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// every T, and 2 version 2 (`attention_decode_v2`, a chain of dependent loads) below 4 tokens.
     static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
     public static let attentionGroupedMinTokens = 4
+    /// Whether a norm of the residual stream into h is done by the product or MoE router after
+    /// it at one token (ResidualNorm: gemv_wide_norm_*, moe6_route) instead of its own
+    /// add_rmsnorm launch. `FULGUR_FUSE_NORMS=0` turns it off (comparisons).
+    static let fuseNorms = ProcessInfo.processInfo.environment["FULGUR_FUSE_NORMS"] != "0"
     /// Blocks a row of logits is cut over by `argmax` and `argmax_slice` (a thread-block
     /// cluster; sampling::kSplits in Kernels/sampling.cu): their grid is (argmaxSplits, T).
     public static let argmaxSplits = 8
@@ -629,9 +633,12 @@ public final class CUDAExecutor: @unchecked Sendable {
         let qkvStride = (w[.q] ?? 0) + (w[.k] ?? 0) + (w[.v] ?? 0)
         let interMax = w[.gate] ?? 0
         let x = self.x, h = try device.allocate(4 * S * hidden), out = try device.allocate(4 * S * hidden)
+        // The arrival counter of the norms done inside the product after them (ResidualNorm).
+        let arrivals = try device.allocate(4)
+        try [Int32(0)].withUnsafeBytes { try arrivals.upload($0) }
         let qkv = try device.allocate(4 * S * max(qkvStride, 1)), attn = try device.allocate(4 * S * max(w[.attn] ?? 0, 1))
         let gu = try device.allocate(4 * S * max(2 * interMax, 1)), act = try device.allocate(4 * S * max(interMax, 1))
-        keep += [x, h, out, qkv, attn, gu, act]
+        keep += [x, h, out, qkv, attn, gu, act, arrivals]
         // Attention's per-split results and arrival counters, shared by every layer (one runs
         // at a time); the counters start at zero and the kernel leaves them there.
         var partialFloats = 1, counterCount = 1
@@ -695,19 +702,38 @@ public final class CUDAExecutor: @unchecked Sendable {
         var qNorm: DeviceBuffer? = nil, kNorm: DeviceBuffer? = nil, headEps: Float = 0, rope: RoPESpec? = nil, vScale: Float = 1
         var ropeFrequencies: [[Double]: DeviceBuffer] = [:]
 
+        // A norm of x into h that the product or MoE after it does for one token (ResidualNorm);
+        // at other token counts, or where that kernel cannot, add_rmsnorm_to runs before it.
+        var pendingNorm: ResidualNorm? = nil
+
         func flushResidual() throws {
             guard let src = pendingResidual else { return }
             pendingResidual = nil
             let s = try address(src)
             add("norm") { T in try launch("add_inplace", ((T * hidden + 255) / 256, 1, 1), 256, 0, [.pointer(x.address), .pointer(s), .int32(Int32(T * hidden))]) }
         }
-        func norm(src: Buffer, dst: Buffer, weight: [Float], eps: Float) throws {
+        /// add_rmsnorm for `n` at T tokens (the launch a fused norm replaces).
+        func separateNorm(_ n: ResidualNorm, tokens T: Int) throws {
+            try launch("add_rmsnorm", (T, 1, 1), 1024, 0, [.pointer(n.resid), .pointer(n.add), .pointer(n.h), .pointer(n.weight), .int32(Int32(hidden)), .float(n.eps)])
+        }
+        /// The pending norm as its own launch, for an op after it that does not take it.
+        func flushNorm() {
+            guard let n = pendingNorm else { return }
+            pendingNorm = nil
+            add("norm") { T in try separateNorm(n, tokens: T) }
+        }
+        /// `fusable`: the next op reads h only through a product or MoE that may do the norm itself.
+        func norm(src: Buffer, dst: Buffer, weight: [Float], eps: Float, fusable: Bool = false) throws {
             guard [.x, .h, .out].contains(src), weight.count == hidden else {
                 throw FulgurError(.unsupported, "CUDA executor: RMSNorm of \(src) over \(weight.count) values (full-width norms of x, h or out; head norms on q and k)")
             }
             if src != .x { try flushResidual() }
             let wb = try floats(weight), residual = try pendingResidual.map { try address($0) } ?? 0, sa = try address(src), d = try address(dst)
             pendingResidual = nil
+            if fusable && src == .x && dst == .h && Self.fuseNorms {
+                pendingNorm = ResidualNorm(resid: sa, add: residual, weight: wb.address, eps: eps, h: d, arrivals: arrivals.address)
+                return
+            }
             add("norm") { T in
                 try launch("add_rmsnorm", (T, 1, 1), 1024, 0, [.pointer(sa), .pointer(residual), .pointer(d), .pointer(wb.address), .int32(Int32(hidden)), .float(eps)])
             }
@@ -725,7 +751,16 @@ public final class CUDAExecutor: @unchecked Sendable {
             if layersDone < spec.layerCount {
                 if kind == "qkv" { qkvRanges[layersDone] += lin.deviceRanges } else { laterRanges[layersDone] += lin.deviceRanges }
             }
-            add(kind) { T in try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream) }
+            // The pending norm goes with the first product after it (which writes h for the rest).
+            let norm = pendingNorm
+            pendingNorm = nil
+            add(kind) { T in
+                if let norm {
+                    if try lin.takesNorm(tokens: T) { return try lin.apply(norm: norm, out: o, outStride: outStride, stream: stream) }
+                    try separateNorm(norm, tokens: T)
+                }
+                try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream)
+            }
         }
         func attention(layer: Int, spec a: AttentionSpec, sinks: [Float]?, attend: Bool) throws {
             guard !attend || qW == a.heads * a.headDim, kW == a.kvHeads * a.headDim, vW == a.kvHeads * a.valueHeadDim else {
@@ -779,6 +814,10 @@ public final class CUDAExecutor: @unchecked Sendable {
             let op = ops[i]
             i += 1
             switch op {
+            case .linear, .moe: break
+            default: flushNorm()
+            }
+            switch op {
             case .embed:
                 let tokens = self.tokens
                 add("embed") { T in
@@ -788,7 +827,17 @@ public final class CUDAExecutor: @unchecked Sendable {
                 switch (src, dst) {
                 case (.q, .q): qNorm = try floats(weight); headEps = eps
                 case (.k, .k): kNorm = try floats(weight); headEps = eps
-                default: try norm(src: src, dst: dst, weight: weight, eps: eps)
+                default:
+                    // Fused where the next op is a product (or MoE) reading h.
+                    var fusable = false
+                    if i < ops.count {
+                        switch ops[i] {
+                        case .linear(let s2, _, _, _): fusable = s2 == .h
+                        case .moe(let s2, _, _): fusable = s2 == .h
+                        default: break
+                        }
+                    }
+                    try norm(src: src, dst: dst, weight: weight, eps: eps, fusable: fusable)
                 }
             case .finalNorm(let weight, let eps):
                 try norm(src: .x, dst: .h, weight: weight, eps: eps)
@@ -908,8 +957,17 @@ public final class CUDAExecutor: @unchecked Sendable {
                     if layersDone < spec.layerCount { laterRanges[layersDone] += moe.routerRanges }
                     moeLaunch[layersDone] = launches.count
                     bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes
-                    add("moe") { T in try moe.run(h, tokens: T, into: out, stream: stream) }
+                    let norm = pendingNorm
+                    pendingNorm = nil
+                    add("moe") { T in
+                        if let norm {
+                            if moe.takesNorm(tokens: T) { return try moe.run(h, tokens: T, into: out, stream: stream, norm: norm) }
+                            try separateNorm(norm, tokens: T)
+                        }
+                        try moe.run(h, tokens: T, into: out, stream: stream)
+                    }
                 } else {
+                    flushNorm()
                     bytes += try lowerDenseMoE(weights, x: h.address, out: out.address, launch: launch)
                 }
             }

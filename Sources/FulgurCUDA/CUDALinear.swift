@@ -1,6 +1,20 @@
 import Foundation
 import Fulgur
 
+/// A residual add and RMSNorm that the kernel after it does for one token, in place of an
+/// add_rmsnorm launch (CUDALinear.apply(norm:), CUDAMoE.run(norm:)): resid becomes resid + add
+/// (add 0: unchanged) and h = weight * rmsnorm(resid + add), eps inside the root, as add_rmsnorm
+/// leaves them. `arrivals`: an int of device memory, zero between launches (the kernel's last
+/// block writes resid when every block has read it). Device addresses.
+public struct ResidualNorm: Sendable {
+    public let resid: UInt64, add: UInt64, weight: UInt64
+    public let eps: Float
+    public let h: UInt64, arrivals: UInt64
+    public init(resid: UInt64, add: UInt64, weight: UInt64, eps: Float, h: UInt64, arrivals: UInt64) {
+        (self.resid, self.add, self.weight, self.eps, self.h, self.arrivals) = (resid, add, weight, eps, h, arrivals)
+    }
+}
+
 /// A linear weight (or several stacked by rows) copied to the GPU, applied by the kernels of
 /// Kernels/gemv.cu to 1-16 tokens of f32 activations. MXFP4 with split E8M0 scales, FP8 E4M3
 /// with f32 tile multipliers and BF16 stay as stored; every other format (f16, GGML blocks,
@@ -60,6 +74,9 @@ public final class CUDALinear: @unchecked Sendable {
     /// need the warps more than the shared x reads (Kernels/gemv.cu, PlainRows).
     public static let plainFewRows = 16384
     let wideKernels: [KernelModule.Function]
+    /// gemv_wide_norm_<format>_t1: the wide layout with the residual add and RMSNorm before it
+    /// done in the product (`apply(norm:)`); nil for BF16 and f32 storage.
+    let wideNormKernel: KernelModule.Function?
     /// Wide-layout and tensor-core grids found so far; executors sharing this product (server
     /// lanes) launch it from several threads.
     private var wideGrid: [Int: Int] = [:]
@@ -135,12 +152,14 @@ public final class CUDALinear: @unchecked Sendable {
             for (i, f) in kernels.enumerated() { try module.allowSharedMemory(f, bytes: Self.plan(storage, tokens: i + 1).sharedBytes) }
             let wide = storage == .mxfp4 ? "gemv_wide_mxfp4" : "gemv_wide_fp8"
             wideKernels = try (1...Self.maxTokens).map { try module.function("\(wide)_t\($0)") }
+            wideNormKernel = try module.function(storage == .mxfp4 ? "gemv_wide_norm_mxfp4_t1" : "gemv_wide_norm_fp8_t1")
         case .bf16, .f32:
             let family = storage == .bf16 ? "gemv_bf16" : "gemv_f32"
             let bins = [1, 2, 4, 8, 16], oneRow = rows < Self.plainFewRows
             let functions = try bins.map { try module.function("\(family)_t\($0)" + (oneRow && $0 > 1 ? "_r1" : "")) }
             kernels = (1...Self.maxTokens).map { t in functions[bins.firstIndex { $0 >= t }!] }
             wideKernels = []
+            wideNormKernel = nil
         }
         let mmaFamily: String? = switch storage {
         case .fp8(let tile) where tile % 64 == 0 && k % 64 == 0: "gemv_mma_fp8"
@@ -189,19 +208,21 @@ public final class CUDALinear: @unchecked Sendable {
 
     /// Blocks of the wide kernel for `tokens`: all resident at once, at most one per 8 rows;
     /// nil when its x does not fit in shared memory (the rows layout runs instead).
-    private func wideBlocks(_ tokens: Int) throws -> Int? {
+    /// `norm`: of gemv_wide_norm_*_t1 (tokens 1; its grid is kept under key 0).
+    private func wideBlocks(_ tokens: Int, norm: Bool = false) throws -> Int? {
         wideGridLock.lock()
         defer { wideGridLock.unlock() }
-        if let g = wideGrid[tokens] { return g > 0 ? g : nil }
-        let device = module.device, shared = Self.wideSharedBytes(storage, inFeatures: inFeatures, tokens: tokens)
+        let key = norm ? 0 : tokens
+        if let g = wideGrid[key] { return g > 0 ? g : nil }
+        let device = module.device, shared = Self.wideSharedBytes(storage, inFeatures: inFeatures, tokens: tokens) + (norm ? 4 * inFeatures : 0)
         var grid = 0
-        if shared <= device.maxSharedMemoryPerBlock {
-            let f = wideKernels[tokens - 1]
+        if shared <= device.maxSharedMemoryPerBlock, !norm || wideNormKernel != nil {
+            let f = norm ? wideNormKernel! : wideKernels[tokens - 1]
             try module.allowSharedMemory(f, bytes: shared)
             let perSM = try module.residentBlocksPerMultiprocessor(f, threads: 256, sharedBytes: shared)
             grid = min((outFeatures + 7) / 8, perSM * device.multiprocessors)
         }
-        wideGrid[tokens] = grid
+        wideGrid[key] = grid
         return grid > 0 ? grid : nil
     }
 
@@ -306,6 +327,30 @@ public final class CUDALinear: @unchecked Sendable {
                               [.pointer(codes.address), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(k), .int32(Int32(tokens)),
                                .int32(Int32(xStride ?? inFeatures)), .int32(Int32(groupRows ?? outFeatures)), .int32(os)])
         }
+    }
+
+    /// Whether `apply(norm:)` can run this product at `tokens`: one token, in the wide layout
+    /// (MXFP4 or FP8 of at least `wideRows` rows, x fitting in shared memory), K <= 4096
+    /// (gemv::norm_stage holds a thread's share in registers).
+    public func takesNorm(tokens: Int) throws -> Bool {
+        guard tokens == 1, layout == .wide, wideNormKernel != nil, inFeatures <= 4096 else { return false }
+        return try wideBlocks(1, norm: true) != nil
+    }
+
+    /// The residual add and RMSNorm before this product, done in it for one token
+    /// (gemv_wide_norm_*_t1; `takesNorm(tokens: 1)` must hold): out = W . h with
+    /// h = weight * rmsnorm(resid + add), and h and resid written as an add_rmsnorm launch
+    /// would have left them (`ResidualNorm`).
+    public func apply(norm n: ResidualNorm, out: UInt64, outStride: Int? = nil, stream: CUDAStream, overlapPrevious: Bool = true) throws {
+        guard let f = wideNormKernel, let blocks = try wideBlocks(1, norm: true) else {
+            preconditionFailure("apply(norm:) on a product that does not take it (takesNorm)")
+        }
+        var args: [KernelModule.Argument] = [.pointer(codes.address), .pointer(scales!.address), .pointer(bias?.address ?? 0), .pointer(n.h), .pointer(out),
+                                             .int32(Int32(outFeatures)), .int32(Int32(inFeatures)), .int32(Int32(outStride ?? outFeatures))]
+        if case .fp8(let tile) = storage { args.append(.int32(Int32(tile))) }
+        args += [.pointer(n.resid), .pointer(n.add), .pointer(n.weight), .float(n.eps), .pointer(n.arrivals)]
+        try module.launch(f, grid: (blocks, 1, 1), block: (256, 1, 1), sharedBytes: Self.wideSharedBytes(storage, inFeatures: inFeatures, tokens: 1) + 4 * inFeatures,
+                          stream: stream, overlapPrevious: overlapPrevious, args)
     }
 
     /// out[t, o] = sum_i w[o, i] * x[t, i] for `tokens` rows of f32 `x` ([tokens, in]) into

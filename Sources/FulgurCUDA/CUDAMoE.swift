@@ -567,8 +567,14 @@ public final class CUDAMoE: @unchecked Sendable {
     /// kernel is launched as a programmatic dependent of the one before it. With `stageEvents`
     /// (one more than `stageNames`), each launch is preceded by a record of the next event and
     /// the last event follows them; launches are then plain, so the events time each kernel.
+    ///
+    /// With `norm` (one token; `takesNorm(tokens:)` must hold), the router launch first makes
+    /// x = norm.h itself from the residual add and RMSNorm before the layer (moe6_route), in
+    /// place of an add_rmsnorm launch.
     public func run(_ x: DeviceBuffer, tokens: Int, into out: DeviceBuffer, stream: CUDAStream, overlapPrevious: Bool = true,
-                    stageEvents: [CUDAEvent] = []) throws {
+                    stageEvents: [CUDAEvent] = [], norm: ResidualNorm? = nil) throws {
+        precondition(norm == nil || takesNorm(tokens: tokens) && norm!.h == x.address,
+                     "CUDAMoE.run(norm:) at a token count or version that does not take it")
         precondition((1...Self.maxTokens).contains(tokens), "CUDAMoE takes 1 to \(Self.maxTokens) tokens")
         precondition(x.byteCount >= 4 * tokens * hidden && out.byteCount >= 4 * tokens * hidden, "activation buffers too small for \(tokens) tokens")
         precondition(stageEvents.isEmpty || stageEvents.count == stageNames.count + 1, "stageEvents: one more than the \(stageNames.count) kernels")
@@ -622,9 +628,11 @@ public final class CUDAMoE: @unchecked Sendable {
                                                            .int32(H), .int32(E), ptr(logits), ptr(b.xexp), ptr(b.sync), .int32(Int32(b.syncCount))]
             try mark()
             if let route6 = v.route6 {
-                try module.launch(route6, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, logitArguments + [
+                try module.launch(route6, grid: (spec.experts, 1, 1), block: (256, 1, 1), sharedBytes: norm == nil ? 0 : 4 * hidden,
+                                  stream: stream, overlapPrevious: overlap, logitArguments + [
                     ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling), .int32(Int32(groups)),
-                    .int32(Int32(topKGroups)), .int32(k), .int32(Int32(plan.tokensPerSlot)), ptr(v.routed), ptr(routes)])
+                    .int32(Int32(topKGroups)), .int32(k), .int32(Int32(plan.tokensPerSlot)), ptr(v.routed), ptr(routes),
+                    .pointer(norm?.resid ?? 0), .pointer(norm?.add ?? 0), .pointer(norm?.weight ?? 0), .float(norm?.eps ?? 0)])
             } else {
                 try module.launch(b.route, grid: (spec.experts, 1, 1), block: (256, 1, 1), stream: stream, overlapPrevious: overlap, logitArguments)
             }
@@ -644,6 +652,14 @@ public final class CUDAMoE: @unchecked Sendable {
                 ptr(v.routed)])
         }
         try mark()
+    }
+
+    /// Whether `run(norm:)` can do the norm before the layer: one token, version 7 (its
+    /// router, moe6_route, takes it), hidden size up to 8192 (the norm weight in its dynamic
+    /// shared memory, under the 48 KB a launch gets without asking).
+    public func takesNorm(tokens: Int) -> Bool {
+        guard tokens == 1, hidden <= 8192, case .v4(let v) = kernels else { return false }
+        return v.route6 != nil
     }
 
     /// The routing kernels' arguments for a routing rule: mode (0 softmax-top-k, 1 top-k-softmax,

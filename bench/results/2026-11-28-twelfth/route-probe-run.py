@@ -1,5 +1,5 @@
-# Temporary probe harness (driver API through ctypes): times route_token today (V0) against
-# a redux.sync top-k (V1) in one block, and checks that both route the same.
+# Twelfth-session probe harness (kept as a record; expects the cubin at probe/probe.cubin): driver API through ctypes,
+# times route_token (V0) against a redux.sync top-k (V1) in one block, and checks that both route the same.
 import ctypes as C, random, struct, sys, math
 cu = C.CDLL("libcuda.so.1")
 def ck(r, what):

@@ -1,4 +1,4 @@
-// Temporary probe (not committed): route_token as today (V0) against a top-k on redux.sync (V1).
+// Twelfth-session probe (Kernels/NOTES.md): route_token as it was at 8f9f9a1 (V0: compile against that commit's Kernels/moe.cu) against the top-k on redux.sync (V1, now in moe.cu). Kept as the record of that measurement; not built by any script. Compile from a directory beside Kernels/ with nvcc -cubin -arch=sm_90a -DFULGUR_SOURCE_HASH=1ULL; run with route-probe-run.py.
 #include "../Kernels/moe.cu"
 namespace probe {
 using namespace moe;

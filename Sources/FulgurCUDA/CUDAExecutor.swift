@@ -703,7 +703,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         var ropeFrequencies: [[Double]: DeviceBuffer] = [:]
 
         // A norm of x into h that the product or MoE after it does for one token (ResidualNorm);
-        // at other token counts, or where that kernel cannot, add_rmsnorm_to runs before it.
+        // at other token counts, or where that kernel cannot, add_rmsnorm runs before it.
         var pendingNorm: ResidualNorm? = nil
 
         func flushResidual() throws {

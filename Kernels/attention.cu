@@ -136,6 +136,16 @@ __device__ __forceinline__ void pv(float* os, const float* vs, const float* p, c
 // else 1 float, and 4-byte reads).
 __device__ __forceinline__ int key_stride(int headDim) { return headDim + (headDim % 8 == 0 ? 4 : 1); }
 
+// attention_prep's work for one sequence's step of T <= kMaxPrepRows tokens, done in
+// attention_decode_h1p instead of a launch before it: q, k and v as the q/k/v product wrote
+// them (before the head norms, RoPE and value scale), and attention_prep's other arguments.
+constexpr int kMaxPrepRows = 3;
+struct FusedPrep {
+    const float* k; int kStride; const float* v; int vStride;
+    const float* qNorm; const float* kNorm; float eps;
+    int rotaryDim; int neox; const double* invFreq; double attnFactor; float vScale;
+};
+
 // Per head of the group: running max, sum and last rescale; in the merge, the shares' weights
 // and the denominator. In the kernel, not in decode<>, so its five instances share one copy.
 struct HeadState {
@@ -146,11 +156,16 @@ struct HeadState {
 
 // PerHead (GMAX = 1): the block takes one query head (blockIdx.x) of its KV head's group, as
 // version 2's grid does, with this chunk pipeline (attention_decode_h1, 1-3 tokens).
+// With `prep` (PerHead, one sequence, T <= kMaxPrepRows): q, and the step's own key and value
+// rows, are made here from the raw q/k/v rows as attention_prep makes them (same arithmetic,
+// same order: the same values), the step's rows taken from shared memory instead of the
+// cache, and one block of each KV head (query head 0 of its group, row 0, split 0) writes them
+// to the cache for later steps. No block of this launch reads those cache rows.
 template <int GMAX, bool PerHead = false>
 __device__ __forceinline__ void decode(const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads,
                                        int kvHeads, int headDim, int valueDim, const int* positions, int T, int window, int causal,
                                        const float* sinks, float scale, float* out, int outStride, float* partial, int* counters,
-                                       float* shared, HeadState& st) {
+                                       float* shared, HeadState& st, const FusedPrep* prep = nullptr) {
     static_assert(!PerHead || GMAX == 1, "a block per query head has a group of one");
     float* mrun = st.mrun;
     float* lrun = st.lrun;
@@ -178,8 +193,80 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     for (int d = dl; d < valueDim; d += DT)
         for (int u = 0; u < NU; ++u) os[(hl * NU + u) * valueDim + d] = 0.f;
     if (threadIdx.x < kMaxGroup) { mrun[threadIdx.x] = -INFINITY; lrun[threadIdx.x] = 0.f; corr[threadIdx.x] = 0.f; }
-    // q of the group's heads (zero rows up to GMAX); joins the first chunk's copies.
-    if (lo <= hi) {
+    // The step's own rows (with prep): raw q and key rows staged, then normalized, then rotated
+    // into qs and newK; values scaled into newV.
+    float* raw = os + GMAX * valueDim;                       // (1 + T) x headDim
+    float* newK = raw + (1 + kMaxPrepRows) * headDim;        // T x headDim
+    float* newV = newK + kMaxPrepRows * headDim;             // T x valueDim
+    float* rot = newV + kMaxPrepRows * valueDim;             // (1 + T) x rotaryDim: cos, sin by pair
+    const int first = positions[0];
+    if (prep) {
+        // Before the wait (decode_entry leaves it to here): what does not depend on the q/k/v
+        // product. The first chunk's rows older than the step were written by earlier steps,
+        // and the positions by a launch the previous kernel waited for, so their copies and
+        // the rotary factors (fp64 sincos) go first and overlap the wait and the prep loads.
+        if (lo <= hi) {
+            const int count = min(kChunk, hi - lo + 1), old = max(0, min(count, first - lo));
+            copy_rows(ks, kStride, old, headDim, vectorK, cacheK + (size_t)kvh * headDim, (size_t)kvHeads * headDim, lo % capacity, capacity);
+            copy_rows(vs, valueDim, old, valueDim, vectorV, cacheV + (size_t)kvh * valueDim, (size_t)kvHeads * valueDim, lo % capacity, capacity);
+        }
+        const int pairs = prep->rotaryDim / 2;
+        for (int i = threadIdx.x; i < (1 + T) * pairs; i += kThreads) {
+            const int r = i / pairs, pair = i - r * pairs;
+            double sn, cs;
+            sincos((double)positions[r == 0 ? t : r - 1] * prep->invFreq[pair], &sn, &cs);
+            rot[r * prep->rotaryDim + 2 * pair] = (float)(cs * prep->attnFactor);
+            rot[r * prep->rotaryDim + 2 * pair + 1] = (float)(sn * prep->attnFactor);
+        }
+        wait_for_previous_kernel();
+        allow_next_kernel();
+        __shared__ float scratch[32];
+        float sum[1 + kMaxPrepRows] = {};
+        for (int i = threadIdx.x; i < headDim; i += kThreads) {
+            raw[i] = q[(size_t)t * qStride + (size_t)h0 * headDim + i];
+            sum[0] += raw[i] * raw[i];
+            for (int r = 0; r < T; ++r) {
+                float& kr = raw[(1 + r) * headDim + i];
+                kr = prep->k[(size_t)r * prep->kStride + (size_t)kvh * headDim + i];
+                sum[1 + r] += kr * kr;
+            }
+        }
+        for (int i = threadIdx.x; i < valueDim; i += kThreads)
+            for (int r = 0; r < T; ++r) newV[r * valueDim + i] = prep->v[(size_t)r * prep->vStride + (size_t)kvh * valueDim + i] * prep->vScale;
+        for (int r = 0; r <= T; ++r) {
+            const float* weight = r == 0 ? prep->qNorm : prep->kNorm;
+            if (!weight) continue;
+            const float inv = rsqrtf(block_sum_all(sum[r], scratch) / headDim + prep->eps);
+            for (int i = threadIdx.x; i < headDim; i += kThreads) raw[r * headDim + i] = weight[i] * (raw[r * headDim + i] * inv);
+        }
+        __syncthreads();
+        const int half = prep->rotaryDim / 2;
+        for (int r = 0; r <= T; ++r) {
+            const float* head = raw + r * headDim;
+            float* dst = r == 0 ? qs : newK + (r - 1) * headDim;
+            for (int i = threadIdx.x; i < headDim; i += kThreads) {
+                float o = head[i];
+                if (i < prep->rotaryDim) {
+                    const int pair = prep->neox ? i % half : i / 2;
+                    const bool lead = prep->neox ? i < half : i % 2 == 0;
+                    const int a = prep->neox ? pair : 2 * pair, b = prep->neox ? pair + half : 2 * pair + 1;
+                    const float cf = rot[r * prep->rotaryDim + 2 * pair], sf = rot[r * prep->rotaryDim + 2 * pair + 1];
+                    o = lead ? head[a] * cf - head[b] * sf : head[b] * cf + head[a] * sf;
+                }
+                dst[i] = o;
+            }
+        }
+        __syncthreads();
+        if (h0 % (heads / kvHeads) == 0 && t == 0 && split == 0)
+            for (int r = 0; r < T; ++r) {
+                const int at = positions[r] % capacity;
+                for (int i = threadIdx.x; i < headDim; i += kThreads)
+                    const_cast<float*>(cacheK)[((size_t)at * kvHeads + kvh) * headDim + i] = newK[r * headDim + i];
+                for (int i = threadIdx.x; i < valueDim; i += kThreads)
+                    const_cast<float*>(cacheV)[((size_t)at * kvHeads + kvh) * valueDim + i] = newV[r * valueDim + i];
+            }
+    } else if (lo <= hi) {
+        // q of the group's heads (zero rows up to GMAX); joins the first chunk's copies.
         const float* qt = q + (size_t)t * qStride + (size_t)h0 * headDim;
         copy_rows(qs, kStride, G, headDim, false, qt, headDim, 0, G);
         for (int i = G * headDim + threadIdx.x; i < GMAX * headDim; i += kThreads) qs[(i / headDim) * kStride + i % headDim] = 0.f;
@@ -194,8 +281,18 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     for (int c0 = lo; c0 <= hi; c0 += kChunk) {
         const int count = min(kChunk, hi - c0 + 1);
         const int slot = c0 % capacity;
-        copy_rows(ks, kStride, count, headDim, vectorK, cacheK + (size_t)kvh * headDim, (size_t)kvHeads * headDim, slot, capacity);
-        copy_rows(vs, valueDim, count, valueDim, vectorV, cacheV + (size_t)kvh * valueDim, (size_t)kvHeads * valueDim, slot, capacity);
+        // With prep, the step's own rows (positions first ..) come from shared memory, and the
+        // first chunk's older rows were copied before the wait.
+        const int old = prep ? max(0, min(count, first - c0)) : count;
+        if (!prep || c0 != lo) {
+            copy_rows(ks, kStride, old, headDim, vectorK, cacheK + (size_t)kvh * headDim, (size_t)kvHeads * headDim, slot, capacity);
+            copy_rows(vs, valueDim, old, valueDim, vectorV, cacheV + (size_t)kvh * valueDim, (size_t)kvHeads * valueDim, slot, capacity);
+        }
+        for (int j = old; j < count; ++j) {
+            const int r = c0 + j - first;
+            for (int i = threadIdx.x; i < headDim; i += kThreads) ks[j * kStride + i] = newK[r * headDim + i];
+            for (int i = threadIdx.x; i < valueDim; i += kThreads) vs[j * valueDim + i] = newV[r * valueDim + i];
+        }
         copies_done();
         __syncthreads();  // K, V (and q, the zeroed rows, the running state) visible to all
 
@@ -377,7 +474,7 @@ template <int GMAX, bool PerHead = false>
 __device__ __forceinline__ void decode_entry(const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads,
                                              int kvHeads, int headDim, int valueDim, const int* positions, int T, int window, int causal,
                                              const float* sinks, float scale, float* out, int outStride, float* partial, int* counters,
-                                             const int* slots) {
+                                             const int* slots, const attention::FusedPrep* prep = nullptr) {
     using namespace attention;
     extern __shared__ float4 shared4[];
     __shared__ HeadState st;
@@ -390,15 +487,18 @@ __device__ __forceinline__ void decode_entry(const float* q, int qStride, const 
     // step's attention 2% slower and the 16-token step 3% (every token row's blocks asked for
     // the same keys, and the chunks' cp.async copies are already all in flight at once). A
     // block per query head (1-3 tokens) asks as version 2 does: one head of each group, row 0.
-    if (PerHead && blockIdx.x % (heads / kvHeads) == 0 && blockIdx.y == 0) {
+    // With prep, decode copies the first chunk's old rows into shared memory before it waits.
+    if (PerHead && !prep && blockIdx.x % (heads / kvHeads) == 0 && blockIdx.y == 0) {
         int lo, hi;
         key_range(positions, T, 0, window, causal, blockIdx.z, gridDim.z, lo, hi);
         prefetch_old_keys(cacheK, cacheV, capacity, kvHeads, blockIdx.x / (heads / kvHeads), headDim, valueDim, positions, 0, lo, hi);
     }
-    wait_for_previous_kernel();
-    allow_next_kernel();
+    if (!prep) {
+        wait_for_previous_kernel();
+        allow_next_kernel();
+    }
     decode<GMAX, PerHead>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, causal, sinks,
-                          scale, out, outStride, partial, counters, shared, st);
+                          scale, out, outStride, partial, counters, shared, st, prep);
 }
 
 #define ATTENTION_DECODE_ENTRY(GMAX)                                                                                          \
@@ -425,6 +525,25 @@ extern "C" __global__ void __launch_bounds__(128, 6) attention_decode_h1(
     FULGUR_TRACE_KERNEL;
     decode_entry<1, true>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, causal, sinks,
                           scale, out, outStride, partial, counters, slots);
+}
+
+// Version 4 with attention_prep's work in it (decode's `prep`): q, k, v are the q/k/v
+// product's raw rows; one sequence (no slots), T <= 3. Dynamic shared memory: version 4's plus
+// 4 * ((2 + 3 * kMaxPrepRows) * headDim + kMaxPrepRows * valueDim) bytes. attention_prep before
+// attention added 2.6-2.9 us a layer to the gpt-oss-20b 1-token step (H200 timeline). Measured
+// (H200, Kernels/NOTES.md, thirteenth session): the first version, which did the prep work
+// before it asked for the old rows, made the 1-token step 1.2% slower; this one, the old rows'
+// copies and the rotary factors before the wait, 2.040 -> 2.018 ms, while 2 and 3 tokens were
+// 0.3-0.5% slower: the executor gives it one token (CUDAExecutor.prepTokens).
+extern "C" __global__ void __launch_bounds__(128, 6) attention_decode_h1p(
+    const float* q, int qStride, float* cacheK, float* cacheV, int capacity, int heads, int kvHeads, int headDim,
+    int valueDim, const int* positions, int T, int window, int causal, const float* sinks, float scale, float* out, int outStride,
+    float* partial, int* counters, const float* k, int kStride, const float* v, int vStride, const float* qNorm, const float* kNorm,
+    float eps, int rotaryDim, int neox, const double* invFreq, double attnFactor, float vScale) {
+    FULGUR_TRACE_KERNEL;
+    const attention::FusedPrep prep{k, kStride, v, vStride, qNorm, kNorm, eps, rotaryDim, neox, invFreq, attnFactor, vScale};
+    decode_entry<1, true>(q, qStride, cacheK, cacheV, capacity, heads, kvHeads, headDim, valueDim, positions, T, window, causal, sinks,
+                          scale, out, outStride, partial, counters, nullptr, &prep);
 }
 
 

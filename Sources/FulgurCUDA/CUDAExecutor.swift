@@ -507,18 +507,38 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// gpt-oss-20b step 6.14 -> 5.49 ms (5.24 after its later changes) and the 1-token step
     /// 2.49 -> 2.80. For comparisons, FULGUR_ATTENTION_VERSION=3 or 4 takes that version at
     /// every T, and 2 version 2 (`attention_decode_v2`, a chain of dependent loads) below 4 tokens.
-    static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
+    public static let attentionVersion = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_VERSION"] ?? "") ?? 0
     public static let attentionGroupedMinTokens = 4
     /// Whether a norm of the residual stream into h is done by the product or MoE router after
     /// it at one token (ResidualNorm: gemv_wide_norm_*, moe6_route) instead of its own
     /// add_rmsnorm launch. `FULGUR_FUSE_NORMS=0` turns it off (comparisons).
     static let fuseNorms = ProcessInfo.processInfo.environment["FULGUR_FUSE_NORMS"] != "0"
+    /// Whether version 4's blocks do attention_prep's work (q/k norms, RoPE, value scale, the
+    /// KV-cache write) for a single sequence's 1-token step (attention_decode_h1p) instead of
+    /// its own launch. `FULGUR_FUSE_PREP=0` turns it off (comparisons).
+    public static let fusePrep = ProcessInfo.processInfo.environment["FULGUR_FUSE_PREP"] != "0"
+    /// The most tokens attention_decode_h1p takes (kMaxPrepRows in Kernels/attention.cu).
+    public static let prepMaxTokens = 3
+    /// The most tokens the executor gives attention_decode_h1p. Measured (H200, gpt-oss-20b,
+    /// three rounds in one call; Kernels/NOTES.md, thirteenth session): 1 token 2.040 -> 2.018
+    /// ms, but 2 tokens 2.793 -> 2.808 and 3 tokens 3.327 -> 3.336, so one.
+    public static let prepTokens = 1
+    /// Whether attention_decode_h1p can take a single sequence's step of T tokens (version 4's
+    /// grid, at most prepMaxTokens): what `gpu-check layer` checks it on.
+    public static func prepKernelTakes(tokens: Int) -> Bool {
+        tokens <= prepMaxTokens && !groupedAttention(tokens: tokens) && attentionVersion != 2
+    }
+    /// Whether a single sequence's step of T tokens runs attention_decode_h1p (version 4 with
+    /// attention_prep's work in it) instead of attention_prep and then its attention kernel.
+    public static func prepInAttention(tokens: Int) -> Bool {
+        fusePrep && tokens <= prepTokens && prepKernelTakes(tokens: tokens)
+    }
     /// Blocks a row of logits is cut over by `argmax` and `argmax_slice` (a thread-block
     /// cluster; sampling::kSplits in Kernels/sampling.cu): their grid is (argmaxSplits, T).
     public static let argmaxSplits = 8
     /// A cap on version 3's splits (`FULGUR_ATTENTION_MAX_SPLITS`, for measurements).
     static let groupedMaxSplits = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_MAX_SPLITS"] ?? "") ?? 16
-    static func groupedAttention(tokens: Int) -> Bool {
+    public static func groupedAttention(tokens: Int) -> Bool {
         attentionVersion == 3 || (attentionVersion != 4 && tokens >= attentionGroupedMinTokens)
     }
 
@@ -526,7 +546,11 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// layer (`sharedBytes`: attentionDecodeSharedBytes). Versions 3 and 4 run a chain of global
     /// round trips a block (copy, shares, arrival counter, merge), so a second wave of blocks
     /// doubles the time: their splits are cut to one wave of resident blocks.
-    public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, valueDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule) throws
+    /// `fusedPrep`: steps the executor gives attention_decode_h1p (`prepInAttention`) run it on
+    /// version 4's grid, their splits cut to a wave of whichever of the two fits fewer blocks;
+    /// other steps keep version 4's own wave.
+    public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, valueDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule,
+                                      fusedPrep: Bool = true) throws
         -> (Int) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
         let splits = attentionSplits(capacity)
         // Versions 3 and 4 split finer (version 3 a share of at least 32 keys: a sliding layer's
@@ -547,6 +571,20 @@ public final class CUDAExecutor: @unchecked Sendable {
         try module.allowSharedMemory(perHead, bytes: room)
         let perHeadResident = try module.residentBlocksPerMultiprocessor(perHead, threads: 128, sharedBytes: perHeadShared)
             * module.device.multiprocessors
+        var prepResident = perHeadResident
+        if fusedPrep {
+            // attention_decode_h1p (the same with attention_prep's work) takes the same grid: the
+            // splits are cut to a wave of whichever fits fewer blocks.
+            let withPrep = try module.function("attention_decode_h1p")
+            let prepShared = perHeadShared + 4 * ((2 + 3 * prepMaxTokens) * headDim + prepMaxTokens * valueDim)
+            let prepRoom = module.device.maxSharedMemoryPerBlock - (try module.staticSharedBytes(withPrep))
+            guard prepShared <= prepRoom else {
+                throw FulgurError(.unsupported, "CUDA executor: attention heads of \(headDim) key / \(valueDim) value dimensions need \(prepShared) bytes of shared memory a block; this GPU allows \(prepRoom)")
+            }
+            try module.allowSharedMemory(withPrep, bytes: prepRoom)
+            prepResident = min(perHeadResident, try module.residentBlocksPerMultiprocessor(withPrep, threads: 128, sharedBytes: prepShared)
+                * module.device.multiprocessors)
+        }
         let perHeadSplits = min(attentionMaxSplits, max(1, (capacity + 63) / 64))
         // Version 2's dynamic shared memory: q, then the merge's shares (splits * (valueDim + 2)
         // floats, plus 8 for the copy's widening to 16-byte bounds).
@@ -556,7 +594,8 @@ public final class CUDAExecutor: @unchecked Sendable {
                 return (grouped, (kvHeads, T, min(groupedSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
             }
             if attentionVersion == 2 { return ("attention_decode_v2", (heads, T, splits), v2Shared) }
-            return ("attention_decode_h1", (heads, T, min(perHeadSplits, max(1, perHeadResident / (heads * T)))), perHeadShared)
+            let wave = fusedPrep && prepInAttention(tokens: T) ? prepResident : perHeadResident
+            return ("attention_decode_h1", (heads, T, min(perHeadSplits, max(1, wave / (heads * T)))), perHeadShared)
         }
     }
 
@@ -665,7 +704,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             return b
         }
         let names = ["embed", "capture_rows", "add_rmsnorm", "add_inplace", "glu", "qkv_scatter", "attention_prep", "kv_store", "attention_decode_g1", "attention_decode_g2", "attention_decode_g4",
-                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "attention_decode_h1",
+                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "attention_decode_h1", "attention_decode_h1p",
                      "moe_route", "moe_dense_glu", "moe_dense_combine", "argmax", "argmax_slice", "argmax_pick"]
         let module = self.module, stream = self.stream, positions = self.positions
         // Row slots only where the cache holds several sequences (null: slot 0).
@@ -784,7 +823,14 @@ public final class CUDAExecutor: @unchecked Sendable {
             let sinkAddress = try sinks.map { try floats($0).address } ?? 0
             let stride = Int32(qkvStride)
             if attentionLaunch[layer] == nil { attentionLaunch[layer] = launches.count }
+            // Version 4's blocks do attention_prep's work themselves for one sequence's 1-token step
+            // (attention_decode_h1p) on one GPU; the shape's T decides in the attention launch
+            // below. Not in a tensor-parallel shard: over 2 H200 it made the 1-token step 1-1.2%
+            // slower (gpt-oss-20b 1.800 -> 1.818 ms, MiMo-V2-Flash 5.018 -> 5.078) where one GPU
+            // gained 0.6-1.1% (Kernels/NOTES.md, thirteenth session).
+            let fusedPrep = attend && rowSlots == 0 && Self.fusePrep && communicator == nil
             add("attention") { T in
+                if fusedPrep && Self.prepInAttention(tokens: T) { return }
                 try launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
                     .pointer(q), .int32(stride), .pointer(k), .int32(stride), .pointer(v), .int32(stride), .int32(Int32(heads)),
                     .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)), .pointer(qn), .pointer(kn), .float(eps),
@@ -794,9 +840,22 @@ public final class CUDAExecutor: @unchecked Sendable {
             }
             if attend {
                 let shape = try Self.attentionShape(heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueHeadDim, sharedBytes: decodeShared,
-                                                    capacity: cache.capacity, module: module)
+                                                    capacity: cache.capacity, module: module, fusedPrep: fusedPrep)
+                let prepShared = 4 * ((2 + 3 * Self.prepMaxTokens) * a.headDim + Self.prepMaxTokens * a.valueHeadDim)
                 add("attention") { T in
                     let l = shape(T)
+                    if fusedPrep && Self.prepInAttention(tokens: T) {
+                        precondition(l.name == "attention_decode_h1", "attention_decode_h1p takes version 4's grid")
+                        try launch("attention_decode_h1p", l.grid, 128, l.sharedBytes + prepShared, [
+                            .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
+                            .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),
+                            .pointer(positions.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
+                            .pointer(sinkAddress), .float(a.softmaxScale), .pointer(attn.address), .int32(Int32(a.heads * a.valueHeadDim)),
+                            .pointer(partial.address), .pointer(counters.address), .pointer(k), .int32(stride), .pointer(v), .int32(stride),
+                            .pointer(qn), .pointer(kn), .float(eps), .int32(Int32(r.rotaryDim)), .int32(r.style == .neox ? 1 : 0), .pointer(freq),
+                            .double(r.attentionFactor), .float(vs)])
+                        return
+                    }
                     try launch(l.name, l.grid, 128, l.sharedBytes, [
                         .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),
                         .int32(Int32(a.heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)),

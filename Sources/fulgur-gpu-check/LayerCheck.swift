@@ -75,7 +75,7 @@ struct LayerKernels {
         self.module = module
         self.stream = stream
         let names = ["embed", "add_rmsnorm", "add_inplace", "glu", "attention_prep", "attention_decode_g1", "attention_decode_g2", "attention_decode_g4",
-                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "attention_decode_h1", "argmax"]
+                     "attention_decode_g8", "attention_decode_g16", "attention_decode_v2", "attention_decode_h1", "attention_decode_h1p", "argmax"]
         functions = try Dictionary(uniqueKeysWithValues: names.map { ($0, try module.function($0)) })
     }
 
@@ -347,7 +347,12 @@ let attentionCases: [AttentionCase] = [
 
 /// attention_prep then attention_decode over a cache of random keys and values, against the
 /// CPU's ops for the layer: head norms, RoPE, value scale, the cache write, attention.
-func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T: Int, _ rng: inout SeededGenerator) throws -> LayerCase {
+/// `fusedPrep`: attention_decode_h1p alone (attention_prep's work in the attention launch, as
+/// the executor runs one sequence's 1-token step; the kernel takes 1-3 tokens) instead of
+/// attention_prep and then the kernel attentionShape picks; the q/k/v rows are then left as
+/// they were.
+func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T: Int, fusedPrep: Bool = false,
+                    _ rng: inout SeededGenerator) throws -> LayerCase {
     let S = layerStepTokens
     precondition(T <= S && start + T <= a.maxPositions)
     // CUDAExecutor.Cache (and KVCache.capacity): a sliding layer keeps a ring of window + S.
@@ -385,23 +390,36 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
 
     let q = regionBuffer.address + UInt64(4 * qOff), kp = regionBuffer.address + UInt64(4 * kOff), v = regionBuffer.address + UInt64(4 * vOff)
     let s32 = Int32(stride)
-    try k.launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
+    if !fusedPrep { try k.launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
         .pointer(q), .int32(s32), .pointer(kp), .int32(s32), .pointer(v), .int32(s32), .int32(Int32(heads)),
         .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)), .pointer(qn?.address ?? 0), .pointer(kn?.address ?? 0), .float(eps),
         .int32(Int32(a.rope.rotaryDim)), .int32(a.rope.style == .neox ? 1 : 0), .pointer(freq?.address ?? 0), .double(a.rope.attentionFactor), .float(a.valueScale),
-        .pointer(positionBuffer.address), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)), .pointer(0)])
+        .pointer(positionBuffer.address), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)), .pointer(0)]) }
     var launched = "prep only"
     if a.attend {
         // The kernel and grid the executor launches at this T (version 4 below 4 tokens).
         let shared = try CUDAExecutor.attentionDecodeSharedBytes(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, module: k.module)
         let l = try CUDAExecutor.attentionShape(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, sharedBytes: shared, capacity: capacity, module: k.module)(T)
-        launched = "\(l.name), \(l.grid.2) splits"
+        launched = "\(fusedPrep ? "attention_decode_h1p" : l.name), \(l.grid.2) splits"
+        if fusedPrep {
+            precondition(l.name == "attention_decode_h1", "attention_decode_h1p takes version 4's grid")
+            let extra = 4 * ((2 + 3 * CUDAExecutor.prepMaxTokens) * a.headDim + CUDAExecutor.prepMaxTokens * a.valueDim)
+            try k.launch("attention_decode_h1p", l.grid, 128, l.sharedBytes + extra, [
+                .pointer(q), .int32(s32), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)),
+                .int32(Int32(heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)),
+                .pointer(positionBuffer.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
+                .pointer(sinkBuffer?.address ?? 0), .float(scale), .pointer(attn.address), .int32(Int32(heads * a.valueDim)),
+                .pointer(partial.address), .pointer(counters.address), .pointer(kp), .int32(s32), .pointer(v), .int32(s32),
+                .pointer(qn?.address ?? 0), .pointer(kn?.address ?? 0), .float(eps), .int32(Int32(a.rope.rotaryDim)),
+                .int32(a.rope.style == .neox ? 1 : 0), .pointer(freq?.address ?? 0), .double(a.rope.attentionFactor), .float(a.valueScale)])
+        } else {
         try k.launch(l.name, l.grid, 128, l.sharedBytes, [
             .pointer(q), .int32(s32), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)),
             .int32(Int32(heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)),
             .pointer(positionBuffer.address), .int32(Int32(T)), .int32(Int32(a.window ?? 0)), .int32(a.causal ? 1 : 0),
             .pointer(sinkBuffer?.address ?? 0), .float(scale), .pointer(attn.address), .int32(Int32(heads * a.valueDim)),
             .pointer(partial.address), .pointer(counters.address), .pointer(0)])
+        }
     }
     let gotRegion = try k.download(regionBuffer, region.count, Float(0))
     let gotKeys = try k.download(cacheK, keys.count, Float(0)), gotValues = try k.download(cacheV, values.count, Float(0))
@@ -430,9 +448,13 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
 
     let ring = a.window == nil ? "capacity \(capacity)" : "ring of \(capacity)"
     var c = LayerCase("attention \(a.name) T=\(T) at \(start)...\(start + T - 1) (\(ring), \(launched))")
-    if a.attend { c.close("q", part(gotRegion, qOff, qW), qr, width: a.headDim, bound: layerNormTolerance) }
-    c.close("k", part(gotRegion, kOff, kW), kr, width: a.headDim, bound: layerNormTolerance)
-    c.exact("v", part(gotRegion, vOff, vW), vr)
+    if fusedPrep {
+        c.exact("q/k/v rows untouched", gotRegion, region)
+    } else {
+        if a.attend { c.close("q", part(gotRegion, qOff, qW), qr, width: a.headDim, bound: layerNormTolerance) }
+        c.close("k", part(gotRegion, kOff, kW), kr, width: a.headDim, bound: layerNormTolerance)
+        c.exact("v", part(gotRegion, vOff, vW), vr)
+    }
     if a.pad > 0 { c.exact("pad", part(gotRegion, vOff + vW, a.pad), part(region, vOff + vW, a.pad)) }
     // The cache: the step's key rows close to the CPU's, every other slot untouched, values exact.
     let written = Set(positions.map { $0 % capacity })
@@ -469,7 +491,13 @@ func runLayerChecks(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDA
     report(try checkArgmax(k, &rng))
     for a in attentionCases {
         for start in a.starts {
-            for T in attentionTokenCounts { report([try checkAttention(k, a, start: start, tokens: T, &rng)]) }
+            for T in attentionTokenCounts {
+                report([try checkAttention(k, a, start: start, tokens: T, &rng)])
+                // attention_prep inside version 4 (the executor's single-sequence 1-token path; the kernel takes 1-3).
+                if a.attend && CUDAExecutor.prepKernelTakes(tokens: T) {
+                    report([try checkAttention(k, a, start: start, tokens: T, fusedPrep: true, &rng)])
+                }
+            }
         }
     }
     let failed = cases.filter { !$0.passed }

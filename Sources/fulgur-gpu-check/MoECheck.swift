@@ -284,13 +284,17 @@ func runMoE(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDAStream, 
     // call's minutes); the NaN routing check always runs.
     let env = ProcessInfo.processInfo.environment
     let shapeFilter = env["FULGUR_MOE_SHAPES"].map { Set($0.split(separator: ",").map(String.init)) }
-    let tokenFilter = env["FULGUR_MOE_TOKENS"]?.split(separator: ",").compactMap { Int($0) }
+    // Every entry must be a step size: one that is not ("8x", an empty one) is an error, not dropped.
+    let tokenEntries = env["FULGUR_MOE_TOKENS"]?.split(separator: ",", omittingEmptySubsequences: false)
+        .map { $0.trimmingCharacters(in: .whitespaces) }
+    let tokenFilter = tokenEntries?.compactMap { Int($0) }
     if let unknown = shapeFilter?.subtracting(moeShapes.map(\.name)), !unknown.isEmpty {
         print("MoE FAIL: FULGUR_MOE_SHAPES names no shape \(unknown.sorted()) (shapes: \(moeShapes.map(\.name).joined(separator: ", ")))")
         return false
     }
-    if let tokenFilter, tokenFilter.isEmpty || !tokenFilter.allSatisfy({ (1...16).contains($0) }) {
-        print("MoE FAIL: FULGUR_MOE_TOKENS takes step sizes from 1 to 16, comma-separated")
+    if let tokenEntries, let tokenFilter,
+       tokenFilter.count != tokenEntries.count || tokenFilter.isEmpty || !tokenFilter.allSatisfy({ (1...16).contains($0) }) {
+        print("MoE FAIL: FULGUR_MOE_TOKENS takes step sizes from 1 to 16, comma-separated (got \(tokenEntries))")
         return false
     }
     for (i, s) in moeShapes.enumerated() where shapeFilter?.contains(s.name) ?? true {

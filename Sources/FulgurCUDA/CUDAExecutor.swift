@@ -254,6 +254,22 @@ public final class CUDAExecutor: @unchecked Sendable {
         return try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch, sharing: self)
     }
 
+    /// `sharingCache(plan:)` over the device copies of the weights of `weightsOf`, a CUDA
+    /// executor of `other` on this device (a DFlash drafter's context plan, for another lane):
+    /// nothing is uploaded again. Anything else: as `sharingCache(plan:)`.
+    public func sharingCache(plan other: Plan, weightsOf: any Executor) throws -> any Executor {
+        guard let owner = weightsOf as? CUDAExecutor, owner.communicator == nil else { return try sharingCache(plan: other) }
+        try oneSequence()
+        return try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch,
+                                sharing: self, sharingWeightsOf: owner)
+    }
+
+    /// Whether this executor runs on the same device copies of its weights as `other`
+    /// (`sharingWeights`, `sharingCache(plan:weightsOf:)`), for checks.
+    public func sharesWeights(with other: any Executor) -> Bool {
+        (other as? CUDAExecutor).map { $0.weights === weights } ?? false
+    }
+
     /// Another executor over this one's device copies of the weights (the large ones are not
     /// uploaded again), with its own cache, activations and stream: a server lane (one
     /// sequence), or a batch (`slotted`: `slots` sequences, `forward(batch:)`). Not for

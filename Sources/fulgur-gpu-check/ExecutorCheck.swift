@@ -179,7 +179,8 @@ func speculativeBlocks(model: Model, name: String, prompt p: Int, plain: [Int], 
 
 // DFlash on the GPU (issue 5, Done-means 1 on the GPU): target and drafter both on the CUDA
 // executor, greedy, 200 tokens past EOS for two prompts at blocks 2, 8 and 16, against plain
-// greedy decoding on the same GPU and on the CPU. The drafters are the tiny random fixtures
+// greedy decoding on the same GPU and on the CPU, and a server lane's DFlash (the target's and
+// the drafter's weights shared, not copied). The drafters are the tiny random fixtures
 // (Tests/FulgurTests/Fixtures/drafters), so most guesses are wrong and the rollback paths run.
 func runSpeculativeChecks(_ device: CUDADevice, _ module: KernelModule) throws -> Bool {
     let names = ["llama", "qwen3", "qwen3_moe", "mimo_v2_flash", "gpt_oss"]
@@ -191,13 +192,29 @@ func runSpeculativeChecks(_ device: CUDADevice, _ module: KernelModule) throws -
             try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: context)
         }
         var line = name.padding(toLength: 15, withPad: " ", startingAt: 0)
+        var plain0: [Int] = []
         for (p, prompt) in speculativePrompts.enumerated() {
             let cpu = try Generator(executor: CPUExecutor(plan: model.plan, maxPositions: 512)).generate(prompt: prompt, parameters: speculativeParameters, decode: { _ in "" })
             let gpu = try Generator(executor: make(model.plan, 512)).generate(prompt: prompt, parameters: speculativeParameters, decode: { _ in "" })
             if gpu.tokens != cpu.tokens { failures.append("\(name) prompt \(p): GPU plain != CPU plain") }
+            if p == 0 { plain0 = gpu.tokens }
             line += try speculativeBlocks(model: model, name: name, prompt: p, plain: gpu.tokens, target: { try make(model.plan, 512) },
                                           drafterExecutor: make, what: "speculative != plain", checks: &checks, failures: &failures)
         }
+        // A server lane's DFlash (Engine.makeSpeculativeGenerator): the target's sibling and the
+        // drafter's withOwnCache, whose block and context executors run on the first drafter's
+        // device copies of the weights (nothing uploaded again), decoding as plain greedy.
+        let drafter = try DFlashDrafter(directory: "Tests/FulgurTests/Fixtures/drafters/\(name)", target: model, maxPositions: 512,
+                                        maxStepTokens: 16, executor: make)
+        let target = try make(model.plan, 512), lane = try drafter.withOwnCache()
+        let shared = (lane.block as? CUDAExecutor)?.sharesWeights(with: drafter.block) == true
+            && (lane.context as? CUDAExecutor)?.sharesWeights(with: drafter.context) == true
+        let r = try SpeculativeGenerator(target: target.sharingWeights(), drafter: lane, blockSize: 8)
+            .generate(prompt: speculativePrompts[0], parameters: speculativeParameters, decode: { _ in "" })
+        checks += 1
+        let laneOK = shared && r.tokens == plain0 && r.tokens.count == 200
+        if !laneOK { failures.append("\(name) lane: \(shared ? "speculative != plain" : "the lane's drafter does not share the device weights")") }
+        line += "  lane/b8 \(laneOK ? "ok" : "DIFF")"
         print(line)
     }
     print(failures.isEmpty ? "speculative PASS: \(checks) runs" : "speculative FAIL: " + failures.joined(separator: "; "))

@@ -18,8 +18,10 @@ public final class DFlashDrafter {
     public let blockSize: Int
     public let maskTokenId: Int
     public let targetLayerIds: [Int]
-    let context: any Executor
-    let block: any Executor
+    /// The executor that writes the target's features into the drafter's cache (context plan)
+    /// and the one that drafts a block (block plan), over one cache.
+    public let context: any Executor
+    public let block: any Executor
 
     /// Opens the drafter in `directory` for `target`; `maxStepTokens` bounds a block (and the
     /// slack of sliding-window rings). `executor` makes the executor of the block plan for a
@@ -118,11 +120,13 @@ public final class DFlashDrafter {
 
     /// Another drafter over the same weights with a cache of its own, for another sequence of
     /// the same target (a server lane): the plans, and so the weights, are shared, as
-    /// `Engine.makeGenerator` shares the target's (`Executor.sharingWeights`).
+    /// `Engine.makeGenerator` shares the target's (`Executor.sharingWeights`); on a GPU both the
+    /// block's and the context's device copies (the context's were uploaded again per lane
+    /// until the thirteenth session).
     public func withOwnCache() throws -> DFlashDrafter {
         let ownBlock = try block.sharingWeights()
         return DFlashDrafter(path: path, blockSize: blockSize, maskTokenId: maskTokenId, targetLayerIds: targetLayerIds,
-                             context: try ownBlock.sharingCache(plan: context.plan), block: ownBlock)
+                             context: try ownBlock.sharingCache(plan: context.plan, weightsOf: context), block: ownBlock)
     }
 
     /// Positions of context the drafter holds.

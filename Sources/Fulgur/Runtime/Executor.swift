@@ -28,6 +28,10 @@ public protocol Executor: AnyObject {
     /// and the same positions): the DFlash drafter writes its context with one plan and drafts
     /// with another.
     func sharingCache(plan: Plan) throws -> any Executor
+    /// The same, with the weights of `weightsOf` (an executor of `plan` already made, with a
+    /// cache of its own): another sequence's drafter context (a server lane) then does not copy
+    /// the weights again. Executors whose weights are never copied ignore it.
+    func sharingCache(plan: Plan, weightsOf: any Executor) throws -> any Executor
     /// Whether the cache can rewind to `position` (a sliding-window ring may have overwritten
     /// what it would need).
     func canTruncate(to position: Int) -> Bool
@@ -83,6 +87,9 @@ public struct BatchStep: Sendable {
 }
 
 extension Executor {
+    public func sharingCache(plan: Plan, weightsOf: any Executor) throws -> any Executor {
+        try sharingCache(plan: plan)
+    }
     public func sharingWeights() throws -> any Executor {
         throw FulgurError(.unsupported, "\(type(of: self)) cannot run another sequence over its weights; run one lane, or on one device (--device cpu or one GPU)")
     }

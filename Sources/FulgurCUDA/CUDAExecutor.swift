@@ -539,6 +539,11 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// three rounds in one call; Kernels/NOTES.md, thirteenth session): 1 token 2.040 -> 2.018
     /// ms, but 2 tokens 2.793 -> 2.808 and 3 tokens 3.327 -> 3.336, so one.
     public static let prepTokens = 1
+    /// attention_decode_h1p's dynamic shared memory beyond version 4's (Kernels/attention.cu,
+    /// decode's `prep`): raw q and key rows, the step's keys and values, the rotary factors.
+    public static func prepSharedBytes(headDim: Int, valueDim: Int) -> Int {
+        4 * ((2 + 3 * prepMaxTokens) * headDim + prepMaxTokens * valueDim)
+    }
     /// Whether attention_decode_h1p can take a single sequence's step of T tokens (version 4's
     /// grid, at most prepMaxTokens): what `gpu-check layer` checks it on.
     public static func prepKernelTakes(tokens: Int) -> Bool {
@@ -592,7 +597,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             // attention_decode_h1p (the same with attention_prep's work) takes the same grid: the
             // splits are cut to a wave of whichever fits fewer blocks.
             let withPrep = try module.function("attention_decode_h1p")
-            let prepShared = perHeadShared + 4 * ((2 + 3 * prepMaxTokens) * headDim + prepMaxTokens * valueDim)
+            let prepShared = perHeadShared + prepSharedBytes(headDim: headDim, valueDim: valueDim)
             let prepRoom = module.device.maxSharedMemoryPerBlock - (try module.staticSharedBytes(withPrep))
             guard prepShared <= prepRoom else {
                 throw FulgurError(.unsupported, "CUDA executor: attention heads of \(headDim) key / \(valueDim) value dimensions need \(prepShared) bytes of shared memory a block; this GPU allows \(prepRoom)")
@@ -857,7 +862,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             if attend {
                 let shape = try Self.attentionShape(heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueHeadDim, sharedBytes: decodeShared,
                                                     capacity: cache.capacity, module: module, fusedPrep: fusedPrep)
-                let prepShared = 4 * ((2 + 3 * Self.prepMaxTokens) * a.headDim + Self.prepMaxTokens * a.valueHeadDim)
+                let prepShared = Self.prepSharedBytes(headDim: a.headDim, valueDim: a.valueHeadDim)
                 add("attention") { T in
                     let l = shape(T)
                     if fusedPrep && Self.prepInAttention(tokens: T) {

@@ -403,7 +403,7 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
         launched = "\(fusedPrep ? "attention_decode_h1p" : l.name), \(l.grid.2) splits"
         if fusedPrep {
             precondition(l.name == "attention_decode_h1", "attention_decode_h1p takes version 4's grid")
-            let extra = 4 * ((2 + 3 * CUDAExecutor.prepMaxTokens) * a.headDim + CUDAExecutor.prepMaxTokens * a.valueDim)
+            let extra = CUDAExecutor.prepSharedBytes(headDim: a.headDim, valueDim: a.valueDim)
             try k.launch("attention_decode_h1p", l.grid, 128, l.sharedBytes + extra, [
                 .pointer(q), .int32(s32), .pointer(cacheK.address), .pointer(cacheV.address), .int32(Int32(capacity)),
                 .int32(Int32(heads)), .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueDim)),

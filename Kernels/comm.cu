@@ -26,8 +26,12 @@
 //   6. the last block to finish stores epoch = e.
 // No second barrier: a GPU that finished call e writes slot (e + 1) & 1 next, and it can only
 // reach call e + 2 (the slot peers read at e) after every peer arrived at e + 1, that is after
-// every peer's call e, reads included, completed (the kernel never triggers programmatic
-// dependent launch, so the next kernel on a stream starts after it ends). flags are compared
+// every peer's call e, reads included, completed. With `allowNext` the kernel lets the next
+// kernel on its stream be scheduled as soon as it starts (programmatic dependent launch): that
+// kernel's blocks become resident and do their independent work (weights, constants) while
+// this one waits on its peers, and the argument above still holds, because every kernel of a
+// step executes griddepcontrol.wait before it touches what an earlier kernel wrote, so each
+// waits, transitively, for this call to end. flags are compared
 // as >= e, wrap-around safe, because a fast peer may already have stored e + 1.
 // Calls must be issued in the same order on every GPU, one at a time per PeerAllReduce (not
 // on two streams of one GPU at once). Input and output may be the same buffer: a block reads
@@ -146,13 +150,14 @@ __device__ __forceinline__ void all_reduce(const float4* in, float4* out, int n4
 // out[0, count) = the sum over ranks of every rank's in[0, count), on every rank. count is a
 // multiple of 4; in and out 16-byte aligned; self is this GPU's registered buffer, whose slots
 // hold `capacity` floats each; 1 <= ranks <= 8. Grid: min(128, ceil(count / 4 / 512)) blocks,
-// the same on every rank; 512 threads.
+// the same on every rank; 512 threads. allowNext != 0: the next kernel may start early (above).
 extern "C" __global__ void __launch_bounds__(comm::kThreads)
-    peer_all_reduce(const float* in, float* out, int count, uint8_t* self, int capacity, int rank, int ranks) {
+    peer_all_reduce(const float* in, float* out, int count, uint8_t* self, int capacity, int rank, int ranks, int allowNext) {
     FULGUR_TRACE_KERNEL;
-    // Launched after the previous all-reduce with programmatic dependent launch, this waits for
-    // it to end (its epoch store included); launched plainly it is a no-op.
+    // Launched with programmatic dependent launch, this waits for the previous kernel to end
+    // (an earlier all-reduce's epoch store included); launched plainly it is a no-op.
     wait_for_previous_kernel();
+    if (allowNext) allow_next_kernel();
     const float4* in4 = reinterpret_cast<const float4*>(in);
     float4* out4 = reinterpret_cast<float4*>(out);
     const int n4 = count / 4;

@@ -117,12 +117,15 @@ extension CUDATensorParallel: Executor {
 }
 
 /// Rank `rank`'s side of a PeerAllReduce, as a CUDAExecutor's communicator.
+/// A step's all-reduces overlap the kernels around them (PeerAllReduce.enqueue's `overlap`)
+/// unless `FULGUR_COMM_OVERLAP=0`.
 public final class RankAllReduce: StepAllReduce {
     let allReduce: PeerAllReduce
     public let rank: Int
     public var ranks: Int { allReduce.group.count }
+    static let overlap = ProcessInfo.processInfo.environment["FULGUR_COMM_OVERLAP"] != "0"
     public init(_ allReduce: PeerAllReduce, rank: Int) { self.allReduce = allReduce; self.rank = rank }
     public func enqueue(input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream) throws {
-        try allReduce.enqueue(rank: rank, input: input, output: output, count: count, stream: stream)
+        try allReduce.enqueue(rank: rank, input: input, output: output, count: count, stream: stream, overlap: Self.overlap)
     }
 }

@@ -55,8 +55,11 @@ public final class PeerAllReduce: @unchecked Sendable {
     /// Enqueues rank `rank`'s part of one all-reduce: output[0, count) = the sum over ranks
     /// r = 0, 1, ... of rank r's input[0, count), once every rank has enqueued its part (each
     /// waits on the GPU for the others, up to about 2 s, then traps). `count` is a multiple
-    /// of 4 up to `capacity`, the same on every rank; output may be input.
-    public func enqueue(rank: Int, input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream) throws {
+    /// of 4 up to `capacity`, the same on every rank; output may be input. With `overlap` the
+    /// call is a programmatic dependent of the kernel before it on `stream` and lets the kernel
+    /// after it start early (comm.cu): only where every kernel around it executes
+    /// griddepcontrol.wait before it touches what an earlier kernel wrote, as a decode step's do.
+    public func enqueue(rank: Int, input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream, overlap: Bool = false) throws {
         guard count > 0, count % 4 == 0, count <= capacity else {
             throw CUDAError(operation: "peer all-reduce", code: nil,
                             message: "peer all-reduce of \(count) floats: the count must be a positive multiple of 4 up to the registered capacity, \(capacity)")
@@ -65,7 +68,9 @@ public final class PeerAllReduce: @unchecked Sendable {
         precondition(input.address % 16 == 0 && output.address % 16 == 0, "peer all-reduce buffers must be 16-byte aligned")
         try group.makeCurrent(rank)
         try group.modules[rank].launch(kernels[rank], grid: (Self.blocks(count: count), 1, 1), block: (Self.threads, 1, 1), stream: stream,
+                                       overlapPrevious: overlap,
                                        [.pointer(input.address), .pointer(output.address), .int32(Int32(count)),
-                                        .pointer(buffers[rank].address), .int32(Int32(capacity)), .int32(Int32(rank)), .int32(Int32(group.count))])
+                                        .pointer(buffers[rank].address), .int32(Int32(capacity)), .int32(Int32(rank)), .int32(Int32(group.count)),
+                                        .int32(overlap ? 1 : 0)])
     }
 }

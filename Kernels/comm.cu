@@ -174,6 +174,92 @@ extern "C" __global__ void __launch_bounds__(comm::kThreads)
     }
 }
 
+// The all-reduce of a tensor-parallel layer's output followed by the residual add and RMSNorm
+// that come next at 2-16 tokens (one launch where the step had two: the all-reduce, then
+// add_rmsnorm). Per token t (block t, the same flags and slots as peer_all_reduce, so the two
+// kernels may follow each other in any order, the same on every rank):
+//   a = in[t] summed over ranks in rank order (written back to in[t], as peer_all_reduce does),
+//   x[t] += a,  h[t] = w * x[t] / sqrt(mean(x[t]^2) + eps).
+// x and h are this GPU's own; every rank computes the same bits (same a, same x). n (the
+// hidden size) a multiple of 4 up to 4 * kNormVectors * kNormThreads = 8192; T <= kMaxBlocks.
+// Budget as peer_all_reduce's (T n floats each way) plus x read and written and h written:
+// latency-bound like it (Kernels/NOTES.md, fourteenth session, has the measurement).
+namespace comm {
+constexpr int kNormThreads = 1024, kNormVectors = 2;
+}
+
+extern "C" __global__ void __launch_bounds__(comm::kNormThreads)
+    peer_all_reduce_norm(float* in, int n, uint8_t* self, int capacity, int rank, int ranks, int allowNext, float* x, float* h,
+                         const float* w, float eps) {
+    using namespace comm;
+    FULGUR_TRACE_KERNEL;
+    __shared__ uint32_t epochShared;
+    __shared__ float scratch[32];
+    const int tid = threadIdx.x, t = blockIdx.x, n4 = n / 4;
+    // The norm weight does not depend on the previous kernel.
+    float4 g[kNormVectors];
+#pragma unroll
+    for (int j = 0; j < kNormVectors; ++j) {
+        const int i = tid + j * kNormThreads;
+        g[j] = i < n4 ? __ldg(reinterpret_cast<const float4*>(w) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    wait_for_previous_kernel();
+    if (allowNext) allow_next_kernel();
+    const uint64_t* bases = reinterpret_cast<const uint64_t*>(self);
+    if (tid == 0) epochShared = __ldcg(reinterpret_cast<const unsigned int*>(self + kEpoch)) + 1;
+    __syncthreads();
+    const uint32_t e = epochShared;
+    const size_t slot = kSlots + (size_t)(e & 1) * capacity * sizeof(float), row = (size_t)t * n4;
+    float4* in4 = reinterpret_cast<float4*>(in) + row;
+    float4* mine = reinterpret_cast<float4*>(self + slot) + row;
+    float4 xv[kNormVectors];
+#pragma unroll
+    for (int j = 0; j < kNormVectors; ++j) {
+        const int i = tid + j * kNormThreads;
+        if (i < n4) {
+            mine[i] = in4[i];
+            xv[j] = __ldcg(reinterpret_cast<const float4*>(x) + row + i);
+        }
+    }
+    __syncthreads();  // the whole row is in place before any thread says so
+    if (tid < ranks && tid != rank) {
+        uint8_t* peer = reinterpret_cast<uint8_t*>(bases[tid]);
+        store_release_system(reinterpret_cast<uint32_t*>(peer + kFlags) + t * kMaxRanks + rank, e);
+        wait_for(reinterpret_cast<const uint32_t*>(self + kFlags) + t * kMaxRanks + tid, e);
+    }
+    __syncthreads();  // every peer's row is in place
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNormVectors; ++j) {
+        const int i = tid + j * kNormThreads;
+        if (i >= n4) continue;
+        float4 a = load_l2(reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[0]) + slot) + row + i);
+        for (int k = 1; k < ranks; ++k)
+            a = add(a, load_l2(reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[k]) + slot) + row + i));
+        in4[i] = a;
+        float4 v = add(xv[j], a);
+        xv[j] = v;
+        reinterpret_cast<float4*>(x)[row + i] = v;
+        ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+    const float inv = rsqrtf(block_sum_all(ss, scratch) / n + eps);
+#pragma unroll
+    for (int j = 0; j < kNormVectors; ++j) {
+        const int i = tid + j * kNormThreads;
+        if (i < n4) {
+            const float4 v = xv[j], gw = g[j];
+            reinterpret_cast<float4*>(h)[row + i] = make_float4(gw.x * (v.x * inv), gw.y * (v.y * inv), gw.z * (v.z * inv), gw.w * (v.w * inv));
+        }
+    }
+    if (tid == 0) {
+        unsigned int* done = reinterpret_cast<unsigned int*>(self + kDone);
+        if (atomicAdd(done, 1u) == gridDim.x - 1) {
+            atomicExch(done, 0u);
+            atomicExch(reinterpret_cast<unsigned int*>(self + kEpoch), e);
+        }
+    }
+}
+
 // Keeps a stream busy for `nanoseconds`, so that a host can queue many launches behind it and
 // events time the GPU instead of the host's launch rate (fulgur-gpu-check comm). One thread.
 extern "C" __global__ void hold_stream(long long nanoseconds) {

@@ -765,6 +765,12 @@ public final class CUDAExecutor: @unchecked Sendable {
         // A norm of x into h that the product or MoE after it does for one token (ResidualNorm);
         // at other token counts, or where that kernel cannot, add_rmsnorm runs before it.
         var pendingNorm: ResidualNorm? = nil
+        // A tensor-parallel shard's all-reduce of out just enqueued (until the next op that is
+        // not the residual or norm after it), and the box of the pending norm when that norm
+        // adds out: at token counts where the op after the norm does not take it, the
+        // all-reduce does it (AllReduceNorm).
+        var pendingAllReduce: AllReduceNorm? = nil
+        var pendingNormBox: AllReduceNorm? = nil
 
         func flushResidual() throws {
             guard let src = pendingResidual else { return }
@@ -779,8 +785,10 @@ public final class CUDAExecutor: @unchecked Sendable {
         /// The pending norm as its own launch, for an op after it that does not take it.
         func flushNorm() {
             guard let n = pendingNorm else { return }
+            let box = pendingNormBox
             pendingNorm = nil
-            add("norm") { T in try separateNorm(n, tokens: T) }
+            pendingNormBox = nil
+            add("norm") { T in if !(try box?.fuses(tokens: T) ?? false) { try separateNorm(n, tokens: T) } }
         }
         /// `fusable`: the next op reads h only through a product or MoE that may do the norm itself.
         func norm(src: Buffer, dst: Buffer, weight: [Float], eps: Float, fusable: Bool = false) throws {
@@ -792,6 +800,10 @@ public final class CUDAExecutor: @unchecked Sendable {
             pendingResidual = nil
             if fusable && src == .x && dst == .h && Self.fuseNorms {
                 pendingNorm = ResidualNorm(resid: sa, add: residual, weight: wb.address, eps: eps, h: d, arrivals: arrivals.address)
+                if let box = pendingAllReduce, residual == out.address {
+                    box.norm = pendingNorm
+                    pendingNormBox = box
+                }
                 return
             }
             add("norm") { T in
@@ -812,12 +824,14 @@ public final class CUDAExecutor: @unchecked Sendable {
                 if kind == "qkv" { qkvRanges[layersDone] += lin.deviceRanges } else { laterRanges[layersDone] += lin.deviceRanges }
             }
             // The pending norm goes with the first product after it (which writes h for the rest).
-            let norm = pendingNorm
+            let norm = pendingNorm, box = pendingNormBox
             pendingNorm = nil
+            pendingNormBox = nil
+            box?.consumerTakes = { T in try lin.takesNorm(tokens: T) }
             add(kind) { T in
                 if let norm {
                     if try lin.takesNorm(tokens: T) { return try lin.apply(norm: norm, out: o, outStride: outStride, stream: stream) }
-                    try separateNorm(norm, tokens: T)
+                    if !(try box?.fuses(tokens: T) ?? false) { try separateNorm(norm, tokens: T) }
                 }
                 try lin.apply(x: xs, tokens: T, out: o, outStride: outStride, stream: stream)
             }
@@ -898,6 +912,10 @@ public final class CUDAExecutor: @unchecked Sendable {
             default: flushNorm()
             }
             switch op {
+            case .residual, .rmsNorm: break
+            default: pendingAllReduce = nil
+            }
+            switch op {
             case .embed:
                 let tokens = self.tokens
                 add("embed") { T in
@@ -926,8 +944,15 @@ public final class CUDAExecutor: @unchecked Sendable {
                 guard let communicator, buffer == .out else {
                     throw FulgurError(.unsupported, "CUDA executor: a tensor-parallel shard's plan (all-reduce of \(buffer)) needs a communicator; run it through CUDATensorParallel")
                 }
-                let stream = self.stream
-                add("comm") { T in try communicator.enqueue(input: out, output: out, count: T * hidden, stream: stream) }
+                let stream = self.stream, box = AllReduceNorm(hidden: hidden, fuses: communicator.fusesNorm)
+                pendingAllReduce = box
+                add("comm") { T in
+                    if try box.fuses(tokens: T), let norm = box.norm {
+                        try communicator.enqueueNorm(input: out, tokens: T, hidden: hidden, norm: norm, stream: stream)
+                    } else {
+                        try communicator.enqueue(input: out, output: out, count: T * hidden, stream: stream)
+                    }
+                }
             case .residual(let src):
                 try flushResidual()
                 pendingResidual = src
@@ -1037,12 +1062,14 @@ public final class CUDAExecutor: @unchecked Sendable {
                     if layersDone < spec.layerCount { laterRanges[layersDone] += moe.routerRanges }
                     moeLaunch[layersDone] = launches.count
                     bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes
-                    let norm = pendingNorm
+                    let norm = pendingNorm, box = pendingNormBox
                     pendingNorm = nil
+                    pendingNormBox = nil
+                    box?.consumerTakes = { T in moe.takesNorm(tokens: T) }
                     add("moe") { T in
                         if let norm {
                             if moe.takesNorm(tokens: T) { return try moe.run(h, tokens: T, into: out, stream: stream, norm: norm) }
-                            try separateNorm(norm, tokens: T)
+                            if !(try box?.fuses(tokens: T) ?? false) { try separateNorm(norm, tokens: T) }
                         }
                         try moe.run(h, tokens: T, into: out, stream: stream)
                     }
@@ -1241,6 +1268,23 @@ extension CUDAExecutor: BatchExecutor {
     }
 }
 
+/// The residual add and RMSNorm right after a tensor-parallel shard's all-reduce of out, done
+/// by the all-reduce (StepAllReduce.enqueueNorm: one launch instead of two) at the token counts
+/// where the op after the norm does not do it itself (ResidualNorm at one token). Filled while
+/// the step's launches are built; read when they are enqueued, by the all-reduce and by the op
+/// after the norm, which must agree.
+final class AllReduceNorm {
+    let hidden: Int, enabled: Bool
+    var norm: ResidualNorm?
+    /// Whether the op after the norm takes it at T tokens (nil: it never does).
+    var consumerTakes: ((Int) throws -> Bool)?
+    init(hidden: Int, fuses: Bool) { (self.hidden, self.enabled) = (hidden, fuses) }
+    func fuses(tokens T: Int) throws -> Bool {
+        guard enabled, norm != nil, hidden % 4 == 0, hidden <= PeerAllReduce.normMaxHidden, T <= PeerAllReduce.maxBlocks else { return false }
+        return !(try consumerTakes?(T) ?? false)
+    }
+}
+
 /// One rank's side of an all-reduce over the GPUs of a tensor-parallel group.
 public protocol StepAllReduce: AnyObject {
     /// This GPU's rank and the group's size.
@@ -1248,4 +1292,10 @@ public protocol StepAllReduce: AnyObject {
     var ranks: Int { get }
     /// output[0, count) = the sum over ranks of input[0, count), enqueued on `stream`.
     func enqueue(input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream) throws
+    /// Whether enqueueNorm may be used (a communicator that cannot throws from it).
+    var fusesNorm: Bool { get }
+    /// input (tokens rows of hidden floats) = the sum over ranks, then the residual add and
+    /// RMSNorm after it: x += input, h = weight * rmsnorm(x) (norm.resid, norm.weight,
+    /// norm.eps, norm.h; norm.add is input itself), enqueued on `stream`.
+    func enqueueNorm(input: DeviceBuffer, tokens: Int, hidden: Int, norm: ResidualNorm, stream: CUDAStream) throws
 }

@@ -128,4 +128,12 @@ public final class RankAllReduce: StepAllReduce {
     public func enqueue(input: DeviceBuffer, output: DeviceBuffer, count: Int, stream: CUDAStream) throws {
         try allReduce.enqueue(rank: rank, input: input, output: output, count: count, stream: stream, overlap: Self.overlap)
     }
+    /// `FULGUR_COMM_NORM=0` keeps the all-reduce and the norm after it two launches.
+    public var fusesNorm: Bool { Self.fuseNorm }
+    static let fuseNorm = ProcessInfo.processInfo.environment["FULGUR_COMM_NORM"] != "0"
+    public func enqueueNorm(input: DeviceBuffer, tokens: Int, hidden: Int, norm: ResidualNorm, stream: CUDAStream) throws {
+        precondition(norm.add == input.address, "the norm after an all-reduce adds the all-reduced buffer")
+        try allReduce.enqueueNorm(rank: rank, input: input, tokens: tokens, hidden: hidden, x: norm.resid, h: norm.h, weight: norm.weight, eps: norm.eps,
+                                  stream: stream, overlap: Self.overlap)
+    }
 }

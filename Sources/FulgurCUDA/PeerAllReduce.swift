@@ -12,9 +12,13 @@ public final class PeerAllReduce: @unchecked Sendable {
     /// Each rank's registered buffer (comm.cu's layout: header, flags, two slots).
     let buffers: [DeviceBuffer]
     let kernels: [KernelModule.Function]
+    /// peer_all_reduce_norm on each rank.
+    let normKernels: [KernelModule.Function]
 
     // comm.cu's constants.
     static let maxRanks = 8, maxBlocks = 128, threads = 512, slotsOffset = 128 + 4 * 128 * 8
+    /// peer_all_reduce_norm's block and the largest row it takes (comm.cu).
+    static let normThreads = 1024, normMaxHidden = 8192
 
     /// Blocks of a call of `count` floats: one float4 per thread up to 128 blocks (a 2880-float
     /// message takes 2), the same on every rank.
@@ -31,11 +35,12 @@ public final class PeerAllReduce: @unchecked Sendable {
         try group.enablePeerAccess()
         let capacity = (maxFloats + 63) / 64 * 64  // slot 1 stays 256-byte aligned
         let bytes = Self.slotsOffset + 2 * 4 * capacity
-        var buffers: [DeviceBuffer] = [], kernels: [KernelModule.Function] = []
+        var buffers: [DeviceBuffer] = [], kernels: [KernelModule.Function] = [], normKernels: [KernelModule.Function] = []
         for r in 0..<group.count {
             try group.makeCurrent(r)
             buffers.append(try group.devices[r].allocate(bytes))
             kernels.append(try group.modules[r].function("peer_all_reduce"))
+            normKernels.append(try group.modules[r].function("peer_all_reduce_norm"))
         }
         // The header of every rank: all base addresses, epoch 0, no block done, every flag 0.
         var header = [UInt64](repeating: 0, count: Self.slotsOffset / 8)
@@ -50,6 +55,7 @@ public final class PeerAllReduce: @unchecked Sendable {
         self.capacity = capacity
         self.buffers = buffers
         self.kernels = kernels
+        self.normKernels = normKernels
     }
 
     /// Enqueues rank `rank`'s part of one all-reduce: output[0, count) = the sum over ranks
@@ -73,4 +79,26 @@ public final class PeerAllReduce: @unchecked Sendable {
                                         .pointer(buffers[rank].address), .int32(Int32(capacity)), .int32(Int32(rank)), .int32(Int32(group.count)),
                                         .int32(overlap ? 1 : 0)])
     }
+
+    /// Enqueues rank `rank`'s part of an all-reduce of `tokens` rows of `hidden` floats
+    /// followed by the residual add and RMSNorm (comm.cu, peer_all_reduce_norm): input = the
+    /// rank-order sum of every rank's input, x += input, h = weight * rmsnorm(x), each row
+    /// on its own. Shares peer_all_reduce's flags and slots: calls of both kinds may be mixed,
+    /// in the same order on every rank.
+    public func enqueueNorm(rank: Int, input: DeviceBuffer, tokens: Int, hidden: Int, x: UInt64, h: UInt64, weight: UInt64, eps: Float,
+                            stream: CUDAStream, overlap: Bool = false) throws {
+        guard tokens > 0, tokens <= Self.maxBlocks, hidden > 0, hidden % 4 == 0, hidden <= Self.normMaxHidden, tokens * hidden <= capacity else {
+            throw CUDAError(operation: "peer all-reduce with norm", code: nil,
+                            message: "\(tokens) rows of \(hidden) floats: at most \(Self.maxBlocks) rows of a multiple of 4 up to \(Self.normMaxHidden) floats, \(capacity) in all")
+        }
+        precondition(input.byteCount >= 4 * tokens * hidden && input.address % 16 == 0 && x % 16 == 0 && h % 16 == 0 && weight % 16 == 0,
+                     "peer all-reduce with norm: buffers too small or not 16-byte aligned")
+        try group.makeCurrent(rank)
+        try group.modules[rank].launch(normKernels[rank], grid: (tokens, 1, 1), block: (Self.normThreads, 1, 1), stream: stream,
+                                       overlapPrevious: overlap,
+                                       [.pointer(input.address), .int32(Int32(hidden)), .pointer(buffers[rank].address), .int32(Int32(capacity)),
+                                        .int32(Int32(rank)), .int32(Int32(group.count)), .int32(overlap ? 1 : 0),
+                                        .pointer(x), .pointer(h), .pointer(weight), .float(eps)])
+    }
 }
+

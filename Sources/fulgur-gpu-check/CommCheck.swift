@@ -367,6 +367,15 @@ private func runComm(visible: Int, seed: UInt64) throws -> Bool {
         if !wrong.isEmpty { failures.append(raceLine) }
     }
 
+    // The all-reduce with the residual add and RMSNorm after it (peer_all_reduce_norm), as a
+    // shard's step runs it at 2-16 tokens, between plain all-reduces on the same flags.
+    var normLine = "norm: not run (no peer all-reduce)"
+    if let peer {
+        let (line, problems) = try w.during("peer all-reduces with the norm", seconds: 60) { try checkAllReduceNorm(peer, bench, &rng) }
+        normLine = line
+        failures += problems
+    }
+
     // ncclCommDestroy runs here, under the watchdog, not at some later release.
     try w.during("destroying NCCL's communicators", seconds: 60) { nccl = nil }
 
@@ -389,7 +398,59 @@ private func runComm(visible: Int, seed: UInt64) throws -> Bool {
         print("  * the host took most of the \(holdNanoseconds / 1_000_000) ms hold to queue a round: those calls may be host-paced")
     }
     print(raceLine)
+    print(normLine)
     for f in failures { print("  failure: \(f)") }
     print(failures.isEmpty ? "comm PASS" : "comm FAIL")
     return failures.isEmpty
+}
+
+/// peer_all_reduce_norm on rows of hidden sizes and token counts a shard's step uses, each call
+/// followed by a plain all-reduce (both advance the same epoch): `in` must be the rank-order
+/// sum bit for bit, x its own x plus that sum bit for bit (f32 adds, as the CPU's), h the
+/// RMSNorm of the new x within 1e-5 of the largest |h| (a sum of squares in another order,
+/// rsqrtf). Half the calls overlap (programmatic launch), as in a step.
+func checkAllReduceNorm(_ peer: PeerAllReduce, _ bench: CommBench, _ rng: inout SeededGenerator) throws -> (String, [String]) {
+    let cases = [(1, 2880), (3, 4096), (8, 4096), (16, 2880), (5, 6144), (16, 8192)]
+    let eps: Float = 1e-5, tolerance = 1e-5
+    var problems: [String] = [], worst = 0.0
+    for (c, (T, n)) in cases.enumerated() {
+        let count = T * n
+        let partials = bench.ranks.map { _ in randomFloats(count, &rng) }
+        let xs = bench.ranks.map { _ in randomFloats(count, &rng) }
+        let weight = randomFloats(n, &rng)
+        let sum = rankOrderSum(partials)
+        let plainInputs = bench.ranks.map { _ in randomFloats(2880, &rng) }
+        let plainSum = rankOrderSum(plainInputs)
+        let ins = try bench.upload(partials), x = try bench.upload(xs), w = try bench.upload(bench.ranks.map { _ in weight })
+        let h = try bench.poisoned(count), plainIn = try bench.upload(plainInputs), plainOut = try bench.poisoned(2880)
+        for r in bench.ranks {
+            try peer.enqueueNorm(rank: r, input: ins[r], tokens: T, hidden: n, x: x[r].address, h: h[r].address, weight: w[r].address, eps: eps,
+                                 stream: bench.streams[r], overlap: c % 2 == 1)
+            try peer.enqueue(rank: r, input: plainIn[r], output: plainOut[r], count: 2880, stream: bench.streams[r], overlap: c % 2 == 1)
+        }
+        try bench.synchronize()
+        let what = "norm, \(T) x \(n)"
+        if let p = exactProblem(try bench.download(ins, floats: count), sum, count: count) { problems.append("\(what): the all-reduced rows: \(p)") }
+        if let p = exactProblem(try bench.download(plainOut, floats: 2880), plainSum, count: 2880) { problems.append("\(what): the plain all-reduce after it: \(p)") }
+        let gotX = try bench.download(x, floats: count), gotH = try bench.download(h, floats: count)
+        for r in bench.ranks {
+            var newX = xs[r]
+            for i in 0..<count { newX[i] += sum[i] }
+            if let p = exactProblem([gotX[r]], newX, count: count) { problems.append("\(what): rank \(r)'s x: \(p)") }
+            var wantH = [Double](repeating: 0, count: count), largest = 0.0
+            for t in 0..<T {
+                let row = newX[(t * n)..<((t + 1) * n)].map(Double.init)
+                let inv = 1 / (row.reduce(0) { $0 + $1 * $1 } / Double(n) + Double(eps)).squareRoot()
+                for i in 0..<n { wantH[t * n + i] = Double(weight[i]) * row[i] * inv; largest = max(largest, abs(wantH[t * n + i])) }
+            }
+            let error = (0..<count).map { gotH[r][$0].isFinite ? abs(Double(gotH[r][$0]) - wantH[$0]) : .infinity }.max()! / largest
+            worst = max(worst, error)
+            if !(error <= tolerance) { problems.append(String(format: "\(what): rank \(r)'s h off by %.2e of its largest value (bound %.0e)", error, tolerance)) }
+        }
+    }
+    let shapes = cases.map { "\($0.0)x\($0.1)" }.joined(separator: ", ")
+    let line = problems.isEmpty
+        ? String(format: "norm: all-reduce + residual add + RMSNorm (%@ rows x floats), each followed by a plain all-reduce: sums and x bit-identical to the CPU on every GPU, h within %.1e (bound %.0e)", shapes, worst, tolerance)
+        : "norm: \(problems.count) problems; first: \(problems[0])"
+    return (line, problems)
 }

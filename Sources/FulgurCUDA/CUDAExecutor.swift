@@ -21,8 +21,11 @@ public final class CUDAExecutor: @unchecked Sendable {
     public var length: Int { cache.length }
     /// Bytes of weights one decode step reads (experts at top-k), as stored on the GPU.
     public private(set) var bytesPerDecodeStep = 0
-    /// Kernel launches per step.
+    /// Entries of the step's launch list (a kernel family's launch closure each; one may enqueue
+    /// several kernels, and which ones can depend on the token count). `kernelsPerStep` counts kernels.
     public var launchesPerStep: Int { launches.filter { !Self.bookkeeping.contains($0.kind) }.count }
+    /// Kernels in the captured graph of a step of T tokens (the key), once one was captured.
+    public private(set) var kernelsPerStep: [Int: Int] = [:]
     /// Launches of kernel family `kind` per step.
     public func launchCount(of kind: String) -> Int { launches.filter { $0.kind == kind }.count }
     /// Kernel families of the step, in order of first launch.
@@ -341,7 +344,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             return
         }
         if graphs[T] == nil {
-            graphs[T] = try CUDAGraph(capturing: stream) { for l in launches { try l.run(T) } }
+            graphs[T] = try countingKernels(tokens: T) { try CUDAGraph(capturing: stream) { for l in launches { try l.run(T) } } }
         }
         try graphs[T]!.launch(stream)
     }
@@ -398,15 +401,32 @@ public final class CUDAExecutor: @unchecked Sendable {
         let pos = (0..<T).map { Int32(length + $0) }
         try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
         try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
-        return try CUDAGraph(capturing: stream) {
-            for l in launches where !skipping.contains(l.kind) {
-                capturing(l.kind)
-                try l.run(T)
-            }
-            capturing("step")
+        func capture() throws -> CUDAGraph {
+            try CUDAGraph(capturing: self.stream) {
+                for l in self.launches where !skipping.contains(l.kind) {
+                    capturing(l.kind)
+                    try l.run(T)
+                }
+                capturing("step")
             if !fixedTokens { try tokens.copy(from: ids, bytes: 4 * T, stream: stream) }
-            try module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: stream, [.pointer(positions.address), .int32(Int32(T))])
+                try self.module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: self.stream,
+                                       [.pointer(self.positions.address), .int32(Int32(T))])
+            }
         }
+        // The whole step (bar the host's token copy and the position advance) counts as kernelsPerStep.
+        return skipping.isEmpty ? try countingKernels(tokens: T, extra: 1, capture) : try capture()
+    }
+
+    /// Runs `capture` (a step's graph capture) counting the kernels it launches into
+    /// kernelsPerStep[T], less `extra` launched for the replay's own bookkeeping.
+    private func countingKernels(tokens T: Int, extra: Int = 0, _ capture: () throws -> CUDAGraph) throws -> CUDAGraph {
+        let outer = module.launchObserver
+        var count = 0
+        module.launchObserver = { count += 1; outer?($0) }
+        defer { module.launchObserver = outer }
+        let graph = try capture()
+        kernelsPerStep[T] = count - extra
+        return graph
     }
 
     /// Default steps of `timeline` after its untimed ones (the bench reserves positions for them).

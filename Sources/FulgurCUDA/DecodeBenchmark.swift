@@ -28,6 +28,8 @@ public struct DecodeBenchmark: Codable {
     /// bytesPerStep at the copy bandwidth.
     public let rooflineMilliseconds: Double
     public let launchesPerStep: Int
+    /// Kernels in the 1-token step's graph (nil when no 1-token step was captured).
+    public let kernelsPerStep: Int?
     /// How L2 was warmed (CUDAExecutor.L2Prefetch).
     public let prefetch: String
     public let steps: [Step]
@@ -99,15 +101,16 @@ public struct DecodeBenchmark: Codable {
         return DecodeBenchmark(model: model, card: device.name, date: String(date), layers: plan.spec.layerCount, context: context,
                                copyGBps: copy.gbps, bytesPerStep: executor.bytesPerDecodeStep,
                                rooflineMilliseconds: copy.readMicros(executor.bytesPerDecodeStep) / 1e3,
-                               launchesPerStep: executor.launchesPerStep, prefetch: prefetch.rawValue, steps: steps, kernels: kernels, inGraph: inGraph,
+                               launchesPerStep: executor.launchesPerStep, kernelsPerStep: executor.kernelsPerStep[1], prefetch: prefetch.rawValue, steps: steps, kernels: kernels, inGraph: inGraph,
                                inGraphVerify: inGraphVerify, timelines: timelines)
     }
 
     public var table: String {
         var lines: [String] = []
         lines.append("\(model), \(layers) layers, \(card), \(date); context \(context); copy \(String(format: "%.0f", copyGBps)) GB/s")
-        lines.append(String(format: "weights per 1-token step %.1f MB, roofline %.3f ms (%.0f tokens/s); %d launches a step; L2 prefetch %@",
-                            Double(bytesPerStep) / 1e6, rooflineMilliseconds, 1000 / rooflineMilliseconds, launchesPerStep, prefetch))
+        lines.append(String(format: "weights per 1-token step %.1f MB, roofline %.3f ms (%.0f tokens/s); %@ a 1-token step; L2 prefetch %@",
+                            Double(bytesPerStep) / 1e6, rooflineMilliseconds, 1000 / rooflineMilliseconds,
+                            kernelsPerStep.map { "\($0) kernels" } ?? "\(launchesPerStep) launch entries", prefetch))
         let one = steps.first { $0.tokens == 1 }?.millisecondsPerStep
         lines.append("tokens/step   ms/step   tokens/s   vs 1-token step")
         for s in steps {

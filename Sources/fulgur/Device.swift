@@ -36,7 +36,7 @@ enum DeviceChoice: String, ExpressibleByArgument, CaseIterable {
         let device = try device ?? CUDADevice()
         let module = try KernelModule(device: device)
         let executor = try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: context)
-        log("Running on \(device.name) (CUDA executor, \(executor.launchesPerStep) kernels a step)")
+        log("Running on \(device.name) (CUDA executor)")
         return executor
     }
 }

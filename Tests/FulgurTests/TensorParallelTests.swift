@@ -67,6 +67,32 @@ import Testing
         #expect(logits.count == alone.lmHead.outFeatures && logits.allSatisfy(\.isFinite))
     }
 
+    /// MXFP4 experts are cut on their 32-column blocks: tiny-gpt-oss's intermediate 96 over 2
+    /// shards is 32 + 64, not 48 + 48 (which cut a block and left down in f32), and the shards
+    /// still add up to the whole model.
+    @Test func mxfp4ExpertsSplitOnTheirBlocks() throws {
+        let model = try RandomModel(preset: "tiny-gpt-oss", seed: 2).build()
+        var sizes: [Int] = []
+        for rank in 0..<2 {
+            let shard = try model.plan.shard(rank: rank, of: 2)
+            var mine = Set<Int>()
+            for case .moe(_, _, let m) in shard.ops {
+                mine.insert(m.spec.intermediate)
+                for e in m.experts {
+                    #expect(e.down.format == .mxfp4 && e.down.inFeatures == m.spec.intermediate, "\(e.down.name): \(e.down.format)")
+                }
+            }
+            #expect(mine.count == 1, "rank \(rank): intermediates \(mine)")
+            sizes += mine
+        }
+        #expect(sizes.count == 2 && sizes[0] + sizes[1] == 96 && sizes[0] != sizes[1], "shard intermediates \(sizes)")
+        let prompt = (0..<12).map { ($0 * 37 + 11) % model.spec.vocabSize }
+        let whole = try CPUExecutor(plan: model.plan, maxStepTokens: 8).forward(prompt, logits: .all)
+        let split = try CPUTensorParallel(plan: model.plan, count: 2, maxStepTokens: 8).forward(prompt, logits: .all)
+        let err = zip(split, whole).map { ($0 - $1) * ($0 - $1) }.reduce(0, +).squareRoot() / whole.map { $0 * $0 }.reduce(0, +).squareRoot()
+        #expect(err <= 1e-5, "relative error \(err)")
+    }
+
     @Test func vocabularySlicesCoverTheVocabularyOnce() throws {
         let model = try Model(path: Fixtures.path("models/llama"))
         for count in 1...5 {

@@ -9,8 +9,10 @@
 ///   o_proj split by its input columns, so each shard's `out` is a partial sum;
 /// - dense MLP and every MoE expert: the intermediate dimension split evenly (gate/up rows,
 ///   down columns; gpt-oss's interleaved gate/up rows in pairs), so one token's expert work is
-///   balanced whatever the router picks (the router itself is replicated); down biases and the
-///   o_proj bias only on shard 0;
+///   balanced whatever the router picks (the router itself is replicated); MXFP4 experts on
+///   32-column blocks, within one block of even (gpt-oss-20b's 2880 over 4 GPUs: 704 or 736
+///   each; an even 720 would cut blocks and leave down in f32); down biases and the o_proj
+///   bias only on shard 0;
 /// - the LM head split by vocabulary rows (`vocabularySlice`): each shard's logits are a slice
 ///   of the row, gathered (or arg-maxed per slice and compared) by the caller;
 /// - embedding, norms, RoPE, the residual stream: replicated.
@@ -35,6 +37,15 @@ extension Plan {
         func evenSlice(_ n: Int, _ what: String) throws -> Range<Int> {
             guard n % count == 0 else { throw unsupported("\(what) (\(n)) does not divide by \(count)") }
             return (rank * n / count)..<((rank + 1) * n / count)
+        }
+        /// The shard's part of n cut on blocks of `align` (MXFP4 experts: 32-column blocks, so
+        /// that each shard's down slice stays MXFP4 instead of becoming f32), block counts
+        /// differing by at most one between shards; evenSlice where the even cut is on blocks
+        /// already or n has fewer blocks than shards.
+        func blockSlice(_ n: Int, align: Int, _ what: String) throws -> Range<Int> {
+            if align <= 1 || n % align != 0 || n / align < count || (n % count == 0 && (n / count) % align == 0) { return try evenSlice(n, what) }
+            let blocks = n / align
+            return (rank * blocks / count * align)..<((rank + 1) * blocks / count * align)
         }
         var newSpec = spec
         var layerOps: [Op] = [], layer = 0
@@ -110,7 +121,8 @@ extension Plan {
                 layerOps.append(op)
             case .moe(let src, let dst, let m):
                 var s = m.spec
-                let mine = try evenSlice(s.intermediate, "layer \(layer)'s expert intermediate size")
+                let mxfp4 = m.experts.allSatisfy { $0.down.format == .mxfp4 }
+                let mine = try blockSlice(s.intermediate, align: mxfp4 ? 32 : 1, "layer \(layer)'s expert intermediate size")
                 s.intermediate = mine.count
                 let experts = try m.experts.map { e -> ExpertWeights in
                     let inter = m.spec.intermediate

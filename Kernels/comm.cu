@@ -191,8 +191,8 @@ constexpr int kNormThreads = 1024, kNormVectors = 2;
 extern "C" __global__ void __launch_bounds__(comm::kNormThreads)
     peer_all_reduce_norm(float* in, int n, uint8_t* self, int capacity, int rank, int ranks, int allowNext, float* x, float* h,
                          const float* w, float eps) {
-    using namespace comm;
     FULGUR_TRACE_KERNEL;
+    using namespace comm;
     __shared__ uint32_t epochShared;
     __shared__ float scratch[32];
     const int tid = threadIdx.x, t = blockIdx.x, n4 = n / 4;

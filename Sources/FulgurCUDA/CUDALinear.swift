@@ -226,6 +226,11 @@ public final class CUDALinear: @unchecked Sendable {
         return grid > 0 ? grid : nil
     }
 
+    /// At most this many 64-row blocks a cluster of a tensor-core product (gemv::kMmaRowBlocks = 4;
+    /// `FULGUR_GEMV_MMA_ROWS=1...4` lowers it, for measuring: fewer a block means more clusters,
+    /// in more than one wave).
+    static let mmaMaxRowBlocks = min(4, max(1, ProcessInfo.processInfo.environment["FULGUR_GEMV_MMA_ROWS"].flatMap { Int($0) } ?? 4))
+
     /// Clusters (grid.x) of a tensor-core product: as many as fit on the GPU at once, each
     /// taking an equal number (at most gemv::kMmaRowBlocks = 4) of the 64-row blocks.
     private var mmaGrid: [Int: Int] = [:]
@@ -235,7 +240,7 @@ public final class CUDALinear: @unchecked Sendable {
         if let g = mmaGrid[index] { return g }
         let rowBlocks = (outFeatures + 63) / 64
         let resident = max(1, try module.residentBlocksPerMultiprocessor(f, threads: 128, sharedBytes: 0) * module.device.multiprocessors / 8)
-        let perCluster = min(4, (rowBlocks + resident - 1) / resident)
+        let perCluster = min(Self.mmaMaxRowBlocks, (rowBlocks + resident - 1) / resident)
         let g = (rowBlocks + perCluster - 1) / perCluster
         mmaGrid[index] = g
         return g

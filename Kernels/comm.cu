@@ -182,21 +182,20 @@ extern "C" __global__ void __launch_bounds__(comm::kThreads)
 //   x[t] += a,  h[t] = w * x[t] / sqrt(mean(x[t]^2) + eps).
 // x and h are this GPU's own; every rank computes the same bits (same a, same x). n (the
 // hidden size) a multiple of 4 up to 4 * kNormVectors * kNormThreads = 8192; T <= kMaxBlocks.
+// Every rank's loads of a thread's vectors are issued before the first sum (one NVLink round
+// trip, as peer_all_reduce: a first version loaded rank after rank, three round trips on 4 GPUs).
 // Budget as peer_all_reduce's (T n floats each way) plus x read and written and h written:
 // latency-bound like it (Kernels/NOTES.md, fourteenth session, has the measurement).
 namespace comm {
-constexpr int kNormThreads = 1024, kNormVectors = 2;
-}
+constexpr int kNormThreads = 512, kNormVectors = 4;
 
-extern "C" __global__ void __launch_bounds__(comm::kNormThreads)
-    peer_all_reduce_norm(float* in, int n, uint8_t* self, int capacity, int rank, int ranks, int allowNext, float* x, float* h,
-                         const float* w, float eps) {
-    FULGUR_TRACE_KERNEL;
-    using namespace comm;
+template <int R>
+__device__ __forceinline__ void all_reduce_norm(float* in, int n, uint8_t* self, int capacity, int rank, int allowNext, float* x,
+                                                float* h, const float* w, float eps) {
     __shared__ uint32_t epochShared;
     __shared__ float scratch[32];
     const int tid = threadIdx.x, t = blockIdx.x, n4 = n / 4;
-    // The norm weight does not depend on the previous kernel.
+    // The norm weight does not depend on the previous kernel: loaded before waiting for it.
     float4 g[kNormVectors];
 #pragma unroll
     for (int j = 0; j < kNormVectors; ++j) {
@@ -222,22 +221,28 @@ extern "C" __global__ void __launch_bounds__(comm::kNormThreads)
         }
     }
     __syncthreads();  // the whole row is in place before any thread says so
-    if (tid < ranks && tid != rank) {
+    if (tid < R && tid != rank) {
         uint8_t* peer = reinterpret_cast<uint8_t*>(bases[tid]);
         store_release_system(reinterpret_cast<uint32_t*>(peer + kFlags) + t * kMaxRanks + rank, e);
         wait_for(reinterpret_cast<const uint32_t*>(self + kFlags) + t * kMaxRanks + tid, e);
     }
     __syncthreads();  // every peer's row is in place
+    const float4* src[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) src[k] = reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[k]) + slot) + row;
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < kNormVectors; ++j) {
         const int i = tid + j * kNormThreads;
         if (i >= n4) continue;
-        float4 a = load_l2(reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[0]) + slot) + row + i);
-        for (int k = 1; k < ranks; ++k)
-            a = add(a, load_l2(reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[k]) + slot) + row + i));
+        float4 p[R];
+#pragma unroll
+        for (int k = 0; k < R; ++k) p[k] = load_l2(src[k] + i);
+        float4 a = p[0];
+#pragma unroll
+        for (int k = 1; k < R; ++k) a = add(a, p[k]);
         in4[i] = a;
-        float4 v = add(xv[j], a);
+        const float4 v = add(xv[j], a);
         xv[j] = v;
         reinterpret_cast<float4*>(x)[row + i] = v;
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
@@ -257,6 +262,24 @@ extern "C" __global__ void __launch_bounds__(comm::kNormThreads)
             atomicExch(done, 0u);
             atomicExch(reinterpret_cast<unsigned int*>(self + kEpoch), e);
         }
+    }
+}
+}  // namespace comm
+
+extern "C" __global__ void __launch_bounds__(comm::kNormThreads)
+    peer_all_reduce_norm(float* in, int n, uint8_t* self, int capacity, int rank, int ranks, int allowNext, float* x, float* h,
+                         const float* w, float eps) {
+    FULGUR_TRACE_KERNEL;
+    switch (ranks) {
+    case 1: comm::all_reduce_norm<1>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    case 2: comm::all_reduce_norm<2>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    case 3: comm::all_reduce_norm<3>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    case 4: comm::all_reduce_norm<4>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    case 5: comm::all_reduce_norm<5>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    case 6: comm::all_reduce_norm<6>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    case 7: comm::all_reduce_norm<7>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    case 8: comm::all_reduce_norm<8>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
+    default: __trap();
     }
 }
 

@@ -408,7 +408,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                     try l.run(T)
                 }
                 capturing("step")
-            if !fixedTokens { try tokens.copy(from: ids, bytes: 4 * T, stream: stream) }
+                if !fixedTokens { try self.tokens.copy(from: self.ids, bytes: 4 * T, stream: self.stream) }
                 try self.module.launch(advancePositions, grid: (1, 1, 1), block: (32, 1, 1), stream: self.stream,
                                        [.pointer(self.positions.address), .int32(Int32(T))])
             }
@@ -964,7 +964,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                 guard let communicator, buffer == .out else {
                     throw FulgurError(.unsupported, "CUDA executor: a tensor-parallel shard's plan (all-reduce of \(buffer)) needs a communicator; run it through CUDATensorParallel")
                 }
-                let stream = self.stream, box = AllReduceNorm(hidden: hidden, fuses: communicator.fusesNorm)
+                let stream = self.stream, box = AllReduceNorm(hidden: hidden, ranks: communicator.ranks, fuses: communicator.fusesNorm)
                 pendingAllReduce = box
                 add("comm") { T in
                     if try box.fuses(tokens: T), let norm = box.norm {
@@ -1294,13 +1294,18 @@ extension CUDAExecutor: BatchExecutor {
 /// the step's launches are built; read when they are enqueued, by the all-reduce and by the op
 /// after the norm, which must agree.
 final class AllReduceNorm {
-    let hidden: Int, enabled: Bool
+    let hidden: Int, ranks: Int, enabled: Bool
     var norm: ResidualNorm?
     /// Whether the op after the norm takes it at T tokens (nil: it never does).
     var consumerTakes: ((Int) throws -> Bool)?
-    init(hidden: Int, fuses: Bool) { (self.hidden, self.enabled) = (hidden, fuses) }
+    /// The fused launch takes a block per token, each reading its row from every GPU; it paid
+    /// up to 32 rows over all GPUs, and lost beyond (4 H200, MiMo-V2-Flash: 8 tokens 7.990 ->
+    /// 7.970 ms, 16 tokens 11.357 -> 11.48; 2 H200: 16 tokens 14.26 -> 14.18; Kernels/NOTES.md).
+    static let maxRows = 32
+    init(hidden: Int, ranks: Int, fuses: Bool) { (self.hidden, self.ranks, self.enabled) = (hidden, ranks, fuses) }
     func fuses(tokens T: Int) throws -> Bool {
-        guard enabled, norm != nil, hidden % 4 == 0, hidden <= PeerAllReduce.normMaxHidden, T <= PeerAllReduce.maxBlocks else { return false }
+        guard enabled, norm != nil, hidden % 4 == 0, hidden <= PeerAllReduce.normMaxHidden, T <= PeerAllReduce.maxBlocks,
+              T * ranks <= Self.maxRows else { return false }
         return !(try consumerTakes?(T) ?? false)
     }
 }

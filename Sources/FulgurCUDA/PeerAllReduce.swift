@@ -18,7 +18,7 @@ public final class PeerAllReduce: @unchecked Sendable {
     // comm.cu's constants.
     static let maxRanks = 8, maxBlocks = 128, threads = 512, slotsOffset = 128 + 4 * 128 * 8
     /// peer_all_reduce_norm's block and the largest row it takes (comm.cu).
-    static let normThreads = 1024, normMaxHidden = 8192
+    static let normThreads = 512, normMaxHidden = 8192
 
     /// Blocks of a call of `count` floats: one float4 per thread up to 128 blocks (a 2880-float
     /// message takes 2), the same on every rank.

@@ -51,6 +51,7 @@
 // Not yet run on a GPU (Kernels/NOTES.md).
 
 #include "common.cuh"
+#include <type_traits>
 
 namespace comm {
 
@@ -88,27 +89,68 @@ __device__ __forceinline__ void wait_for(const uint32_t* flag, uint32_t e) {
 __device__ __forceinline__ float4 load_l2(const float4* p) { return __ldcg(p); }
 __device__ __forceinline__ float4 add(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 
+// The steps of a call that peer_all_reduce and peer_all_reduce_norm share (the protocol at the
+// top of this file). Step 1: this call's epoch, read by thread 0 and shared with the block.
+__device__ __forceinline__ uint32_t call_epoch(const uint8_t* self) {
+    __shared__ uint32_t epochShared;
+    if (threadIdx.x == 0) epochShared = __ldcg(reinterpret_cast<const unsigned int*>(self + kEpoch)) + 1;
+    __syncthreads();
+    return epochShared;
+}
+
+// Steps 3 and 4 for block b, once the block's chunk is in its own slot: tell every peer, then
+// wait for every peer's chunk. Ends with the block's threads agreeing that all chunks are in.
+template <int R>
+__device__ __forceinline__ void exchange_flags(uint8_t* self, int rank, uint32_t e) {
+    const int tid = threadIdx.x, b = blockIdx.x;
+    __syncthreads();  // the whole chunk is in place before any thread says so
+    if (tid < R && tid != rank) {
+        uint8_t* peer = reinterpret_cast<uint8_t*>(reinterpret_cast<const uint64_t*>(self)[tid]);
+        store_release_system(reinterpret_cast<uint32_t*>(peer + kFlags) + b * kMaxRanks + rank, e);
+        wait_for(reinterpret_cast<const uint32_t*>(self + kFlags) + b * kMaxRanks + tid, e);
+    }
+    __syncthreads();  // every peer's chunk is in place
+}
+
+// Step 6, thread 0 of each block: the last block to finish stores epoch = e. Every block read
+// the epoch before it counted itself done, so the last one may bump it.
+__device__ __forceinline__ void end_call(uint8_t* self, uint32_t e) {
+    if (threadIdx.x != 0) return;
+    unsigned int* done = reinterpret_cast<unsigned int*>(self + kDone);
+    if (atomicAdd(done, 1u) == gridDim.x - 1) {
+        atomicExch(done, 0u);
+        atomicExch(reinterpret_cast<unsigned int*>(self + kEpoch), e);
+    }
+}
+
+// f(std::integral_constant<int, R>) for R = ranks, 1 to 8 (traps on any other count).
+template <class F>
+__device__ __forceinline__ void with_ranks(int ranks, F f) {
+    switch (ranks) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: __trap();
+    }
+}
+
 template <int R>
 __device__ __forceinline__ void all_reduce(const float4* in, float4* out, int n4, uint8_t* self, int capacity, int rank) {
-    __shared__ uint32_t epochShared;
     const int tid = threadIdx.x;
     const uint64_t* bases = reinterpret_cast<const uint64_t*>(self);
-    if (tid == 0) epochShared = __ldcg(reinterpret_cast<const unsigned int*>(self + kEpoch)) + 1;
-    __syncthreads();
-    const uint32_t e = epochShared;
+    const uint32_t e = call_epoch(self);
     const int per = (n4 + gridDim.x - 1) / gridDim.x;
     const int begin = blockIdx.x * per, end = min(n4, begin + per);
     const size_t slot = kSlots + (size_t)(e & 1) * capacity * sizeof(float);
 
     float4* mine = reinterpret_cast<float4*>(self + slot);
     for (int i = begin + tid; i < end; i += kThreads) mine[i] = in[i];
-    __syncthreads();  // the whole chunk is in place before any thread says so
-    if (tid < R && tid != rank) {
-        uint8_t* peer = reinterpret_cast<uint8_t*>(bases[tid]);
-        store_release_system(reinterpret_cast<uint32_t*>(peer + kFlags) + blockIdx.x * kMaxRanks + rank, e);
-        wait_for(reinterpret_cast<const uint32_t*>(self + kFlags) + blockIdx.x * kMaxRanks + tid, e);
-    }
-    __syncthreads();  // every peer's chunk is in place
+    exchange_flags<R>(self, rank, e);
 
     const float4* src[R];
 #pragma unroll
@@ -135,14 +177,7 @@ __device__ __forceinline__ void all_reduce(const float4* in, float4* out, int n4
     }
 
     __syncthreads();
-    if (tid == 0) {
-        unsigned int* done = reinterpret_cast<unsigned int*>(self + kDone);
-        // Every block read the epoch before it counted itself done, so the last one may bump it.
-        if (atomicAdd(done, 1u) == gridDim.x - 1) {
-            atomicExch(done, 0u);
-            atomicExch(reinterpret_cast<unsigned int*>(self + kEpoch), e);
-        }
-    }
+    end_call(self, e);
 }
 
 }  // namespace comm
@@ -161,17 +196,7 @@ extern "C" __global__ void __launch_bounds__(comm::kThreads)
     const float4* in4 = reinterpret_cast<const float4*>(in);
     float4* out4 = reinterpret_cast<float4*>(out);
     const int n4 = count / 4;
-    switch (ranks) {
-    case 1: comm::all_reduce<1>(in4, out4, n4, self, capacity, rank); break;
-    case 2: comm::all_reduce<2>(in4, out4, n4, self, capacity, rank); break;
-    case 3: comm::all_reduce<3>(in4, out4, n4, self, capacity, rank); break;
-    case 4: comm::all_reduce<4>(in4, out4, n4, self, capacity, rank); break;
-    case 5: comm::all_reduce<5>(in4, out4, n4, self, capacity, rank); break;
-    case 6: comm::all_reduce<6>(in4, out4, n4, self, capacity, rank); break;
-    case 7: comm::all_reduce<7>(in4, out4, n4, self, capacity, rank); break;
-    case 8: comm::all_reduce<8>(in4, out4, n4, self, capacity, rank); break;
-    default: __trap();
-    }
+    comm::with_ranks(ranks, [&](auto R) { comm::all_reduce<decltype(R)::value>(in4, out4, n4, self, capacity, rank); });
 }
 
 // The all-reduce of a tensor-parallel layer's output followed by the residual add and RMSNorm
@@ -192,7 +217,6 @@ constexpr int kNormThreads = 512, kNormVectors = 4;
 template <int R>
 __device__ __forceinline__ void all_reduce_norm(float* in, int n, uint8_t* self, int capacity, int rank, int allowNext, float* x,
                                                 float* h, const float* w, float eps) {
-    __shared__ uint32_t epochShared;
     __shared__ float scratch[32];
     const int tid = threadIdx.x, t = blockIdx.x, n4 = n / 4;
     // The norm weight does not depend on the previous kernel: loaded before waiting for it.
@@ -205,9 +229,7 @@ __device__ __forceinline__ void all_reduce_norm(float* in, int n, uint8_t* self,
     wait_for_previous_kernel();
     if (allowNext) allow_next_kernel();
     const uint64_t* bases = reinterpret_cast<const uint64_t*>(self);
-    if (tid == 0) epochShared = __ldcg(reinterpret_cast<const unsigned int*>(self + kEpoch)) + 1;
-    __syncthreads();
-    const uint32_t e = epochShared;
+    const uint32_t e = call_epoch(self);
     const size_t slot = kSlots + (size_t)(e & 1) * capacity * sizeof(float), row = (size_t)t * n4;
     float4* in4 = reinterpret_cast<float4*>(in) + row;
     float4* mine = reinterpret_cast<float4*>(self + slot) + row;
@@ -220,13 +242,7 @@ __device__ __forceinline__ void all_reduce_norm(float* in, int n, uint8_t* self,
             xv[j] = __ldcg(reinterpret_cast<const float4*>(x) + row + i);
         }
     }
-    __syncthreads();  // the whole row is in place before any thread says so
-    if (tid < R && tid != rank) {
-        uint8_t* peer = reinterpret_cast<uint8_t*>(bases[tid]);
-        store_release_system(reinterpret_cast<uint32_t*>(peer + kFlags) + t * kMaxRanks + rank, e);
-        wait_for(reinterpret_cast<const uint32_t*>(self + kFlags) + t * kMaxRanks + tid, e);
-    }
-    __syncthreads();  // every peer's row is in place
+    exchange_flags<R>(self, rank, e);  // block t's chunk is row t
     const float4* src[R];
 #pragma unroll
     for (int k = 0; k < R; ++k) src[k] = reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[k]) + slot) + row;
@@ -256,13 +272,7 @@ __device__ __forceinline__ void all_reduce_norm(float* in, int n, uint8_t* self,
             reinterpret_cast<float4*>(h)[row + i] = make_float4(gw.x * (v.x * inv), gw.y * (v.y * inv), gw.z * (v.z * inv), gw.w * (v.w * inv));
         }
     }
-    if (tid == 0) {
-        unsigned int* done = reinterpret_cast<unsigned int*>(self + kDone);
-        if (atomicAdd(done, 1u) == gridDim.x - 1) {
-            atomicExch(done, 0u);
-            atomicExch(reinterpret_cast<unsigned int*>(self + kEpoch), e);
-        }
-    }
+    end_call(self, e);
 }
 }  // namespace comm
 
@@ -270,17 +280,7 @@ extern "C" __global__ void __launch_bounds__(comm::kNormThreads)
     peer_all_reduce_norm(float* in, int n, uint8_t* self, int capacity, int rank, int ranks, int allowNext, float* x, float* h,
                          const float* w, float eps) {
     FULGUR_TRACE_KERNEL;
-    switch (ranks) {
-    case 1: comm::all_reduce_norm<1>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    case 2: comm::all_reduce_norm<2>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    case 3: comm::all_reduce_norm<3>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    case 4: comm::all_reduce_norm<4>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    case 5: comm::all_reduce_norm<5>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    case 6: comm::all_reduce_norm<6>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    case 7: comm::all_reduce_norm<7>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    case 8: comm::all_reduce_norm<8>(in, n, self, capacity, rank, allowNext, x, h, w, eps); break;
-    default: __trap();
-    }
+    comm::with_ranks(ranks, [&](auto R) { comm::all_reduce_norm<decltype(R)::value>(in, n, self, capacity, rank, allowNext, x, h, w, eps); });
 }
 
 // Keeps a stream busy for `nanoseconds`, so that a host can queue many launches behind it and

@@ -546,12 +546,16 @@ __device__ void wide(const uint8_t* __restrict__ w, const void* __restrict__ sca
 // Layout: a block of 4 warps owns one eighth of K and walks 64-row blocks (a warp 16 rows)
 // rb = blockIdx.x, + gridDim.x, ... (at most kMmaRowBlocks; the host sizes the grid so the
 // clusters are all resident and share the row blocks evenly); the 8 blocks of a thread-block
-// cluster (grid.y = 8) cover K, and at the end rank 0 sums their partial tiles from
-// distributed shared memory in rank order (deterministic, no scratch in global memory, no
-// float atomics). K is walked in 64-column chunks (each chunk in one FP8 tile, so a warp applies
-// one multiplier per chunk), in pieces of P chunks: every lane issues the piece's weight loads
-// (FP8: 2 x 16 B a chunk, BF16: 4), the block stages the piece's x split into terms in shared
-// memory (once per block when its share of K is one piece), then each warp multiplies.
+// cluster (grid.y = 8) cover K, and at the end the 8 ranks each sum a share of the partial
+// tiles from distributed shared memory, each sum in rank order (deterministic, no scratch in
+// global memory, no float atomics). K is walked in 64-column chunks (each chunk in one FP8
+// tile, so a warp applies one multiplier per chunk), in pieces of P chunks: every lane issues
+// the piece's weight loads (FP8: 2 x 16 B a chunk, BF16: 4) together, the block stages the
+// piece's x split into terms in shared memory (once per block when its share of K is one
+// piece), then each warp multiplies. Issuing the next piece's chunk c as soon as chunk c was
+// used (a register ring, one piece ahead) was slower at every shape, up to 35% on 201088 x
+// 2880: the loads of a row's piece then reach memory spread out rather than together
+// (fifteenth session, Kernels/NOTES.md).
 // Version 1 (one row block a block, so 5760 rows took two waves of short blocks, each paying
 // the x staging and two cluster barriers) ran 5760 x 2880 FP8 at 8 tokens in 14.5 us on an
 // H100, 38% of copy bandwidth (Kernels/NOTES.md). Lane 4g + t loads columns 16t .. 16t + 15 of rows g and
@@ -741,30 +745,21 @@ __device__ void mma_product(const uint8_t* __restrict__ w, const float* __restri
         wait_for_previous_kernel();
         allow_next_kernel();
     }
-    // Rank 0 of the cluster sums the 8 blocks' tiles in rank order and stores them.
+    // The cluster's ranks share the reduction: rank r sums slices r, r + 8, ... (a slice: one
+    // accumulator register of every thread for one row block) over the 8 ranks' tiles in rank
+    // order, so the sums are the same as one rank's, and stores them. Version 2 left all of it
+    // to rank 0, while the other 7 waited: 0.3-2.2 us more a call (H200, Kernels/NOTES.md).
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
-    if (cluster.block_rank() == 0) {
-        for (int i0 = 0; i0 < iter; ++i0) {
-            const int row0 = (blockIdx.x + i0 * gridDim.x) * 64 + warp * 16;
-            float sum[NT][4] = {};
-            for (int r = 0; r < kMmaSplits; ++r) {
-                const float* other = cluster.map_shared_rank(red, r) + i0 * tileFloats;
+    for (int s = cluster.block_rank(); s < iter * NT * 4; s += kMmaSplits) {
+        const int it = s / (NT * 4), q = s % (NT * 4), at = it * tileFloats + q * kMmaWarps * 32 + threadIdx.x;
+        float sum = 0.f;
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) sum[nt][i] += other[(nt * 4 + i) * kMmaWarps * 32 + threadIdx.x];
-            }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int row = row0 + g + (i >= 2 ? 8 : 0), t = nt * 8 + 2 * t4 + (i & 1);
-                    if (row < n && t < T) out[(size_t)t * outStride + row] = bias ? sum[nt][i] + bias[row] : sum[nt][i];
-                }
-        }
+        for (int r = 0; r < kMmaSplits; ++r) sum += cluster.map_shared_rank(red, r)[at];
+        const int row = (blockIdx.x + it * gridDim.x) * 64 + warp * 16 + g + (q % 4 >= 2 ? 8 : 0), t = (q / 4) * 8 + 2 * t4 + (q & 1);
+        if (row < n && t < T) out[(size_t)t * outStride + row] = bias ? sum + bias[row] : sum;
     }
-    cluster.sync();  // the other blocks' shared tiles stay until rank 0 has read them
+    cluster.sync();  // the other blocks' shared tiles stay until every rank has read them
 }
 
 }  // namespace gemv

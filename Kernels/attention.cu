@@ -53,16 +53,6 @@ __device__ __forceinline__ void prefetch_old_keys(const float* cacheK, const flo
     }
 }
 
-// cp.async: global -> shared without registers, so a chunk's whole K and V (and q) are in
-// flight at once. 16 bytes through L2 only; 4 bytes (unaligned rows) through L1 as a plain load.
-__device__ __forceinline__ void copy16(float* dst, const float* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy4(float* dst, const float* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copies_done() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 // Rows r < rows of `width` floats into shared rows `stride` floats apart; row r is source row
 // (first + r) mod ring, rows srcStride floats apart (first < ring). 16-byte copies when
 // `vector` (width % 4 == 0, 16-byte aligned rows), else 4-byte ones. A unit (16 or 4 bytes)
@@ -729,8 +719,8 @@ extern "C" __global__ void __launch_bounds__(128, 8) attention_decode_v2(
         const float* src = partial + ((size_t)t * heads + h) * n;
         const float* base = reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(src) & ~(uintptr_t)15);
         const int off = (int)(src - base), units = (off + n + 3) / 4;
-        for (int u = threadIdx.x; u < units; u += kThreads) attention::copy16(qs + 4 * u, base + 4 * u);
-        attention::copies_done();
+        for (int u = threadIdx.x; u < units; u += kThreads) copy16(qs + 4 * u, base + 4 * u);
+        copies_done();
         __syncthreads();
         const float* shares = qs + off;
         float w[kMaxSplits];  // each share's max, then its weight exp(max - M) (0 for an empty share)

@@ -81,6 +81,18 @@ struct TraceScope {
     } while (0)
 #endif
 
+// cp.async: global -> shared without registers, so many copies are in flight at once
+// (attention's K and V chunks, the router's norm weight and correction bias). 16 bytes through
+// L2 only; 4 bytes (unaligned rows) through L1 as a plain load. copies_done waits for all of
+// the thread's copies.
+__device__ __forceinline__ void copy16(float* dst, const float* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy4(float* dst, const float* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copies_done() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // Weights are streamed once per call: keep them out of L1 so the reused activations stay.
 __device__ __forceinline__ uint4 load_streaming(const void* p) {
     uint4 v;

@@ -1067,9 +1067,7 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
         }
     }
     if (norm.resid)  // the norm weight does not depend on the previous kernel either (16-byte cp.async, no registers)
-        for (int i = tid; i < H / 4; i += threads)
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(normWeight + 4 * i))),
-                         "l"(norm.weight + 4 * i) : "memory");
+        for (int i = tid; i < H / 4; i += threads) copy16(normWeight + 4 * i, norm.weight + 4 * i);
     wait_for_previous_kernel();
     allow_next_kernel();
     if (e == 0)
@@ -1092,7 +1090,7 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
 #pragma unroll
             for (int q = 0; q < 8; ++q) ss += v[i][q] * v[i][q];
         }
-        asm volatile("cp.async.wait_all;" ::: "memory");
+        copies_done();
         __shared__ float scratch[32];
         const float inv = rsqrtf(block_sum_all(ss, scratch) / H + norm.eps);  // its barriers also publish normWeight
         float acc = 0.f, mx = 0.f;
@@ -1776,8 +1774,15 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
     FULGUR_TRACE_KERNEL;
     __shared__ moe2::BlockRoutes br;
     __shared__ bool last;
+    // The correction bias (sigmoid routers), copied at the start by every block: only the last
+    // block to arrive routes, and the bias is a weight the streamed experts push out of L2, so
+    // reading it there put a DRAM round trip on the step's critical path (a MiMo-V2-Flash shard,
+    // H200: the routing block 10.6 -> 8 us at one token, the step -1.7%; Kernels/NOTES.md).
+    __shared__ float corr[moe::kMaxExperts];
     extern __shared__ float4 normShared[];  // H floats with resid, else none (a static 32 KB here kept the
                                             // product launches' first blocks off the SMs: 8-token step +0.4%)
+    if (correction)
+        for (int e = threadIdx.x; e < E; e += blockDim.x) copy4(corr + e, correction + e);
     const moe2::RouterNorm norm{resid, add, normWeight, eps};
     moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, norm, reinterpret_cast<float*>(normShared));
     FULGUR_TRACE_MARK(0);
@@ -1793,7 +1798,9 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
     // now, its stores draining while this block routes.
     if (resid && add)
         for (int i = threadIdx.x; i < H / 4; i += blockDim.x) reinterpret_cast<float4*>(resid)[i] = normShared[i];
-    moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
+    copies_done();
+    __syncthreads();
+    moe2::route_block(br, moe::RouterArgs{correction ? corr : nullptr, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
                       tokensPerSlot, routes);
     const int* src = reinterpret_cast<const int*>(&br);
     for (int i = threadIdx.x; i < moe4::kBlockRoutesInts; i += blockDim.x) routed[i] = src[i];

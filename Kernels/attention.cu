@@ -203,10 +203,9 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
         const int pairs = prep->rotaryDim / 2;
         for (int i = threadIdx.x; i < (1 + T) * pairs; i += kThreads) {
             const int r = i / pairs, pair = i - r * pairs;
-            double sn, cs;
-            sincos((double)positions[r == 0 ? t : r - 1] * prep->invFreq[pair], &sn, &cs);
-            rot[r * prep->rotaryDim + 2 * pair] = (float)(cs * prep->attnFactor);
-            rot[r * prep->rotaryDim + 2 * pair + 1] = (float)(sn * prep->attnFactor);
+            const float2 f = rope_factors(positions[r == 0 ? t : r - 1], prep->invFreq, pair, prep->attnFactor);
+            rot[r * prep->rotaryDim + 2 * pair] = f.x;
+            rot[r * prep->rotaryDim + 2 * pair + 1] = f.y;
         }
         wait_for_previous_kernel();
         allow_next_kernel();
@@ -230,18 +229,14 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
             for (int i = threadIdx.x; i < headDim; i += kThreads) raw[r * headDim + i] = weight[i] * (raw[r * headDim + i] * inv);
         }
         __syncthreads();
-        const int half = prep->rotaryDim / 2;
         for (int r = 0; r <= T; ++r) {
             const float* head = raw + r * headDim;
             float* dst = r == 0 ? qs : newK + (r - 1) * headDim;
             for (int i = threadIdx.x; i < headDim; i += kThreads) {
                 float o = head[i];
                 if (i < prep->rotaryDim) {
-                    const int pair = prep->neox ? i % half : i / 2;
-                    const bool lead = prep->neox ? i < half : i % 2 == 0;
-                    const int a = prep->neox ? pair : 2 * pair, b = prep->neox ? pair + half : 2 * pair + 1;
-                    const float cf = rot[r * prep->rotaryDim + 2 * pair], sf = rot[r * prep->rotaryDim + 2 * pair + 1];
-                    o = lead ? head[a] * cf - head[b] * sf : head[b] * cf + head[a] * sf;
+                    const float* f = rot + r * prep->rotaryDim + 2 * rope_pair(i, prep->rotaryDim, prep->neox);
+                    o = rope_rotate(head, i, prep->rotaryDim, prep->neox, make_float2(f[0], f[1]));
                 }
                 dst[i] = o;
             }

@@ -81,6 +81,23 @@ struct TraceScope {
     } while (0)
 #endif
 
+// RoPE (attention_prep, attention_decode_h1p): element i < rotaryDim of a head, rotated with
+// its pair's factors cf = cos * attnFactor, sf = sin * attnFactor; neox pairs (i, i + rotaryDim
+// / 2), else (2i, 2i + 1). rope_pair is the pair of element i; rope_factors the pair's factors
+// at a position (angle pos * invFreq[pair] in f64).
+__device__ __forceinline__ int rope_pair(int i, int rotaryDim, int neox) { return neox ? i % (rotaryDim / 2) : i / 2; }
+__device__ __forceinline__ float2 rope_factors(int pos, const double* invFreq, int pair, double attnFactor) {
+    double s, c;
+    sincos((double)pos * invFreq[pair], &s, &c);
+    return make_float2((float)(c * attnFactor), (float)(s * attnFactor));
+}
+__device__ __forceinline__ float rope_rotate(const float* head, int i, int rotaryDim, int neox, float2 f) {
+    const int half = rotaryDim / 2, pair = rope_pair(i, rotaryDim, neox);
+    const bool lead = neox ? i < half : i % 2 == 0;
+    const int a = neox ? pair : 2 * pair, b = neox ? pair + half : 2 * pair + 1;
+    return lead ? head[a] * f.x - head[b] * f.y : head[b] * f.x + head[a] * f.y;
+}
+
 // cp.async: global -> shared without registers, so many copies are in flight at once
 // (attention's K and V chunks, the router's norm weight and correction bias). 16 bytes through
 // L2 only; 4 bytes (unaligned rows) through L1 as a plain load. copies_done waits for all of

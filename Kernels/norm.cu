@@ -181,18 +181,11 @@ extern "C" __global__ void __launch_bounds__(128) attention_prep(
         for (int i = threadIdx.x; i < headDim; i += blockDim.x) head[i] = weight[i] * (head[i] * inv);
     }
     __syncthreads();
-    const int pos = positions[t], half = rotaryDim / 2;
+    const int pos = positions[t];
     for (int i = threadIdx.x; i < headDim; i += blockDim.x) {
         float out = head[i];
-        if (i < rotaryDim) {
-            const int pair = neox ? i % half : i / 2;
-            const bool first = neox ? i < half : i % 2 == 0;
-            const int a = neox ? pair : 2 * pair, b = neox ? pair + half : 2 * pair + 1;
-            double s, c;
-            sincos((double)pos * invFreq[pair], &s, &c);
-            const float cf = (float)(c * attnFactor), sf = (float)(s * attnFactor);
-            out = first ? head[a] * cf - head[b] * sf : head[b] * cf + head[a] * sf;
-        }
+        if (i < rotaryDim)
+            out = rope_rotate(head, i, rotaryDim, neox, rope_factors(pos, invFreq, rope_pair(i, rotaryDim, neox), attnFactor));
         src[i] = out;
         if (isKey) cacheK[((size_t)(pos % capacity) * kvHeads + h) * headDim + i] = out;
     }

@@ -101,4 +101,3 @@ public final class PeerAllReduce: @unchecked Sendable {
                                         .pointer(x), .pointer(h), .pointer(weight), .float(eps)])
     }
 }
-

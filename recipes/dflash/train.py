@@ -5,9 +5,9 @@
     scenario: validation (picks the checkpoint) and test (reported, eval_prompts.json);
  2. the target answers them (fastllama.py: batched, static KV cache; mostly greedy, a share
     sampled) until the generation time is up; held-out answers are greedy and float32;
- 3. training: each step computes the target's hidden states after `target_layer_ids` for its
-    sequences (no stored features, so the data size is bounded by generation time alone);
-    blocks start at random anchors inside answers; the anchor token is given and the rest of
+ 3. training: batches of sequences of similar length; the target's hidden states after
+    `target_layer_ids` are computed at a sequence's first use and kept on the GPU while memory
+    lasts (beyond it, computed at every use, so the data size is not bounded by memory); blocks start at random anchors inside answers; the anchor token is given and the rest of
     the block is mask tokens; each block sees the target features strictly before its anchor
     and itself; loss = cross-entropy at the masked positions, position k weighted by
     exp(-(k-1)/gamma); AdamW (default) or Muon for the matrices (`--optimizer muon`;
@@ -92,7 +92,18 @@ def arguments():
                     "schedule ends saves it here (and still exports the best state so far); a call that finds it "
                     "resumes from it (same data, one optimizer)")
     ap.add_argument("--batch", type=int, default=32, help="sequences per step")
-    ap.add_argument("--block-tokens", type=int, default=1024, help="block positions per sequence per step")
+    ap.add_argument("--block-tokens", type=int, default=1024, help="block positions per sequence per step (at most "
+                    "the batch's longest answer)")
+    ap.add_argument("--length-window", type=int, default=64, help="batches are drawn from windows of this many "
+                    "batches sorted by length (1: random batches, padded to their longest sequence)")
+    ap.add_argument("--feature-store-gb", type=float, help="GPU memory for the target's features of the training "
+                    "sequences, kept after their first pass (default: all free memory but --reserve-gb; 0: none)")
+    ap.add_argument("--reserve-gb", type=float, default=40, help="GPU memory left for training by the feature store")
+    ap.add_argument("--cross-entropy", choices=["float32", "bfloat16", "fused"],
+                    help="how the loss reads the LM head's logits: a float32 copy, as they are, or the float32 one "
+                    "compiled (cross_entropy_fn; default: fused on a GPU, float32 on a CPU)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="torch.compile the drafter's layers, dynamic shapes (default: on a GPU)")
     ap.add_argument("--lr", type=float, default=0.02, help="Muon's")
     ap.add_argument("--adam-lr", type=float, default=1e-3, help="AdamW's (all parameters with --optimizer adamw, "
                     "the norm gains with muon)")
@@ -112,6 +123,11 @@ def arguments():
         ap.error("--out is required (except with --data-only)")
     if args.checkpoint and ("," in args.optimizer or args.steps):
         ap.error("--checkpoint takes one optimizer and a timed schedule (no --steps)")
+    # On a GPU both measured faster (bench_step.py, H200, 2026-11-28: with sorted batches and the
+    # feature store, a step 54.4 -> 35.5 ms); on a CPU compiling costs more than it saves in a smoke run.
+    gpu = args.device.startswith("cuda")
+    args.cross_entropy = args.cross_entropy or ("fused" if gpu else "float32")
+    args.compile = gpu if args.compile is None else args.compile
     return args
 
 
@@ -258,6 +274,99 @@ def padded_tokens(picked, mask_id, device):
     return tokens.to(device), torch.tensor([len(e["tokens"]) for e in picked], device=device)
 
 
+class Batches:
+    """Training batches of `batch` sequences of similar length, drawn without replacement: each
+    epoch shuffles the examples, sorts windows of `batch * window` of them by length, cuts those
+    into batches and shuffles the batches. Padding (in the target's feature pass, the drafter's
+    context and its attention) is then small, and every example is seen once an epoch; plain
+    random batches of 32 are padded to their longest, about 1.5x their mean here.
+    `window` 1 gives random batches of unsorted examples."""
+
+    def __init__(self, lengths, batch, generator, window=64):
+        self.lengths, self.batch, self.g, self.window = lengths, batch, generator, window
+        self.order, self.at = [], 0
+
+    def _epoch(self):
+        perm = torch.randperm(len(self.lengths), generator=self.g).tolist()
+        span = self.batch * self.window
+        batches = []
+        for w in range(0, len(perm), span):
+            part = sorted(perm[w:w + span], key=lambda i: self.lengths[i]) if self.window > 1 else perm[w:w + span]
+            batches += [part[s:s + self.batch] for s in range(0, len(part), self.batch)]
+        self.order = [batches[i] for i in torch.randperm(len(batches), generator=self.g).tolist()]
+        self.at = 0
+
+    def next(self):
+        if self.at >= len(self.order):
+            self._epoch()
+        self.at += 1
+        return self.order[self.at - 1]
+
+    def state(self):
+        return dict(order=self.order, at=self.at)
+
+    def load(self, state):
+        self.order, self.at = state["order"], state["at"]
+
+
+class FeatureStore:
+    """The target's features of the training sequences, computed at their first use and kept on
+    the GPU for the later epochs (the values the per-step pass would give again: the same
+    precision, stored bf16 as before). Sequences that do not fit in `budget_bytes` are computed
+    at every use, as without the store. Padding positions come out as zeros (a fresh pass gives
+    the padding tokens' own features); no block ever attends to them."""
+
+    def __init__(self, target, examples, dim, dtype, budget_bytes, device):
+        self.target, self.examples, self.device = target, examples, device
+        row = dim * torch.finfo(dtype).bits // 8
+        self.offset, self.cached, total = {}, set(), 0
+        for i, e in enumerate(examples):
+            if (total + len(e["tokens"])) * row > budget_bytes:
+                break
+            self.offset[i] = total
+            total += len(e["tokens"])
+        self.buffer = torch.empty((total, dim), dtype=dtype, device=device) if total else None
+        self.rows = total
+        self.bytes = total * row
+
+    def features(self, indices):
+        """Right-padded features [len(indices), width, dim] of the examples at `indices`."""
+        todo = [r for r, i in enumerate(indices) if i not in self.cached]
+        fresh = self.target.features([self.examples[indices[r]]["tokens"] for r in todo]) if todo else None
+        if todo:
+            self._keep([indices[r] for r in todo], fresh)
+            if len(todo) == len(indices):
+                return fresh
+        width = max(len(self.examples[i]["tokens"]) for i in indices)
+        out = torch.zeros((len(indices), width, self.buffer.shape[1]), dtype=self.buffer.dtype, device=self.device)
+        rows, cols, src, skip = [], [], [], set(todo)
+        for r, i in enumerate(indices):
+            if r not in skip:
+                n = len(self.examples[i]["tokens"])
+                rows.append(torch.full((n,), r, dtype=torch.long))
+                cols.append(torch.arange(n))
+                src.append(torch.arange(self.offset[i], self.offset[i] + n))
+        rows, cols, src = (torch.cat(x).to(self.device) for x in (rows, cols, src))
+        out[rows, cols] = self.buffer[src]
+        if todo:
+            out[todo, :fresh.shape[1]] = fresh
+        return out
+
+    def _keep(self, indices, features):
+        for r, i in enumerate(indices):
+            if i in self.offset and i not in self.cached:
+                n = len(self.examples[i]["tokens"])
+                self.buffer[self.offset[i]:self.offset[i] + n] = features[r, :n]
+                self.cached.add(i)
+
+
+def anchors_per_sequence(picked, block, block_tokens):
+    """Blocks per sequence in a step: `block_tokens // block`, but no more than the longest answer
+    of the batch has anchors (more would be dropped blocks that cost a full forward and backward)."""
+    most = max(len(e["tokens"]) - 1 - e["prompt_len"] for e in picked)
+    return max(1, min(block_tokens // block, most))
+
+
 def random_anchors(picked, anchors_per_seq, generator, device):
     """`anchors_per_seq` random anchors per sequence inside its answer (dropped ones flagged in `keep`)."""
     anchors = torch.zeros((len(picked), anchors_per_seq), dtype=torch.long)
@@ -301,16 +410,41 @@ def block_labels(tokens, lengths, anchors, keep, block):
     return labels, valid
 
 
-def block_loss(drafter, lm_head, embed, batch, block, mask_id):
+def float_cross_entropy(logits, labels):
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+_fused = {}
+
+
+def cross_entropy_fn(kind):
+    """Per-row cross-entropy of the LM head's logits (bf16 on the GPU, 28k rows x 49k a step here):
+    float32: through a float32 copy (4 more bytes a logit written and read, and the log-softmax
+    kept in float32 for the backward); bfloat16: on the bf16 logits as they are (the log-softmax
+    computed in float32 but stored bf16); fused: the float32 one through torch.compile, which reads
+    the bf16 logits in its own reduction kernels instead of copying them."""
+    if kind == "float32":
+        return float_cross_entropy
+    if kind == "bfloat16":
+        return lambda logits, labels: F.cross_entropy(logits, labels, reduction="none")
+    if kind == "fused":
+        if "ce" not in _fused:
+            _fused["ce"] = torch.compile(float_cross_entropy, dynamic=True)
+        return _fused["ce"]
+    raise ValueError(f"cross-entropy '{kind}': float32, bfloat16 or fused")
+
+
+def block_loss(drafter, lm_head, embed, batch, block, mask_id, cross_entropy="float32"):
     """Weighted cross-entropy over the masked block positions, and per position whether the
-    drafter's argmax was right (for the running acceptance estimate)."""
+    drafter's argmax was right (for the running acceptance estimate); `cross_entropy` as
+    cross_entropy_fn takes it."""
     tokens, lengths, features, anchors, keep = batch
     hidden = draft_hidden(drafter, embed, tokens, features, anchors, keep, block, mask_id)
     labels, valid = block_labels(tokens, lengths, anchors, keep, block)
     weights = loss_weights(block, gamma_for(block), tokens.device)[None, None, :] * valid
     chosen = weights > 0
     logits = hidden[chosen].to(lm_head.dtype) @ lm_head.T
-    ce = F.cross_entropy(logits.float(), labels[chosen], reduction="none")
+    ce = cross_entropy_fn(cross_entropy)(logits, labels[chosen])
     loss = (ce * weights[chosen]).sum() / weights[chosen].sum()
     correct = torch.zeros_like(valid)
     correct[chosen] = logits.argmax(-1) == labels[chosen]
@@ -397,7 +531,56 @@ def schedule(progress, warmup):
     return min(1.0, progress / max(warmup, 1e-9)) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(name, config, target, examples, val, lm_head, embed, args, device, seconds, schedule_seconds=None, resume=None):
+def make_batch(examples, indices, block, block_tokens, store, mask_id, generator, device, mark=None, phases=None):
+    """A training batch (tokens, lengths, features, anchors, keep) of the examples at `indices`."""
+    picked = [examples[i] for i in indices]
+    tokens, lengths = padded_tokens(picked, mask_id, device)
+    anchors, keep = random_anchors(picked, anchors_per_sequence(picked, block, block_tokens), generator, device)
+    if mark:
+        mark(phases, "batch")
+    features = store.features(indices)
+    if mark:
+        mark(phases, "features")
+    return tokens, lengths, features, anchors, keep
+
+
+def training_step(drafter, opts, lm_head, embed, batch, block, mask_id, autocast, mark=None, phases=None,
+                  cross_entropy="float32"):
+    """One optimizer step on `batch`: the loss, and per block position whether the drafter was right and counted."""
+    mark = mark or (lambda phases, name: None)
+    with autocast:
+        loss, correct, valid = block_loss(drafter, lm_head, embed, batch, block, mask_id, cross_entropy)
+    mark(phases, "forward")
+    loss.backward()
+    mark(phases, "backward")
+    torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+    for o in opts:
+        o.step()
+        o.zero_grad(set_to_none=True)
+    mark(phases, "optimizer")
+    return loss, correct, valid
+
+
+def feature_store(target, examples, config, args, device):
+    """The FeatureStore of a run: on a GPU, as much of the training set as fits in the memory left
+    after `--reserve-gb` for training (or `--feature-store-gb`); on a CPU, none."""
+    dim = len(config.target_layer_ids) * config.hidden_size
+    if device.type != "cuda":
+        budget = 0
+    elif args.feature_store_gb is not None:
+        budget = args.feature_store_gb * 2**30
+    else:
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = max(0, free - args.reserve_gb * 2**30)
+    store = FeatureStore(target, examples, dim, torch.bfloat16 if device.type == "cuda" else torch.float32, budget, device)
+    total = sum(len(e["tokens"]) for e in examples)
+    log(f"feature store: {store.rows} of {total} training tokens ({store.bytes / 2**30:.1f} GiB) are kept after their "
+        f"first pass; the rest are computed at every use")
+    return store
+
+
+def train(name, config, target, examples, val, lm_head, embed, args, device, seconds, schedule_seconds=None, resume=None,
+          store=None):
     """Trains for `seconds` (or --steps) of a learning-rate schedule `schedule_seconds` long
     (default `seconds`), from scratch or from a `resume` checkpoint (a dict saved by an earlier
     call). Returns the drafter at its best validated state, the history, the best's summary,
@@ -409,6 +592,15 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     blocks = [int(b) for b in args.block_sizes.split(",")]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(args.seed)
+    batches = Batches([len(e["tokens"]) for e in examples], args.batch, g, args.length_window)
+    store = store or feature_store(target, examples, config, args, device)
+    if device.type == "cuda":
+        # cuDNN's attention plans every new shape again (30 ms of CPU a call, measured on an H200
+        # with bench_step.py): batches sorted by length have many shapes. The other backends do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.compile:
+        for layer in drafter.layers:
+            layer.compile(dynamic=True)
     schedule_seconds = schedule_seconds or seconds
     history, step, trained_before = [], 0, 0.0
     best = dict(score=-1.0)
@@ -428,6 +620,8 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
         for o, state in zip(opts, resume["optimizers"]):
             o.load_state_dict(state)
         g.set_state(resume["generator"])
+        if "batches" in resume:  # saved before batches were sorted by length: they start afresh
+            batches.load(resume["batches"])
         history, step, trained_before = resume["history"], resume["step"], resume["trained_seconds"]
         best, since_best, seen = resume["best"], resume["since_best"], resume["seen"]
         log(f"[{name}] resumed at step {step}, {trained_before:.0f} of {schedule_seconds:.0f} s of the schedule, "
@@ -472,26 +666,13 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
                 grp["lr"] = lr * schedule(progress, args.warmup)
         block = blocks[step % len(blocks)]
         mark = phase_clock(step in profiled)
-        if step == kernel_steps.start:
+        if kernel_steps and step == kernel_steps.start:
             profiler = start_profiler()
-        picked = [examples[int(i)] for i in torch.randint(len(examples), (args.batch,), generator=g)]
-        seen += len(picked)
-        tokens, lengths = padded_tokens(picked, config.mask_token_id, device)
-        anchors, keep = random_anchors(picked, max(1, args.block_tokens // block), g, device)
-        mark(phases, "batch")
-        features = target.features([e["tokens"] for e in picked])
-        mark(phases, "features")
-        batch = (tokens, lengths, features, anchors, keep)
-        with autocast:
-            loss, correct, valid = block_loss(drafter, lm_head, embed, batch, block, config.mask_token_id)
-        mark(phases, "forward")
-        loss.backward()
-        mark(phases, "backward")
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        mark(phases, "optimizer")
+        indices = batches.next()
+        seen += len(indices)
+        batch = make_batch(examples, indices, block, args.block_tokens, store, config.mask_token_id, g, device, mark, phases)
+        loss, correct, valid = training_step(drafter, opts, lm_head, embed, batch, block, config.mask_token_id, autocast,
+                                             mark, phases, args.cross_entropy)
         step += 1
         if phases and step == profiled.stop:
             log(f"[{name}] a step's phases (mean of {len(profiled)} steps, synchronized): "
@@ -509,6 +690,7 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     if not args.steps and trained_before + trained < schedule_seconds:
         # Copies: state_dict() holds the live parameters, which take the best state below.
         checkpoint = dict(drafter={k: v.detach().clone() for k, v in drafter.state_dict().items()}, optimizers=[o.state_dict() for o in opts], generator=g.get_state(),
+                          batches=batches.state(),
                           history=history, step=step, trained_seconds=trained_before + trained, best=best,
                           since_best=since_best, seen=seen, schedule_seconds=schedule_seconds)
         if since_best >= args.patience > 0:
@@ -639,6 +821,7 @@ def main():
                   training_answers=len(train_ex), answer_tokens=answer_tokens, by_scenario=counts,
                   validation=len(val), test=len(test), runs={})
     names = args.optimizer.split(",")
+    store = feature_store(target, train_ex, config, args, device)  # shared by the optimizers' runs
     for i, name in enumerate(names):
         # Leave time for this and the later optimizers' final evaluation (estimated: replay,
         # export, real decoding, 20 s of margin), then share what is left.
@@ -660,7 +843,7 @@ def main():
             log(f"[{name}] only {seconds:.0f} s left for training: lower --gen-minutes or raise --budget-minutes")
             seconds = max(seconds, 10)
         drafter, history, best, autocast, checkpoint = train(name, config, target, train_ex, val, lm_head, embed, args,
-                                                             device, seconds, schedule_seconds, resume)
+                                                             device, seconds, schedule_seconds, resume, store)
         if checkpoint and args.checkpoint:
             checkpoint["layers"] = args.layers
             torch.save(checkpoint, args.checkpoint)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
-from model import DFlashDrafter, DrafterConfig, init_weights, spread_layer_ids  # noqa: E402
+from model import DFlashDrafter, init_weights, spread_layer_ids  # noqa: E402
 
 
 def log(*a):
@@ -70,12 +70,7 @@ def run_variant(name, target, model, examples, args, device):
     c = model.config
     layer_ids = spread_layer_ids(c.num_hidden_layers, 5)
     target.layer_ids = layer_ids
-    config = DrafterConfig(hidden_size=c.hidden_size, num_hidden_layers=args.layers, num_attention_heads=c.num_attention_heads,
-                           num_key_value_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
-                           intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, block_size=16,
-                           mask_token_id=2, target_layer_ids=layer_ids, num_target_layers=c.num_hidden_layers,
-                           rms_norm_eps=c.rms_norm_eps,
-                           rope_theta=(getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 1e4)))
+    config = train.drafter_config(c, args.layers, layer_ids, 16, 2)
     cuda = device.type == "cuda"
     torch.manual_seed(1)
     drafter = init_weights(DFlashDrafter(config)).to(device).train()
@@ -108,7 +103,7 @@ def run_variant(name, target, model, examples, args, device):
     if "nocap" in parts:
         train.anchors_per_sequence = lambda picked, block, block_tokens: max(1, block_tokens // block)
     blocks = [8, 16]
-    phases, counts = {}, dict(rows=0, padded=0, real=0)
+    phases, counts = {}, dict(rows=0, padded=0, real=0)  # kept on the device: no host sync a step
 
     def one(step, timed):
         block = blocks[step % 2]
@@ -118,9 +113,9 @@ def run_variant(name, target, model, examples, args, device):
         _, _, valid = train.training_step(drafter, opts, lm_head, embed, batch, block, 2, autocast, mark, phases,
                                           "bfloat16" if "bf16loss" in parts else "fused" if "fusedloss" in parts else "float32")
         if timed:
-            counts["rows"] += int(valid[:, :, 1:].sum())
+            counts["rows"] += valid[:, :, 1:].sum()
             counts["padded"] += batch[0].numel()
-            counts["real"] += int(batch[1].sum())
+            counts["real"] += batch[1].sum()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -141,7 +136,7 @@ def run_variant(name, target, model, examples, args, device):
             log(f"{name}: torch.profiler, {args.profile_steps} steps:\n" + train.stop_profiler(profiler))
     finally:
         train.anchors_per_sequence = cap
-    rows, padded, real = counts["rows"], counts["padded"], counts["real"]
+    rows, padded, real = int(counts["rows"]), counts["padded"], int(counts["real"])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
     result = dict(variant=name, ms_per_step=1000 * seconds / args.steps, rows_per_s=rows / seconds,
                   rows_per_step=rows / args.steps, padding=padded / max(1, real), peak_gib=peak,

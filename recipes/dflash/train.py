@@ -7,8 +7,9 @@
     sampled) until the generation time is up; held-out answers are greedy and float32;
  3. training: batches of sequences of similar length; the target's hidden states after
     `target_layer_ids` are computed at a sequence's first use and kept on the GPU while memory
-    lasts (beyond it, computed at every use, so the data size is not bounded by memory); blocks start at random anchors inside answers; the anchor token is given and the rest of
-    the block is mask tokens; each block sees the target features strictly before its anchor
+    lasts (beyond it, computed at every use, so the data size is not bounded by memory); blocks
+    start at random anchors inside answers; the anchor token is given and the rest of the
+    block is mask tokens; each block sees the target features strictly before its anchor
     and itself; loss = cross-entropy at the masked positions, position k weighted by
     exp(-(k-1)/gamma); AdamW (default) or Muon for the matrices (`--optimizer muon`;
     `--optimizer adamw,muon` trains both on the same data). Every `--val-every` seconds the
@@ -26,6 +27,7 @@ two halves of a run on one warm machine, each inside a device call's time). A CP
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -414,7 +416,9 @@ def float_cross_entropy(logits, labels):
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
-_fused = {}
+@functools.cache
+def fused_cross_entropy():
+    return torch.compile(float_cross_entropy, dynamic=True)
 
 
 def cross_entropy_fn(kind):
@@ -428,9 +432,7 @@ def cross_entropy_fn(kind):
     if kind == "bfloat16":
         return lambda logits, labels: F.cross_entropy(logits, labels, reduction="none")
     if kind == "fused":
-        if "ce" not in _fused:
-            _fused["ce"] = torch.compile(float_cross_entropy, dynamic=True)
-        return _fused["ce"]
+        return fused_cross_entropy()
     raise ValueError(f"cross-entropy '{kind}': float32, bfloat16 or fused")
 
 
@@ -531,23 +533,24 @@ def schedule(progress, warmup):
     return min(1.0, progress / max(warmup, 1e-9)) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_batch(examples, indices, block, block_tokens, store, mask_id, generator, device, mark=None, phases=None):
+def no_mark(phases, name):
+    """A phase clock that keeps no time (phase_clock's when it is off)."""
+
+
+def make_batch(examples, indices, block, block_tokens, store, mask_id, generator, device, mark=no_mark, phases=None):
     """A training batch (tokens, lengths, features, anchors, keep) of the examples at `indices`."""
     picked = [examples[i] for i in indices]
     tokens, lengths = padded_tokens(picked, mask_id, device)
     anchors, keep = random_anchors(picked, anchors_per_sequence(picked, block, block_tokens), generator, device)
-    if mark:
-        mark(phases, "batch")
+    mark(phases, "batch")
     features = store.features(indices)
-    if mark:
-        mark(phases, "features")
+    mark(phases, "features")
     return tokens, lengths, features, anchors, keep
 
 
-def training_step(drafter, opts, lm_head, embed, batch, block, mask_id, autocast, mark=None, phases=None,
+def training_step(drafter, opts, lm_head, embed, batch, block, mask_id, autocast, mark=no_mark, phases=None,
                   cross_entropy="float32"):
     """One optimizer step on `batch`: the loss, and per block position whether the drafter was right and counted."""
-    mark = mark or (lambda phases, name: None)
     with autocast:
         loss, correct, valid = block_loss(drafter, lm_head, embed, batch, block, mask_id, cross_entropy)
     mark(phases, "forward")
@@ -579,8 +582,8 @@ def feature_store(target, examples, config, args, device):
     return store
 
 
-def train(name, config, target, examples, val, lm_head, embed, args, device, seconds, schedule_seconds=None, resume=None,
-          store=None):
+def train(name, config, target, examples, val, lm_head, embed, args, device, seconds, store, schedule_seconds=None,
+          resume=None):
     """Trains for `seconds` (or --steps) of a learning-rate schedule `schedule_seconds` long
     (default `seconds`), from scratch or from a `resume` checkpoint (a dict saved by an earlier
     call). Returns the drafter at its best validated state, the history, the best's summary,
@@ -593,7 +596,6 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(args.seed)
     batches = Batches([len(e["tokens"]) for e in examples], args.batch, g, args.length_window)
-    store = store or feature_store(target, examples, config, args, device)
     if device.type == "cuda":
         # cuDNN's attention plans every new shape again (30 ms of CPU a call, measured on an H200
         # with bench_step.py): batches sorted by length have many shapes. The other backends do not.
@@ -727,7 +729,7 @@ def phase_clock(on):
     """A function that adds the seconds since its last call (after a CUDA synchronize) to
     phases[name], when `on`; otherwise it does nothing."""
     if not on:
-        return lambda phases, name: None
+        return no_mark
     torch.cuda.synchronize()
     last = [time.perf_counter()]
 
@@ -740,6 +742,18 @@ def phase_clock(on):
 
 
 # ----------------------------------------------------------------------------------------------
+
+def drafter_config(c, layers, layer_ids, block_size, mask_id, extra=None):
+    """The DrafterConfig of a `layers`-layer drafter at the width of a target with transformers
+    config `c`, reading the target's layers `layer_ids`."""
+    return DrafterConfig(
+        hidden_size=c.hidden_size, num_hidden_layers=layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, block_size=block_size, mask_token_id=mask_id,
+        target_layer_ids=layer_ids, num_target_layers=c.num_hidden_layers, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=(getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0)),
+        max_position_embeddings=c.max_position_embeddings, extra=extra or {})
+
 
 def main():
     args = arguments()
@@ -803,14 +817,8 @@ def main():
 
     c = model.config
     blocks = [int(b) for b in args.block_sizes.split(",")]
-    config = DrafterConfig(
-        hidden_size=c.hidden_size, num_hidden_layers=args.layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, block_size=max(blocks), mask_token_id=mask_id,
-        target_layer_ids=layer_ids, num_target_layers=n_target, rms_norm_eps=c.rms_norm_eps,
-        rope_theta=(getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0)),
-        max_position_embeddings=c.max_position_embeddings,
-        extra={"bos_token_id": c.bos_token_id, "eos_token_id": stop_id})
+    config = drafter_config(c, args.layers, layer_ids, max(blocks), mask_id,
+                            extra={"bos_token_id": c.bos_token_id, "eos_token_id": stop_id})
     table = model.get_input_embeddings().weight
     lm_head = table.to(torch.bfloat16) if device.type == "cuda" else table
     embed = lambda ids: F.embedding(ids, table)  # noqa: E731
@@ -843,7 +851,7 @@ def main():
             log(f"[{name}] only {seconds:.0f} s left for training: lower --gen-minutes or raise --budget-minutes")
             seconds = max(seconds, 10)
         drafter, history, best, autocast, checkpoint = train(name, config, target, train_ex, val, lm_head, embed, args,
-                                                             device, seconds, schedule_seconds, resume, store)
+                                                             device, seconds, store, schedule_seconds, resume)
         if checkpoint and args.checkpoint:
             checkpoint["layers"] = args.layers
             torch.save(checkpoint, args.checkpoint)

@@ -73,7 +73,11 @@ def arguments():
     ap.add_argument("--gen-minutes", type=float, default=2.5, help="generation stops starting batches after this")
     ap.add_argument("--turn-share", type=float, default=0.15, help="share of --gen-minutes for writing chat user turns")
     ap.add_argument("--save-data", help="write the prompts and answers to this JSON file")
-    ap.add_argument("--data", help="read prompts and answers from a --save-data file instead of generating them")
+    ap.add_argument("--data", nargs="+", help="read prompts and answers from --save-data files instead of generating "
+                    "them: the first gives the validation and test prompts, the others add training answers only "
+                    "(those to held-out prompts and repeated answers are left out)")
+    ap.add_argument("--seen-data", nargs="+", default=[], help="with generation: prompts answered in these --save-data "
+                    "files count as seen, so they are answered again by sampling (a new answer) instead of greedily")
     ap.add_argument("--data-only", action="store_true", help="stop after generating (with --save-data)")
     ap.add_argument("--features", default="tf32", choices=["float32", "tf32", "bfloat16"],
                     help="precision of the target's forward that gives the drafter's features (on the CPU always float32)")
@@ -164,12 +168,15 @@ class Target:
                 log(f"fastllama does not cover this target ({e}): transformers generate")
         self.batch = args.gen_batch or (8 if device.type == "cpu" else 2048 if self.fast else 512)
 
-    def generate(self, prompts, max_new_tokens, temperatures, top_p=1.0, deadline=None, label="", exact=False):
+    def generate(self, prompts, max_new_tokens, temperatures, top_p=1.0, deadline=None, label="", exact=False,
+                 with_argmax=False):
+        """Continuations of `prompts`; `with_argmax`: also the target's argmax at each of their
+        positions (fastllama only; transformers gives None for each)."""
         if self.fast:
             engine = self.exact if exact else self.fast
             g = torch.Generator(device=self.device).manual_seed(self.args.seed + len(prompts))
             return engine.generate(prompts, max_new_tokens, self.batch, self.stop_id, temperatures, top_p, deadline,
-                                   label, g)
+                                   label, g, with_argmax)
         # transformers takes one temperature per call: greedy rows, then sampled ones, sharing the time.
         out = [None] * len(prompts)
         groups = {}
@@ -184,7 +191,7 @@ class Target:
                                   temperature=t, top_p=top_p, deadline=until, label=f"{label} (t={t})")
             for i, a in zip(rows, answers):
                 out[i] = a
-        return out
+        return (out, [None] * len(out)) if with_argmax else out
 
     def features(self, sequences, precision=None):
         """Right-padded features [b, width, len(layer_ids) * hidden] (bf16 on the GPU) of token id
@@ -238,6 +245,10 @@ def make_data(args, target, tokenizer, rng):
         mine = [p for sc, p in held if sc == s]
         examples += [dict(scenario=s, prompt=p, split="test" if i < n_test else "val") for i, p in enumerate(mine)]
     seen = set()
+    for path in args.seen_data:
+        seen.update(e["prompt"] for e in json.load(open(path)) if e["split"] == "train")
+    if args.seen_data:
+        log(f"{len(seen)} prompts already answered in {', '.join(args.seen_data)}: answered again by sampling")
     for s, p in train:
         # A repeated prompt (coding has about 22k distinct ones) is answered by sampling, so that
         # the answer differs.
@@ -253,10 +264,13 @@ def make_data(args, target, tokenizer, rng):
     for e, a in zip(held_ex, answers):
         e["answer"] = a
     train_ex = [e for e in examples if e["split"] == "train"]
-    answers = target.generate([e["prompt_ids"] for e in train_ex], args.max_new_tokens, [e["temperature"] for e in train_ex],
-                              deadline=deadline, label="training answers")
-    for e, a in zip(train_ex, answers):
+    answers, argmaxes = target.generate([e["prompt_ids"] for e in train_ex], args.max_new_tokens,
+                                        [e["temperature"] for e in train_ex], deadline=deadline, label="training answers",
+                                        with_argmax=True)
+    for e, a, m in zip(train_ex, answers, argmaxes):
         e["answer"] = a
+        if m is not None and m != a:  # a sampled answer: the labels greedy verification checks (block_labels)
+            e["argmax"] = m
     examples = [e for e in examples if e.get("answer") is not None and len(e["answer"]) >= 2]
     for e in examples:
         e["tokens"] = e["prompt_ids"] + e["answer"]
@@ -265,15 +279,45 @@ def make_data(args, target, tokenizer, rng):
     return examples
 
 
+def read_data(paths):
+    """The examples of --save-data files: all of the first file's, and the training answers of the
+    others that answer no held-out prompt of the first and repeat no earlier (prompt, answer)."""
+    examples = json.load(open(paths[0]))
+    log(f"read {len(examples)} prompts and answers from {paths[0]}")
+    held = {e["prompt"] for e in examples if e["split"] != "train"}
+    known = {(e["prompt"], tuple(e["answer"])) for e in examples}
+    for path in paths[1:]:
+        more = [e for e in json.load(open(path)) if e["split"] == "train"]
+        kept = [e for e in more if e["prompt"] not in held and (e["prompt"], tuple(e["answer"])) not in known]
+        known.update((e["prompt"], tuple(e["answer"])) for e in kept)
+        examples += kept
+        log(f"read {len(kept)} more training answers from {path} (left out: {len(more) - len(kept)} to held-out "
+            f"prompts or repeated)")
+    for e in examples:
+        e["tokens"] = e["prompt_ids"] + e["answer"]
+        e["prompt_len"] = len(e["prompt_ids"])
+    return examples
+
+
 # ----------------------------------------------------------------------------------------------
 # training
 
 def padded_tokens(picked, mask_id, device):
+    """Right-padded tokens [b, width], lengths [b], and the greedy labels [b, width] (None when no
+    answer is sampled): the target's argmax at each answer position of a sampled answer, the
+    tokens themselves elsewhere."""
     width = max(len(e["tokens"]) for e in picked)
     tokens = torch.full((len(picked), width), mask_id, dtype=torch.long)
     for r, e in enumerate(picked):
         tokens[r, :len(e["tokens"])] = torch.tensor(e["tokens"])
-    return tokens.to(device), torch.tensor([len(e["tokens"]) for e in picked], device=device)
+    greedy = None
+    if any("argmax" in e for e in picked):
+        greedy = tokens.clone()
+        for r, e in enumerate(picked):
+            if "argmax" in e:
+                greedy[r, e["prompt_len"]:len(e["tokens"])] = torch.tensor(e["argmax"])
+        greedy = greedy.to(device)
+    return tokens.to(device), torch.tensor([len(e["tokens"]) for e in picked], device=device), greedy
 
 
 class Batches:
@@ -404,11 +448,22 @@ def draft_hidden(drafter, embed, tokens, features, anchors, keep, block, mask_id
     return hidden.view(b, n, block, -1)
 
 
-def block_labels(tokens, lengths, anchors, keep, block):
+def block_labels(tokens, lengths, anchors, keep, block, greedy=None):
+    """Labels [b, anchors, block] of the blocks at `anchors` and which of them count. With `greedy`
+    (padded_tokens'), a block position is labelled with the target's argmax, and counts only
+    while the block's earlier positions hold the target's argmax too: what greedy verification
+    accepts after the anchor is the target's greedy continuation, which a sampled answer
+    follows only until it first samples another token."""
     b, n = anchors.shape
     label_at = anchors[:, :, None] + torch.arange(block, device=tokens.device)
     valid = keep[:, :, None] & (label_at < lengths[:, None, None])
-    labels = tokens.gather(1, label_at.clamp(max=tokens.shape[1] - 1).view(b, -1)).view(b, n, block)
+    at = label_at.clamp(max=tokens.shape[1] - 1).view(b, -1)
+    labels = tokens.gather(1, at).view(b, n, block)
+    if greedy is not None:
+        best = greedy.gather(1, at).view(b, n, block)
+        on_path = (labels == best)[:, :, 1:-1].int()  # positions 1 .. block-2 as the context of the next
+        valid[:, :, 2:] &= torch.cumprod(on_path, -1).bool()
+        labels = best
     return labels, valid
 
 
@@ -440,9 +495,9 @@ def block_loss(drafter, lm_head, embed, batch, block, mask_id, cross_entropy="fl
     """Weighted cross-entropy over the masked block positions, and per position whether the
     drafter's argmax was right (for the running acceptance estimate); `cross_entropy` as
     cross_entropy_fn takes it."""
-    tokens, lengths, features, anchors, keep = batch
+    tokens, lengths, features, anchors, keep, greedy = batch
     hidden = draft_hidden(drafter, embed, tokens, features, anchors, keep, block, mask_id)
-    labels, valid = block_labels(tokens, lengths, anchors, keep, block)
+    labels, valid = block_labels(tokens, lengths, anchors, keep, block, greedy)
     weights = loss_weights(block, gamma_for(block), tokens.device)[None, None, :] * valid
     chosen = weights > 0
     logits = hidden[chosen].to(lm_head.dtype) @ lm_head.T
@@ -538,14 +593,14 @@ def no_mark(phases, name):
 
 
 def make_batch(examples, indices, block, block_tokens, store, mask_id, generator, device, mark=no_mark, phases=None):
-    """A training batch (tokens, lengths, features, anchors, keep) of the examples at `indices`."""
+    """A training batch (tokens, lengths, features, anchors, keep, greedy) of the examples at `indices`."""
     picked = [examples[i] for i in indices]
-    tokens, lengths = padded_tokens(picked, mask_id, device)
+    tokens, lengths, greedy = padded_tokens(picked, mask_id, device)
     anchors, keep = random_anchors(picked, anchors_per_sequence(picked, block, block_tokens), generator, device)
     mark(phases, "batch")
     features = store.features(indices)
     mark(phases, "features")
-    return tokens, lengths, features, anchors, keep
+    return tokens, lengths, features, anchors, keep, greedy
 
 
 def training_step(drafter, opts, lm_head, embed, batch, block, mask_id, autocast, mark=no_mark, phases=None,
@@ -777,18 +832,14 @@ def main():
     target.stop_id = stop_id
 
     if args.data:
-        examples = json.load(open(args.data))
-        for e in examples:
-            e["tokens"] = e["prompt_ids"] + e["answer"]
-            e["prompt_len"] = len(e["prompt_ids"])
-        log(f"read {len(examples)} prompts and answers from {args.data}")
+        examples = read_data(args.data)
     else:
         examples = make_data(args, target, tokenizer, rng)
     if args.save_data:
-        keys = ["scenario", "prompt", "split", "prompt_ids", "answer"]
+        keys = ["scenario", "prompt", "split", "prompt_ids", "answer", "temperature", "argmax"]
         os.makedirs(os.path.dirname(os.path.abspath(args.save_data)), exist_ok=True)
         with open(args.save_data, "w") as f:
-            json.dump([{k: e[k] for k in keys} for e in examples], f)
+            json.dump([{k: e[k] for k in keys if k in e} for e in examples], f)
         log(f"wrote {len(examples)} prompts and answers to {args.save_data}")
     train_ex = [e for e in examples if e["split"] == "train"]
     val = [e for e in examples if e["split"] == "val"]

@@ -1,0 +1,114 @@
+"""CPU checks of the recipe's pieces that a training run cannot show went wrong (each prints
+what it compared and exits non-zero on a failure). Run with a Python that has torch and
+transformers (the recipe's own):
+
+    python recipes/dflash/selftest.py
+
+1. fastllama's batched decoding drops finished rows as the batch thins out: greedy answers, and
+   the argmax it reports, equal those of the same batch decoded without dropping; the argmax of
+   a sampled row equals transformers' argmax over that row's own prefix.
+2. block_labels with greedy labels: a block position is labelled with the argmax and counts only
+   while the positions between it and the anchor follow the argmax.
+3. read_data: the first file's splits, the others' training answers without held-out prompts or
+   repeats.
+"""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fastllama import FastLlama  # noqa: E402
+import train  # noqa: E402
+
+failures = []
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
+    if not ok:
+        failures.append(name)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    c = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(c).eval()
+
+
+def check_generation():
+    model = tiny_llama()
+    fast = FastLlama(model, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 40, (n,), generator=g).tolist() for n in [3, 7, 5, 9, 4, 6, 8, 2]]
+    # A stop token that ends some rows early and leaves others running: compaction happens.
+    for stop in range(40):
+        kept, kept_best = fast.generate_batch(prompts, 64, stop, [0.0] * 8, compact_below=0)
+        lengths = sorted(len(a) for a in kept)
+        if lengths[len(lengths) // 2] <= 32 and lengths[-1] == 64:
+            break
+    else:
+        check("a stop token that ends rows at different steps", False)
+        return
+    dropped, dropped_best = fast.generate_batch(prompts, 64, stop, [0.0] * 8, compact_below=1.0)
+    check("greedy answers with finished rows dropped equal those without", dropped == kept,
+          f"lengths {[len(a) for a in kept]}")
+    check("a greedy row's argmax is the row itself", dropped_best == dropped and kept_best == kept)
+    answers, best = fast.generate_batch(prompts, 64, stop, [0.0, 1.0] * 4, compact_below=1.0,
+                                        generator=torch.Generator().manual_seed(3))
+    check("some sampled rows leave the argmax", any(a != b for a, b in zip(answers[1::2], best[1::2])))
+    with torch.no_grad():
+        for r in range(1, 8, 2):
+            logits = model(torch.tensor([prompts[r] + answers[r]])).logits[0, len(prompts[r]) - 1:-1]
+            check(f"sampled row {r}: argmax equals transformers' over its own prefix",
+                  logits.argmax(-1).tolist() == best[r])
+
+
+def check_labels():
+    # One sequence: prompt of 2 tokens, answer at positions 2-9; the sampled answer leaves the
+    # argmax at positions 5 (13, not 30) and 8 (16, not 31).
+    tokens = torch.tensor([[1, 2, 10, 11, 12, 13, 14, 15, 16, 17]])
+    greedy = tokens.clone()
+    greedy[0, 5] = 30
+    greedy[0, 8] = 31
+    anchors, keep = torch.tensor([[2, 4]]), torch.tensor([[True, True]])
+    labels, valid = train.block_labels(tokens, torch.tensor([10]), anchors, keep, 5, greedy)
+    check("labels are the argmax", labels[0, 0].tolist() == [10, 11, 12, 30, 14] and labels[0, 1].tolist() == [12, 30, 14, 15, 31],
+          str(labels.tolist()))
+    # Block at anchor 2 (positions 2-6): 3, 4 and 5 count (their contexts follow the argmax), 6 does not (5 left it).
+    # Block at anchor 4 (positions 4-8): 5 counts (its context is the anchor), 6-8 do not.
+    check("positions after a step off the argmax do not count",
+          valid[0, 0].tolist() == [True, True, True, True, False] and valid[0, 1].tolist() == [True, True, False, False, False],
+          str(valid.tolist()))
+    plain, plain_valid = train.block_labels(tokens, torch.tensor([10]), anchors, keep, 5)
+    check("without greedy labels, the tokens", plain[0, 1].tolist() == [12, 13, 14, 15, 16] and bool(plain_valid.all()))
+
+
+def check_read_data():
+    first = [dict(scenario="coding", prompt="a", split="train", prompt_ids=[1], answer=[5, 6]),
+             dict(scenario="coding", prompt="held", split="test", prompt_ids=[2], answer=[7, 8])]
+    second = [dict(scenario="coding", prompt="a", split="train", prompt_ids=[1], answer=[5, 6]),  # a repeat
+              dict(scenario="coding", prompt="a", split="train", prompt_ids=[1], answer=[5, 9], argmax=[5, 6]),
+              dict(scenario="chat", prompt="held", split="train", prompt_ids=[2], answer=[3, 3]),  # held out in the first
+              dict(scenario="chat", prompt="new", split="val", prompt_ids=[4], answer=[3, 4])]  # not the first's split
+    with tempfile.TemporaryDirectory() as d:
+        paths = [os.path.join(d, "1.json"), os.path.join(d, "2.json")]
+        for p, data in zip(paths, [first, second]):
+            json.dump(data, open(p, "w"))
+        examples = train.read_data(paths)
+    got = [(e["prompt"], e["split"], e["answer"]) for e in examples]
+    check("read_data", got == [("a", "train", [5, 6]), ("held", "test", [7, 8]), ("a", "train", [5, 9])], str(got))
+    check("read_data keeps the argmax and builds tokens", examples[2].get("argmax") == [5, 6]
+          and examples[2]["tokens"] == [1, 5, 9] and examples[2]["prompt_len"] == 1)
+
+
+if __name__ == "__main__":
+    check_generation()
+    check_labels()
+    check_read_data()
+    print(f"{len(failures)} failed" if failures else "all passed")
+    sys.exit(1 if failures else 0)

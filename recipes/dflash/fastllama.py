@@ -3,7 +3,8 @@ bulk jobs of the recipe, where Hugging Face `generate` spends most of its time i
 
 - `generate`: batched decoding with a static KV cache (left padding, one cache index shared
   by all rows, positions per row), per-row temperature (0: greedy; >0: Gumbel-max sampling,
-  the same distribution as softmax sampling), optional top-p;
+  the same distribution as softmax sampling), optional top-p; finished rows are dropped as the
+  batch thins out, and the target's argmax at every position is returned beside the answer;
 - `features`: the hidden states after chosen decoder layers for right-padded sequences (causal
   attention only: a real token never sees the padding after it), stopping after the last
   layer asked for.

@@ -4,7 +4,8 @@
     problems, and chat turns the target writes itself (data.py); two held-out sets per
     scenario: validation (picks the checkpoint) and test (reported, eval_prompts.json);
  2. the target answers them (fastllama.py: batched, static KV cache; mostly greedy, a share
-    sampled) until the generation time is up; held-out answers are greedy and float32;
+    sampled, whose labels are the target's argmax, block_labels) until the generation time is
+    up; held-out answers are greedy and float32;
  3. training: batches of sequences of similar length; the target's hidden states after
     `target_layer_ids` are computed at a sequence's first use and kept on the GPU while memory
     lasts (beyond it, computed at every use, so the data size is not bounded by memory); blocks
@@ -116,6 +117,9 @@ def arguments():
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay on matrices")
     ap.add_argument("--warmup", type=float, default=0.03, help="share of the training time of linear warm-up")
     ap.add_argument("--val-every", type=float, default=10.0, help="seconds between validations (0: every step)")
+    ap.add_argument("--export-every", type=float, default=60.0, help="seconds: a new best state is also exported to "
+                    "--out during training when the last such export is older (a run whose machine goes back "
+                    "before it ends keeps it; 0: only at the end)")
     ap.add_argument("--patience", type=int, default=18, help="stop after this many validations without a new best (0: never)")
     ap.add_argument("--eval-max-new-tokens", type=int, help="default: --max-new-tokens")
     ap.add_argument("--eval-minutes", type=float, default=0.5, help="real speculative decoding of the test prompts, "
@@ -638,10 +642,11 @@ def feature_store(target, examples, config, args, device):
 
 
 def train(name, config, target, examples, val, lm_head, embed, args, device, seconds, store, schedule_seconds=None,
-          resume=None):
+          resume=None, export_to=None):
     """Trains for `seconds` (or --steps) of a learning-rate schedule `schedule_seconds` long
     (default `seconds`), from scratch or from a `resume` checkpoint (a dict saved by an earlier
-    call). Returns the drafter at its best validated state, the history, the best's summary,
+    call). A new best state is exported to `export_to` (a folder) every --export-every seconds at
+    most. Returns the drafter at its best validated state, the history, the best's summary,
     the autocast context, and the checkpoint to save if the schedule did not finish."""
     torch.manual_seed(args.seed)
     drafter = init_weights(DFlashDrafter(config)).to(device).train()
@@ -688,6 +693,7 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
         f"{'%d steps' % args.steps if args.steps else '%.0f s in this call' % seconds}")
     # A resumed state was validated when saved: the next check comes after a step of this call.
     t0, last_val, first_step = time.time(), (trained_before if resume else None), step
+    last_export = time.time()
     # Timings once warm (the first ~150 steps run slower while the allocator grows): phases
     # synchronized over 20 steps, then torch.profiler's table of 5 steps.
     phases, profiled = {}, range(step + 200, step + 220) if device.type == "cuda" else range(0)
@@ -709,6 +715,10 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
                 best = dict(score=score, step=step, seconds=round(now, 1), acceptance=acc,
                             state={k: v.detach().clone() for k, v in drafter.state_dict().items()})
                 since_best = 0
+                if export_to and args.export_every and time.time() - last_export >= args.export_every:
+                    drafter.save(export_to)  # the live weights are the best state now
+                    last_export = time.time()
+                    log(f"[{name}] exported this best state to {export_to} (step {step})")
             else:
                 since_best += 1
             history.append(entry)
@@ -902,7 +912,8 @@ def main():
             log(f"[{name}] only {seconds:.0f} s left for training: lower --gen-minutes or raise --budget-minutes")
             seconds = max(seconds, 10)
         drafter, history, best, autocast, checkpoint = train(name, config, target, train_ex, val, lm_head, embed, args,
-                                                             device, seconds, store, schedule_seconds, resume)
+                                                             device, seconds, store, schedule_seconds, resume,
+                                                             args.out if i == 0 else None)
         if checkpoint and args.checkpoint:
             checkpoint["layers"] = args.layers
             torch.save(checkpoint, args.checkpoint)

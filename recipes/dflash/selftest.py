@@ -11,6 +11,8 @@ transformers (the recipe's own):
    while the positions between it and the anchor follow the argmax.
 3. read_data: the first file's splits, the others' training answers without held-out prompts or
    repeats.
+4. grow_from (--init from a drafter with fewer layers): the grown drafter starts out computing
+   exactly what the smaller one did.
 """
 import json
 import os
@@ -106,9 +108,33 @@ def check_read_data():
           and examples[2]["tokens"] == [1, 5, 9] and examples[2]["prompt_len"] == 1)
 
 
+def check_grow():
+    from transformers import LlamaConfig
+    from model import DFlashDrafter, init_weights
+    c = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    small = init_weights(DFlashDrafter(train.drafter_config(c, 2, [1, 4], 8, 3))).eval()
+    grown = init_weights(DFlashDrafter(train.drafter_config(c, 3, [1, 4], 8, 3))).eval()
+    train.grow_from(grown, small)
+    table = torch.randn(40, 64)
+    embed = lambda ids: torch.nn.functional.embedding(ids, table)  # noqa: E731
+    tokens = torch.randint(0, 40, (2, 30))
+    features = torch.randn(2, 30, 128)
+    anchors, keep = torch.tensor([[3, 10, 20], [5, 6, 21]]), torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        a = train.draft_hidden(small, embed, tokens, features, anchors, keep, 8, 3)
+        b = train.draft_hidden(grown, embed, tokens, features, anchors, keep, 8, 3)
+    check("a drafter grown by a layer starts out as the one it grew from", torch.equal(a, b),
+          f"max |difference| {(a - b).abs().max().item():.3g}")
+    check("its new layer still trains (q/k/v and MLP weights random)",
+          grown.layers[2].self_attn.q_proj.weight.abs().sum().item() > 0 and grown.layers[2].mlp.down_proj.weight.abs().sum().item() == 0)
+
+
 if __name__ == "__main__":
     check_generation()
     check_labels()
     check_read_data()
+    check_grow()
     print(f"{len(failures)} failed" if failures else "all passed")
     sys.exit(1 if failures else 0)

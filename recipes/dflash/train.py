@@ -669,14 +669,18 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     since_best, seen = 0, 0
     if args.init and not resume:
         start = DrafterConfig.read(os.path.join(args.init, "config.json"))
-        differ = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        differ = [k for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                               "intermediate_size", "vocab_size", "mask_token_id", "target_layer_ids")
                   if getattr(start, k) != getattr(config, k)]
+        if start.num_hidden_layers > config.num_hidden_layers:
+            differ.append("num_hidden_layers")
         if differ:
             raise SystemExit(f"--init {args.init}: its " + ", ".join(f"{k} {getattr(start, k)}" for k in differ)
                              + " differ from this run's (" + ", ".join(f"{getattr(config, k)}" for k in differ) + ")")
-        drafter.load_state_dict(DFlashDrafter.load(args.init).state_dict())
-        log(f"[{name}] starting from the drafter in {args.init}")
+        grow_from(drafter, DFlashDrafter.load(args.init))
+        added = config.num_hidden_layers - start.num_hidden_layers
+        log(f"[{name}] starting from the drafter in {args.init}"
+            + (f", with {added} new last layer(s) that start as the identity" if added else ""))
     if resume:
         drafter.load_state_dict(resume["drafter"])
         for o, state in zip(opts, resume["optimizers"]):
@@ -765,6 +769,23 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     drafter.load_state_dict(best["state"])
     summary = {k: v for k, v in best.items() if k != "state"}
     return drafter.eval(), history, summary, autocast, checkpoint
+
+
+def grow_from(drafter, start):
+    """Loads `start`, a drafter with the same shape but maybe fewer layers, into `drafter`: the
+    layers it has, then the rest as new last layers whose output projections (attention's o_proj,
+    the MLP's down_proj) are zero, so that each adds nothing to the residual stream at first and
+    the grown drafter starts out computing what `start` did."""
+    missing, unexpected = drafter.load_state_dict(start.state_dict(), strict=False)
+    if unexpected:
+        raise SystemExit(f"--init: tensors this drafter does not have: {unexpected[:4]}")
+    fresh = {int(k.split(".")[1]) for k in missing if k.startswith("layers.")}
+    if any(not k.startswith("layers.") for k in missing) or fresh != set(range(len(start.layers), len(drafter.layers))):
+        raise SystemExit(f"--init: missing tensors outside the new last layers: {missing[:4]}")
+    with torch.no_grad():
+        for i in fresh:
+            drafter.layers[i].self_attn.o_proj.weight.zero_()
+            drafter.layers[i].mlp.down_proj.weight.zero_()
 
 
 def start_profiler():

@@ -138,8 +138,9 @@ class FastLlama:
 
         Every 16 steps, once no more than `compact_below` of the rows still decoding are
         unfinished, the finished rows are dropped from the cache and the step tensors: a batch
-        otherwise runs every row until its longest one ends (5-19 s a batch of 2048 on an H200,
-        2026-11-28, when short answers share a batch with one of --max-new-tokens)."""
+        otherwise runs every row until its longest one ends. 0 never drops rows. On a CPU this
+        measured faster (same answers); on an H200 the first data call with it ran at half the
+        tokens/s of the call before, unexplained (bench_generate.py compares the two)."""
         b, dev = len(prompts), self.device
         width = max(len(p) for p in prompts)
         total = width + max_new_tokens

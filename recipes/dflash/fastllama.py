@@ -116,6 +116,21 @@ class FastLlama:
         return torch.cat([out[i] for i in layer_ids], -1)
 
     @torch.no_grad()
+    def argmax_all(self, ids, chunk_rows=8192):
+        """The target's argmax [b, t] after each position of right-padded ids [b, t], all in one
+        causal pass (teacher forcing): entry j is its greedy choice for position j + 1. Logits are
+        made `chunk_rows` positions at a time (49k of them a position here)."""
+        t = ids.shape[1]
+        cos, sin = self.cos_sin(torch.arange(t, device=self.device)[None])
+        x = self.embed[ids]
+        for layer in self.layers:
+            x = x + self.full_attention(x, layer, cos, sin, None)[0]
+            x = x + self.mlp(self.rms(x, layer["ln2"]), layer)
+        h = self.rms(x, self.norm).flatten(0, 1)
+        best = [(h[i:i + chunk_rows] @ self.lm_head.T).float().argmax(-1) for i in range(0, h.shape[0], chunk_rows)]
+        return torch.cat(best).view(ids.shape)
+
+    @torch.no_grad()
     def last_logits(self, prompts):
         """Float32 logits after the last token of each prompt (a list of id lists), one by one."""
         rows = []

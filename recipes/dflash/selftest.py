@@ -13,6 +13,9 @@ transformers (the recipe's own):
    repeats.
 4. grow_from (--init from a drafter with fewer layers): the grown drafter starts out computing
    exactly what the smaller one did.
+5. relabel: with "missing", greedy answers of a file without the argmax get none, sampled ones
+   the argmax the generator reported for them, and answers that carry a temperature are left
+   alone; with "all", every training answer is labelled again.
 """
 import json
 import os
@@ -131,10 +134,40 @@ def check_grow():
           grown.layers[2].self_attn.q_proj.weight.abs().sum().item() > 0 and grown.layers[2].mlp.down_proj.weight.abs().sum().item() == 0)
 
 
+def check_relabel():
+    model = tiny_llama()
+    fast = FastLlama(model, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 40, (n,), generator=g).tolist() for n in [3, 7, 5, 9, 4, 6, 8, 2]]
+    temperatures = [0.0, 1.0] * 4
+    answers, best = fast.generate_batch(prompts, 24, 39, temperatures, generator=torch.Generator().manual_seed(6))
+    old = [dict(split="train", prompt_ids=p, answer=a, tokens=p + a, prompt_len=len(p)) for p, a in zip(prompts, answers)]
+    new = dict(split="train", prompt_ids=prompts[1], answer=answers[1], tokens=prompts[1] + answers[1],
+               prompt_len=len(prompts[1]), temperature=1.0)  # a file with the argmax recorded: left alone
+    held = dict(split="test", prompt_ids=prompts[0], answer=answers[0], tokens=prompts[0] + answers[0], prompt_len=len(prompts[0]))
+    examples = old + [new, held]
+    # max_tokens small enough that the answers go in several batches of different widths.
+    count, changed, positions = train.relabel(examples, fast, torch.device("cpu"), "missing", max_tokens=40)
+    check("relabel takes the training answers without a temperature", count == 8, f"{count}")
+    check("greedy answers get no argmax", all("argmax" not in e for e, t in zip(old, temperatures) if t == 0))
+    sampled = [(e, b) for e, b, t in zip(old, best, temperatures) if t > 0]
+    check("sampled answers that leave the argmax get the generator's argmax",
+          all(e.get("argmax", e["answer"]) == b for e, b in sampled) and any("argmax" in e for e, _ in sampled))
+    check("relabel's counts", changed == sum("argmax" in e for e in old)
+          and positions == sum(sum(x != y for x, y in zip(e["argmax"], e["answer"])) for e in old if "argmax" in e),
+          f"{changed} answers, {positions} positions")
+    check("answers with a temperature and held-out ones are left alone", "argmax" not in new and "argmax" not in held)
+    new["argmax"] = [0] * len(new["answer"])  # a wrong recorded argmax: "all" replaces it
+    count, _, _ = train.relabel(examples, fast, torch.device("cpu"), "all", max_tokens=40)
+    check("relabel all takes every training answer and replaces a recorded argmax", count == 9
+          and new.get("argmax", new["answer"]) == best[1] and "argmax" not in held, f"{count}")
+
+
 if __name__ == "__main__":
     check_generation()
     check_labels()
     check_read_data()
     check_grow()
+    check_relabel()
     print(f"{len(failures)} failed" if failures else "all passed")
     sys.exit(1 if failures else 0)

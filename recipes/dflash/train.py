@@ -80,6 +80,9 @@ def arguments():
     ap.add_argument("--seen-data", nargs="+", default=[], help="with generation: prompts answered in these --save-data "
                     "files count as seen, so they are answered again by sampling (a new answer) instead of greedily")
     ap.add_argument("--data-only", action="store_true", help="stop after generating (with --save-data)")
+    ap.add_argument("--relabel", default="all", choices=["all", "missing", "off"],
+                    help="with --data: label the training answers (all, or those of files written before the argmax "
+                         "was recorded) with the float32 target's argmax, in one teacher-forced pass (relabel)")
     ap.add_argument("--features", default="tf32", choices=["float32", "tf32", "bfloat16"],
                     help="precision of the target's forward that gives the drafter's features (on the CPU always float32)")
     # drafter
@@ -301,6 +304,42 @@ def read_data(paths):
         e["tokens"] = e["prompt_ids"] + e["answer"]
         e["prompt_len"] = len(e["prompt_ids"])
     return examples
+
+
+def relabel(examples, engine, device, which="all", max_tokens=32768):
+    """Labels training answers with the target's argmax at each answer position, from one
+    teacher-forced pass of `engine` (a FastLlama; the float32 one, as the held-out answers are
+    made), as many sequences of similar length a batch as make `max_tokens` positions.
+    `which`: "all" the training answers, or "missing" those of data files written before the
+    generator recorded the argmax (no "temperature" key; a quarter of those answers were
+    sampled, and their own tokens were their labels). An answer keeps an argmax only where it
+    differs from the answer, as generation does, and loses one it had where it does not.
+    Generation decodes in bf16 on a GPU, so even its greedy answers leave the float32 argmax
+    here and there (at 0.4-6% of the positions of 24 of 48 answers checked on a CPU, 15 more
+    being sampled ones; recipes/dflash/README.md). Returns how many answers were relabelled, how many of them
+    differ from their argmax, and in how many positions."""
+    todo = [e for e in examples if e["split"] == "train" and (which == "all" or ("temperature" not in e and "argmax" not in e))]
+    todo.sort(key=lambda e: len(e["tokens"]))
+    changed = positions = 0
+    at = 0
+    while at < len(todo):
+        rows = max(1, max_tokens // len(todo[at]["tokens"]))
+        part = todo[at:at + rows]
+        width = max(len(e["tokens"]) for e in part)
+        ids = torch.zeros((len(part), width), dtype=torch.long)
+        for r, e in enumerate(part):
+            ids[r, :len(e["tokens"])] = torch.tensor(e["tokens"])
+        best = engine.argmax_all(ids.to(device)).cpu()
+        for r, e in enumerate(part):
+            p, n = e["prompt_len"], len(e["tokens"])
+            m = best[r, p - 1:n - 1].tolist()  # the choices for answer positions p .. n-1
+            e.pop("argmax", None)
+            if m != e["answer"]:
+                e["argmax"] = m
+                changed += 1
+                positions += sum(a != b for a, b in zip(m, e["answer"]))
+        at += len(part)
+    return len(todo), changed, positions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -864,6 +903,19 @@ def main():
 
     if args.data:
         examples = read_data(args.data)
+        if args.relabel != "off" and target.exact:
+            t0 = time.time()
+            tf32 = args.features == "tf32" and device.type == "cuda"
+            old_tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                count, changed, positions = relabel(examples, target.exact, device, args.relabel)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old_tf32
+            log(f"relabel ({args.relabel}, float32{' with tf32' if tf32 else ''}): {count} training answers; {changed} "
+                f"of them leave the target's argmax, at {positions} of their answer positions ({time.time() - t0:.0f} s)")
+        elif args.relabel != "off":
+            log("relabel: skipped (it needs fastllama, which this target does not use); answers keep their labels")
     else:
         examples = make_data(args, target, tokenizer, rng)
     if args.save_data:

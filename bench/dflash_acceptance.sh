@@ -3,11 +3,13 @@
 # the first N prompts of each scenario in the drafter's eval_prompts.json (not used in
 # training), chat template, at temperature 0 and 1 (top-p 1, seed 1), blocks 8 and 16.
 # Usage: bench/dflash_acceptance.sh DRAFTER_DIR [N] [MAX_TOKENS]
+# PROMPTS=FILE takes the held-out prompts from FILE instead (the bundled drafter has none: its
+# run's eval_prompts.json is kept under bench/results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 drafter=$1; n=${2:-3}; max=${3:-128}
 fulgur=${FULGUR:-.build/release/fulgur}
-python3 - "$drafter/eval_prompts.json" "$n" > /tmp/dflash-prompts.tsv <<'PY'
+python3 - "${PROMPTS:-$drafter/eval_prompts.json}" "$n" > /tmp/dflash-prompts.tsv <<'PY'
 import json, sys
 prompts, n = json.load(open(sys.argv[1])), int(sys.argv[2])
 seen = {}

@@ -8,7 +8,7 @@ dropping rows measured faster. This separates the code from the machine.
 
     python3 recipes/dflash/bench_generate.py --gguf MODEL.gguf [--rows 2048] [--batches 2]
 
-On the GPU machine after scripts/stage-dflash's three calls (the third one runs it):
+On the GPU machine after scripts/stage-dflash's four calls (the fourth one runs it):
     PYTHONPATH=/tmp/site python3 recipes/dflash/bench_generate.py --gguf "$(scripts/device-model)"
 (with the gguf wheel installed into /tmp/site as scripts/dflash-gpu does).
 """

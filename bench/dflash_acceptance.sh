@@ -4,7 +4,8 @@
 # training), chat template, at temperature 0 and 1 (top-p 1, seed 1), blocks 8 and 16.
 # Usage: bench/dflash_acceptance.sh DRAFTER_DIR [N] [MAX_TOKENS]
 # PROMPTS=FILE takes the held-out prompts from FILE instead (the bundled drafter has none: its
-# run's eval_prompts.json is kept under bench/results/).
+# run's eval_prompts.json is kept under bench/results/). TEMPERATURES="0" and BLOCKS="8" narrow
+# the runs (default "0 1" and "8 16").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 drafter=$1; n=${2:-3}; max=${3:-128}
@@ -20,8 +21,8 @@ for p in prompts:
 PY
 echo "scenario temperature block mean_acceptance prompt"
 while IFS=$'\t' read -r scenario prompt; do
-    for t in 0 1; do
-        for b in 8 16; do
+    for t in ${TEMPERATURES:-0 1}; do
+        for b in ${BLOCKS:-8 16}; do
             a=$("$fulgur" generate --device cpu --chat --temperature $t --top-p 1 --seed 1 --max-tokens "$max" \
                 --speculative "$drafter" --block-size $b "$prompt" 2>&1 >/dev/null | grep -oE "mean acceptance [0-9.]+" | grep -oE "[0-9.]+$" || echo nan)
             echo "$scenario $t $b $a ${prompt:0:40}"

@@ -323,9 +323,11 @@ def relabel(examples, engine, device, which="all", max_tokens=32768):
     changed = positions = 0
     at = 0
     while at < len(todo):
-        rows = max(1, max_tokens // len(todo[at]["tokens"]))
-        part = todo[at:at + rows]
-        width = max(len(e["tokens"]) for e in part)
+        end = at + 1  # sorted by length: the batch's width is its last sequence's
+        while end < len(todo) and (end + 1 - at) * len(todo[end]["tokens"]) <= max_tokens:
+            end += 1
+        part = todo[at:end]
+        width = len(part[-1]["tokens"])
         ids = torch.zeros((len(part), width), dtype=torch.long)
         for r, e in enumerate(part):
             ids[r, :len(e["tokens"])] = torch.tensor(e["tokens"])

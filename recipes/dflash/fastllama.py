@@ -116,33 +116,29 @@ class FastLlama:
         return torch.cat([out[i] for i in layer_ids], -1)
 
     @torch.no_grad()
-    def argmax_all(self, ids, chunk_rows=8192):
-        """The target's argmax [b, t] after each position of right-padded ids [b, t], all in one
-        causal pass (teacher forcing): entry j is its greedy choice for position j + 1. Logits are
-        made `chunk_rows` positions at a time (49k of them a position here)."""
-        t = ids.shape[1]
-        cos, sin = self.cos_sin(torch.arange(t, device=self.device)[None])
+    def final_hidden(self, ids):
+        """The final-normed hidden states [b, t, hidden] of ids [b, t], in one causal pass."""
+        cos, sin = self.cos_sin(torch.arange(ids.shape[1], device=self.device)[None])
         x = self.embed[ids]
         for layer in self.layers:
             x = x + self.full_attention(x, layer, cos, sin, None)[0]
             x = x + self.mlp(self.rms(x, layer["ln2"]), layer)
-        h = self.rms(x, self.norm).flatten(0, 1)
+        return self.rms(x, self.norm)
+
+    @torch.no_grad()
+    def argmax_all(self, ids, chunk_rows=8192):
+        """The target's argmax [b, t] after each position of right-padded ids [b, t], all in one
+        causal pass (teacher forcing): entry j is its greedy choice for position j + 1. Logits are
+        made `chunk_rows` positions at a time (49k of them a position here)."""
+        h = self.final_hidden(ids).flatten(0, 1)
         best = [(h[i:i + chunk_rows] @ self.lm_head.T).float().argmax(-1) for i in range(0, h.shape[0], chunk_rows)]
         return torch.cat(best).view(ids.shape)
 
     @torch.no_grad()
     def last_logits(self, prompts):
         """Float32 logits after the last token of each prompt (a list of id lists), one by one."""
-        rows = []
-        for p in prompts:
-            ids = torch.tensor([p], device=self.device)
-            cos, sin = self.cos_sin(torch.arange(len(p), device=self.device)[None])
-            x = self.embed[ids]
-            for layer in self.layers:
-                x = x + self.full_attention(x, layer, cos, sin, None)[0]
-                x = x + self.mlp(self.rms(x, layer["ln2"]), layer)
-            rows.append((self.rms(x[0, -1], self.norm) @ self.lm_head.T).float())
-        return torch.stack(rows)
+        return torch.stack([(self.final_hidden(torch.tensor([p], device=self.device))[0, -1] @ self.lm_head.T).float()
+                            for p in prompts])
 
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens, stop_id, temperatures, top_p=1.0, generator=None,

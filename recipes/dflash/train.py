@@ -147,6 +147,17 @@ def arguments():
 # ----------------------------------------------------------------------------------------------
 # the target: decoding and features
 
+@contextlib.contextmanager
+def matmul_tf32(on):
+    """CUDA float32 products on the tensor cores in TF32 (`on`) or in full float32, restored after."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 class Target:
     """The target's batched decoder and feature pass: fastllama.py where it agrees with
     transformers on a few prompts, transformers otherwise."""
@@ -213,13 +224,8 @@ class Target:
             ids = ids.to(self.device)
             if precision == "bfloat16" and self.device.type == "cuda":
                 return self.fast.features(ids, self.layer_ids).to(store)
-            tf32 = precision == "tf32" and self.device.type == "cuda"
-            old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            try:
+            with matmul_tf32(precision == "tf32" and self.device.type == "cuda"):
                 return self.exact.features(ids, self.layer_ids).to(store)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old
         rows = target_features(self.model, sequences, self.layer_ids, 1 << 30, self.device, store)
         out = torch.zeros((len(sequences), width, rows[0].shape[-1]), dtype=store, device=self.device)
         for r, f in enumerate(rows):
@@ -349,8 +355,8 @@ def relabel(examples, engine, device, which="all", max_tokens=32768):
 
 def padded_tokens(picked, mask_id, device):
     """Right-padded tokens [b, width], lengths [b], and the greedy labels [b, width] (None when no
-    answer is sampled): the target's argmax at each answer position of a sampled answer, the
-    tokens themselves elsewhere."""
+    answer carries an argmax): the target's argmax at each answer position of an answer that
+    carries one (sampled, or relabelled), the tokens themselves elsewhere."""
     width = max(len(e["tokens"]) for e in picked)
     tokens = torch.full((len(picked), width), mask_id, dtype=torch.long)
     for r, e in enumerate(picked):
@@ -908,12 +914,8 @@ def main():
         if args.relabel != "off" and target.exact:
             t0 = time.time()
             tf32 = args.features == "tf32" and device.type == "cuda"
-            old_tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            try:
+            with matmul_tf32(tf32):
                 count, changed, positions = relabel(examples, target.exact, device, args.relabel)
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = old_tf32
             log(f"relabel ({args.relabel}, float32{' with tf32' if tf32 else ''}): {count} training answers; {changed} "
                 f"of them leave the target's argmax, at {positions} of their answer positions ({time.time() - t0:.0f} s)")
         elif args.relabel != "off":

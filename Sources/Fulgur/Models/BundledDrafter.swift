@@ -6,8 +6,9 @@ public enum BundledDrafter {
     /// Drafters by the file name of the model they were trained for.
     static let byModel = [DefaultModel.fileName: "SmolLM2-135M-Instruct-DFlash"]
     /// The block size a bundled drafter runs at by default: on an H200 the default model's
-    /// drafter gave 1.20-1.45x plain decoding at 2, 1.04-1.48x at 4 and 0.73-1.23x at 8 on
-    /// three prompts in one run (BENCHMARKS.md); 2 loses least where it guesses badly.
+    /// drafter (the seventh, 2026-11-29) gave 1.30-1.55x plain decoding at 2, 1.14-1.80x at 4
+    /// and 0.88-1.64x at 8 on three prompts in one run (BENCHMARKS.md); 2 and 4 took the same
+    /// total time over the three, and 2 loses least where it guesses badly.
     public static let defaultBlockSize = 2
 
     /// The bundled drafter's directory for the model at `modelPath`: in `$FULGUR_DRAFTERS`,

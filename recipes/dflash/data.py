@@ -46,6 +46,20 @@ CODING_TEMPLATES = [
     "What are common mistakes when using `{name}{sig}`? Show wrong and corrected code.",
     "Write a command-line Python script that uses `{name}`. Its purpose: {summary}",
     "Document `{name}{sig}` in Markdown with a parameters table and an example, from this description:\n\n{doc}",
+    # Added in the nineteenth session (2026-11-29), for more distinct prompts in new data calls
+    # (the first twelve give about 22k); held-out functions stay held out whatever the template.
+    "Write a Python class that uses `{name}` internally, with type hints and a usage example. {summary}",
+    "Refactor this into clean, idiomatic Python that uses `{name}`:\n\n```python\n# {summary}\nresult = None  # TODO\n```",
+    "My code calls `{name}{sig}` and does not do what I expect. What could be wrong? Show how to debug it.",
+    "Write a pytest test file for a function that uses `{name}`. What `{name}` does: {summary}",
+    "How does `{name}` behave with edge cases (empty input, None, very large values)? Show code.",
+    "Write an async Python function that uses `{name}` where it makes sense, and explain the choice.",
+    "Give a one-line summary of `{name}{sig}`, then a ten-line Python example that uses it.",
+    "Write a Python script that reads input from a file and uses `{name}`. Its job: {summary}",
+    "Explain the parameters of `{name}{sig}` one by one, with a code example for each.",
+    "Rewrite this description of `{name}` as a Python docstring, then implement a function with it:\n\n{doc}",
+    "What is the time and memory cost of `{name}`? Show code that measures it with `timeit`.",
+    "Show how to use `{name}` together with another standard-library module in one short program.",
 ]
 
 NAMES = ["Alice", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam", "Maya",

@@ -63,7 +63,7 @@ def arguments():
                     help="the whole run from here ends by then: training is cut to leave time for the final evaluation")
     # data
     ap.add_argument("--prompts", type=int, default=90000, help="training prompts prepared, a third per scenario "
-                    "(generation stops at --gen-minutes; coding has about 22k distinct ones, repeats are sampled)")
+                    "(generation stops at --gen-minutes; coding has about 45k distinct ones, repeats are sampled)")
     ap.add_argument("--val-prompts", type=int, help="validation prompts per scenario (default: prompts/24, 1 to 32)")
     ap.add_argument("--eval-prompts", type=int, help="test prompts per scenario (default: prompts/24, 1 to 16)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -263,7 +263,7 @@ def make_data(args, target, tokenizer, rng):
     if args.seen_data:
         log(f"{len(seen)} prompts already answered in {', '.join(args.seen_data)}: answered again by sampling")
     for s, p in train:
-        # A repeated prompt (coding has about 22k distinct ones) is answered by sampling, so that
+        # A repeated prompt (coding has about 45k distinct ones) is answered by sampling, so that
         # the answer differs.
         sampled = rng.random() < args.sampled_fraction or p in seen
         seen.add(p)

@@ -16,7 +16,6 @@ import importlib
 import inspect
 import io
 import os
-import random
 import time
 import warnings
 

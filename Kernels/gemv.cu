@@ -390,10 +390,38 @@ __device__ __forceinline__ void plain_rows(const void* __restrict__ w, const flo
         }
 }
 
+// `early` (CUDALinear.plainEarly, 2026-11-29, not yet measured): before waiting for the
+// previous kernel, the warp asks L2 for its rows' weights, at most kPlainEarlyLines 128-byte
+// lines (32 KB) a warp. The plain kernels load a lane's weights in a chain of dependent rounds
+// (one 16-byte load, its FFMAs, the next load): for the default model's f32 products (K = 576:
+// 4-5 rounds a lane; K = 1536: 12) each round paid a DRAM trip after the wait. With the lines
+// already in L2 each round pays an L2 trip, and the DRAM reads overlap the previous kernel's
+// tail, as the wide layout's first tile of weights does. Prefetches are hints: arithmetic and
+// results are unchanged.
+constexpr int kPlainEarlyLines = 256;
+
+template <bool BF16>
+__device__ __forceinline__ void plain_prefetch(const void* __restrict__ w, int row0, int rows, int k, int rowStride) {
+    const int lane = threadIdx.x & 31;
+    const size_t elementBytes = BF16 ? 2 : 4, rowBytes = (size_t)k * elementBytes;
+    const char* base = reinterpret_cast<const char*>(w);
+    int issued = 0;
+    for (int r = 0; r < rows && issued < kPlainEarlyLines; ++r) {
+        const uintptr_t start = reinterpret_cast<uintptr_t>(base + (size_t)(row0 + r) * rowStride * elementBytes);
+        const uintptr_t first = start & ~uintptr_t(127), end = start + rowBytes;
+        const int lines = (int)((end - first + 127) / 128);
+        for (int l = lane; l < lines && issued + l < kPlainEarlyLines; l += 32)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(first + 128 * (uintptr_t)l));
+        issued += lines;
+    }
+}
+
 template <int TB, bool BF16, int R = PlainRows<TB>::value>
 __device__ void plain(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
-                      float* __restrict__ out, int n, int k, int rowStride, int T, int xStride, int groupRows, int outStride) {
+                      float* __restrict__ out, int n, int k, int rowStride, int T, int xStride, int groupRows, int outStride,
+                      int early) {
     const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * R;
+    if (early && row0 < n) plain_prefetch<BF16>(w, row0, min(R, n - row0), k, rowStride);
     wait_for_previous_kernel();
     allow_next_kernel();
     if (row0 >= n) return;
@@ -785,27 +813,28 @@ GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_E
 
 // gemv_<f32|bf16>_t<TB> for the token bins TB = 1, 2, 4, 8, 16 (T <= TB used). Launch with
 // 128 threads and ceil(N / (4 * PlainRows<TB>)) blocks (CUDALinear.plan), no shared memory;
-// gemv_<f32|bf16>_t<TB>_r1, one row a warp: ceil(N / 4) blocks.
+// gemv_<f32|bf16>_t<TB>_r1, one row a warp: ceil(N / 4) blocks. `early` 1: the L2 prefetch
+// before the wait (gemv::plain).
 #define PLAIN_ENTRY(TB)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB(                              \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
-        gemv::plain<TB, false>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
+        gemv::plain<TB, false>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB(                             \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
-        gemv::plain<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
+        gemv::plain<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB##_r1(                         \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
-        gemv::plain<TB, false, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
+        gemv::plain<TB, false, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB##_r1(                        \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride) { FULGUR_TRACE_KERNEL;                   \
-        gemv::plain<TB, true, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride); \
+        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
+        gemv::plain<TB, true, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
     }
 PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
 

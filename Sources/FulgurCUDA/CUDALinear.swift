@@ -70,6 +70,22 @@ public final class CUDALinear: @unchecked Sendable {
         return env["FULGUR_GEMV_WIDE_ROWS"].flatMap { Int($0) } ?? 2048
     }()
     public static let wideMaxTokens = 1
+    /// Whether a plain (BF16/f32) product of `rows` rows asks L2 for its weights before waiting
+    /// for the previous kernel (gemv::plain, `early`; the prefetches change no result). By
+    /// default products of fewer than plainFewRows rows do (the default model's grids are then
+    /// resident at once): on an H200 (2026-11-29) the default model's 1-token step went 0.864 -> 0.806 ms and its 2-token
+    /// step 1.052 -> 0.893 ms with every plain product doing it, while the LM heads (many waves
+    /// of blocks, where a later block's prefetch only doubles its own reads) got slower: the
+    /// default model's 27.6 -> 30.9 us in the step, gpt-oss-20b's f32 head alone 509 -> 581 us.
+    /// `FULGUR_PLAIN_EARLY=0`: none; `=1`: every plain product (for comparisons).
+    public static func plainEarly(rows: Int) -> Bool {
+        switch plainEarlyMode {
+        case "0": false
+        case "1": true
+        default: rows < plainFewRows
+        }
+    }
+    static let plainEarlyMode = ProcessInfo.processInfo.environment["FULGUR_PLAIN_EARLY"]
     /// Plain (BF16/f32) products of fewer rows keep one row a warp at every token count: they
     /// need the warps more than the shared x reads (Kernels/gemv.cu, PlainRows).
     public static let plainFewRows = 16384
@@ -330,7 +346,8 @@ public final class CUDALinear: @unchecked Sendable {
         case .bf16, .f32:
             try module.launch(kernels[tokens - 1], grid: grid, block: (128, 1, 1), stream: stream, overlapPrevious: overlapPrevious,
                               [.pointer(codes.address), biasArg, .pointer(x), .pointer(out), .int32(n), .int32(k), .int32(k), .int32(Int32(tokens)),
-                               .int32(Int32(xStride ?? inFeatures)), .int32(Int32(groupRows ?? outFeatures)), .int32(os)])
+                               .int32(Int32(xStride ?? inFeatures)), .int32(Int32(groupRows ?? outFeatures)), .int32(os),
+                               .int32(Self.plainEarly(rows: outFeatures) ? 1 : 0)])
         }
     }
 

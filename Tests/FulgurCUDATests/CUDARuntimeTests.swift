@@ -38,4 +38,15 @@ import Testing
         #expect(DevicePool.capacity(for: 2 << 20) == 2 << 20)
         #expect(DevicePool.capacity(for: (2 << 20) + 1) == 4 << 20)
     }
+
+    /// Plain products whose grid is resident at once prefetch their weights before the wait; the
+    /// LM heads (many waves of blocks), where it measured slower, do not (CUDALinear.plainEarly).
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["FULGUR_PLAIN_EARLY"] == nil))
+    func onlyFewRowPlainProductsPrefetchEarlyByDefault() {
+        #expect(CUDALinear.plainEarly(rows: 960))          // the default model's q/k/v
+        #expect(CUDALinear.plainEarly(rows: 3072))         // its gate and up
+        #expect(!CUDALinear.plainEarly(rows: 49152))       // its LM head
+        #expect(!CUDALinear.plainEarly(rows: 201088))      // gpt-oss-20b's
+        #expect(CUDALinear.plainEarly(rows: CUDALinear.plainFewRows - 1) && !CUDALinear.plainEarly(rows: CUDALinear.plainFewRows))
+    }
 }

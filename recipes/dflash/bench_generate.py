@@ -6,6 +6,13 @@ Why: the data call of 2026-11-28 (seventeenth session, the first with rows dropp
 15-17k answer tokens/s on an H200, against 30-37k the session before, without it; on a CPU
 dropping rows measured faster. This separates the code from the machine.
 
+A later reading of both calls' logs (2026-11-29) found another cause: with cuDNN's attention, a
+batch whose widest prompt has a width new to the process took about 18 s and one with a width
+seen before about 5 s (each width gives its own sequence of decode-step shapes, which cuDNN plans
+anew), and the seventeenth call ran only new widths. `--sdp cudnn,nocudnn` times both backends;
+the first round is what a data call sees (new widths), the second what a repeated width costs.
+train.py now turns cuDNN's attention off for every phase.
+
     python3 recipes/dflash/bench_generate.py --gguf MODEL.gguf [--rows 2048] [--batches 2]
 
 On the GPU machine after scripts/stage-dflash's four calls (the fourth one runs it):
@@ -34,7 +41,12 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--sampled-fraction", type=float, default=0.25)
     ap.add_argument("--settings", default="0,0.5", help="compact_below values (0: never drop rows)")
+    ap.add_argument("--sdp", default="nocudnn", help="attention backends to time, comma-separated: cudnn "
+                    "(torch's default) and nocudnn (train.py's choice)")
     args = ap.parse_args()
+    sdps = args.sdp.split(",")
+    if set(sdps) - {"cudnn", "nocudnn"}:
+        ap.error(f"--sdp takes cudnn and nocudnn, got {args.sdp}")
     device = torch.device(args.device)
     model, tokenizer = load_target(args.gguf, device, torch.float32)
     fast = FastLlama(model, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -51,7 +63,8 @@ def main():
         f"{sum(map(len, prompts)) / n:.0f} prompt tokens on average")
     fast.generate_batch([prompts[i] for i in batches[0][:64]], 16, stop, [0.0] * 64)  # warm-up
     rows = []
-    for round_ in range(2):
+    for round_, sdp in [(r, sdp) for r in range(2) for sdp in sdps]:
+        torch.backends.cuda.enable_cudnn_sdp(sdp == "cudnn")
         for setting in [float(x) for x in args.settings.split(",")]:
             for b, batch in enumerate(batches):
                 g = torch.Generator(device=device).manual_seed(b)
@@ -65,16 +78,20 @@ def main():
                 seconds = time.time() - t
                 tokens = sum(map(len, answers))
                 longest = max(map(len, answers))
-                rows.append((round_, setting, b, seconds, tokens, longest))
-                log(f"round {round_}, compact_below {setting}, batch {b}: {seconds:.2f} s, {tokens} tokens "
+                rows.append((round_, sdp, setting, b, seconds, tokens, longest))
+                log(f"round {round_}, {sdp}, compact_below {setting}, batch {b}: {seconds:.2f} s, {tokens} tokens "
                     f"({tokens / seconds:.0f}/s), longest answer {longest}")
-    print("\n| compact_below | batch | seconds (two rounds) | answer tokens | tokens/s |")
-    print("|---|---|---|---|---|")
-    for setting in sorted({r[1] for r in rows}):
-        for b in range(len(batches)):
-            mine = [r for r in rows if r[1] == setting and r[2] == b]
-            print(f"| {setting} | {b} | {' / '.join(f'{r[3]:.2f}' for r in mine)} | {mine[0][4]} | "
-                  f"{mine[0][4] / min(r[3] for r in mine):.0f} |")
+    # Round 0 meets each width for the first time (as a data call does); round 1 repeats them.
+    # cuDNN plans a shape once a process, so only its first setting's round 0 pays for new
+    # widths in full; the other backends plan nothing.
+    print("\n| attention | compact_below | batch | answer tokens | round 0: s (tokens/s) | round 1: s (tokens/s) |")
+    print("|---|---|---|---|---|---|")
+    for sdp in sdps:
+        for setting in sorted({r[2] for r in rows}):
+            for b in range(len(batches)):
+                mine = sorted((r for r in rows if r[1] == sdp and r[2] == setting and r[3] == b), key=lambda r: r[0])
+                print(f"| {sdp} | {setting} | {b} | {mine[0][5]} | "
+                      + " | ".join(f"{r[4]:.2f} ({r[5] / r[4]:.0f})" for r in mine) + " |")
 
 
 if __name__ == "__main__":

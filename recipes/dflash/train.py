@@ -703,10 +703,6 @@ def train(name, config, target, examples, val, lm_head, embed, args, device, sec
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(args.seed)
     batches = Batches([len(e["tokens"]) for e in examples], args.batch, g, args.length_window)
-    if device.type == "cuda":
-        # cuDNN's attention plans every new shape again (30 ms of CPU a call, measured on an H200
-        # with bench_step.py): batches sorted by length have many shapes. The other backends do not.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.compile:
         for layer in drafter.layers:
             layer.compile(dynamic=True)
@@ -893,6 +889,13 @@ def main():
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
+    if device.type == "cuda":
+        # cuDNN's attention plans every new shape again (30 ms of CPU a call, measured on an H200
+        # with bench_step.py): batches sorted by length have many shapes. The other backends do
+        # not. Off for every phase since 2026-11-29 (it was off for training only): generation's
+        # decode steps read a cache of prompt width + 256 positions, so every batch whose widest
+        # prompt is a new width planned all of its step shapes anew (bench_generate.py --sdp).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     t_start = time.time()
     end = t_start + args.budget_minutes * 60
     torch.manual_seed(args.seed)

@@ -75,8 +75,8 @@ public final class CUDALinear: @unchecked Sendable {
     /// default products of fewer than plainFewRows rows do (the default model's grids are then
     /// resident at once): on an H200 (2026-11-29) the default model's 1-token step went 0.864 ->
     /// 0.806 ms and its 2-token step 1.052 -> 0.893 ms with every plain product doing it, while
-    /// the LM heads (many waves
-    /// of blocks, where a later block's prefetch only doubles its own reads) got slower: the
+    /// the LM heads (many waves of blocks, where a later block's prefetch only doubles its own
+    /// reads) got slower: the
     /// default model's 27.6 -> 30.9 us in the step, gpt-oss-20b's f32 head alone 509 -> 581 us.
     /// `FULGUR_PLAIN_EARLY=0`: none; `=1`: every plain product (for comparisons).
     public static func plainEarly(rows: Int) -> Bool {

@@ -16,6 +16,7 @@ transformers (the recipe's own):
 5. relabel: with "missing", greedy answers of a file without the argmax get none, sampled ones
    the argmax the generator reported for them, and answers that carry a temperature are left
    alone; with "all", every training answer is labelled again.
+6. --shares: weights by scenario, a scenario left out gets none, a malformed one is refused.
 """
 import json
 import os
@@ -163,11 +164,24 @@ def check_relabel():
           and new.get("argmax", new["answer"]) == best[1] and "argmax" not in held, f"{count}")
 
 
+def check_shares():
+    check("--shares parses weights and leaves out what it does not name",
+          train.parse_shares("coding=2, math=1") == {"coding": 2.0, "math": 1.0, "chat": 0.0})
+    for bad in ["code=1", "coding", "coding=-1,math=2", "coding=0"]:
+        try:
+            train.parse_shares(bad)
+            refused = False
+        except SystemExit:
+            refused = True
+        check(f"--shares refuses '{bad}'", refused)
+
+
 if __name__ == "__main__":
     check_generation()
     check_labels()
     check_read_data()
     check_grow()
     check_relabel()
+    check_shares()
     print(f"{len(failures)} failed" if failures else "all passed")
     sys.exit(1 if failures else 0)

@@ -62,8 +62,10 @@ def arguments():
     ap.add_argument("--budget-minutes", type=float, default=9.1,
                     help="the whole run from here ends by then: training is cut to leave time for the final evaluation")
     # data
-    ap.add_argument("--prompts", type=int, default=90000, help="training prompts prepared, a third per scenario "
+    ap.add_argument("--prompts", type=int, default=90000, help="training prompts prepared, split by --shares "
                     "(generation stops at --gen-minutes; coding has about 45k distinct ones, repeats are sampled)")
+    ap.add_argument("--shares", default="coding=1,math=1,chat=1", help="relative shares of the training prompts by "
+                    "scenario (validation and test prompts are not affected)")
     ap.add_argument("--val-prompts", type=int, help="validation prompts per scenario (default: prompts/24, 1 to 32)")
     ap.add_argument("--eval-prompts", type=int, help="test prompts per scenario (default: prompts/24, 1 to 16)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -236,21 +238,35 @@ class Target:
 # ----------------------------------------------------------------------------------------------
 # data
 
+def parse_shares(text):
+    """{"coding": w, "math": w, "chat": w} from "coding=2,math=1,chat=1" (a scenario left out: 0)."""
+    shares = dict.fromkeys(SCENARIOS, 0.0)
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in shares or not value:
+            raise SystemExit(f"--shares: '{item}' is not SCENARIO=WEIGHT with a scenario of {', '.join(SCENARIOS)}")
+        shares[name.strip()] = float(value)
+    if any(w < 0 for w in shares.values()) or sum(shares.values()) <= 0:
+        raise SystemExit(f"--shares: weights must be >= 0 and not all 0, got '{text}'")
+    return shares
+
+
 def make_data(args, target, tokenizer, rng):
     """Training, validation and test prompts with the target's answers: lists of dicts with
     scenario, prompt, split, prompt_ids, answer, tokens and prompt_len."""
     t0 = time.time()
     deadline = t0 + args.gen_minutes * 60
-    third = max(1, args.prompts // 3)
+    shares = parse_shares(args.shares)
+    count = {sc: max(1, round(args.prompts * w / sum(shares.values()))) if w > 0 else 0 for sc, w in shares.items()}
     n_val = args.val_prompts if args.val_prompts is not None else max(1, min(32, args.prompts // 24))
     n_test = args.eval_prompts if args.eval_prompts is not None else max(1, min(16, args.prompts // 24))
-    train = build_prompts(rng, {"coding": third, "math": third}, 0.1, held=False)
+    train = build_prompts(rng, {"coding": count["coding"], "math": count["math"]}, 0.1, held=False)
     held = build_prompts(random.Random(args.seed + 1), {"coding": n_val + n_test, "math": n_val + n_test}, 0.1, held=True)
-    turns = sample_user_turns(lambda *a: target.generate(*a), tokenizer, rng, int((third + n_val + n_test) * 1.3) + 8,
+    turns = sample_user_turns(lambda *a: target.generate(*a), tokenizer, rng, int((count["chat"] + n_val + n_test) * 1.3) + 8,
                               target.stop_id, t0 + args.gen_minutes * 60 * args.turn_share)
     log(f"the target wrote {len(turns)} distinct user turns, e.g. {turns[:3]}")
     held += [("chat", t) for t in turns[:n_val + n_test]]
-    train += [("chat", t) for t in turns[n_val + n_test:n_val + n_test + third]]
+    train += [("chat", t) for t in turns[n_val + n_test:n_val + n_test + count["chat"]]]
     rng.shuffle(train)
 
     examples = []

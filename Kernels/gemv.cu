@@ -323,20 +323,24 @@ __device__ void fp8(const uint8_t* __restrict__ w, const float* __restrict__ til
 // But a small product then has few warps: the default model's MLP (3072 x 576 f32) gets 768
 // warps, 6 an SM, each with 4-5 loads per row in flight, and its launches took 12.5 us at
 // T = 8 against 2.7 at T = 1 (latency, not bytes or L1). The `_r1` entries keep one row a warp
-// at every T, for products of few rows (CUDALinear.plainFewRows).
+// at every T, for products of few rows (CUDALinear.plainFewRows); since the twentieth session
+// those take the `_sk` entries (gemv::plain_split, below) from T = 2, and `_r1` only with
+// FULGUR_PLAIN_SPLIT=0.
 template <int TB> struct PlainRows { static constexpr int value = TB >= 4 ? 4 : TB; };
 
+// The warp's share of the rows' sums: `part` of `parts` interleaved slices of the 16-byte chunks
+// (and of the scalar tail), added into acc. plain_rows takes all of them (part 0 of 1);
+// plain_split gives each warp of a block its slice of one row.
 template <int TB, bool BF16, int R>
-__device__ __forceinline__ void plain_rows(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
-                                           float* __restrict__ out, int k, int rowStride, int T, int xStride, int groupRows,
-                                           int outStride, int row0, int rows) {
+__device__ __forceinline__ void plain_accumulate(const void* __restrict__ w, const float* __restrict__ x, int k, int rowStride,
+                                                 int T, int xStride, int groupRows, int row0, int rows, int part, int parts,
+                                                 float (&acc)[R][TB]) {
     const int lane = threadIdx.x & 31;
     constexpr int E = BF16 ? 8 : 4;  // elements per 16-byte load
     const float* xg = x + (size_t)(row0 / groupRows) * k;
     const bool vector = rowStride % E == 0 && k % E == 0 && xStride % 4 == 0 && (row0 / groupRows) * k % 4 == 0;
-    float acc[R][TB] = {};
     const int chunks = vector ? k / E : 0;
-    for (int c = lane; c < chunks; c += 32) {
+    for (int c = part * 32 + lane; c < chunks; c += 32 * parts) {
         float wv[R][8];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -370,7 +374,7 @@ __device__ __forceinline__ void plain_rows(const void* __restrict__ w, const flo
             }
         }
     }
-    for (int i = chunks * E + lane; i < k; i += 32) {
+    for (int i = chunks * E + part * 32 + lane; i < k; i += 32 * parts) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const int row = r < rows ? row0 + r : row0;
@@ -381,6 +385,15 @@ __device__ __forceinline__ void plain_rows(const void* __restrict__ w, const flo
                 if (t < T) acc[r][t] = fmaf(wi, xg[(size_t)t * xStride + i], acc[r][t]);
         }
     }
+}
+
+template <int TB, bool BF16, int R>
+__device__ __forceinline__ void plain_rows(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
+                                           float* __restrict__ out, int k, int rowStride, int T, int xStride, int groupRows,
+                                           int outStride, int row0, int rows) {
+    const int lane = threadIdx.x & 31;
+    float acc[R][TB] = {};
+    plain_accumulate<TB, BF16, R>(w, x, k, rowStride, T, xStride, groupRows, row0, rows, 0, 1, acc);
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -436,6 +449,37 @@ __device__ void plain(const void* __restrict__ w, const float* __restrict__ bias
     }
 }
 
+// Split K (`_sk`, CUDALinear.plainSplit; Kernels/NOTES.md, "Twentieth session"): a block of
+// kWarps warps per row, each warp a quarter of the row's chunks, the warps' sums added in shared
+// memory (in warp order, so a row's result does not depend on timing). For products of few rows
+// (the default model's: 576-3072 rows), where one row a warp leaves about 4-20 warps an SM, each
+// walking its whole row, and the 8-token step took 2.7x the 1-token step (o_proj 576 x 576:
+// 1.7 us a launch at 1 token, 8.3 us at 8). Same bytes; 4x the warps, a quarter of the chain.
+template <int TB, bool BF16>
+__device__ void plain_split(const void* __restrict__ w, const float* __restrict__ bias, const float* __restrict__ x,
+                            float* __restrict__ out, int n, int k, int rowStride, int T, int xStride, int groupRows, int outStride,
+                            int early) {
+    const int row = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (early && warp == 0 && row < n) plain_prefetch<BF16>(w, row, 1, k, rowStride);
+    wait_for_previous_kernel();
+    allow_next_kernel();
+    if (row >= n) return;  // the whole block: row is the block's
+    float acc[1][TB] = {};
+    plain_accumulate<TB, BF16, 1>(w, x, k, rowStride, T, xStride, groupRows, row, 1, warp, kWarps, acc);
+    __shared__ float partial[kWarps][TB];
+#pragma unroll
+    for (int t = 0; t < TB; ++t) {
+        const float v = warp_sum(acc[0][t]);
+        if (lane == 0) partial[warp][t] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < T) {
+        float v = 0.f;
+#pragma unroll
+        for (int p = 0; p < kWarps; ++p) v += partial[p][threadIdx.x];
+        out[(size_t)threadIdx.x * outStride + row] = bias ? v + bias[row] : v;
+    }
+}
 
 // Wide products (the LM head: N = 100k-200k rows, hundreds of MB): version 2's layout gives
 // every block 4 rows, so each block stages x (as many bytes as its rows' weights) and pays
@@ -814,8 +858,9 @@ GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_E
 
 // gemv_<f32|bf16>_t<TB> for the token bins TB = 1, 2, 4, 8, 16 (T <= TB used). Launch with
 // 128 threads and ceil(N / (4 * PlainRows<TB>)) blocks (CUDALinear.plan), no shared memory;
-// gemv_<f32|bf16>_t<TB>_r1, one row a warp: ceil(N / 4) blocks. `early` 1: the L2 prefetch
-// before the wait (gemv::plain).
+// gemv_<f32|bf16>_t<TB>_r1, one row a warp: ceil(N / 4) blocks; gemv_<f32|bf16>_t<TB>_sk, one
+// row a block (gemv::plain_split): N blocks. `early` 1: the L2 prefetch before the wait
+// (gemv::plain).
 #define PLAIN_ENTRY(TB)                                                                            \
     extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB(                              \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
@@ -836,6 +881,16 @@ GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_E
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
         int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
         gemv::plain<TB, true, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB##_sk(                         \
+        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
+        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
+        gemv::plain_split<TB, false>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB##_sk(                        \
+        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
+        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
+        gemv::plain_split<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
     }
 PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
 

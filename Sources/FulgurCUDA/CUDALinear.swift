@@ -90,6 +90,22 @@ public final class CUDALinear: @unchecked Sendable {
     /// Plain (BF16/f32) products of fewer rows keep one row a warp at every token count: they
     /// need the warps more than the shared x reads (Kernels/gemv.cu, PlainRows).
     public static let plainFewRows = 16384
+    /// Whether a plain product of `rows` rows at token bin `bin` splits each row's sum over a
+    /// block's four warps (gemv_<f32|bf16>_t<bin>_sk, gemv::plain_split) instead of one row a
+    /// warp: by default products of fewer than plainFewRows rows at 2 or more tokens. On an H200
+    /// (2026-11-29, the default model, all of whose products are plain f32 ones) the 2-, 4- and
+    /// 8-token steps went 0.889 -> 0.810, 1.403 -> 1.120 and 2.146 -> 1.720 ms; at 1 token it
+    /// was slower (0.801 -> 0.826 ms), so 1-token products keep one row a warp.
+    /// `FULGUR_PLAIN_SPLIT=0`: never; `=all`: at every token count (for comparisons).
+    public static func plainSplit(rows: Int, bin: Int) -> Bool {
+        guard rows < plainFewRows else { return false }
+        switch plainSplitMode {
+        case "0": return false
+        case "all": return true
+        default: return bin > 1
+        }
+    }
+    static let plainSplitMode = ProcessInfo.processInfo.environment["FULGUR_PLAIN_SPLIT"]
     let wideKernels: [KernelModule.Function]
     /// gemv_wide_norm_<format>_t1: the wide layout with the residual add and RMSNorm before it
     /// done in the product (`apply(norm:)`); nil for BF16 and f32 storage.
@@ -173,7 +189,9 @@ public final class CUDALinear: @unchecked Sendable {
         case .bf16, .f32:
             let family = storage == .bf16 ? "gemv_bf16" : "gemv_f32"
             let bins = [1, 2, 4, 8, 16], oneRow = rows < Self.plainFewRows
-            let functions = try bins.map { try module.function("\(family)_t\($0)" + (oneRow && $0 > 1 ? "_r1" : "")) }
+            let functions = try bins.map { bin in
+                try module.function("\(family)_t\(bin)" + (Self.plainSplit(rows: rows, bin: bin) ? "_sk" : oneRow && bin > 1 ? "_r1" : ""))
+            }
             kernels = (1...Self.maxTokens).map { t in functions[bins.firstIndex { $0 >= t }!] }
             wideKernels = []
             wideNormKernel = nil
@@ -294,7 +312,9 @@ public final class CUDALinear: @unchecked Sendable {
         case .bf16, .f32:
             // Mirrors gemv::PlainRows: a warp owns bin rows (4 from bin 4 up), bins 1, 2, 4, 8,
             // 16; one row at every T in a product of fewer than plainFewRows rows (`_r1`).
+            // One row a block where the row's sum is split over the block's warps (`_sk`).
             let bin = [1, 2, 4, 8, 16].first { $0 >= tokens }!
+            if plainSplit(rows: rows, bin: bin) { return (1, 0) }
             return (rows < plainFewRows ? 4 : 4 * min(bin, 4), 0)
         case .mxfp4, .fp8:
             let rows = tokens == 1 ? 1 : tokens == 2 ? 2 : 4

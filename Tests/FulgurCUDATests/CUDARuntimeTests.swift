@@ -49,4 +49,20 @@ import Testing
         #expect(!CUDALinear.plainEarly(rows: 201088))      // gpt-oss-20b's
         #expect(CUDALinear.plainEarly(rows: CUDALinear.plainFewRows - 1) && !CUDALinear.plainEarly(rows: CUDALinear.plainFewRows))
     }
+
+    /// Plain products of few rows split each row's sum over a block's warps from 2 tokens on,
+    /// one row a block; 1-token products and large ones (LM heads) keep their layouts
+    /// (CUDALinear.plainSplit).
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["FULGUR_PLAIN_SPLIT"] == nil))
+    func fewRowPlainProductsSplitRowsFromTwoTokensByDefault() {
+        for bin in [2, 4, 8, 16] {
+            #expect(CUDALinear.plainSplit(rows: 576, bin: bin))     // the default model's o_proj
+            #expect(CUDALinear.plan(.f32, tokens: bin, rows: 576).rowsPerBlock == 1)
+            #expect(!CUDALinear.plainSplit(rows: 49152, bin: bin))  // its LM head
+            #expect(CUDALinear.plan(.bf16, tokens: bin, rows: 201088).rowsPerBlock == 4 * min(bin, 4))
+        }
+        #expect(!CUDALinear.plainSplit(rows: 576, bin: 1))
+        #expect(CUDALinear.plan(.f32, tokens: 1, rows: 576).rowsPerBlock == 4)
+        #expect(CUDALinear.plan(.f32, tokens: 3, rows: 3072).rowsPerBlock == 1)  // 3 tokens: bin 4
+    }
 }

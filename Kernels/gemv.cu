@@ -857,7 +857,7 @@ GEMV_ENTRY(1) GEMV_ENTRY(2) GEMV_ENTRY(3) GEMV_ENTRY(4) GEMV_ENTRY(5) GEMV_ENTRY
 GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_ENTRY(14) GEMV_ENTRY(15) GEMV_ENTRY(16)
 
 // gemv_<f32|bf16>_t<TB> for the token bins TB = 1, 2, 4, 8, 16 (T <= TB used). Launch with
-// 128 threads and ceil(N / (4 * PlainRows<TB>)) blocks (CUDALinear.plan), no shared memory;
+// 128 threads and ceil(N / (4 * PlainRows<TB>)) blocks (CUDALinear.plan), no dynamic shared memory;
 // gemv_<f32|bf16>_t<TB>_r1, one row a warp: ceil(N / 4) blocks; gemv_<f32|bf16>_t<TB>_sk, one
 // row a block (gemv::plain_split): N blocks. `early` 1: the L2 prefetch before the wait
 // (gemv::plain).

@@ -87,8 +87,9 @@ public final class CUDALinear: @unchecked Sendable {
         }
     }
     static let plainEarlyMode = ProcessInfo.processInfo.environment["FULGUR_PLAIN_EARLY"]
-    /// Plain (BF16/f32) products of fewer rows keep one row a warp at every token count: they
-    /// need the warps more than the shared x reads (Kernels/gemv.cu, PlainRows).
+    /// Plain (BF16/f32) products of fewer rows never take several rows a warp: they need the
+    /// warps more than the shared x reads (Kernels/gemv.cu, PlainRows). From 2 tokens they split
+    /// each row over a block (plainSplit); with that off, one row a warp (`_r1`).
     public static let plainFewRows = 16384
     /// Whether a plain product of `rows` rows at token bin `bin` splits each row's sum over a
     /// block's four warps (gemv_<f32|bf16>_t<bin>_sk, gemv::plain_split) instead of one row a
@@ -96,7 +97,8 @@ public final class CUDALinear: @unchecked Sendable {
     /// (2026-11-29, the default model, all of whose products are plain f32 ones) the 2-, 4- and
     /// 8-token steps went 0.889 -> 0.810, 1.403 -> 1.120 and 2.146 -> 1.720 ms; at 1 token it
     /// was slower (0.801 -> 0.826 ms), so 1-token products keep one row a warp.
-    /// `FULGUR_PLAIN_SPLIT=0`: never; `=all`: at every token count (for comparisons).
+    /// `FULGUR_PLAIN_SPLIT=0`: never; `=all`: at every token count; any other value (or none):
+    /// the default (for comparisons).
     public static func plainSplit(rows: Int, bin: Int) -> Bool {
         guard rows < plainFewRows else { return false }
         switch plainSplitMode {
@@ -306,7 +308,8 @@ public final class CUDALinear: @unchecked Sendable {
 
     /// Launch shape of gemv_<format>_t<tokens>; mirrors gemv::Plan and kWarps in Kernels/gemv.cu:
     /// 4 warps of `rows` rows each, x staged in tiles of 32 * unroll chunks of `elements`
-    /// (padded by 4 floats each) per token. Plain kernels: a warp per row, no shared memory.
+    /// (padded by 4 floats each) per token. Plain kernels: rows a warp by token bin (PlainRows), or
+    /// a block per row (plainSplit, 4 x bin floats of static shared memory); no dynamic shared memory.
     static func plan(_ storage: Storage, tokens: Int, rows: Int = .max) -> (rowsPerBlock: Int, sharedBytes: Int) {
         switch storage {
         case .bf16, .f32:

@@ -223,6 +223,10 @@ func run() throws -> Bool {
             // Plain BF16/f32 (gemv::plain, 1, 2 or 4 rows a warp by token bin): attention-sized
             // and the gpt-oss-20b LM head, whose 8-token calls were L1-bound with one row a warp;
             // BF16 also on the tensor cores.
+            // K = 99: no 16-byte path, the scalar loop alone (one row a warp, and split over a
+            // block's warps from 2 tokens: gemv::plain_split).
+            seed += 1
+            rows += try check(device, module, stream, format, rows: 37, columns: 99, tokens: Array(1...16), timed: false, copy: copy, seed: seed)
             for (n, k, tokens) in [(2880, 2880, Array(1...16)), (201088, 2880, [1, 4, 8, 16])] {
                 seed += 1
                 rows += try check(device, module, stream, format, rows: n, columns: k, tokens: tokens, timed: true, copy: copy, seed: seed, layouts: [.rows] + mma)

@@ -167,7 +167,7 @@ def check_relabel():
 def check_shares():
     check("--shares parses weights and leaves out what it does not name",
           train.parse_shares("coding=2, math=1") == {"coding": 2.0, "math": 1.0, "chat": 0.0})
-    for bad in ["code=1", "coding", "coding=-1,math=2", "coding=0"]:
+    for bad in ["code=1", "coding", "coding=abc", "coding=nan", "coding=inf", "coding=-1,math=2", "coding=0"]:
         try:
             train.parse_shares(bad)
             refused = False

@@ -132,6 +132,7 @@ def arguments():
     ap.add_argument("--save-all", action="store_true", help="also export the drafters of the 2nd, 3rd... optimizer "
                     "(into OUT/NAME; the device tool returns at most 8 files)")
     args = ap.parse_args()
+    parse_shares(args.shares)  # refused here, before the target loads
     if args.data_only and not args.save_data:
         ap.error("--data-only needs --save-data")
     if not args.data_only and not args.out:
@@ -243,9 +244,13 @@ def parse_shares(text):
     shares = dict.fromkeys(SCENARIOS, 0.0)
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name.strip() not in shares or not value:
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if name.strip() not in shares or weight is None or not math.isfinite(weight):
             raise SystemExit(f"--shares: '{item}' is not SCENARIO=WEIGHT with a scenario of {', '.join(SCENARIOS)}")
-        shares[name.strip()] = float(value)
+        shares[name.strip()] = weight
     if any(w < 0 for w in shares.values()) or sum(shares.values()) <= 0:
         raise SystemExit(f"--shares: weights must be >= 0 and not all 0, got '{text}'")
     return shares
@@ -257,7 +262,7 @@ def make_data(args, target, tokenizer, rng):
     t0 = time.time()
     deadline = t0 + args.gen_minutes * 60
     shares = parse_shares(args.shares)
-    count = {sc: max(1, round(args.prompts * w / sum(shares.values()))) if w > 0 else 0 for sc, w in shares.items()}
+    count = {sc: max(1, int(args.prompts * w / sum(shares.values()))) if w > 0 else 0 for sc, w in shares.items()}
     n_val = args.val_prompts if args.val_prompts is not None else max(1, min(32, args.prompts // 24))
     n_test = args.eval_prompts if args.eval_prompts is not None else max(1, min(16, args.prompts // 24))
     train = build_prompts(rng, {"coding": count["coding"], "math": count["math"]}, 0.1, held=False)

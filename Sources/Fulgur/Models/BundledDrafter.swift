@@ -6,10 +6,10 @@ public enum BundledDrafter {
     /// Drafters by the file name of the model they were trained for.
     static let byModel = [DefaultModel.fileName: "SmolLM2-135M-Instruct-DFlash"]
     /// The block size a bundled drafter runs at by default: on an H200 the default model's
-    /// drafter (the seventh, 2026-11-29) gave 1.30-1.55x plain decoding at 2, 1.14-1.80x at 4
-    /// and 0.88-1.64x at 8 on three prompts in one run (BENCHMARKS.md); 2 and 4 took the same
-    /// total time over the three, and 2 loses least where it guesses badly. (Block 2 then gained
-    /// most from the plain products' L2 prefetch: 1.42-1.71x; blocks 4 and 8 not rerun.)
+    /// drafter (the eighth, 2026-11-29) gave 1.31-1.69x plain decoding at 2, 1.14-1.89x at 4
+    /// and 0.87-1.59x at 8 on three prompts in one run (BENCHMARKS.md); 2 took the least total
+    /// time over the three and loses least where it guesses badly. (The split-K plain products
+    /// later made verify blocks cheaper, block 4 most; blocks not compared again since.)
     public static let defaultBlockSize = 2
 
     /// The bundled drafter's directory for the model at `modelPath`: in `$FULGUR_DRAFTERS`,

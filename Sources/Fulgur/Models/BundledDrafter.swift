@@ -5,12 +5,14 @@ import Foundation
 public enum BundledDrafter {
     /// Drafters by the file name of the model they were trained for.
     static let byModel = [DefaultModel.fileName: "SmolLM2-135M-Instruct-DFlash"]
-    /// The block size a bundled drafter runs at by default: on an H200 the default model's
-    /// drafter (the eighth, 2026-11-29) gave 1.31-1.69x plain decoding at 2, 1.14-1.89x at 4
-    /// and 0.87-1.59x at 8 on three prompts in one run (BENCHMARKS.md); 2 took the least total
-    /// time over the three and loses least where it guesses badly. (The split-K plain products
-    /// later made verify blocks cheaper, block 4 most; blocks not compared again since.)
-    public static let defaultBlockSize = 2
+    /// The block size a bundled drafter runs at by default: on an H200, after the split-K plain
+    /// products made verify blocks cheaper, the default model's drafter (the eighth) took 0.335 s
+    /// for three prompts' 600 tokens at 4 against 0.350 s at 2 and 0.402 s at 8 (2026-11-29, one
+    /// run each; 1.37-2.23x plain decoding at 4; BENCHMARKS.md). Block 4 lost on one of the three
+    /// (17 times 23: 1461 against 1547 tokens/s); on the held-out test prompts its guesses of
+    /// positions 2 and 3 hold often enough (coding 3.38 tokens a round expected at 4 against 1.90
+    /// at 2) to pay for the dearer verify (1.20 against 0.85 ms a round).
+    public static let defaultBlockSize = 4
 
     /// The bundled drafter's directory for the model at `modelPath`: in `$FULGUR_DRAFTERS`,
     /// in `drafters/` next to the executable, or in the checkout's `Drafters/` (the executable

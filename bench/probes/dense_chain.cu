@@ -59,9 +59,8 @@ __device__ __forceinline__ float2 e4m3x2(uint32_t pair) {
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 // The bulk (TMA) path: one mbarrier a buffer; thread 0 posts the bytes it expects, then issues
-// the buffer's copies (kBulk bytes each) on the tensor memory accelerator, which signals the
-// barrier as they land; every thread waits on the barrier's phase.
-constexpr int kBulk = 8192;
+// the buffer's copies (a row each) on the tensor memory accelerator, which signals the barrier
+// as they land; every thread waits on the barrier's phase.
 __device__ __forceinline__ void bar_init(uint64_t* bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
 }
@@ -78,6 +77,10 @@ __device__ __forceinline__ void bar_wait(uint64_t* bar, unsigned parity) {
                  "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
                  "@!done bra WAIT%=;\n}" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
 }
+
+// A weight row's stride in shared memory: rows of a multiple of 128 bytes get 64 bytes of
+// padding, so the tensor-core rows' loads of rows g and g + 1 (64 bytes each) use all 32 banks.
+__host__ __device__ constexpr int row_stride(int k) { return k % 128 == 0 ? k + 64 : k; }
 
 __device__ __forceinline__ void rows_of(const Product& p, int& r0, int& r1) {
     // 32-bit: grid x n stays under 2^31 here (a 64-bit division costs about 70 instructions).
@@ -100,15 +103,15 @@ __device__ __forceinline__ void issue(const Product& p, uint8_t* buf, uint64_t* 
         for (int j = threadIdx.x; j < n; j += kThreads) copy4(sc + j, p.scales + (size_t)t0 * tpr + j);
     }
     const uint8_t* src = p.w + (size_t)r0 * p.k;
-    const int bytes = (r1 - r0) * p.k;
-    if (BULK) {
+    const int rows = r1 - r0, stride = row_stride(p.k), perRow = p.k / 16;
+    if (BULK) {  // a copy a row (at most 4096 bytes here)
         if (threadIdx.x == 0) {
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the buffer's last reads before the copies' writes
-            bar_expect(bar, bytes);
-            for (int o = 0; o < bytes; o += kBulk) bulk_copy(buf + o, src + o, min(kBulk, bytes - o), bar);
+            bar_expect(bar, rows * p.k);
+            for (int r = 0; r < rows; ++r) bulk_copy(buf + r * stride, src + (size_t)r * p.k, p.k, bar);
         }
     } else {
-        for (int c = threadIdx.x; c < bytes / 16; c += kThreads) copy16(buf + 16 * c, src + 16 * c);
+        for (int c = threadIdx.x; c < rows * perRow; c += kThreads) copy16(buf + (c / perRow) * stride + 16 * (c % perRow), src + 16 * c);
     }
 }
 
@@ -124,15 +127,23 @@ __device__ __forceinline__ void issue(const Product& p, uint8_t* buf, uint64_t* 
 // shared memory once per row: 5 bytes of shared reads per weight byte); 1 a thread a chunk
 // column, its 16 x values in registers, walking rows; the per-(row, chunk) sums go to shared
 // memory and a warp a row adds them in a fixed order.
-template <int AHEAD, int BULK, int REL, int ROWS = 0, int SS = 0>
+// CONV (tensor-core rows): how E4M3 bytes become the mma's f16: 0 cvt.rn.f16x2.e4m3x2 (exact);
+// 1 none (the raw bytes: wrong results, a diagnostic of what the conversion costs); 2 integer
+// operations, 7 a word (each byte's 7 exponent and mantissa bits moved under f16's, giving the
+// value x 2^-8 exactly for every finite code; the multipliers take the 2^8; pairs (b0, b2) and
+// (b1, b3) of a word, so x is staged as (x0, x2, x1, x3) to match).
+template <int AHEAD, int BULK, int REL, int ROWS = 0, int SS = 0, int CONV = 0>
 __device__ void chain(const Product* __restrict__ products, int count, unsigned* counter, uint64_t* stamps, int bufferBytes, int streamOnly) {
-    extern __shared__ float4 shared4[];
+    extern __shared__ __align__(1024) float4 shared4[];  // the buffers' base on a 1024-byte boundary, whatever the static variables
     __shared__ uint64_t bars[2];
     __shared__ float sscale[2][kScales];
+    __shared__ unsigned long long lastLoop;  // stamps: when the last warp finished its rows' loop
+    uint64_t* inner = stamps ? stamps + 4 * count + 5 : nullptr;  // 2 a product: warp 0's loop done, the last warp's
     uint8_t* bufs = reinterpret_cast<uint8_t*>(shared4);
     float* xs = reinterpret_cast<float*>(bufs + 2 * bufferBytes);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const bool stamping = stamps && blockIdx.x == 0 && threadIdx.x == 0;
+    if (stamping) lastLoop = 0;
     if (stamping) {
         stamps[4 * count] = now();
         stamps[4 * count + 2] = clock64();
@@ -193,7 +204,7 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
             // x as two f16 terms (hi + lo), scaled by one power of two so max |x| is in
             // [2^14, 2^15), in shared memory: xh[k], xl[k], then the warps' row sums.
             __half* xh = reinterpret_cast<__half*>(xs);
-            __half* xl = xh + p.k;
+            __half* xl = xh + p.k + 32;  // 64 bytes on: the hi and lo loads of a chunk in different banks
             float* red = reinterpret_cast<float*>(xl + p.k);  // [kWarps][32]
             __shared__ float peak[kWarps];
             float4 v[2];
@@ -225,6 +236,10 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
                     for (int q = 0; q < 4; ++q) {
                         hi[q] = __float2half_rn(f[q]);
                         lo[q] = __float2half_rn(f[q] - __half2float(hi[q]));
+                    }
+                    if (CONV == 2) {
+                        __half sw = hi[1]; hi[1] = hi[2]; hi[2] = sw;
+                        sw = lo[1]; lo[1] = lo[2]; lo[2] = sw;
                     }
                     *reinterpret_cast<uint2*>(xh + 4 * j) = *reinterpret_cast<const uint2*>(hi);  // 8-byte stores, not 2-byte ones
                     *reinterpret_cast<uint2*>(xl + 4 * j) = *reinterpret_cast<const uint2*>(lo);
@@ -258,7 +273,7 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const int r = 16 * rt + 8 * h + g;
-                        q[rt][h] = r < rows ? *reinterpret_cast<const uint4*>(w + (size_t)r * p.k + col) : make_uint4(0, 0, 0, 0);
+                        q[rt][h] = r < rows ? *reinterpret_cast<const uint4*>(w + (size_t)r * row_stride(p.k) + col) : make_uint4(0, 0, 0, 0);
                     }
                 uint4 x0 = make_uint4(0, 0, 0, 0), x1 = make_uint4(0, 0, 0, 0);
                 if (g < 2) {
@@ -274,10 +289,23 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
                         const uint32_t wa = st == 0 ? q[rt][0].x : st == 1 ? q[rt][0].y : st == 2 ? q[rt][0].z : q[rt][0].w;
                         const uint32_t wb = st == 0 ? q[rt][1].x : st == 1 ? q[rt][1].y : st == 2 ? q[rt][1].z : q[rt][1].w;
                         uint32_t a0, a1, a2, a3;
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a0) : "h"((unsigned short)(wa & 0xFFFF)));
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a2) : "h"((unsigned short)(wa >> 16)));
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a1) : "h"((unsigned short)(wb & 0xFFFF)));
-                        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a3) : "h"((unsigned short)(wb >> 16)));
+                        if (CONV == 0) {
+                            asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a0) : "h"((unsigned short)(wa & 0xFFFF)));
+                            asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a2) : "h"((unsigned short)(wa >> 16)));
+                            asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a1) : "h"((unsigned short)(wb & 0xFFFF)));
+                            asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a3) : "h"((unsigned short)(wb >> 16)));
+                        } else if (CONV == 1) {
+                            a0 = wa; a2 = wa >> 8; a1 = wb; a3 = wb >> 8;
+                        } else {
+                            auto even = [](uint32_t v) {  // bytes 0, 2 -> f16x2 x 2^-8
+                                const uint32_t u = __byte_perm(v, 0u, 0x2404);
+                                return ((u & 0x7F007F00u) >> 1) | (u & 0x80008000u);
+                            };
+                            auto odd = [](uint32_t v) {  // bytes 1, 3 -> f16x2 x 2^-8
+                                return ((v & 0x7F007F00u) >> 1) | (v & 0x80008000u);
+                            };
+                            a0 = even(wa); a2 = odd(wa); a1 = even(wb); a3 = odd(wb);
+                        }
                         asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                             : "+f"(d[rt][0]), "+f"(d[rt][1]), "+f"(d[rt][2]), "+f"(d[rt][3])
                             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(xv[2 * st]), "r"(xv[2 * st + 1]));
@@ -291,9 +319,14 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
                         if (r < rows) {
                             const float sv = SS ? sc[((r0 + r) / kTile - r0 / kTile) * tilesPerRowM + ct]
                                                 : __ldg(p.scales + (size_t)((r0 + r) / kTile) * tilesPerRowM + ct);
-                            total[rt][h] = fmaf(d[rt][2 * h] + d[rt][2 * h + 1], sv, total[rt][h]);
+                            total[rt][h] = fmaf(d[rt][2 * h] + d[rt][2 * h + 1], CONV == 2 ? 256.f * sv : sv, total[rt][h]);
                         }
                     }
+            }
+            if (stamps && blockIdx.x == 0 && lane == 0) {
+                const uint64_t tnow = now();
+                atomicMax(&lastLoop, (unsigned long long)tnow);
+                if (warp == 0) inner[2 * i] = tnow;
             }
             if (t == 0)
 #pragma unroll
@@ -327,7 +360,7 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
             if (g < G) {
                 const float* colScales = p.scales + 16 * c / kTile;
                 for (int r = g; r < rows; r += G) {
-                    const uint4 q = *reinterpret_cast<const uint4*>(w + (size_t)r * p.k + 16 * c);
+                    const uint4 q = *reinterpret_cast<const uint4*>(w + (size_t)r * row_stride(p.k) + 16 * c);
                     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
                     float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -377,7 +410,7 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
         int r0, r1;
         rows_of(p, r0, r1);
         for (int r = r0 + warp; r < r1; r += kWarps) {
-            const uint8_t* row = w + (size_t)(r - r0) * p.k;
+            const uint8_t* row = w + (size_t)(r - r0) * row_stride(p.k);
             const float* rowScales = p.scales + (size_t)(r / kTile) * tilesPerRow;
             float acc = 0.f;
             for (int c = lane; c < chunks; c += 32) {
@@ -401,8 +434,17 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
             for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
             if (lane == 0) p.y[r] = acc;
         }
+        if (stamps && blockIdx.x == 0 && lane == 0) {
+            const uint64_t tnow = now();
+            atomicMax(&lastLoop, (unsigned long long)tnow);
+            if (warp == 0) inner[2 * i] = tnow;
+        }
         }
         __syncthreads();  // outputs written; w and xs free for reuse
+        if (stamping) {
+            inner[2 * i + 1] = lastLoop;
+            lastLoop = 0;
+        }
         if (stamping) stamps[4 * i + 2] = now();
         if (threadIdx.x == 0) {
             if (REL) {
@@ -438,5 +480,9 @@ CHAIN_ENTRY(dense_chain_tc_inline_rel_ss, 0, 0, 1, 2, 1)
 CHAIN_ENTRY(dense_chain_tc_ahead_rel_ss, 1, 0, 1, 2, 1)
 CHAIN_ENTRY(dense_chain_tc_after_rel_ss, 2, 0, 1, 2, 1)
 CHAIN_ENTRY(dense_chain_tc_ahead_bulk_rel_ss, 1, 1, 1, 2, 1)
+CHAIN_ENTRY(dense_chain_tc_inline_rel_ss_noconv, 0, 0, 1, 2, 1, 1)
+CHAIN_ENTRY(dense_chain_tc_after_rel_ss_noconv, 2, 0, 1, 2, 1, 1)
+CHAIN_ENTRY(dense_chain_tc_inline_rel_ss_alu, 0, 0, 1, 2, 1, 2)
+CHAIN_ENTRY(dense_chain_tc_after_rel_ss_alu, 2, 0, 1, 2, 1, 2)
 CHAIN_ENTRY(dense_chain_nomath_inline, 0, 0, 1, 3, 1)
 CHAIN_ENTRY(dense_chain_nomath_after, 2, 0, 1, 3, 1)

@@ -1,15 +1,20 @@
 # Harness of the persistent-chain probe (dense_chain.cu; scripts/gpu-probe-chain builds and runs
 # it): the driver API through ctypes, on the GPU machine's Python (numpy only).
 # Builds a chain of P dependent 1-token FP8 products (alternating 4096 x 2880 and 2880 x 4096,
-# gpt-oss-20b's o_proj and its transpose, 128 x 128 tile multipliers), then runs it three ways on
-# the same bytes, each writing its own outputs:
-#   kernels:  Fulgur's gemv_wide_fp8_t1 (the 1-token FP8 product the executor runs), one launch a
-#             product, programmatic launches (PDL), captured in one CUDA graph;
+# gpt-oss-20b's o_proj and its transpose, 128 x 128 tile multipliers), then runs it in the ways
+# WAYS names, on the same bytes, each writing its own outputs:
+#   kernels / plain: Fulgur's gemv_wide_fp8_t1 (the 1-token FP8 product the executor runs), one
+#             launch a product, with / without programmatic launches (PDL), in one CUDA graph;
 #   inline:   dense_chain_inline, one resident grid, a product's weights asked for when it starts;
-#   ahead:    dense_chain_ahead, the same, the next product's weights streamed into shared memory
-#             while the current one waits for its input and computes;
-#   *-bulk:   the same two with the copies on the tensor memory accelerator (cp.async.bulk, 8 KB
-#             each, an mbarrier a buffer) instead of 16-byte cp.async by every thread;
+#   ahead:    the next product's weights asked for when this one starts (two buffers);
+#   after:    the next product's weights asked for once this one's x is in shared memory;
+#   -rel:     arrival by one release add (else a fence and an atomic add); -ss: the tile
+#             multipliers copied into shared memory with the weights (else read from global);
+#   tc-:      rows on the tensor cores (mma m16n8k16, x as f16 hi + lo); cm-: a thread a chunk
+#             column; -noconv: tc with the E4M3 bytes fed raw (a diagnostic, not checked);
+#             -alu: tc converting with integer operations; nomath-: the rows left out (not checked);
+#   -bulk:    copies on the tensor memory accelerator (cp.async.bulk, a row each, an mbarrier a
+#             buffer) instead of 16-byte cp.async by every thread;
 #   stream*:  the ahead kernels with only the copies and their waits (no barrier, no arithmetic).
 # Every product of every way is checked against numpy (float64, from that way's own input),
 # then each way is timed: CUDA events around the launch, median of REPS after warm-up.
@@ -145,17 +150,20 @@ def run_graph(label):
     ck(cu.cuEventRecord(ev1, stream), "record"); return elapsed_us()
 
 # --- the persistent probe.
-buffer_bytes = max(((n + SM - 1) // SM) * k for n, k in shapes)
+row_stride = lambda k: k + 64 if k % 128 == 0 else k  # dense_chain.cu's row_stride
+buffer_bytes = max(((n + SM - 1) // SM) * row_stride(k) for n, k in shapes)
 # After the two weight buffers: x staged (a warp a row) or the per-(row, chunk) sums (cm-*).
-smem = 2 * buffer_bytes + max(max((k // 16) * 20 * 4, ((n + SM - 1) // SM) * (k // 16) * 4) for n, k in shapes)
+smem = 2 * buffer_bytes + max(max((k // 16) * 20 * 4, ((n + SM - 1) // SM) * (k // 16) * 4, 4 * k + 64 + 2048) for n, k in shapes)
 if smem > SMEM_OPTIN: raise SystemExit(f"needs {smem} bytes of shared memory a block, the GPU allows {SMEM_OPTIN}")
-counter = alloc(4); stamps = alloc(8 * (4 * P + 5))
+counter = alloc(4); stamps = alloc(8 * (6 * P + 5))
 probes = {}
 WAYS = (("inline", "dense_chain_inline", 0), ("inline-rel-ss", "dense_chain_inline_rel_ss", 0),
         ("ahead-rel-ss", "dense_chain_ahead_rel_ss", 0), ("after-rel-ss", "dense_chain_after_rel_ss", 0),
         ("tc-inline-rel-ss", "dense_chain_tc_inline_rel_ss", 0), ("tc-ahead-rel-ss", "dense_chain_tc_ahead_rel_ss", 0),
         ("tc-after-rel-ss", "dense_chain_tc_after_rel_ss", 0), ("tc-ahead-bulk-rel-ss", "dense_chain_tc_ahead_bulk_rel_ss", 0),
         ("tc-after-rel", "dense_chain_tc_after_rel", 0), ("cm-ahead-rel", "dense_chain_cm_ahead_rel", 0),
+        ("tc-inline-noconv", "dense_chain_tc_inline_rel_ss_noconv", 0), ("tc-after-noconv", "dense_chain_tc_after_rel_ss_noconv", 0),
+        ("tc-inline-alu", "dense_chain_tc_inline_rel_ss_alu", 0), ("tc-after-alu", "dense_chain_tc_after_rel_ss_alu", 0),
         ("nomath-inline", "dense_chain_nomath_inline", 0), ("nomath-after", "dense_chain_nomath_after", 0),
         ("stream", "dense_chain_ahead", 1), ("stream-bulk", "dense_chain_ahead_bulk", 1))
 for label, kname, _ in WAYS:
@@ -171,7 +179,7 @@ print(f"probe: grid {SM} x 512 threads, {smem} bytes of shared memory a block ({
 def run_probe(label, with_stamps=False):
     f, ys, tp, stream_only = probes[label]
     ck(cu.cuMemsetD32Async(C.c_uint64(counter), 0, 1, stream), "zero counter")
-    ck(cu.cuMemsetD32Async(C.c_uint64(stamps), 0, 2 * (4 * P + 5), stream), "zero stamps")
+    ck(cu.cuMemsetD32Async(C.c_uint64(stamps), 0, 2 * (6 * P + 5), stream), "zero stamps")
     vals = [C.c_uint64(tp), C.c_int(P), C.c_uint64(counter), C.c_uint64(stamps if with_stamps else 0), C.c_int(buffer_bytes), C.c_int(stream_only)]
     arr, vals = args_array(vals)
     ck(cu.cuEventRecord(ev0, stream), "record")
@@ -183,7 +191,7 @@ run_graph("kernels"); ok &= check("kernels", ys_k)
 run_graph("plain"); ok &= check("plain", ys_k)
 for label in probes:
     run_probe(label)
-    if not probes[label][3] and not label.startswith("nomath"): ok &= check(label, probes[label][1])
+    if not probes[label][3] and not label.startswith("nomath") and "noconv" not in label: ok &= check(label, probes[label][1])
 results = {k: [] for k in ["plain", "kernels"] + list(probes)}
 for r in range(REPS + 3):
     for label in results:
@@ -200,12 +208,14 @@ print(f"\n{'block 0':20} {'barrier':>8} {'x+weights':>10} {'rows':>6} {'arrive':
 for label in probes:
     if probes[label][3]: continue
     run_probe(label, with_stamps=True)
-    s = download(stamps, 4 * P + 5, np.uint64).astype(np.int64)
+    s = download(stamps, 6 * P + 5, np.uint64).astype(np.int64)
     med = lambda xs: statistics.median(xs) / 1e3
     barrier = med([s[4 * i] - s[4 * i - 1] for i in range(1, P)])
     staged = med([s[4 * i + 1] - s[4 * i] for i in range(P)])
     rows = med([s[4 * i + 2] - s[4 * i + 1] for i in range(P)])
     arrive = med([s[4 * i + 3] - s[4 * i + 2] for i in range(P)])
-    print(f"{label:20} {barrier:8.2f} {staged:10.2f} {rows:6.2f} {arrive:7.2f}  kernel span {(s[4 * P + 1] - s[4 * P]) / 1e3:.1f} us, "
+    A = 4 * P + 5
+    loops = "" if s[A] == 0 else f"  rows' loop: warp 0 {med([s[A + 2 * i] - s[4 * i + 1] for i in range(P)]):.2f}, last warp {med([s[A + 2 * i + 1] - s[4 * i + 1] for i in range(P)]):.2f};"
+    print(f"{label:20} {barrier:8.2f} {staged:10.2f} {rows:6.2f} {arrive:7.2f}{loops}  kernel span {(s[4 * P + 1] - s[4 * P]) / 1e3:.1f} us, "
           f"clock {(s[4 * P + 3] - s[4 * P + 2]) / (s[4 * P + 4] - s[4 * P]):.2f} GHz")
 sys.exit(0 if ok else 1)

@@ -191,16 +191,22 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
             __syncthreads();
         }
         if (stamping) stamps[4 * i] = now();
-        const int chunks = p.k / 16, tilesPerRow = (p.k + kTile - 1) / kTile;
-        if (ROWS == 3) {
-            if (AHEAD == 2) {
-                if (i + 1 < count) issue<BULK, SS>(products[i + 1], bufs + ((i + 1) & 1) * bufferBytes, &bars[(i + 1) & 1], sscale[(i + 1) & 1]);
-                commit();
-            }
+        // AHEAD == 2: the next product's copies, once this one's x is in shared memory.
+        auto issue_next = [&] {
+            if (i + 1 < count) issue<BULK, SS>(products[i + 1], bufs + ((i + 1) & 1) * bufferBytes, &bars[(i + 1) & 1], sscale[(i + 1) & 1]);
+            commit();
+        };
+        // This product's weights (and multipliers) in shared memory, for every thread.
+        auto weights_landed = [&] {
             if (BULK) bar_wait(&bars[b], parity);
             if (!BULK || SS) { if (AHEAD) wait_groups<1>(); else wait_groups<0>(); }
             __syncthreads();
             if (stamping) stamps[4 * i + 1] = now();
+        };
+        const int chunks = p.k / 16, tilesPerRow = (p.k + kTile - 1) / kTile;
+        if (ROWS == 3) {
+            if (AHEAD == 2) issue_next();
+            weights_landed();
             int r0, r1;
             rows_of(p, r0, r1);
             if (threadIdx.x < r1 - r0) p.y[r0 + threadIdx.x] = 0.f;
@@ -250,13 +256,9 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
                 }
             }
             if (AHEAD == 2) {  // once x is in shared memory: its loads do not queue behind the copies
-                if (i + 1 < count) issue<BULK, SS>(products[i + 1], bufs + ((i + 1) & 1) * bufferBytes, &bars[(i + 1) & 1], sscale[(i + 1) & 1]);
-                commit();
+                issue_next();
             }
-            if (BULK) bar_wait(&bars[b], parity);
-            if (!BULK || SS) { if (AHEAD) wait_groups<1>(); else wait_groups<0>(); }
-            __syncthreads();
-            if (stamping) stamps[4 * i + 1] = now();
+            weights_landed();
             int r0, r1;
             rows_of(p, r0, r1);
             const int rows = r1 - r0, g = lane >> 2, t = lane & 3, kchunks = p.k / 64;
@@ -354,14 +356,8 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
             if (g < G)
 #pragma unroll
                 for (int j = 0; j < 4; ++j) xv[j] = __ldcg(reinterpret_cast<const float4*>(p.x + 16 * c) + j);
-            if (AHEAD == 2) {
-                if (i + 1 < count) issue<BULK, SS>(products[i + 1], bufs + ((i + 1) & 1) * bufferBytes, &bars[(i + 1) & 1], sscale[(i + 1) & 1]);
-                commit();
-            }
-            if (BULK) bar_wait(&bars[b], parity);
-            if (!BULK || SS) { if (AHEAD) wait_groups<1>(); else wait_groups<0>(); }
-            __syncthreads();
-            if (stamping) stamps[4 * i + 1] = now();
+            if (AHEAD == 2) issue_next();
+            weights_landed();
             int r0, r1;
             rows_of(p, r0, r1);
             const int rows = r1 - r0;
@@ -408,14 +404,8 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
                 *reinterpret_cast<float4*>(xs + e / 16 * 20 + e % 16) = v[u];
             }
         }
-        if (AHEAD == 2) {
-            if (i + 1 < count) issue<BULK, SS>(products[i + 1], bufs + ((i + 1) & 1) * bufferBytes, &bars[(i + 1) & 1], sscale[(i + 1) & 1]);
-            commit();
-        }
-        if (BULK) bar_wait(&bars[b], parity);
-        if (!BULK || SS) { if (AHEAD) wait_groups<1>(); else wait_groups<0>(); }
-        __syncthreads();
-        if (stamping) stamps[4 * i + 1] = now();
+        if (AHEAD == 2) issue_next();
+        weights_landed();
         int r0, r1;
         rows_of(p, r0, r1);
         for (int r = r0 + warp; r < r1; r += kWarps) {

@@ -155,6 +155,9 @@ buffer_bytes = max(((n + SM - 1) // SM) * row_stride(k) for n, k in shapes)
 # After the two weight buffers: x staged (a warp a row) or the per-(row, chunk) sums (cm-*).
 smem = 2 * buffer_bytes + max(max((k // 16) * 20 * 4, ((n + SM - 1) // SM) * (k // 16) * 4, 4 * k + 64 + 2048) for n, k in shapes)
 if smem > SMEM_OPTIN: raise SystemExit(f"needs {smem} bytes of shared memory a block, the GPU allows {SMEM_OPTIN}")
+# The tensor-core rows take two 16-row tiles a block, and every block must be resident at once
+# (a plain launch of one block a multiprocessor: the grid barrier would hang otherwise).
+if max((n + SM - 1) // SM for n, _ in shapes) > 32: raise SystemExit(f"more than 32 rows a block on {SM} multiprocessors (the tc ways take 32)")
 counter = alloc(4); stamps = alloc(8 * (6 * P + 5))
 probes = {}
 WAYS = (("inline", "dense_chain_inline", 0), ("inline-rel-ss", "dense_chain_inline_rel_ss", 0),

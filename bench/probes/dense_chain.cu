@@ -125,8 +125,9 @@ __device__ __forceinline__ void issue(const Product& p, uint8_t* buf, uint64_t* 
 // product's when this one starts; 2 the next product's once this one's x is staged (so the x
 // loads do not queue behind 92 KB of copies into the same multiprocessor).
 // REL: 0 arrive with __threadfence + atomicAdd; 1 with one red.release.gpu.
-// streamOnly: no barrier, no x, no rows: only the weights' copies and their waits (how fast the
-// copies alone stream).
+// streamOnly: 1 no barrier, no x, no rows: only the weights' copies and their waits (how fast the
+// copies alone stream); 2 no barrier and no arrival, the rest as always (the rows without the
+// grid's waits around them: wrong results, for profiling the rows).
 // ROWS: 0 a warp a row, each lane its chunks of the row with x from shared memory (x read from
 // shared memory once per row: 5 bytes of shared reads per weight byte); 1 a thread a chunk
 // column, its 16 x values in registers, walking rows; the per-(row, chunk) sums go to shared
@@ -171,20 +172,20 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
         // A buffer's barrier completes a phase per use: AHEAD uses each every other product.
         const unsigned parity = AHEAD ? (i >> 1) & 1 : i & 1;
         const float* sc = sscale[b];
-        if (AHEAD == 1 || (AHEAD == 2 && streamOnly)) {
+        if (AHEAD == 1 || (AHEAD == 2 && streamOnly == 1)) {
             if (i + 1 < count) issue<BULK, SS>(products[i + 1], bufs + ((i + 1) & 1) * bufferBytes, &bars[(i + 1) & 1], sscale[(i + 1) & 1]);
             commit();
         } else if (AHEAD == 0) {
             issue<BULK, SS>(p, w, &bars[0], sscale[0]);
             commit();
         }
-        if (streamOnly) {
+        if (streamOnly == 1) {
             if (BULK) bar_wait(&bars[b], parity);
             if (!BULK || SS) { if (AHEAD) wait_groups<1>(); else wait_groups<0>(); }
             __syncthreads();
             continue;
         }
-        if (i > 0) {
+        if (i > 0 && streamOnly != 2) {
             if (threadIdx.x == 0)
                 while (load_acquire(counter) < (unsigned)(i * gridDim.x)) {
                 }
@@ -447,7 +448,7 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
             lastLoop = 0;
         }
         if (stamping) stamps[4 * i + 2] = now();
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && streamOnly != 2) {
             if (REL) {
                 asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
             } else {

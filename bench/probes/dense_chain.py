@@ -15,7 +15,9 @@
 #             -alu: tc converting with integer operations; nomath-: the rows left out (not checked);
 #   -bulk:    copies on the tensor memory accelerator (cp.async.bulk, a row each, an mbarrier a
 #             buffer) instead of 16-byte cp.async by every thread;
-#   stream*:  the ahead kernels with only the copies and their waits (no barrier, no arithmetic).
+#   stream*:  the ahead kernels with only the copies and their waits (no barrier, no arithmetic);
+#   rows-only-*: the after kernels without the grid barrier and arrivals (wrong results, not
+#             checked): the rows and copies alone, for profiling them.
 # Every product of every way is checked against numpy (float64, from that way's own input),
 # then each way is timed: CUDA events around the launch, median of REPS after warm-up.
 # Usage: python3 dense_chain.py PROBE.cubin FULGUR.fatbin [PRODUCTS]
@@ -168,7 +170,8 @@ WAYS = (("inline", "dense_chain_inline", 0), ("inline-rel-ss", "dense_chain_inli
         ("tc-inline-noconv", "dense_chain_tc_inline_rel_ss_noconv", 0), ("tc-after-noconv", "dense_chain_tc_after_rel_ss_noconv", 0),
         ("tc-inline-alu", "dense_chain_tc_inline_rel_ss_alu", 0), ("tc-after-alu", "dense_chain_tc_after_rel_ss_alu", 0),
         ("nomath-inline", "dense_chain_nomath_inline", 0), ("nomath-after", "dense_chain_nomath_after", 0),
-        ("stream", "dense_chain_ahead", 1), ("stream-bulk", "dense_chain_ahead_bulk", 1))
+        ("stream", "dense_chain_ahead", 1), ("stream-bulk", "dense_chain_ahead_bulk", 1),
+        ("rows-only-after", "dense_chain_after_rel_ss", 2), ("rows-only-tc-after", "dense_chain_tc_after_rel_ss", 2))
 for label, kname, _ in WAYS:
     f = function(probe, kname)
     ck(cu.cuFuncSetAttribute(f, 8, C.c_int(smem)), "max dynamic shared memory")  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
@@ -209,7 +212,7 @@ for label, ts in results.items():
 # arrival (fence and atomic, or the release add).
 print(f"\n{'block 0':20} {'barrier':>8} {'x+weights':>10} {'rows':>6} {'arrive':>7}  (us, median of the products)")
 for label in probes:
-    if probes[label][3]: continue
+    if probes[label][3] == 1: continue
     run_probe(label, with_stamps=True)
     s = download(stamps, 6 * P + 5, np.uint64).astype(np.int64)
     med = lambda xs: statistics.median(xs) / 1e3

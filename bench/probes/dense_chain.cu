@@ -82,6 +82,17 @@ __device__ __forceinline__ void bar_wait(uint64_t* bar, unsigned parity) {
 // padding, so the tensor-core rows' loads of rows g and g + 1 (64 bytes each) use all 32 banks.
 __host__ __device__ constexpr int row_stride(int k) { return k % 128 == 0 ? k + 64 : k; }
 
+__device__ __forceinline__ uint4 lds128(unsigned a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ float lds32f(unsigned a) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a));
+    return v;
+}
+
 __device__ __forceinline__ void rows_of(const Product& p, int& r0, int& r1) {
     // 32-bit: grid x n stays under 2^31 here (a 64-bit division costs about 70 instructions).
     r0 = (int)(blockIdx.x * (unsigned)p.n / gridDim.x);
@@ -137,7 +148,10 @@ __device__ __forceinline__ void issue(const Product& p, uint8_t* buf, uint64_t* 
 // operations, 7 a word (each byte's 7 exponent and mantissa bits moved under f16's, giving the
 // value x 2^-8 exactly for every finite code; the multipliers take the 2^8; pairs (b0, b2) and
 // (b1, b3) of a word, so x is staged as (x0, x2, x1, x3) to match).
-template <int AHEAD, int BULK, int REL, int ROWS = 0, int SS = 0, int CONV = 0>
+// SA (tensor-core rows): shared memory read through 32-bit shared addresses made once before the
+// loop (ld.shared), where the generic pointers made ptxas rebuild the shared window (S2R of
+// SR_CgaCtaId, then LEA) before each scale load: 176 SASS instructions an iteration with 7 S2R.
+template <int AHEAD, int BULK, int REL, int ROWS = 0, int SS = 0, int CONV = 0, int SA = 0>
 __device__ void chain(const Product* __restrict__ products, int count, unsigned* counter, uint64_t* stamps, int bufferBytes, int streamOnly) {
     extern __shared__ __align__(1024) float4 shared4[];  // the buffers' base on a 1024-byte boundary, whatever the static variables
     __shared__ uint64_t bars[2];
@@ -279,6 +293,19 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
             for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
                 for (int h = 0; h < 2; ++h) rowp[rt][h] = w + (16 * rt + 8 * h + g) * row_stride(p.k) + 16 * t;
+            // SA: the same places as 32-bit shared addresses, and each row's multiplier row offset.
+            unsigned rowS[2][2], scRow[2][2];
+            const unsigned xbS = smem_addr(xb) + 2 * 16 * t;
+#pragma unroll
+            for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = 16 * rt + 8 * h + g;
+                    // Rows past the block's last read the last row again (their sums are dropped), so
+                    // the loads need no predicate and no zeroed registers.
+                    rowS[rt][h] = smem_addr(w) + (r < rows ? r : rows - 1) * row_stride(p.k) + 16 * t;
+                    scRow[rt][h] = smem_addr(sc) + 4 * (r < rows ? ((r0 + r) / kTile - r0 / kTile) * tilesPerRowM : 0);
+                }
             for (int kc = warp; kc < kchunks; kc += kWarps) {
                 const int col = 64 * kc + 16 * t, ct = 64 * kc / kTile;
                 uint4 q[2][2];
@@ -287,12 +314,18 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const int r = 16 * rt + 8 * h + g;
-                        q[rt][h] = r < rows ? *reinterpret_cast<const uint4*>(rowp[rt][h] + 64 * kc) : make_uint4(0, 0, 0, 0);
+                        if (SA) q[rt][h] = lds128(rowS[rt][h] + 64 * kc);
+                        else q[rt][h] = r < rows ? *reinterpret_cast<const uint4*>(rowp[rt][h] + 64 * kc) : make_uint4(0, 0, 0, 0);
                     }
                 uint4 x0 = make_uint4(0, 0, 0, 0), x1 = make_uint4(0, 0, 0, 0);
                 if (g < 2) {
-                    x0 = *reinterpret_cast<const uint4*>(xb + col);
-                    x1 = *reinterpret_cast<const uint4*>(xb + col + 8);
+                    if (SA) {
+                        x0 = lds128(xbS + 2 * 64 * kc);
+                        x1 = lds128(xbS + 2 * 64 * kc + 16);
+                    } else {
+                        x0 = *reinterpret_cast<const uint4*>(xb + col);
+                        x1 = *reinterpret_cast<const uint4*>(xb + col + 8);
+                    }
                 }
                 const uint32_t xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
                 float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -303,7 +336,12 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
                         const uint32_t wa = st == 0 ? q[rt][0].x : st == 1 ? q[rt][0].y : st == 2 ? q[rt][0].z : q[rt][0].w;
                         const uint32_t wb = st == 0 ? q[rt][1].x : st == 1 ? q[rt][1].y : st == 2 ? q[rt][1].z : q[rt][1].w;
                         uint32_t a0, a1, a2, a3;
-                        if (CONV == 0) {
+                        if (CONV == 0 && SA) {  // the word split into its halves in PTX: no shift in SASS
+                            asm("{\n\t.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\t"
+                                "cvt.rn.f16x2.e4m3x2 %0, lo;\n\tcvt.rn.f16x2.e4m3x2 %1, hi;\n\t}" : "=r"(a0), "=r"(a2) : "r"(wa));
+                            asm("{\n\t.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\t"
+                                "cvt.rn.f16x2.e4m3x2 %0, lo;\n\tcvt.rn.f16x2.e4m3x2 %1, hi;\n\t}" : "=r"(a1), "=r"(a3) : "r"(wb));
+                        } else if (CONV == 0) {
                             asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a0) : "h"((unsigned short)(wa & 0xFFFF)));
                             asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a2) : "h"((unsigned short)(wa >> 16)));
                             asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(a1) : "h"((unsigned short)(wb & 0xFFFF)));
@@ -331,7 +369,8 @@ __device__ void chain(const Product* __restrict__ products, int count, unsigned*
                     for (int h = 0; h < 2; ++h) {
                         const int r = 16 * rt + 8 * h + g;
                         if (r < rows) {
-                            const float sv = SS ? sc[((r0 + r) / kTile - r0 / kTile) * tilesPerRowM + ct]
+                            const float sv = SA && SS ? lds32f(scRow[rt][h] + 4 * ct)
+                                           : SS ? sc[((r0 + r) / kTile - r0 / kTile) * tilesPerRowM + ct]
                                                 : __ldg(p.scales + (size_t)((r0 + r) / kTile) * tilesPerRowM + ct);
                             total[rt][h] = fmaf(d[rt][2 * h] + d[rt][2 * h + 1], CONV == 2 ? 256.f * sv : sv, total[rt][h]);
                         }
@@ -486,5 +525,7 @@ CHAIN_ENTRY(dense_chain_tc_inline_rel_ss_noconv, 0, 0, 1, 2, 1, 1)
 CHAIN_ENTRY(dense_chain_tc_after_rel_ss_noconv, 2, 0, 1, 2, 1, 1)
 CHAIN_ENTRY(dense_chain_tc_inline_rel_ss_alu, 0, 0, 1, 2, 1, 2)
 CHAIN_ENTRY(dense_chain_tc_after_rel_ss_alu, 2, 0, 1, 2, 1, 2)
+CHAIN_ENTRY(dense_chain_tc_after_rel_ss_sa, 2, 0, 1, 2, 1, 0, 1)
+CHAIN_ENTRY(dense_chain_tc_inline_rel_ss_sa, 0, 0, 1, 2, 1, 0, 1)
 CHAIN_ENTRY(dense_chain_nomath_inline, 0, 0, 1, 3, 1)
 CHAIN_ENTRY(dense_chain_nomath_after, 2, 0, 1, 3, 1)

@@ -12,7 +12,9 @@
 #             multipliers copied into shared memory with the weights (else read from global);
 #   tc-:      rows on the tensor cores (mma m16n8k16, x as f16 hi + lo); cm-: a thread a chunk
 #             column; -noconv: tc with the E4M3 bytes fed raw (a diagnostic, not checked);
-#             -alu: tc converting with integer operations; nomath-: the rows left out (not checked);
+#             -alu: tc converting with integer operations; -sa: tc reading shared memory through
+#             32-bit shared addresses made once (not yet run on a GPU); nomath-: the rows left out
+#             (not checked);
 #   -bulk:    copies on the tensor memory accelerator (cp.async.bulk, a row each, an mbarrier a
 #             buffer) instead of 16-byte cp.async by every thread;
 #   stream*:  the ahead kernels with only the copies and their waits (no barrier, no arithmetic);
@@ -169,6 +171,7 @@ WAYS = (("inline", "dense_chain_inline", 0), ("inline-rel-ss", "dense_chain_inli
         ("tc-after-rel", "dense_chain_tc_after_rel", 0), ("cm-ahead-rel", "dense_chain_cm_ahead_rel", 0),
         ("tc-inline-noconv", "dense_chain_tc_inline_rel_ss_noconv", 0), ("tc-after-noconv", "dense_chain_tc_after_rel_ss_noconv", 0),
         ("tc-inline-alu", "dense_chain_tc_inline_rel_ss_alu", 0), ("tc-after-alu", "dense_chain_tc_after_rel_ss_alu", 0),
+        ("tc-inline-sa", "dense_chain_tc_inline_rel_ss_sa", 0), ("tc-after-sa", "dense_chain_tc_after_rel_ss_sa", 0),
         ("nomath-inline", "dense_chain_nomath_inline", 0), ("nomath-after", "dense_chain_nomath_after", 0),
         ("stream", "dense_chain_ahead", 1), ("stream-bulk", "dense_chain_ahead_bulk", 1),
         ("rows-only-after", "dense_chain_after_rel_ss", 2), ("rows-only-tc-after", "dense_chain_tc_after_rel_ss", 2))

@@ -861,37 +861,19 @@ GEMV_ENTRY(9) GEMV_ENTRY(10) GEMV_ENTRY(11) GEMV_ENTRY(12) GEMV_ENTRY(13) GEMV_E
 // gemv_<f32|bf16>_t<TB>_r1, one row a warp: ceil(N / 4) blocks; gemv_<f32|bf16>_t<TB>_sk, one
 // row a block (gemv::plain_split): N blocks. `early` 1: the L2 prefetch before the wait
 // (gemv::plain).
-#define PLAIN_ENTRY(TB)                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB(                              \
+#define PLAIN_ONE(NAME, FN, ...)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                        \
         const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
         int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
-        gemv::plain<TB, false>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB(                             \
-        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
-        gemv::plain<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB##_r1(                         \
-        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
-        gemv::plain<TB, false, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB##_r1(                        \
-        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
-        gemv::plain<TB, true, 1>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) gemv_f32_t##TB##_sk(                         \
-        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
-        gemv::plain_split<TB, false>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
-    }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) gemv_bf16_t##TB##_sk(                        \
-        const void* w, const float* bias, const float* x, float* out, int n, int k, int rowStride, \
-        int T, int xStride, int groupRows, int outStride, int early) { FULGUR_TRACE_KERNEL;        \
-        gemv::plain_split<TB, true>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
+        gemv::FN<__VA_ARGS__>(w, bias, x, out, n, k, rowStride, T, xStride, groupRows, outStride, early); \
     }
+#define PLAIN_ENTRY(TB)                                                                            \
+    PLAIN_ONE(gemv_f32_t##TB, plain, TB, false)                                                    \
+    PLAIN_ONE(gemv_bf16_t##TB, plain, TB, true)                                                    \
+    PLAIN_ONE(gemv_f32_t##TB##_r1, plain, TB, false, 1)                                            \
+    PLAIN_ONE(gemv_bf16_t##TB##_r1, plain, TB, true, 1)                                            \
+    PLAIN_ONE(gemv_f32_t##TB##_sk, plain_split, TB, false)                                         \
+    PLAIN_ONE(gemv_bf16_t##TB##_sk, plain_split, TB, true)
 PLAIN_ENTRY(1) PLAIN_ENTRY(2) PLAIN_ENTRY(4) PLAIN_ENTRY(8) PLAIN_ENTRY(16)
 
 // gemv_wide_<mxfp4|fp8>_t<T>: the wide-product layout above. Launch with kWideWarps * 32 = 256

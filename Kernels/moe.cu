@@ -1249,6 +1249,50 @@ __device__ void route_block(BlockRoutes& b, const moe::RouterArgs& ra, const flo
     __syncthreads();
 }
 
+// route_block's outputs for one token, by warp 0 alone, straight into `out` (BlockRoutes in
+// global memory, as moe6_route leaves it for its product launches) and `routes` (v1's layout,
+// for checks; may be null): the token's top-k (route_token, into `b`, the block's shared
+// scratch), then its k experts in ascending id, each the slot of its one pair, which is what
+// route_block makes of one token. Only the fields the product launches and the checks read are
+// written. In moe6_route's routing block at one token, route_block's grouping (group_pairs,
+// the slot scan, four barriers) took 1.6 us and the rest, with the 7 KB copy of BlockRoutes,
+// 1.4 us (gpt-oss-20b, H200 timeline; Kernels/NOTES.md, twenty-second session).
+__device__ void route_one_token(BlockRoutes& b, const moe::RouterArgs& ra, const float* logits, int E, int k, BlockRoutes* out,
+                                int* routes) {
+    const int lane = threadIdx.x & 31;
+    const moe::Routes r{b.routeInts, E, k};
+    moe::route_token(ra, logits, E, k, 0, r);  // lane 0 writes the choices
+    __syncwarp();
+    const moe::Routes g{out->routeInts, E, k};
+    if (lane < k) {
+        const int e = r.chosen()[lane];
+        const float w = r.chosenWeight()[lane];
+        int s = 0;  // the token's experts below e (top-k experts are distinct): e's slot and pair
+        for (int n = 0; n < k; ++n) s += r.chosen()[n] < e;
+        g.expert()[s] = e;
+        g.start()[s] = s;
+        g.token()[s] = 0;
+        g.weight()[s] = w;
+        g.chosen()[lane] = e;
+        g.chosenWeight()[lane] = w;
+        out->slotExpert[s] = e;
+        out->slotFirst[s] = s;
+        out->slotCount[s] = 1;
+        out->tokenPairs[0][s] = s;
+        if (routes) {
+            const moe::Routes v{routes, E, k};
+            v.chosen()[lane] = e;
+            v.chosenWeight()[lane] = w;
+        }
+    }
+    if (lane == 0) {
+        *g.touched() = k;
+        g.start()[k] = k;
+        out->slotTotal = k;
+        if (routes) *moe::Routes{routes, E, k}.touched() = k;
+    }
+}
+
 template <bool Split>
 __device__ __forceinline__ void experts(
     const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
@@ -1800,9 +1844,13 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
         for (int i = threadIdx.x; i < H / 4; i += blockDim.x) reinterpret_cast<float4*>(resid)[i] = normShared[i];
     copies_done();
     __syncthreads();
-    moe2::route_block(br, moe::RouterArgs{correction ? corr : nullptr, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
-                      tokensPerSlot, routes);
-    const int* src = reinterpret_cast<const int*>(&br);
-    for (int i = threadIdx.x; i < moe4::kBlockRoutesInts; i += blockDim.x) routed[i] = src[i];
+    const moe::RouterArgs ra{correction ? corr : nullptr, mode, normalize, scaling, groups, topKGroups};
+    if (T == 1) {
+        if (threadIdx.x < 32) moe2::route_one_token(br, ra, logits, E, k, reinterpret_cast<moe2::BlockRoutes*>(routed), routes);
+    } else {
+        moe2::route_block(br, ra, logits, T, E, k, tokensPerSlot, routes);
+        const int* src = reinterpret_cast<const int*>(&br);
+        for (int i = threadIdx.x; i < moe4::kBlockRoutesInts; i += blockDim.x) routed[i] = src[i];
+    }
     if (threadIdx.x == 0) *counter = 0;
 }

@@ -1806,7 +1806,7 @@ MOE4_ENTRIES(moe7_gate_up, moe7_down, 8, true, 2)
 // Version 7's router: moe2_route's logits, then the last block to arrive routes every
 // token once (moe2::route_block) and leaves the result in `routed` (BlockRoutes as ints; the
 // int after it is the arrival counter, 0 between calls) and v1's layout in `routes` (checks),
-// so the product launches copy 6 KB instead of each routing every token. One token is routed
+// so the product launches copy it (7 KB) instead of each routing every token. One token is routed
 // by that block's warp 0 alone (moe2::route_one_token), which writes only the BlockRoutes
 // fields the product launches read. 256 threads, E blocks.
 // With `resid` (one token): the residual add and RMSNorm before the router are done here

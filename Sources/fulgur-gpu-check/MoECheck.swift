@@ -142,10 +142,11 @@ struct MoERow {
 }
 
 /// Kernel versions checked and timed side by side: `FULGUR_MOE_VERSIONS` (comma-separated),
-/// else 2 (the default) and 4. Versions 1 and 3 measured slower than 2 (Kernels/NOTES.md).
+/// else 2, 4 and 7 (CUDAMoE.defaultVersion: its router launch routes, one token by one warp).
+/// Versions 1 and 3 measured slower than 2 (Kernels/NOTES.md).
 let moeVersions: [Int] = {
     let listed = ProcessInfo.processInfo.environment["FULGUR_MOE_VERSIONS"]?.split(separator: ",").compactMap { Int($0) } ?? []
-    return listed.isEmpty ? [2, 4] : listed
+    return listed.isEmpty ? [2, 4, 7] : listed
 }()
 
 /// us per call over 10 rounds of `calls` calls rotating over `copies`, each round queued behind

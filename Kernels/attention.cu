@@ -342,6 +342,26 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     }
     FULGUR_TRACE_MARK(0);
 
+    if (splits == 1) {
+        // One share (a short range: the drafter's sliding layers, a few-token step's wave): the
+        // merge below on this block's own state, with the same arithmetic in the same order (the
+        // same outputs), and no round trip through `partial`, no arrival.
+        __syncthreads();  // the running state, also when the range was empty (no chunk ran)
+        for (int i = threadIdx.x; i < G * valueDim; i += kThreads) {
+            const int g = i / valueDim, d = i - g * valueDim;
+            const float m = mrun[g], sink = sinks ? sinks[h0 + g] : -INFINITY, M = fmaxf(sink, m);
+            const bool some = m != -INFINITY;
+            const float w = some ? expf(m - M) : 0.f;
+            float L = sinks ? expf(sink - M) : 0.f;
+            if (some) L += lrun[g] * w;
+            float o = 0.f;
+            if (w != 0.f) o += os[g * valueDim + d] * w;
+            out[(size_t)t * outStride + (h0 + g) * valueDim + d] = o / L;
+        }
+        FULGUR_TRACE_MARK(1);
+        return;
+    }
+
     // This block's shares, each thread its own outputs (and head g's thread g its max and sum).
     const size_t shareFloats = valueDim + 2;
     float* mine = partial + (((size_t)t * heads + h0) * splits + split) * shareFloats;  // head g at + g * splits * shareFloats

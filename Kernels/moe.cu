@@ -1038,13 +1038,47 @@ namespace moe2 {
 // thread its own chunks in registers). Block 0 writes x to the `x` buffer, which the product
 // launches after the router read; normWeight ends holding resid + add, which the router's last
 // block writes back into resid (moe6_route).
+// With `keep` (one token), the thread's x values (its chunks tid + 256 i, 8 columns each) and,
+// in *keepPeak, the block's max |x| are left for the caller (moe6_route: block 0 stages them).
 struct RouterNorm {
     const float* resid; const float* add; const float* weight; float eps;
 };
 
+// moe6_route's block 0 at one token, after its arrival (off the routing block's path): x's B rows
+// for gate_up, as moe2::stage makes them from x (the same arithmetic on the same values: the same
+// bytes; columns past H to a whole step are zeros) into `staged` (steps * 256 bytes), and into
+// info 1, then the exponent gate_up takes; gate_up copies them instead of staging (moe4::products).
+__device__ __forceinline__ void stage_x(const float (&h)[4][8], float peak, int H, uint8_t* staged, int* info) {
+    constexpr int threads = 256, C = 4;
+    const int tid = threadIdx.x, chunks = H / 8, padded = (H + 63) / 64 * 8;
+    const int ex = min(max(static_cast<int>(__float_as_uint(peak) >> 23), 15), 255);  // as gate_up clamps xexp
+    const float sc = __uint_as_float(static_cast<uint32_t>(268 - ex) << 23);
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+        const int c = tid + i * threads;
+        if (c >= padded) break;
+        float q[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) q[u] = c < chunks ? h[i][u] * sc : 0.f;
+        uint32_t hi[4], lo[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            hi[u] = f16x2(q[u], q[u + 4]);
+            lo[u] = f16x2(q[u] - f16lo(hi[u]), q[u + 4] - f16hi(hi[u]));
+        }
+        uint8_t* d = staged + (c >> 2) * 128 + (c & 3) * 16;
+        *reinterpret_cast<uint4*>(d) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        *reinterpret_cast<uint4*>(d + 64) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    }
+    if (tid == 0) {
+        info[0] = 1;
+        info[1] = ex;
+    }
+}
+
 __device__ __forceinline__ void router_logits(const void* w, int bf16, const float* bias, const float* x, int T, int H, int E,
                                               float* logits, int* xexp, int* sync, int syncCount, RouterNorm norm = RouterNorm{},
-                                              float* normWeight = nullptr) {
+                                              float* normWeight = nullptr, float (*keep)[8] = nullptr, float* keepPeak = nullptr) {
     constexpr int threads = 256, warps = threads / 32, C = 4;  // up to C chunks of 8 columns per thread
     __shared__ float part[warps][4], peak[warps][4];
     const int e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, chunks = H / 8;
@@ -1094,11 +1128,12 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
         __shared__ float scratch[32];
         const float inv = rsqrtf(block_sum_all(ss, scratch) / H + norm.eps);  // its barriers also publish normWeight
         float acc = 0.f, mx = 0.f;
+        float h[C][8];  // x (also left in keep)
 #pragma unroll
         for (int i = 0; i < C; ++i) {
             const int c = tid + i * threads;
             if (c >= chunks) break;
-            float hv[8];
+            float* hv = h[i];
 #pragma unroll
             for (int q = 0; q < 8; ++q) {
                 hv[q] = normWeight[8 * c + q] * (v[i][q] * inv);
@@ -1121,7 +1156,13 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
             for (int q = 0; q < warps; ++q) { s += part[q][0]; m = fmaxf(m, peak[q][0]); }
             logits[e] = s + (bias ? bias[e] : 0.f);
             if (e == 0) xexp[0] = static_cast<int>(__float_as_uint(m) >> 23);
+            if (keep) *keepPeak = m;
         }
+        if (keep)
+#pragma unroll
+            for (int i = 0; i < C; ++i)
+#pragma unroll
+                for (int q = 0; q < 8; ++q) keep[i][q] = h[i][q];
         __syncthreads();
         return;
     }
@@ -1581,7 +1622,11 @@ static_assert(kThreads == moe2::kConsumers * 32, "moe2::stage runs on kConsumers
 // BlockRoutes as ints (moe6_route's output); CUDAMoE allocates kRoutedInts (one more: the
 // route kernel's arrival counter).
 constexpr int kBlockRoutesInts = sizeof(moe2::BlockRoutes) / 4, kRoutedInts = kBlockRoutesInts + 1;
-static_assert(sizeof(moe2::BlockRoutes) % 4 == 0 && kRoutedInts <= 2048, "CUDAMoE allocates 2048 ints for BlockRoutes");
+// After the counter, at one token: whether moe6_route staged x's B rows (moe2::stage_x) and
+// their exponent; the rows themselves from int kStagedInt on (steps * 256 bytes, up to 32 KB).
+// CUDAMoE allocates kStagedInt + 8192 ints.
+constexpr int kStagedInfoInt = kRoutedInts, kStagedInt = 2048;
+static_assert(sizeof(moe2::BlockRoutes) % 4 == 0 && kStagedInfoInt + 2 <= kStagedInt, "CUDAMoE allocates 2048 ints for BlockRoutes");
 
 __device__ __forceinline__ uint32_t load_word_streaming(const void* p) {
     uint32_t v;
@@ -1651,7 +1696,7 @@ __device__ __forceinline__ void pipe_run(Pipe<kDepth>& p, const uint8_t* w, int 
 // shared memory (>= tokensPerSlot); splits: pieces of K per down unit (gate_up: 1).
 // Routed (version 7): the router launch routed already (moe6_route) and left its BlockRoutes
 // in `routed`; the block copies it instead of routing itself.
-template <bool Down, int kDepth, bool Routed>
+template <bool Down, int kDepth, bool Routed, bool One = false>
 __device__ __forceinline__ void products(
     const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
     const float* src, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* weights, const float* bias,
@@ -1671,9 +1716,20 @@ __device__ __forceinline__ void products(
         wait_for_previous_kernel();
         allow_next_kernel();
     }
+    // One (gate_up at one token, its own entry so that other token counts keep their code): x's
+    // B rows as moe6_route's block 0 staged them (moe2::stage_x), copied with the routes, when
+    // the flag says they are there (else staged below as always).
+    __shared__ int stagedInfo[2];
+    const bool one = One && Routed && !Down && T == 1;
     if constexpr (Routed) {
+        if (one) {
+            const float* src = reinterpret_cast<const float*>(routed + kStagedInt);
+            for (int i = threadIdx.x; i < steps * 16; i += kThreads) copy16(reinterpret_cast<float*>(bsm) + 4 * i, src + 4 * i);
+            if (threadIdx.x < 2) stagedInfo[threadIdx.x] = __ldcg(routed + kStagedInfoInt + threadIdx.x);
+        }
         int* dst = reinterpret_cast<int*>(&br);
         for (int i = threadIdx.x; i < kBlockRoutesInts; i += kThreads) dst[i] = __ldcg(routed + i);
+        if (one) copies_done();
         __syncthreads();
     } else {
         moe2::route_block(br, moe::RouterArgs{correction, mode, normalize, scaling, groups, topKGroups}, logits, T, E, k,
@@ -1713,17 +1769,21 @@ __device__ __forceinline__ void products(
         }
         __syncthreads();  // every warp is done with the last window's B
         const int m = pw1 - pw0;
+        const bool staged = one && stagedInfo[0] == 1;  // B is row 0 for every pair
         if (threadIdx.x < m) {
             const int p = pw0 + threadIdx.x;
-            const int ex = Down ? (int)((uint32_t)__ldcg(sync + moe2::kSyncActMax + p) >> 23) : __ldcg(xexp + r.token()[p]);
+            const int ex = staged ? stagedInfo[1]
+                           : Down ? (int)((uint32_t)__ldcg(sync + moe2::kSyncActMax + p) >> 23) : __ldcg(xexp + r.token()[p]);
             const int e = min(max(ex, 15), 255);
             winRow[threadIdx.x] = Down ? p : r.token()[p];
             winExp[threadIdx.x] = e;
             winUnscale[threadIdx.x] = __uint_as_float(static_cast<uint32_t>(e) << 23);
         }
         __syncthreads();
-        moe2::stage(bsm, src, winRow, winExp, K, steps, m);
-        __syncthreads();
+        if (!staged) {
+            moe2::stage(bsm, src, winRow, winExp, K, steps, m);
+            __syncthreads();
+        }
         if (u == (int)(blk * U / G)) FULGUR_TRACE_MARK(0);  // the first window's B is staged: units start
         for (int v = u + warp; v < wu1; v += kWarps) {
             unit(v, s, piece, tile, w, n);
@@ -1742,8 +1802,9 @@ __device__ __forceinline__ void products(
                 }
             }
             const int stride = steps * 256, at = (g & 1) * 64 + (lane & 3) * 16 + piece * per * 256;
-            const uint8_t* const bl[2] = {bsm + (p0 - pw0 + min(g >> 1, c - 1)) * stride + at,
-                                          bsm + (p0 - pw0 + min(4 + (g >> 1), c - 1)) * stride + at};
+            const int row = staged ? 0 : p0 - pw0;  // staged: one token, so c is 1
+            const uint8_t* const bl[2] = {bsm + (row + min(g >> 1, c - 1)) * stride + at,
+                                          bsm + (row + min(4 + (g >> 1), c - 1)) * stride + at};
             const float* unscale = winUnscale + (p0 - pw0);
             const auto finish = [&](auto nbTag) {
                 constexpr int NB = decltype(nbTag)::value;
@@ -1802,6 +1863,17 @@ __device__ __forceinline__ void products(
 // the MiMo-like shape (Kernels/NOTES.md).
 MOE4_ENTRIES(moe4_gate_up, moe4_down, 8, false, 2)
 MOE4_ENTRIES(moe7_gate_up, moe7_down, 8, true, 2)
+// Version 7's gate_up for one token: B copied as moe6_route staged it (moe4::products' One).
+extern "C" __global__ void __launch_bounds__(moe4::kThreads, 2) moe7_gate_up_t1(
+    const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
+    const float* x, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* gateUp, const float* gateUpBias,
+    int clamped, float alpha, float limit, float* act, int* sync, int* routes, int windowPairs, int tokensPerSlot,
+    const int* routed) {
+    FULGUR_TRACE_KERNEL;
+    moe4::products<false, 8, true, true>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, k,
+                                         gateUp, gateUpBias, clamped, alpha, limit, act, nullptr, sync, routes, nullptr, windowPairs,
+                                         tokensPerSlot, 1, routed);
+}
 
 // Version 7's router: moe2_route's logits, then the last block to arrive routes every
 // token once (moe2::route_block) and leaves the result in `routed` (BlockRoutes as ints; the
@@ -1829,13 +1901,21 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
                                             // product launches' first blocks off the SMs: 8-token step +0.4%)
     if (correction)
         for (int e = threadIdx.x; e < E; e += blockDim.x) copy4(corr + e, correction + e);
+    // One token with the norm: block 0 stages x's B rows for gate_up. Without it, gate_up stages
+    // them itself (the flag says which).
+    const bool stage = T == 1 && resid && blockIdx.x == 0;
+    if (T == 1 && !resid && blockIdx.x == 0 && threadIdx.x == 0) routed[moe4::kStagedInfoInt] = 0;
+    __shared__ float xPeak;
+    float h[4][8];
     const moe2::RouterNorm norm{resid, add, normWeight, eps};
-    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, norm, reinterpret_cast<float*>(normShared));
+    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, norm, reinterpret_cast<float*>(normShared),
+                        h, &xPeak);
     FULGUR_TRACE_MARK(0);
     __threadfence();  // this block's logits before its arrival
     __syncthreads();
     int* counter = routed + moe4::kBlockRoutesInts;
     if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    if (stage) moe2::stage_x(h, xPeak, H, reinterpret_cast<uint8_t*>(routed + moe4::kStagedInt), routed + moe4::kStagedInfoInt);
     __syncthreads();
     if (!last) return;
     __threadfence();  // every block's logits are visible

@@ -58,6 +58,9 @@ public final class CUDAMoE: @unchecked Sendable {
         /// Version 7: moe6_route (routes once) and its output, BlockRoutes as ints plus the
         /// arrival counter (zero between calls).
         let route6: KernelModule.Function?, routed: DeviceBuffer?
+        /// Version 7's gate_up for one token (`moe7_gate_up_t1`: x's B rows as moe6_route staged
+        /// them). Nil only with an older fatbin loaded unchecked; gateUp then runs every T.
+        let gateUp1: KernelModule.Function?
         /// Launch plans for calls of 1...16 tokens (index tokens - 1).
         let plans: [Plan4]
     }
@@ -203,10 +206,16 @@ public final class CUDAMoE: @unchecked Sendable {
         if version >= 4 {
             let downFunction = try module.function("moe\(version)_down")
             let routes6 = version == 7
-            let routed = routes6 ? try device.allocate(4 * 2048) : nil
-            if let routed { try [Int32](repeating: 0, count: 2048).withUnsafeBytes { try routed.upload($0) } }
+            // BlockRoutes and the router's counter in the first 2048 ints, then one token's staged
+            // x rows for gate_up (Kernels/moe.cu, moe4::kStagedInt: up to 32 KB).
+            let routedInts = 2048 + 8192
+            let routed = routes6 ? try device.allocate(4 * routedInts) : nil
+            if let routed { try [Int32](repeating: 0, count: routedInts).withUnsafeBytes { try routed.upload($0) } }
+            let plans = try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k)
+            let gateUp1 = routes6 ? try? module.function("moe7_gate_up_t1") : nil
+            if let gateUp1 { try module.allowSharedMemory(gateUp1, bytes: plans.map(\.gateShared).max()!) }
             kernels = .v4(Version4(base: base, down: downFunction, route6: routes6 ? try module.function("moe6_route") : nil, routed: routed,
-                                   plans: try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k)))
+                                   gateUp1: gateUp1, plans: plans))
         } else {
             kernels = .v2(base)
         }
@@ -248,7 +257,7 @@ public final class CUDAMoE: @unchecked Sendable {
                 try [Int32](repeating: 0, count: r.byteCount / 4).withUnsafeBytes { try b.upload($0) }
                 return b
             }
-            kernels = .v4(Version4(base: try fresh(v.base), down: v.down, route6: v.route6, routed: routed, plans: v.plans))
+            kernels = .v4(Version4(base: try fresh(v.base), down: v.down, route6: v.route6, routed: routed, gateUp1: v.gateUp1, plans: v.plans))
         }
     }
 
@@ -639,7 +648,8 @@ public final class CUDAMoE: @unchecked Sendable {
             let routing: [KernelModule.Argument] = [ptr(logits), ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling),
                                                     .int32(Int32(groups)), .int32(Int32(topKGroups))]
             try mark()
-            try module.launch(b.experts, grid: (plan.gateBlocks, 1, 1), block: (Self.v4Threads, 1, 1), sharedBytes: plan.gateShared,
+            try module.launch(tokens == 1 ? v.gateUp1 ?? b.experts : b.experts, grid: (plan.gateBlocks, 1, 1), block: (Self.v4Threads, 1, 1),
+                              sharedBytes: plan.gateShared,
                               stream: stream, overlapPrevious: overlap, routing + [
                 ptr(x), ptr(b.xexp), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k), ptr(b.gateUp), ptr(b.gateUpBias),
                 .int32(clamped), .float(alpha), .float(limit), ptr(b.act), ptr(b.sync), ptr(routes),

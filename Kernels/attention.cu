@@ -342,10 +342,11 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     }
     FULGUR_TRACE_MARK(0);
 
-    if (splits == 1) {
+    if (PerHead && splits == 1) {
         // One share (a short range: the drafter's sliding layers, a few-token step's wave): the
         // merge below on this block's own state, with the same arithmetic in the same order (the
-        // same outputs), and no round trip through `partial`, no arrival.
+        // same outputs), and no round trip through `partial`, no arrival. Version 4 only: in
+        // version 3's entries the extra code cost attention_decode_g16 spills (2 -> 4 stores).
         __syncthreads();  // the running state, also when the range was empty (no chunk ran)
         for (int i = threadIdx.x; i < G * valueDim; i += kThreads) {
             const int g = i / valueDim, d = i - g * valueDim;

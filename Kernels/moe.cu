@@ -927,6 +927,20 @@ __device__ __forceinline__ void finish_down(const float* red, int n, int p0, int
     down_out<NB>(v, n, p0, H, row, b0, b1, unscale, weight, partial);
 }
 
+// Chunk c (columns 8c .. 8c + 7, already scaled) of one row of B at `row`: f16 hi + lo, columns
+// (0, 4, 1, 5, 2, 6, 3, 7) in 16-byte chunk c % 4 of its 32-column block, hi then lo 64 bytes on.
+__device__ __forceinline__ void store_b(uint8_t* row, int c, const float (&q)[8]) {
+    uint32_t hi[4], lo[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        hi[e] = f16x2(q[e], q[e + 4]);
+        lo[e] = f16x2(q[e] - f16lo(hi[e]), q[e + 4] - f16hi(hi[e]));
+    }
+    uint8_t* d = row + (c >> 2) * 128 + (c & 3) * 16;
+    *reinterpret_cast<uint4*>(d) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    *reinterpret_cast<uint4*>(d + 64) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+}
+
 // Rows (tokens or pairs) rows[j] < n of src [*, K] into the B layout, scaled by 2^(141 - exps[j])
 // and split into f16 hi + lo: per token stride steps * 256 bytes, per 32-column block 64 bytes
 // of hi then 64 of lo, each four 16-byte chunks t holding columns 8t + (0, 4, 1, 5, 2, 6, 3, 7).
@@ -954,15 +968,7 @@ __device__ __forceinline__ void stage(uint8_t* b, const float* __restrict__ src,
                 const float sc = __uint_as_float(static_cast<uint32_t>(268 - exps[j]) << 23);
                 const float q[8] = {v[u][0].x * sc, v[u][0].y * sc, v[u][0].z * sc, v[u][0].w * sc,
                                     v[u][1].x * sc, v[u][1].y * sc, v[u][1].z * sc, v[u][1].w * sc};
-                uint32_t hi[4], lo[4];
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    hi[e] = f16x2(q[e], q[e + 4]);
-                    lo[e] = f16x2(q[e] - f16lo(hi[e]), q[e + 4] - f16hi(hi[e]));
-                }
-                uint8_t* d = b + j * stride + (c >> 2) * 128 + (c & 3) * 16;
-                *reinterpret_cast<uint4*>(d) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-                *reinterpret_cast<uint4*>(d + 64) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+                store_b(b + j * stride, c, q);
             }
         }
     }
@@ -1045,8 +1051,8 @@ struct RouterNorm {
 };
 
 // moe6_route's block 0 at one token, after its arrival (off the routing block's path): x's B rows
-// for gate_up, as moe2::stage makes them from x (the same arithmetic on the same values: the same
-// bytes; columns past H to a whole step are zeros) into `staged` (steps * 256 bytes), and into
+// for gate_up, as moe2::stage makes them from x (store_b on the same values: the same bytes;
+// columns past H to a whole step are zeros) into `staged` (steps * 256 bytes), and into
 // info 1, then the exponent gate_up takes; gate_up copies them instead of staging (moe4::products).
 __device__ __forceinline__ void stage_x(const float (&h)[4][8], float peak, int H, uint8_t* staged, int* info) {
     constexpr int threads = 256, C = 4;
@@ -1060,15 +1066,7 @@ __device__ __forceinline__ void stage_x(const float (&h)[4][8], float peak, int 
         float q[8];
 #pragma unroll
         for (int u = 0; u < 8; ++u) q[u] = c < chunks ? h[i][u] * sc : 0.f;
-        uint32_t hi[4], lo[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            hi[u] = f16x2(q[u], q[u + 4]);
-            lo[u] = f16x2(q[u] - f16lo(hi[u]), q[u + 4] - f16hi(hi[u]));
-        }
-        uint8_t* d = staged + (c >> 2) * 128 + (c & 3) * 16;
-        *reinterpret_cast<uint4*>(d) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-        *reinterpret_cast<uint4*>(d + 64) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        store_b(staged, c, q);
     }
     if (tid == 0) {
         info[0] = 1;

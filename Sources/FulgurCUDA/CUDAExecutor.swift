@@ -722,7 +722,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         // Attention's per-split results and arrival counters, shared by every layer (one runs
         // at a time); the counters start at zero and the kernel leaves them there.
         var partialFloats = 1, counterCount = 1
-        for (l, c) in zip(spec.layers, caches) {
+        for l in spec.layers {
             partialFloats = max(partialFloats, S * l.attention.heads * Self.attentionMaxSplits * (l.attention.valueHeadDim + 2))
             counterCount = max(counterCount, S * l.attention.heads)
         }

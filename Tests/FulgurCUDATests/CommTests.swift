@@ -25,7 +25,7 @@ import Testing
         let lib = root.appendingPathComponent("lib/python3.12/site-packages/nvidia/nccl/lib")
         try FileManager.default.createDirectory(at: lib, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: root) }
-        FileManager.default.createFile(atPath: lib.appendingPathComponent("libnccl.so.2").path, contents: Data())
+        try #require(FileManager.default.createFile(atPath: lib.appendingPathComponent("libnccl.so.2").path, contents: Data()))
         let previous = getenv("VIRTUAL_ENV").map { String(cString: $0) }
         setenv("VIRTUAL_ENV", root.path, 1)
         defer { if let previous { setenv("VIRTUAL_ENV", previous, 1) } else { unsetenv("VIRTUAL_ENV") } }

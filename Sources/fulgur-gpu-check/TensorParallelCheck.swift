@@ -4,7 +4,8 @@
 // prompt position and 16 greedy tokens, one step at a time; the greedy tokens the GPUs find
 // among themselves (argmax_slice, the all-reduce, argmax_pick) against the argmax of the
 // gathered logits, on the model and on crafted rows (ties across slices, NaN, -inf); and DFlash
-// with the target split over 2 GPUs and the drafter on GPU 0 against plain greedy on one GPU.
+// with the target split over 2 GPUs and the drafter on GPU 0 or split like the target against
+// plain greedy on one GPU; the split drafter's block logits against the whole drafter's.
 import Foundation
 import Fulgur
 import FulgurCUDA
@@ -52,9 +53,46 @@ func runTensorParallelChecks() throws -> Bool {
     }
     let kernels = try checkSlicedArgmaxKernels(group)
     let speculative = try runTensorParallelSpeculativeChecks(group)
-    let passed = failures == 0 && kernels && speculative
-    print(passed ? "tp PASS: 6 models, crafted argmax rows, DFlash over 2 GPUs"
-                 : "tp FAIL: \(failures) of 6 models\(kernels ? "" : ", crafted argmax rows")\(speculative ? "" : ", DFlash over 2 GPUs")")
+    var drafters = try splitDrafterChecks(group)
+    if visible >= 4 { drafters = try splitDrafterChecks(DeviceGroup(ordinals: [0, 1, 2, 3])) && drafters }
+    let passed = failures == 0 && kernels && speculative && drafters
+    print(passed ? "tp PASS: 6 models, crafted argmax rows, DFlash over 2 GPUs, split drafters"
+                 : "tp FAIL: \(failures) of 6 models\(kernels ? "" : ", crafted argmax rows")\(speculative ? "" : ", DFlash over 2 GPUs")\(drafters ? "" : ", split drafters")")
+    return passed
+}
+
+/// A DFlash drafter split over `group` like its target (CUDATensorParallel over its block plan
+/// and, sharing the cache, its context plan) against the same drafter whole on GPU 0: after
+/// the same context (the target's features on GPU 0), a block's logits within
+/// tensorParallelTolerance. DFlash is lossless whatever the drafter proposes, so only this
+/// shows the split drafter computes the drafter.
+func splitDrafterChecks(_ group: DeviceGroup) throws -> Bool {
+    var passed = true
+    for (name, drafterName) in [("gpt_oss", "gpt_oss"), ("mimo_v2_flash", "mimo_v2_flash_swa"), ("qwen3_moe", "qwen3_moe")] {
+        let model = try Model(path: "Tests/FulgurTests/Fixtures/models/\(name)")
+        let directory = "Tests/FulgurTests/Fixtures/drafters/\(drafterName)"
+        let onGPU0: (Plan, Int) throws -> any Executor = { plan, context in
+            try group.makeCurrent(0)
+            return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context)
+        }
+        let whole = try DFlashDrafter(directory: directory, target: model, maxPositions: 512, maxStepTokens: 16, executor: onGPU0)
+        let split = try DFlashDrafter(directory: directory, target: model, maxPositions: 512, maxStepTokens: 16,
+                                      executor: { plan, context in try CUDATensorParallel(plan: plan, group: group, maxPositions: context) })
+        let target = try onGPU0(model.plan, 512)
+        target.captureLayers = whole.targetLayerIds
+        let prompt = (0..<13).map { ($0 * 41 + 7) % model.spec.vocabSize }
+        _ = try target.forward(prompt, logits: .none)
+        try whole.extend(tokens: prompt, features: target.capturedFeatures)
+        try split.extend(tokens: prompt, features: target.capturedFeatures)
+        let block = [prompt.last!] + Array(repeating: whole.maskTokenId, count: 7)
+        let vocab = model.plan.lmHead.outFeatures
+        let a = try whole.block.forward(block, logits: .all), b = try split.block.forward(block, logits: .all)
+        let error = a.count == b.count && a.count == block.count * vocab ? worstRowError(b, a, width: vocab) : .infinity
+        let ok = error <= tensorParallelTolerance && split.contextLength == prompt.count
+        passed = passed && ok
+        print(String(format: "tp: drafter %@ split over %d GPUs: block logits vs whole on GPU 0 %.2e (bound %.0e) %@", drafterName, group.count, error,
+                     tensorParallelTolerance, ok ? "ok" : "FAIL"))
+    }
     return passed
 }
 
@@ -110,27 +148,30 @@ func checkSlicedArgmaxKernels(_ group: DeviceGroup) throws -> Bool {
 }
 
 /// DFlash with the target split over the group (CUDATensorParallel) and the drafter whole on
-/// GPU 0 (a CUDAExecutor): greedy, 200 tokens for two prompts at blocks 2, 8 and 16, against
-/// plain greedy of the whole model on GPU 0. The drafters are the tiny random fixtures, so most
-/// guesses are wrong and rollback runs on every shard.
+/// GPU 0 (a CUDAExecutor) or split like the target: greedy, 200 tokens for two prompts at
+/// blocks 2, 8 and 16, against plain greedy of the whole model on GPU 0. The drafters are the
+/// tiny random fixtures, so most guesses are wrong and rollback runs on every shard.
 func runTensorParallelSpeculativeChecks(_ group: DeviceGroup) throws -> Bool {
     var failures: [String] = [], checks = 0
-    print("tp: DFlash, target over \(group.count) GPUs, drafter on GPU 0: speculative greedy == plain greedy on 1 GPU, 200 tokens")
+    print("tp: DFlash, target over \(group.count) GPUs, drafter on GPU 0 or split: speculative greedy == plain greedy on 1 GPU, 200 tokens")
     for name in ["gpt_oss", "mimo_v2_flash"] {
         let model = try Model(path: "Tests/FulgurTests/Fixtures/models/\(name)")
         let onGPU0: (Plan, Int) throws -> any Executor = { plan, context in
             try group.makeCurrent(0)
             return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context)
         }
-        var line = "tp:   " + name.padding(toLength: 15, withPad: " ", startingAt: 0)
-        for (p, prompt) in speculativePrompts.enumerated() {
-            let plain = try Generator(executor: onGPU0(model.plan, 512)).generate(prompt: prompt, parameters: speculativeParameters, decode: { _ in "" })
-            line += try speculativeBlocks(model: model, name: name, prompt: p, plain: plain.tokens,
-                                          target: { try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 512) },
-                                          drafterExecutor: onGPU0, what: "speculative over \(group.count) GPUs != plain on 1",
-                                          checks: &checks, failures: &failures)
+        let split: (Plan, Int) throws -> any Executor = { plan, context in try CUDATensorParallel(plan: plan, group: group, maxPositions: context) }
+        for (placement, drafterExecutor) in [("GPU 0", onGPU0), ("split", split)] {
+            var line = "tp:   " + name.padding(toLength: 15, withPad: " ", startingAt: 0) + "drafter " + placement.padding(toLength: 6, withPad: " ", startingAt: 0)
+            for (p, prompt) in speculativePrompts.enumerated() {
+                let plain = try Generator(executor: onGPU0(model.plan, 512)).generate(prompt: prompt, parameters: speculativeParameters, decode: { _ in "" })
+                line += try speculativeBlocks(model: model, name: name, prompt: p, plain: plain.tokens,
+                                              target: { try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 512) },
+                                              drafterExecutor: drafterExecutor, what: "speculative over \(group.count) GPUs (drafter \(placement)) != plain on 1",
+                                              checks: &checks, failures: &failures)
+            }
+            print(line)
         }
-        print(line)
     }
     print(failures.isEmpty ? "tp: DFlash over \(group.count) GPUs PASS: \(checks) runs" : "tp: DFlash over \(group.count) GPUs FAIL: " + failures.joined(separator: "; "))
     return failures.isEmpty

@@ -20,7 +20,8 @@ struct Bench: ParsableCommand {
             number of tokens a round emits is REPLAYED from a fixed schedule whose mean is the requested acceptance \
             length (bonus token included); tokens/s and ms per round (draft / verify / other) are printed per value. \
             --device cpu runs this mode on the CPU executor (tiny presets, for tests). With --tp N the target is \
-            split over N GPUs (or N CPU shards with --device cpu) and the drafter runs whole on GPU 0.
+            split over N GPUs (or N CPU shards with --device cpu) and the drafter runs whole on GPU 0, or split like \
+            the target with --drafter-tp N.
             """)
 
     @Option(help: "A preset name or a checkpoint path.") var model = "gpt-oss-20b"
@@ -43,7 +44,7 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 7 (gate_up and down launches, warps streaming whole units, routed once; the default), 4 (the same, each block routing), 2 (one persistent launch), 3 or 1 (earlier versions).") var moeVersion = CUDAMoE.defaultVersion
     @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
     var prefetch = "off"
-    @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step); with --replay-acceptance, the target (the drafter stays on GPU 0).")
+    @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step); with --replay-acceptance, the target (the drafter stays on GPU 0 unless --drafter-tp).")
     var tp = 1
     @Option(help: "Time one tensor-parallel shard alone on one GPU, as R/N (shard R of N, e.g. 0/4): what each GPU of --tp N computes, without the all-reduces (its tokens are not the model's). Works with --timeline.")
     var shard: String?
@@ -62,6 +63,8 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("drafter-linear"), help: "Linear layers of the random drafter: fp8 or bf16 (as z-lab publishes it); default: --linear.")
     var drafterLinear: RandomModel.LinearFormat?
     @Option(help: "Where --replay-acceptance runs: cuda or cpu (the CPU executor, for tiny presets).") var device: BenchDevice = .cuda
+    @Option(name: .customLong("drafter-tp"), help: "With --replay-acceptance and --tp N: 1 runs the drafter whole on GPU 0 (the default), N splits it over the target's GPUs like the target.")
+    var drafterTP = 1
 
     func run() throws {
         try reportingErrors {

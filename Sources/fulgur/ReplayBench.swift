@@ -20,6 +20,9 @@ extension Bench {
         guard compareLogits == nil else { throw FulgurError(.usage, "--compare-logits does not combine with --replay-acceptance") }
         guard !dryRun else { throw FulgurError(.usage, "--dry-run does not combine with --replay-acceptance (it prints a memory plan and runs nothing)") }
         guard tp >= 1 else { throw FulgurError(.usage, "--tp must be at least 1, got \(tp)") }
+        guard drafterTP == 1 || drafterTP == tp else {
+            throw FulgurError(.usage, "--drafter-tp is 1 (the drafter whole on the first GPU) or the target's --tp (\(tp)); got \(drafterTP)")
+        }
         guard !FileManager.default.fileExists(atPath: model) else {
             throw FulgurError(.usage, "--replay-acceptance builds a random drafter of the published shape for a preset's model; "
                               + "give a preset (with a drafter shape: \(RandomDrafter.presets.joined(separator: ", "))), not a checkpoint")
@@ -36,17 +39,23 @@ extension Bench {
         let executor: any Executor, makeExecutor: ((Plan, Int) throws -> any Executor)?, deviceName: String
         switch device {
         case .cuda where tp > 1:
-            // The target split over GPUs 0 ..< tp; the drafter (small) whole on GPU 0.
+            // The target split over GPUs 0 ..< tp; the drafter whole on GPU 0, or split the same way.
             let group = try deviceGroup()
             let split = try CUDATensorParallel(plan: target.plan, group: group, maxPositions: positions, moeVersion: moeVersion)
             let moeVersion = self.moeVersion
             executor = split
-            makeExecutor = { plan, context in
-                try group.makeCurrent(0)
-                return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context,
-                                        maxStepTokens: split.maxStepTokens, moeVersion: moeVersion)
+            if drafterTP > 1 {
+                makeExecutor = { plan, context in
+                    try CUDATensorParallel(plan: plan, group: group, maxPositions: context, maxStepTokens: split.maxStepTokens, moeVersion: moeVersion)
+                }
+            } else {
+                makeExecutor = { plan, context in
+                    try group.makeCurrent(0)
+                    return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context,
+                                            maxStepTokens: split.maxStepTokens, moeVersion: moeVersion)
+                }
             }
-            deviceName = "\(tp) x \(group.devices[0].name) (target split over \(tp) GPUs, drafter on GPU 0)"
+            deviceName = "\(tp) x \(group.devices[0].name) (target split over \(tp) GPUs, drafter " + (drafterTP > 1 ? "split over \(tp))" : "on GPU 0)")
         case .cuda:
             let device = try CUDADevice()
             let module = try KernelModule(device: device)
@@ -61,12 +70,13 @@ extension Bench {
             let cores = ProcessInfo.processInfo.activeProcessorCount
             if tp > 1 {
                 executor = try CPUTensorParallel(plan: target.plan, count: tp, maxPositions: positions, maxStepTokens: 16)
-                deviceName = "CPU executor (\(cores) cores), target split into \(tp) shards"
+                deviceName = "CPU executor (\(cores) cores), target split into \(tp) shards" + (drafterTP > 1 ? ", drafter too" : "")
             } else {
                 executor = CPUExecutor(plan: target.plan, maxPositions: positions, maxStepTokens: 16)
                 deviceName = "CPU executor (\(cores) cores)"
             }
-            makeExecutor = nil
+            let tp = self.tp
+            makeExecutor = drafterTP > 1 ? { plan, context in try CPUTensorParallel(plan: plan, count: tp, maxPositions: context, maxStepTokens: 16) } : nil
         }
         let drafter = try randomDrafter.load(for: target, maxPositions: executor.maxPositions, maxStepTokens: executor.maxStepTokens,
                                              executor: makeExecutor)

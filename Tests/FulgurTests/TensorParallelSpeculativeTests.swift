@@ -143,10 +143,64 @@ import Testing
         _ = try reference.forward(prompt, logits: .none)
         #expect(try shared.forward(next, logits: .all) == reference.forward(next, logits: .all))
         #expect(split.length == prompt.count + next.count)
-        // The drafter's context plan (keys and values from features) has no rule for splitting.
-        let drafter = try DFlashDrafter(directory: Fixtures.path("drafters/gpt_oss"), target: model, maxPositions: 64, maxStepTokens: 8)
-        let context = try #require(drafter.context as? CPUExecutor)
-        expectError(["no rule for splitting"]) { _ = try split.sharingCache(plan: context.plan) }
+        // A product with no splitting rule (the MLP's down matrix read from x) is refused.
+        let down = try #require(model.plan.ops.lazy.compactMap { op -> LinearWeight? in
+            if case .linear(_, _, let w, _) = op { return w } else { return nil }
+        }.first)
+        let odd = Plan(spec: model.plan.spec, ops: [.embed, .linear(src: .out, dst: .h, weight: down, bias: nil)], widths: model.plan.widths,
+                       embedding: model.plan.embedding, lmHead: model.plan.lmHead)
+        expectError(["from out into h has no rule for splitting"]) { _ = try split.sharingCache(plan: odd) }
+    }
+
+    /// The drafter split like its target (Plan.shard of both of its plans: the context plan's fc
+    /// replicated and its k/v paths on each shard's heads, sharing the block plan's cache): after
+    /// the same context its block logits are the whole drafter's up to summation order, and
+    /// DFlash over a split target with it is plain greedy with the whole drafter's acceptance.
+    /// (Losslessness alone would not show the split drafter right: any drafter is lossless.)
+    @Test(arguments: [("gpt_oss", "gpt_oss", 2), ("mimo_v2_flash", "mimo_v2_flash_swa", 2), ("mimo_v2_flash", "mimo_v2_flash", 4),
+                      ("qwen3_moe", "qwen3_moe", 4)])
+    func aDrafterSplitLikeItsTargetDraftsAsTheWholeOne(_ name: String, _ drafterName: String, _ count: Int) throws {
+        let model = try Model(path: Fixtures.path("models/\(name)"))
+        let directory = Fixtures.path("drafters/\(drafterName)")
+        let split: (Plan, Int) throws -> any Executor = { plan, context in
+            try CPUTensorParallel(plan: plan, count: count, maxPositions: context, maxStepTokens: 16)
+        }
+        let whole = try DFlashDrafter(directory: directory, target: model, maxPositions: 512, maxStepTokens: 16)
+        let parted = try DFlashDrafter(directory: directory, target: model, maxPositions: 512, maxStepTokens: 16, executor: split)
+        #expect(parted.block is CPUTensorParallel && parted.context is CPUTensorParallel)
+
+        let target = CPUExecutor(plan: model.plan, maxPositions: 512, maxStepTokens: 16)
+        target.captureLayers = whole.targetLayerIds
+        let prompt = (0..<13).map { ($0 * 41 + 7) % model.spec.vocabSize }
+        _ = try target.forward(prompt, logits: .none)
+        try whole.extend(tokens: prompt, features: target.capturedFeatures)
+        try parted.extend(tokens: prompt, features: target.capturedFeatures)
+        #expect(parted.contextLength == prompt.count)
+        let block = [prompt.last!] + Array(repeating: whole.maskTokenId, count: 7)
+        let a = try whole.block.forward(block, logits: .all), b = try parted.block.forward(block, logits: .all)
+        #expect(a.count == block.count * model.plan.lmHead.outFeatures && b.count == a.count)
+        let d = zip(a, b).map { ($0 - $1) * ($0 - $1) }.reduce(0, +), n = a.map { $0 * $0 }.reduce(0, +)
+        #expect(n > 0 && (d / n).squareRoot() < 1e-5, "\(drafterName) over \(count): relative difference \((d / n).squareRoot())")
+
+        let parameters = GenerationParameters(maxTokens: 120)
+        let expected = try Generator(executor: CPUExecutor(plan: model.plan)).generate(prompt: Self.prompts[1], parameters: parameters, decode: { "<\($0)>" })
+        var acceptance: [[Int]] = []
+        for drafterExecutor in [nil, split] {
+            let target = try CPUTensorParallel(plan: model.plan, count: count, maxPositions: 512, maxStepTokens: 16)
+            let drafter = try DFlashDrafter(directory: directory, target: model, maxPositions: 512, maxStepTokens: 16, executor: drafterExecutor)
+            let r = try SpeculativeGenerator(target: target, drafter: drafter, blockSize: 8)
+                .generate(prompt: Self.prompts[1], parameters: parameters, decode: { "<\($0)>" })
+            #expect(r.tokens == expected.tokens, "\(name) over \(count), drafter \(drafterExecutor == nil ? "whole" : "split")")
+            acceptance.append(try #require(r.speculative).acceptanceLengths)
+        }
+        // The tiny random drafters guess nothing right (every round emits 1), so the rounds say
+        // little; the logits above and the guesses below are what show the split drafter right.
+        #expect(acceptance[0] == acceptance[1])
+        whole.block.truncate(to: prompt.count)
+        parted.block.truncate(to: prompt.count)
+        let guesses = try whole.propose(after: prompt.last!, count: 7)
+        #expect(guesses.count == 7)
+        #expect(try parted.propose(after: prompt.last!, count: 7) == guesses)
     }
 
     @Test func replayBenchmarkRunsOnASplitTarget() throws {

@@ -15,7 +15,9 @@
 ///   bias only on shard 0;
 /// - the LM head split by vocabulary rows (`vocabularySlice`): each shard's logits are a slice
 ///   of the row, gathered (or arg-maxed per slice and compared) by the caller;
-/// - embedding, norms, RoPE, the residual stream: replicated.
+/// - embedding, norms, RoPE, the residual stream: replicated;
+/// - a DFlash drafter's context plan (DFlashDrafter): its fc replicated, each layer's k/v path
+///   split as its block plan's, so both plans' shards share one cache of the shard's heads.
 /// An `.allReduce(.out)` op follows o_proj and each feed-forward; it is the only communication.
 extension Plan {
     /// This plan without its all-reduces: one tensor-parallel shard's own chain of kernels,
@@ -27,7 +29,7 @@ extension Plan {
     }
 
     /// Shard `rank` of `count`. Throws when a layer's shape does not split (heads or the
-    /// intermediate size not divisible by `count`, or a drafter plan).
+    /// intermediate size not divisible by `count`).
     public func shard(rank: Int, of count: Int) throws -> Plan {
         precondition(count >= 1 && (0..<count).contains(rank), "shard \(rank) of \(count)")
         if count == 1 { return self }
@@ -54,6 +56,16 @@ extension Plan {
         func grow(_ b: Buffer, _ w: Int) { widths[b] = max(widths[b] ?? 0, w) }
         // Per layer: this shard's query heads and key/value heads.
         var qHeads = 0..<0, kvHeads = 0..<0
+        func headSlices(_ a: AttentionSpec) throws -> (q: Range<Int>, kv: Range<Int>) {
+            let q = try evenSlice(a.heads, "layer \(layer)'s \(a.heads) query heads")
+            if a.kvHeads % count == 0 { return (q, try evenSlice(a.kvHeads, "key/value heads")) }
+            let group = a.heads / a.kvHeads
+            let kv = (q.lowerBound / group)..<((q.upperBound - 1) / group + 1)
+            guard q.count % kv.count == 0, q.lowerBound % group == 0 || kv.count == 1 else {
+                throw unsupported("layer \(layer)'s \(a.heads) query heads over \(a.kvHeads) key/value heads do not group evenly over \(count) shards")
+            }
+            return (q, kv)
+        }
         for op in ops {
             switch op {
             case .embed, .rope, .scale, .residual, .finalNorm:
@@ -63,24 +75,20 @@ extension Plan {
                 layer = l + 1
             case .rmsNorm:
                 layerOps.append(op)  // full-width norms of x, and per-head q/k norms (same weight every head)
-            case .storeKV:
-                throw unsupported("a drafter's context path (storeKV) is not split")
+            case .storeKV(let l):
+                // A DFlash drafter's context plan (no .layerEnd): each layer's k/v path ends here,
+                // storing this shard's key/value heads into the cache its block plan's shard reads.
+                (qHeads, kvHeads) = try headSlices(spec.layers[l].attention)
+                newSpec.layers[l].attention.heads = qHeads.count
+                newSpec.layers[l].attention.kvHeads = kvHeads.count
+                layerOps.append(op)
+                layer = l + 1
             case .linear(let src, let dst, let w, let bias):
                 let a = spec.layers[min(layer, spec.layerCount - 1)].attention
                 switch (src, dst) {
                 case (.h, .q), (.h, .k), (.h, .v):
-                    if dst == .q {
-                        qHeads = try evenSlice(a.heads, "layer \(layer)'s \(a.heads) query heads")
-                        let group = a.heads / a.kvHeads
-                        if a.kvHeads % count == 0 {
-                            kvHeads = try evenSlice(a.kvHeads, "key/value heads")
-                        } else {
-                            kvHeads = (qHeads.lowerBound / group)..<((qHeads.upperBound - 1) / group + 1)
-                            guard qHeads.count % kvHeads.count == 0, qHeads.lowerBound % group == 0 || kvHeads.count == 1 else {
-                                throw unsupported("layer \(layer)'s \(a.heads) query heads over \(a.kvHeads) key/value heads do not group evenly over \(count) shards")
-                            }
-                        }
-                    }
+                    // (A drafter's context plan has k and v without q.)
+                    (qHeads, kvHeads) = try headSlices(a)
                     let heads = dst == .q ? qHeads : kvHeads, dim = dst == .v ? a.valueHeadDim : a.headDim
                     let rows = Array((heads.lowerBound * dim)..<(heads.upperBound * dim))
                     layerOps.append(.linear(src: src, dst: dst, weight: try w.selecting(rows: rows), bias: bias.map { b in rows.map { b[$0] } }))
@@ -99,6 +107,10 @@ extension Plan {
                     let columns = try evenSlice(w.inFeatures, "layer \(layer)'s MLP intermediate size")
                     layerOps.append(.linear(src: src, dst: dst, weight: try w.selecting(columns: columns), bias: rank == 0 ? bias : nil))
                     layerOps.append(.allReduce(buffer: .out))
+                case (.x, .h):
+                    // DFlash's fc (the target's features into the hidden size), before the
+                    // drafter's k/v paths: replicated, as the residual stream is.
+                    layerOps.append(op)
                 default:
                     throw unsupported("a product from \(src) into \(dst) has no rule for splitting")
                 }

@@ -15,6 +15,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
     public let vocabularySlices: [Range<Int>]
     public let vocabSize: Int
     let allReduce: PeerAllReduce
+    let threads: RankThreads
 
     public convenience init(plan: Plan, group: DeviceGroup, maxPositions: Int? = nil, maxStepTokens: Int = 16, moeVersion: Int = CUDAMoE.defaultVersion,
                             progress: ((Int, Int) -> Void)? = nil) throws {
@@ -41,6 +42,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
         self.group = group
         self.shards = shards
         self.allReduce = allReduce
+        threads = RankThreads(count: shards.count)
         vocabularySlices = (0..<shards.count).map { plan.vocabularySlice(rank: $0, of: shards.count) }
         vocabSize = plan.lmHead.outFeatures
     }
@@ -48,7 +50,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
     /// As CUDAExecutor.forward, on every shard at once; logits as whole rows.
     public func forward(_ tokens: [Int], logits want: CPUExecutor.Logits = .last) throws -> [Float] {
         let shards = self.shards
-        let parts = try CPUTensorParallel.onEveryRank(shards.count) { try shards[$0].forward(tokens, logits: want) }
+        let parts = try threads.run { try shards[$0].forward(tokens, logits: want) }
         guard want != .none else { return [] }
         return CPUTensorParallel.gather(parts, slices: vocabularySlices, rows: want == .all ? tokens.count : 1, vocab: vocabSize)
     }
@@ -56,7 +58,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
     /// As CUDAExecutor.forward(rows:): the rows go to every shard (x is replicated).
     public func forward(rows: [Float], logits want: CPUExecutor.Logits = .none) throws -> [Float] {
         let shards = self.shards
-        let parts = try CPUTensorParallel.onEveryRank(shards.count) { try shards[$0].forward(rows: rows, logits: want) }
+        let parts = try threads.run { try shards[$0].forward(rows: rows, logits: want) }
         guard want != .none, let first = parts.first, !first.isEmpty else { return [] }
         return CPUTensorParallel.gather(parts, slices: vocabularySlices, rows: first.count / vocabularySlices[0].count, vocab: vocabSize)
     }
@@ -65,7 +67,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
     /// step ends with the exchange of Kernels/sampling.cu): T ids come back from each GPU, no logits.
     public func argmax(_ tokens: [Int]) throws -> [Int] {
         let shards = self.shards
-        let picks = try CPUTensorParallel.onEveryRank(shards.count) { try shards[$0].argmax(tokens) }
+        let picks = try threads.run { try shards[$0].argmax(tokens) }
         // Every GPU summed the same tables in rank order: they cannot disagree unless the exchange is broken.
         guard picks.allSatisfy({ $0 == picks[0] }) else {
             throw CUDAError(operation: "tensor-parallel argmax", code: nil, message: "the GPUs picked different tokens: \(picks)")
@@ -93,7 +95,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
     /// step, so every shard feeds the model's own token to its next step, as decoding does.
     public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5, skipping: Set<String> = [], advance: Bool = true) throws -> Double {
         let shards = self.shards
-        return try CPUTensorParallel.onEveryRank(shards.count) {
+        return try threads.run {
             try shards[$0].timeReplayedSteps(tokens: T, steps: steps, warmup: warmup, skipping: skipping, advance: advance)
         }.max()!
     }

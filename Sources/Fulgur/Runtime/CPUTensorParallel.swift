@@ -4,7 +4,7 @@ import Foundation
 /// with an in-process all-reduce: the reference the multi-GPU executor is checked against, and
 /// the proof that the cut adds up (its logits equal the whole model's up to summation order).
 /// It is an Executor, so a generator or DFlash (SpeculativeGenerator) runs on it as on one
-/// CPUExecutor; the drafter stays whole, on an executor of its own.
+/// CPUExecutor; the drafter runs whole on an executor of its own or split the same way.
 public final class CPUTensorParallel {
     /// The whole model's plan (each shard runs its Plan.shard).
     public let plan: Plan
@@ -12,6 +12,7 @@ public final class CPUTensorParallel {
     public let vocabularySlices: [Range<Int>]
     public let vocabSize: Int
     private let group: SumGroup
+    private let threads: RankThreads
 
     public convenience init(plan: Plan, count: Int, maxPositions: Int? = nil, maxStepTokens: Int = 64) throws {
         let plans = try (0..<count).map { try plan.shard(rank: $0, of: count) }
@@ -32,13 +33,14 @@ public final class CPUTensorParallel {
         vocabularySlices = (0..<count).map { plan.vocabularySlice(rank: $0, of: count) }
         vocabSize = plan.lmHead.outFeatures
         self.group = group
+        threads = RankThreads(count: count)
     }
 
     /// As CPUExecutor.forward: every shard runs the tokens on its own thread; the logits'
     /// vocabulary slices are put back together (`[T, vocab]` for `.all`, `[vocab]` for `.last`).
     public func forward(_ tokens: [Int], logits want: CPUExecutor.Logits = .last) throws -> [Float] {
         let shards = self.shards
-        let parts = try Self.onEveryRank(shards.count) { try shards[$0].forward(tokens, logits: want) }
+        let parts = try threads.run { try shards[$0].forward(tokens, logits: want) }
         guard want != .none else { return [] }
         return Self.gather(parts, slices: vocabularySlices, rows: want == .all ? tokens.count : 1, vocab: vocabSize)
     }
@@ -46,7 +48,7 @@ public final class CPUTensorParallel {
     /// As CPUExecutor.forward(rows:): the rows go to every shard (x is replicated).
     public func forward(rows: [Float], logits want: CPUExecutor.Logits = .none) throws -> [Float] {
         let shards = self.shards
-        let parts = try Self.onEveryRank(shards.count) { try shards[$0].forward(rows: rows, logits: want) }
+        let parts = try threads.run { try shards[$0].forward(rows: rows, logits: want) }
         guard want != .none, let first = parts.first, !first.isEmpty else { return [] }
         return Self.gather(parts, slices: vocabularySlices, rows: first.count / vocabularySlices[0].count, vocab: vocabSize)
     }
@@ -57,7 +59,7 @@ public final class CPUTensorParallel {
     public func argmax(_ tokens: [Int]) throws -> [Int] {
         let shards = self.shards, slices = vocabularySlices, ranks = shards.count
         let lastStep = tokens.isEmpty ? 0 : (tokens.count - 1) % maxStepTokens + 1
-        let picks = try Self.onEveryRank(ranks) { rank -> [Int] in
+        let picks = try threads.run { rank -> [Int] in
             let shard = shards[rank], width = slices[rank].count
             let logits = try shard.forward(tokens, logits: .all)
             let candidates = logits.withUnsafeBufferPointer { l in
@@ -101,7 +103,7 @@ public final class CPUTensorParallel {
     /// Runs `body(rank)` for every rank at once, one thread each (shards wait for each other in
     /// their all-reduces, so they must run concurrently), and returns the results in rank order.
     public static func onEveryRank<R>(_ count: Int, _ body: @escaping @Sendable (Int) throws -> R) throws -> [R] {
-        let results = Results<R>(count: count)
+        let results = RankResults<R>(count: count)
         let done = DispatchGroup()
         for rank in 0..<count {
             done.enter()
@@ -135,7 +137,7 @@ extension CPUTensorParallel: Executor {
 }
 
 /// Each shard thread's result.
-private final class Results<R>: @unchecked Sendable {
+final class RankResults<R>: @unchecked Sendable {
     private var values: [Result<R, Error>?]
     private let lock = NSLock()
     init(count: Int) { values = Array(repeating: nil, count: count) }

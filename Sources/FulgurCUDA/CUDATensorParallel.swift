@@ -37,12 +37,13 @@ public final class CUDATensorParallel: @unchecked Sendable {
         self.init(plan: plan, group: group, shards: shards, allReduce: allReduce)
     }
 
-    private init(plan: Plan, group: DeviceGroup, shards: [CUDAExecutor], allReduce: PeerAllReduce) {
+    /// `threads`: another split executor's over the same shards (sharingCache), else its own.
+    private init(plan: Plan, group: DeviceGroup, shards: [CUDAExecutor], allReduce: PeerAllReduce, threads: RankThreads? = nil) {
         self.plan = plan
         self.group = group
         self.shards = shards
         self.allReduce = allReduce
-        threads = RankThreads(count: shards.count)
+        self.threads = threads ?? RankThreads(count: shards.count)
         vocabularySlices = (0..<shards.count).map { plan.vocabularySlice(rank: $0, of: shards.count) }
         vocabSize = plan.lmHead.outFeatures
     }
@@ -87,7 +88,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
                                           moeVersion: s.moeVersion, communicator: s.communicator,
                                           vocabularyStart: other.vocabularySlice(rank: r, of: n).lowerBound, sharing: s))
         }
-        return CUDATensorParallel(plan: other, group: group, shards: parts, allReduce: allReduce)
+        return CUDATensorParallel(plan: other, group: group, shards: parts, allReduce: allReduce, threads: threads)
     }
 
     /// Milliseconds per replayed step of `T` tokens (CUDAExecutor.timeReplayedSteps on every

@@ -71,10 +71,7 @@ func splitDrafterChecks(_ group: DeviceGroup) throws -> Bool {
     for (name, drafterName) in [("gpt_oss", "gpt_oss"), ("mimo_v2_flash", "mimo_v2_flash_swa"), ("qwen3_moe", "qwen3_moe")] {
         let model = try Model(path: "Tests/FulgurTests/Fixtures/models/\(name)")
         let directory = "Tests/FulgurTests/Fixtures/drafters/\(drafterName)"
-        let onGPU0: (Plan, Int) throws -> any Executor = { plan, context in
-            try group.makeCurrent(0)
-            return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context)
-        }
+        let onGPU0 = executorOnFirstGPU(group)
         let whole = try DFlashDrafter(directory: directory, target: model, maxPositions: 512, maxStepTokens: 16, executor: onGPU0)
         let split = try DFlashDrafter(directory: directory, target: model, maxPositions: 512, maxStepTokens: 16,
                                       executor: { plan, context in try CUDATensorParallel(plan: plan, group: group, maxPositions: context) })
@@ -156,10 +153,7 @@ func runTensorParallelSpeculativeChecks(_ group: DeviceGroup) throws -> Bool {
     print("tp: DFlash, target over \(group.count) GPUs, drafter on GPU 0 or split: speculative greedy == plain greedy on 1 GPU, 200 tokens")
     for name in ["gpt_oss", "mimo_v2_flash"] {
         let model = try Model(path: "Tests/FulgurTests/Fixtures/models/\(name)")
-        let onGPU0: (Plan, Int) throws -> any Executor = { plan, context in
-            try group.makeCurrent(0)
-            return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context)
-        }
+        let onGPU0 = executorOnFirstGPU(group)
         let split: (Plan, Int) throws -> any Executor = { plan, context in try CUDATensorParallel(plan: plan, group: group, maxPositions: context) }
         for (placement, drafterExecutor) in [("GPU 0", onGPU0), ("split", split)] {
             var line = "tp:   " + name.padding(toLength: 15, withPad: " ", startingAt: 0) + "drafter " + placement.padding(toLength: 6, withPad: " ", startingAt: 0)
@@ -175,4 +169,12 @@ func runTensorParallelSpeculativeChecks(_ group: DeviceGroup) throws -> Bool {
     }
     print(failures.isEmpty ? "tp: DFlash over \(group.count) GPUs PASS: \(checks) runs" : "tp: DFlash over \(group.count) GPUs FAIL: " + failures.joined(separator: "; "))
     return failures.isEmpty
+}
+
+/// An executor for a plan whole on the group's first GPU (the drafter's place, or the one-GPU reference).
+func executorOnFirstGPU(_ group: DeviceGroup) -> (Plan, Int) throws -> any Executor {
+    { plan, context in
+        try group.makeCurrent(0)
+        return try CUDAExecutor(plan: plan, device: group.devices[0], module: group.modules[0], maxPositions: context)
+    }
 }

@@ -19,7 +19,8 @@ public final class CPUTensorParallel {
         try self.init(plan: plan, shards: plans.map { CPUExecutor(plan: $0, maxPositions: maxPositions, maxStepTokens: maxStepTokens) })
     }
 
-    private init(plan: Plan, shards: [CPUExecutor]) throws {
+    /// `threads`: another split executor's over the same shards (sharingCache), else its own.
+    private init(plan: Plan, shards: [CPUExecutor], threads: RankThreads? = nil) throws {
         let count = shards.count
         guard plan.lmHead.outFeatures <= SlicedArgmax.maxVocabulary else {
             throw FulgurError(.unsupported, "tensor parallelism: a vocabulary of \(plan.lmHead.outFeatures) tokens; the shards exchange token ids as f32, exact up to \(SlicedArgmax.maxVocabulary)")
@@ -33,7 +34,7 @@ public final class CPUTensorParallel {
         vocabularySlices = (0..<count).map { plan.vocabularySlice(rank: $0, of: count) }
         vocabSize = plan.lmHead.outFeatures
         self.group = group
-        threads = RankThreads(count: count)
+        self.threads = threads ?? RankThreads(count: count)
     }
 
     /// As CPUExecutor.forward: every shard runs the tokens on its own thread; the logits'
@@ -85,7 +86,7 @@ public final class CPUTensorParallel {
         let parts = try shards.indices.map { try other.shard(rank: $0, of: shards.count) }
         return try CPUTensorParallel(plan: other, shards: zip(parts, shards).map { p, s in
             CPUExecutor(plan: p, maxPositions: s.cache.maxPositions, maxStepTokens: s.maxStepTokens, cache: s.cache)
-        })
+        }, threads: threads)
     }
 
     /// Whole logit rows from each shard's vocabulary slice of them (`parts[r]` is

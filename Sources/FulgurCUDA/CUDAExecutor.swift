@@ -204,24 +204,75 @@ public final class CUDAExecutor: @unchecked Sendable {
     public func forward(rows: [Float], logits want: CPUExecutor.Logits = .none) throws -> [Float] {
         let width = plan.widths[.x]!
         precondition(rows.count % width == 0, "rows of \(rows.count) floats do not split into rows of \(width)")
-        let count = rows.count / width
+        return try forward(rowCount: rows.count / width, logits: want) { start, n in
+            try rows.withUnsafeBytes { try x.upload(UnsafeRawBufferPointer(rebasing: $0[(4 * start * width)..<(4 * (start + n) * width)]), stream: stream) }
+        }
+    }
+
+    /// forward(rows:) from the first `count` rows of what `source` captured in its last forward,
+    /// copied from its device buffer, never through the host: the DFlash drafter's context update
+    /// after a verify. `source` is a CUDA executor on this GPU or a peer (a split target's shard
+    /// 0 has the features; Executor.forward(capturedRowsOf:count:)). False, having done nothing,
+    /// where the rows are not there: another kind of executor, rows not captured by its last
+    /// step (a forward longer than one step, or fewer rows), or another width.
+    public func forward(capturedRowsOf source: any Executor, count: Int) throws -> Bool {
+        guard let source = featureSource(source, count: count) else { return false }
+        let bytes = 4 * count * plan.widths[.x]!
+        // The source's step wrote the rows on its own stream; the next step of the source
+        // overwrites them, and this copy is done before this call returns (the stream synchronized).
+        try source.device.makeCurrent()
+        try source.stream.synchronize()
+        try device.makeCurrent()
+        _ = try forward(rowCount: count, logits: .none) { _, _ in
+            try x.copy(from: source.features, bytes: bytes, stream: stream)
+            try stream.synchronize()
+        }
+        return true
+    }
+
+    /// `FULGUR_CAPTURED_ROWS=host`: every drafter context update through the host, as before the
+    /// twenty-sixth session (for an A/B in one binary).
+    static let capturedRowsThroughHost = ProcessInfo.processInfo.environment["FULGUR_CAPTURED_ROWS"] == "host"
+
+    /// The executor whose `features` hold the rows forward(capturedRowsOf:count:) asks for, where
+    /// this executor can copy them: on this GPU, or on a peer of a tensor-parallel group this GPU
+    /// is in (its PeerAllReduce enabled peer access between all of them). Nil otherwise.
+    func featureSource(_ source: any Executor, count: Int) -> CUDAExecutor? {
+        guard !Self.capturedRowsThroughHost else { return nil }
+        let found: CUDAExecutor
+        if let s = source as? CUDAExecutor, s.device.ordinal == device.ordinal {
+            found = s
+        } else if let split = source as? CUDATensorParallel,
+                  split.shards[0].device.ordinal == device.ordinal || split.group.devices.contains(where: { $0.ordinal == device.ordinal }) {
+            found = split.shards[0]
+        } else {
+            return nil
+        }
+        guard count >= 1, count <= found.deviceFeatureRows, count <= maxStepTokens,
+              plan.widths[.x] == found.captureLayers.count * found.plan.spec.hiddenSize else { return nil }
+        return found
+    }
+
+    /// The steps of forward(rows:), `fill(start, n)` putting rows start..<start+n into x.
+    private func forward(rowCount count: Int, logits want: CPUExecutor.Logits, fill: (Int, Int) throws -> Void) throws -> [Float] {
         try device.makeCurrent()
         try oneSequence()
         guard length + count <= maxPositions else {
             throw FulgurError(.usage, "context is full: \(length) + \(count) rows exceed the \(maxPositions)-position context")
         }
-        capturedFeatures.removeAll(keepingCapacity: true)
+        dropFeatures()
         var result: [Float] = []
         var start = 0
         while start < count {
             let n = min(maxStepTokens, count - start)
-            try rows.withUnsafeBytes { try x.upload(UnsafeRawBufferPointer(rebasing: $0[(4 * start * width)..<(4 * (start + n) * width)]), stream: stream) }
+            try fill(start, n)
             let pos = (0..<n).map { Int32(length + $0) }
             try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+            try keepFeatures()
             try enqueueStep(n)
             cache.length += n
             start += n
-            try capture(n)
+            markFeatures(n)
             if want == .all || (want == .last && start == count) {
                 var l = [Float](repeating: 0, count: n * vocab)
                 try l.withUnsafeMutableBytes { try logits.download(into: $0, stream: stream) }
@@ -239,17 +290,39 @@ public final class CUDAExecutor: @unchecked Sendable {
             captureSlot = Array(repeating: nil, count: plan.spec.layerCount)
             for (slot, layer) in captureLayers.enumerated() { captureSlot[layer] = slot }
             graphs = [:]  // the captured graphs copy the old layers
+            dropFeatures()  // rows of the old layers
         }
     }
-    public private(set) var capturedFeatures: [Float] = []
+    /// The rows of the last forward's steps before its last, downloaded; its last step's rows
+    /// (`deviceFeatureRows`) stay in `features` until something asks for them here, so a
+    /// drafter that reads them on the GPU (forward(capturedRowsOf:count:)) costs no download.
+    public var capturedFeatures: [Float] {
+        get throws {
+            try keepFeatures()
+            return hostFeatures
+        }
+    }
+    private var hostFeatures: [Float] = []
+    private var deviceFeatureRows = 0
     private var captureSlot: [Int?] = []
 
-    private func capture(_ T: Int) throws {
-        guard !captureLayers.isEmpty else { return }
-        var f = [Float](repeating: 0, count: T * captureLayers.count * plan.spec.hiddenSize)
+    private func dropFeatures() {
+        hostFeatures.removeAll(keepingCapacity: true)
+        deviceFeatureRows = 0
+    }
+
+    /// After a step of `T` rows: its features are in `features`.
+    private func markFeatures(_ T: Int) { deviceFeatureRows = captureLayers.isEmpty ? 0 : T }
+
+    /// Downloads the rows still only in `features` (before a step overwrites them, or when asked).
+    private func keepFeatures() throws {
+        guard deviceFeatureRows > 0 else { return }
+        try device.makeCurrent()
+        var f = [Float](repeating: 0, count: deviceFeatureRows * captureLayers.count * plan.spec.hiddenSize)
         try f.withUnsafeMutableBytes { try features.download(into: $0, stream: stream) }
         try stream.synchronize()
-        capturedFeatures += f
+        hostFeatures += f
+        deviceFeatureRows = 0
     }
 
     public func sharingCache(plan other: Plan) throws -> any Executor {
@@ -314,7 +387,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         // The server decodes on its own threads; a CUDA context is current per thread.
         try device.makeCurrent()
         try oneSequence()
-        capturedFeatures.removeAll(keepingCapacity: true)
+        dropFeatures()
         guard !input.isEmpty else { return }
         let table = plan.embedding.table.shape[0]
         for t in input where t < 0 || t >= table {
@@ -330,9 +403,10 @@ public final class CUDAExecutor: @unchecked Sendable {
             let ints = chunk.map { Int32($0) }, pos = (0..<chunk.count).map { Int32(length + $0) }
             try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
             try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+            try keepFeatures()
             try enqueueStep(chunk.count)
             cache.length += chunk.count
-            try capture(chunk.count)
+            markFeatures(chunk.count)
             try after(chunk.count, start == input.count)
         }
     }
@@ -371,6 +445,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         precondition((1...maxStepTokens).contains(T))
         try device.makeCurrent()
         try oneSequence()
+        dropFeatures()  // the replayed steps overwrite them
         var skip = skipping
         if skip.contains("prefetch") { skip.insert("join") }
         guard length + (warmup + steps) * T <= maxPositions else {
@@ -441,6 +516,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         precondition((1...maxStepTokens).contains(T) && steps >= 2)
         try device.makeCurrent()
         try oneSequence()
+        dropFeatures()
         guard length + (warmup + steps) * T <= maxPositions else {
             throw FulgurError(.usage, "the timeline needs \((warmup + steps) * T) positions after \(length); the context holds \(maxPositions)")
         }
@@ -1240,6 +1316,7 @@ extension CUDAExecutor: BatchExecutor {
     public func forward(batch: [BatchStep]) throws -> [[Float]] {
         guard slotted else { throw FulgurError(.usage, "CUDA executor: forward(batch:) needs a batch's cache (batchExecutor)") }
         try device.makeCurrent()
+        dropFeatures()
         let table = plan.embedding.table.shape[0]
         var rows: [(slot: Int32, token: Int32, position: Int32, part: Int?)] = []
         for (i, part) in batch.enumerated() {

@@ -64,6 +64,18 @@ public final class CUDATensorParallel: @unchecked Sendable {
         return CPUTensorParallel.gather(parts, slices: vocabularySlices, rows: first.count / vocabularySlices[0].count, vocab: vocabSize)
     }
 
+    /// As CUDAExecutor.forward(capturedRowsOf:count:) on every shard (each copies the rows into
+    /// its own x); false, with nothing run, unless every shard can read them.
+    public func forward(capturedRowsOf source: any Executor, count: Int) throws -> Bool {
+        guard shards.allSatisfy({ $0.featureSource(source, count: count) != nil }) else { return false }
+        let shards = self.shards
+        let done = try threads.run { try shards[$0].forward(capturedRowsOf: source, count: count) }
+        guard done.allSatisfy({ $0 }) else {
+            throw CUDAError(operation: "tensor-parallel context update", code: nil, message: "a GPU could not read the captured rows the others read")
+        }
+        return true
+    }
+
     /// The greedy choice after each position of the last step, found on the GPUs (each shard's
     /// step ends with the exchange of Kernels/sampling.cu): T ids come back from each GPU, no logits.
     public func argmax(_ tokens: [Int]) throws -> [Int] {
@@ -113,7 +125,7 @@ extension CUDATensorParallel: Executor {
         get { shards[0].captureLayers }
         set { shards[0].captureLayers = newValue }
     }
-    public var capturedFeatures: [Float] { shards[0].capturedFeatures }
+    public var capturedFeatures: [Float] { get throws { try shards[0].capturedFeatures } }
     public func canTruncate(to position: Int) -> Bool { shards.allSatisfy { $0.canTruncate(to: position) } }
     public func truncate(to position: Int) { for s in shards { s.truncate(to: position) } }
     public func reset() { for s in shards { s.reset() } }

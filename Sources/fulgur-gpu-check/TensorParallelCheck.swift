@@ -55,6 +55,7 @@ func runTensorParallelChecks() throws -> Bool {
     let speculative = try runTensorParallelSpeculativeChecks(group)
     var drafters = try splitDrafterChecks(group)
     if visible >= 4 { drafters = try splitDrafterChecks(DeviceGroup(ordinals: [0, 1, 2, 3])) && drafters }
+    drafters = try capturedRowsChecks(group) && drafters
     let passed = failures == 0 && kernels && speculative && drafters
     print(passed ? "tp PASS: 6 models, crafted argmax rows, DFlash over 2 GPUs, split drafters"
                  : "tp FAIL: \(failures) of 6 models\(kernels ? "" : ", crafted argmax rows")\(speculative ? "" : ", DFlash over 2 GPUs")\(drafters ? "" : ", split drafters")")
@@ -81,14 +82,56 @@ func splitDrafterChecks(_ group: DeviceGroup) throws -> Bool {
         _ = try target.forward(prompt, logits: .none)
         try whole.extend(tokens: prompt, features: target.capturedFeatures)
         try split.extend(tokens: prompt, features: target.capturedFeatures)
+        // The context the split drafter holds, before the block's forward adds the block to it.
+        let heldContext = split.contextLength
         let block = [prompt.last!] + Array(repeating: whole.maskTokenId, count: 7)
         let vocab = model.plan.lmHead.outFeatures
         let a = try whole.block.forward(block, logits: .all), b = try split.block.forward(block, logits: .all)
         let error = a.count == b.count && a.count == block.count * vocab ? worstRowError(b, a, width: vocab) : .infinity
-        let ok = error <= tensorParallelTolerance && split.contextLength == prompt.count
+        let ok = error <= tensorParallelTolerance && heldContext == prompt.count
         passed = passed && ok
-        print(String(format: "tp: drafter %@ split over %d GPUs: block logits vs whole on GPU 0 %.2e (bound %.0e) %@", drafterName, group.count, error,
-                     tensorParallelTolerance, ok ? "ok" : "FAIL"))
+        print(String(format: "tp: drafter %@ split over %d GPUs: context %d positions (prompt %d), block logits vs whole on GPU 0 %.2e (bound %.0e) %@",
+                     drafterName, group.count, heldContext, prompt.count, error, tensorParallelTolerance, ok ? "ok" : "FAIL"))
+    }
+    return passed
+}
+
+/// The drafter's context update straight from the target's device buffer
+/// (Executor.forward(capturedRowsOf:count:), what decoding does after a verify) against the same
+/// rows through the host (forward(rows:)): a block's logits bit-identical after either, for the
+/// target and the drafter each on GPU 0 or split over `group` (of one GPU: both on it). The speculative checks cannot
+/// show this: DFlash stays lossless whatever rows the drafter reads.
+func capturedRowsChecks(_ group: DeviceGroup) throws -> Bool {
+    var passed = true
+    let onGPU0 = executorOnFirstGPU(group)
+    let split: (Plan, Int) throws -> any Executor = { plan, context in try CUDATensorParallel(plan: plan, group: group, maxPositions: context) }
+    for (name, drafterName) in [("gpt_oss", "gpt_oss"), ("mimo_v2_flash", "mimo_v2_flash_swa")] {
+        let model = try Model(path: "Tests/FulgurTests/Fixtures/models/\(name)")
+        for (targetPlace, drafterPlace) in group.count == 1 ? [("GPU 0", "GPU 0")] : [("GPU 0", "GPU 0"), ("split", "GPU 0"), ("split", "split")] {
+            let target = try (targetPlace == "split" ? split : onGPU0)(model.plan, 512)
+            let drafter = try DFlashDrafter(directory: "Tests/FulgurTests/Fixtures/drafters/\(drafterName)", target: model, maxPositions: 512,
+                                            maxStepTokens: 16, executor: drafterPlace == "split" ? split : onGPU0)
+            target.captureLayers = drafter.targetLayerIds
+            let prompt = (0..<13).map { ($0 * 41 + 7) % model.spec.vocabSize }
+            _ = try target.forward(prompt, logits: .none)
+            try drafter.extend(tokens: prompt, features: target.capturedFeatures)
+            // A verify block; its first 5 rows are "accepted".
+            let verify = (0..<8).map { ($0 * 97 + 3) % model.spec.vocabSize }
+            _ = try target.argmax(verify)
+            let block = [verify[4]] + Array(repeating: drafter.maskTokenId, count: 7)
+            let onDevice = try drafter.context.forward(capturedRowsOf: target, count: 5)
+            let a = try drafter.block.forward(block, logits: .all)
+            drafter.block.truncate(to: prompt.count)
+            let width = drafter.targetLayerIds.count * model.spec.hiddenSize
+            _ = try drafter.context.forward(rows: Array(try target.capturedFeatures[0..<(5 * width)]), logits: .none)
+            let b = try drafter.block.forward(block, logits: .all)
+            let same = !a.isEmpty && a.map(\.bitPattern) == b.map(\.bitPattern)
+            let ok = onDevice && same && drafter.contextLength == prompt.count + 5 + block.count
+            passed = passed && ok
+            print("\(group.count == 1 ? "speculative" : "tp"): drafter \(drafterName) (\(drafterPlace)) fed by the target (\(targetPlace)), \(group.count) GPU\(group.count == 1 ? "" : "s"): "
+                  + (onDevice ? "rows read on the GPU" : "rows NOT read on the GPU") + ", block logits "
+                  + (same ? "bit-identical to the rows through the host" : "DIFFER from the rows through the host") + (ok ? " ok" : " FAIL"))
+        }
     }
     return passed
 }

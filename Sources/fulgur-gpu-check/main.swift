@@ -184,7 +184,8 @@ func run() throws -> Bool {
     var seed: UInt64 = UInt64(Date().timeIntervalSince1970)  // fresh inputs every run
     let families = CommandLine.arguments.dropFirst()
     let wholeModel = families.isEmpty || families.contains("executor") ? try runExecutorChecks(device, module) : true
-    let speculative = families.isEmpty || families.contains("speculative") ? try runSpeculativeChecks(device, module) : true
+    let speculative = families.isEmpty || families.contains("speculative")
+        ? try runSpeculativeChecks(device, module) && capturedRowsChecks(DeviceGroup(ordinals: [0])) : true
     let layerPassed = families.isEmpty || families.contains("layer") ? try runLayerChecks(device, module, stream, seed: seed + 2000) : true
     let batchPassed = families.isEmpty || families.contains("batch") ? try runBatchChecks(device, module, seed: seed + 4000) : true
     let executorPassed = wholeModel && speculative && layerPassed && batchPassed

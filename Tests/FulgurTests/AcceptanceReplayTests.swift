@@ -34,7 +34,7 @@ private final class CountingExecutor: Executor {
         get { inner.captureLayers }
         set { inner.captureLayers = newValue }
     }
-    var capturedFeatures: [Float] { inner.capturedFeatures }
+    var capturedFeatures: [Float] { get throws { try inner.capturedFeatures } }
 
     func forward(_ tokens: [Int], logits: CPUExecutor.Logits) throws -> [Float] {
         calls.tokenForwards.append((tokens.count, logits, inner.length))

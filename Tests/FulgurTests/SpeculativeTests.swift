@@ -315,3 +315,25 @@ private final class ResultBox: @unchecked Sendable {
     func set(_ i: Int, _ value: Result<GenerationResult, Error>) { lock.withLock { values[i] = value } }
     func get(_ i: Int) throws -> GenerationResult { try lock.withLock { values[i] }!.get() }
 }
+
+/// `extend(tokens:capturedBy:)` (what decoding calls after a verify) takes the first rows the
+/// target captured, as `extend(tokens:features:)` given them by hand; asking for more rows
+/// than the target's last forward captured is an error that says so, not a read past them.
+@Test func drafterExtendsFromTheTargetsCapturedRows() throws {
+    let model = try target("qwen3")
+    let executor = CPUExecutor(plan: model.plan, maxPositions: 64, maxStepTokens: 8)
+    let byHand = try dflash("qwen3", for: model, executor: executor), fromTarget = try dflash("qwen3", for: model, executor: executor)
+    executor.captureLayers = byHand.targetLayerIds
+    let prompt = [3, 14, 15, 92, 65, 35]
+    _ = try executor.forward(prompt, logits: .none)
+    let width = byHand.targetLayerIds.count * model.spec.hiddenSize
+    try byHand.extend(tokens: Array(prompt.prefix(4)), features: Array(executor.capturedFeatures[0..<(4 * width)]))
+    try fromTarget.extend(tokens: Array(prompt.prefix(4)), capturedBy: executor)
+    #expect(fromTarget.contextLength == 4)
+    let block = [prompt[4]] + Array(repeating: byHand.maskTokenId, count: 5)
+    let want = try byHand.block.forward(block, logits: .all), got = try fromTarget.block.forward(block, logits: .all)
+    #expect(!want.isEmpty && got.map(\.bitPattern) == want.map(\.bitPattern))
+    fromTarget.block.truncate(to: 4)
+    #expect(throws: FulgurError.self) { try fromTarget.extend(tokens: Array(repeating: 1, count: prompt.count + 1), capturedBy: executor) }
+    #expect(fromTarget.contextLength == 4)
+}

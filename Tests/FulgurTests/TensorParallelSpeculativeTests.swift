@@ -102,8 +102,9 @@ import Testing
         for s in split.shards.dropFirst() { #expect(s.capturedFeatures.map(\.bitPattern) == first.map(\.bitPattern)) }
         // ... and they are the whole model's, up to summation order.
         let executor: any Executor = split
-        #expect(executor.capturedFeatures.count == whole.capturedFeatures.count)
-        let d = zip(executor.capturedFeatures, whole.capturedFeatures).map { ($0 - $1) * ($0 - $1) }.reduce(0, +)
+        let seen = try executor.capturedFeatures
+        #expect(seen.count == whole.capturedFeatures.count)
+        let d = zip(seen, whole.capturedFeatures).map { ($0 - $1) * ($0 - $1) }.reduce(0, +)
         let n = whole.capturedFeatures.map { $0 * $0 }.reduce(0, +)
         #expect((d / n).squareRoot() < 1e-5)
     }

@@ -140,6 +140,13 @@ extension DFlashDrafter: Drafter {
         _ = try context.forward(rows: features, logits: .none)
     }
 
+    /// On the GPU the rows go from the target's buffer to the context plan's input directly
+    /// (Executor.forward(capturedRowsOf:count:)); else through the host.
+    public func extend(tokens: [Int], capturedBy target: any Executor) throws {
+        if try context.forward(capturedRowsOf: target, count: tokens.count) { return }
+        try extend(tokens: tokens, features: try hostFeatures(capturedBy: target, rows: tokens.count))
+    }
+
     /// The drafter's greedy guesses, from the executor's argmax (on the GPU: B ids come back,
     /// not B x vocab logits).
     public func propose(after token: Int, count: Int) throws -> [Int] {

@@ -23,7 +23,15 @@ public protocol Executor: AnyObject {
     /// (`[T, captureLayers.count * hidden]`, side by side in this order): the DFlash drafter
     /// conditions on them, so they come with the forward pass instead of a second one.
     var captureLayers: [Int] { get set }
-    var capturedFeatures: [Float] { get }
+    /// Throws where bringing them to the host fails (a GPU executor downloads its last step's
+    /// rows when first asked).
+    var capturedFeatures: [Float] { get throws }
+    /// Runs the plan from the first `count` rows `source` captured in its last forward, as
+    /// forward(rows: source.capturedFeatures[..<count rows], logits: .none), where this executor
+    /// can read them where they are (a GPU executor from the target's device buffer on its GPU
+    /// or a peer, without the host). Returns false, having done nothing, where it cannot; the
+    /// caller then passes the host copy.
+    func forward(capturedRowsOf source: any Executor, count: Int) throws -> Bool
     /// An executor for another plan over this one's cache (the same layers' keys and values
     /// and the same positions): the DFlash drafter writes its context with one plan and drafts
     /// with another.
@@ -153,4 +161,9 @@ public final class CPUBatchExecutor: BatchExecutor {
         }
         return try executor.forward(batch: batch.map { .init(cache: caches[$0.slot], tokens: $0.tokens, wantsLogits: $0.wantsLogits) })
     }
+}
+
+extension Executor {
+    /// Executors that read captured rows only from the host.
+    public func forward(capturedRowsOf source: any Executor, count: Int) throws -> Bool { false }
 }

@@ -48,7 +48,7 @@ public final class SpeculativeGenerator {
                 target.reset()
                 drafter.reset()
                 let logits = try target.forward(prompt, logits: .last)
-                try drafter.extend(tokens: prompt, features: target.capturedFeatures)
+                try drafter.extend(tokens: prompt, capturedBy: target)
                 var token = sampler.sample(logits)
                 var going = sink.open && sink.take(token, logits: wantLogits ? logits : nil)
                 while going {
@@ -68,9 +68,7 @@ public final class SpeculativeGenerator {
                     // Keep the block tokens that led to accepted ones: `token` and the matching guesses.
                     let kept = emitted.count
                     target.truncate(to: start + kept)
-                    let width = drafter.targetLayerIds.count * target.plan.spec.hiddenSize
-                    try drafter.extend(tokens: [token] + draft.prefix(kept - 1),
-                                       features: Array(target.capturedFeatures[0..<(kept * width)]))
+                    try drafter.extend(tokens: [token] + draft.prefix(kept - 1), capturedBy: target)
                     for (i, t) in emitted.enumerated() {
                         going = sink.take(t, logits: wantLogits ? output.row(i) : nil)
                         if !going { break }

@@ -51,7 +51,7 @@ struct Bench: ParsableCommand {
     @Flag(name: .customLong("dry-run"), help: "Print where a preset's weights and KV cache go over --tp GPUs at --context positions, without a GPU or any weights.")
     var dryRun = false
     @Option(help: "Also write the report as JSON to this file.") var json: String?
-    @Flag(help: "Also read each step size's kernels off a timeline (needs the trace build of the kernels: scripts/build-kernels --trace, then FULGUR_KERNELS=Kernels/build/fulgur-trace.fatbin; its records cost the kernels a little).")
+    @Flag(help: "Also read each step size's kernels off a timeline (needs the trace build of the kernels: scripts/build-kernels --trace, then FULGUR_KERNELS=Kernels/build/fulgur-trace.fatbin; its records cost the kernels a little). With --replay-acceptance: the drafter's block step.")
     var timeline = false
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
@@ -63,8 +63,8 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("drafter-linear"), help: "Linear layers of the random drafter: fp8 or bf16 (as z-lab publishes it); default: --linear.")
     var drafterLinear: RandomModel.LinearFormat?
     @Option(help: "Where --replay-acceptance runs: cuda or cpu (the CPU executor, for tiny presets).") var device: BenchDevice = .cuda
-    @Option(name: .customLong("drafter-tp"), help: "With --replay-acceptance and --tp N: 1 runs the drafter whole on GPU 0 (the default), N splits it over the target's GPUs like the target.")
-    var drafterTP = 1
+    @Option(name: .customLong("drafter-tp"), help: "With --replay-acceptance and --tp N: N (the default) splits the drafter over the target's GPUs like the target, 1 runs it whole on GPU 0.")
+    var drafterTP: Int?
 
     func run() throws {
         try reportingErrors {

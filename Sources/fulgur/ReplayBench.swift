@@ -20,8 +20,14 @@ extension Bench {
         guard compareLogits == nil else { throw FulgurError(.usage, "--compare-logits does not combine with --replay-acceptance") }
         guard !dryRun else { throw FulgurError(.usage, "--dry-run does not combine with --replay-acceptance (it prints a memory plan and runs nothing)") }
         guard tp >= 1 else { throw FulgurError(.usage, "--tp must be at least 1, got \(tp)") }
+        // Split like the target unless told: on 2 H200 that drafted in 0.93-0.99 ms a round where
+        // the whole drafter on GPU 0 took 1.26 (twenty-sixth session).
+        let drafterTP = self.drafterTP ?? tp
         guard drafterTP == 1 || drafterTP == tp else {
             throw FulgurError(.usage, "--drafter-tp is 1 (the drafter whole on the first GPU) or the target's --tp (\(tp)); got \(drafterTP)")
+        }
+        guard !timeline || (device == .cuda && drafterTP == 1) else {
+            throw FulgurError(.usage, "--timeline with --replay-acceptance reads the drafter's block step off a timeline on its GPU: needs --device cuda and the drafter whole (--drafter-tp 1)")
         }
         guard !FileManager.default.fileExists(atPath: model) else {
             throw FulgurError(.usage, "--replay-acceptance builds a random drafter of the published shape for a preset's model; "
@@ -78,7 +84,9 @@ extension Bench {
             let tp = self.tp
             makeExecutor = drafterTP > 1 ? { plan, context in try CPUTensorParallel(plan: plan, count: tp, maxPositions: context, maxStepTokens: 16) } : nil
         }
-        let drafter = try randomDrafter.load(for: target, maxPositions: executor.maxPositions, maxStepTokens: executor.maxStepTokens,
+        // A timeline replays its steps at the positions after the benchmark's.
+        let timelinePositions = timeline ? block * (CUDAExecutor.timelineSteps + CUDAExecutor.timelineWarmup) : 0
+        let drafter = try randomDrafter.load(for: target, maxPositions: executor.maxPositions + timelinePositions, maxStepTokens: executor.maxStepTokens,
                                              executor: makeExecutor)
         Terminal.status(String(format: "%@ and its drafter ready in %.1f s", modelName, Date().timeIntervalSince(start)))
         let report = try ReplayBenchmark.run(target: executor, drafter: drafter, model: modelName, drafterName: randomDrafter.description,
@@ -86,5 +94,11 @@ extension Bench {
                                              warmupRounds: warmupRounds, log: { Terminal.status($0) })
         print(report.table)
         if let json { try report.json.write(toFile: json, atomically: true, encoding: .utf8) }
+        if timeline, let blockStep = drafter.block as? CUDAExecutor {
+            // The verify is the target's step of `block` tokens: `fulgur bench --timeline --tokens N` has it.
+            let t = try blockStep.timeline(tokens: block)
+            print(String(format: "The drafter's block step (%d tokens) on a timeline: %.1f us a step", block, t.stepMicros))
+            print(t.table())
+        }
     }
 }

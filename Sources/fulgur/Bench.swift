@@ -65,6 +65,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Where --replay-acceptance runs: cuda or cpu (the CPU executor, for tiny presets).") var device: BenchDevice = .cuda
     @Option(name: .customLong("drafter-tp"), help: "With --replay-acceptance and --tp N: N (the default) splits the drafter over the target's GPUs like the target, 1 runs it whole on GPU 0.")
     var drafterTP: Int?
+    @Option(name: .customLong("verify-tokens"), help: "With --replay-acceptance: what the target verifies, random (the default: the drafter runs, then its guesses are replaced by random tokens, as varied as text can be) or drafted (the random drafter's own guesses, 2-3 distinct ids in 8, which reach fewer experts and make the verify look cheaper).")
+    var verifyTokens: ReplayBenchmark.VerifyTokens = .random
 
     func run() throws {
         try reportingErrors {

@@ -4,6 +4,7 @@ import Fulgur
 import FulgurCUDA
 
 enum BenchDevice: String, ExpressibleByArgument, CaseIterable { case cuda, cpu }
+extension ReplayBenchmark.VerifyTokens: ExpressibleByArgument {}
 
 extension Bench {
     /// `fulgur bench --replay-acceptance`: the preset's target and a random drafter of the
@@ -91,7 +92,7 @@ extension Bench {
         Terminal.status(String(format: "%@ and its drafter ready in %.1f s", modelName, Date().timeIntervalSince(start)))
         let report = try ReplayBenchmark.run(target: executor, drafter: drafter, model: modelName, drafterName: randomDrafter.description,
                                              device: deviceName, acceptance: values, blockSize: block, context: context, rounds: rounds,
-                                             warmupRounds: warmupRounds, log: { Terminal.status($0) })
+                                             warmupRounds: warmupRounds, verifyTokens: verifyTokens, log: { Terminal.status($0) })
         print(report.table)
         if let json { try report.json.write(toFile: json, atomically: true, encoding: .utf8) }
         if timeline, let blockStep = drafter.block as? CUDAExecutor {

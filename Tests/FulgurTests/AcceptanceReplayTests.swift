@@ -181,6 +181,35 @@ private let lengths = [4.3, 5.6, 6.3]
     #expect(d.tokenForwards.isEmpty)
 }
 
+/// `--verify-tokens random` (the default): the drafter still runs every round, the target
+/// verifies whole blocks of random tokens, and the report counts them as varied (a block of the
+/// token and 7 random guesses from the vocabulary: about 8 distinct ids); `drafted` keeps the
+/// drafter's own guesses.
+@Test func replayCanVerifyRandomTokensInsteadOfTheGuesses() throws {
+    let setup = try TinySetup()
+    let vocab = setup.target.plan.spec.vocabSize
+    try #require(vocab >= 64)
+    let (rounds, warmup, context, block) = (20, 2, 16, 8)
+    let report = try ReplayBenchmark.run(target: setup.target, drafter: setup.drafter, model: "tiny", drafterName: "tiny drafter",
+                                         device: "CPU", acceptance: [6.3], blockSize: block, context: context, rounds: rounds,
+                                         warmupRounds: warmup, verifyTokens: .random)
+    #expect(report.verifyTokens == .random)
+    #expect(report.table.contains("verified tokens: random"))
+    let r = try #require(report.results.first)
+    #expect(r.tokens == 126 && r.rounds == rounds)
+    #expect(r.meanDistinctTokens > 7 && r.meanDistinctTokens <= 8)
+    let t = setup.target.calls, d = setup.drafterCalls
+    #expect(t.argmaxes.count == warmup + rounds && t.argmaxes.allSatisfy { $0.tokens == block })
+    #expect(d.argmaxes.count == warmup + rounds)
+    let other = try TinySetup()
+    let drafted = try ReplayBenchmark.run(target: other.target, drafter: other.drafter, model: "tiny", drafterName: "tiny drafter",
+                                          device: "CPU", acceptance: [6.3], blockSize: block, context: context, rounds: rounds, warmupRounds: warmup,
+                                          verifyTokens: .drafted)
+    #expect(drafted.verifyTokens == .drafted)
+    #expect(drafted.table.contains("verified tokens: the drafter's guesses"))
+    #expect(drafted.results.allSatisfy { $0.meanDistinctTokens >= 1 && $0.meanDistinctTokens <= 8 })
+}
+
 @Test func replayedRoundsEmitTheScheduleAndRollBackToIt() throws {
     let setup = try TinySetup()
     let prompt = [1, 17, 42, 99, 3]

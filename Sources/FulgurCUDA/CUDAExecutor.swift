@@ -504,6 +504,19 @@ public final class CUDAExecutor: @unchecked Sendable {
         return graph
     }
 
+    /// Distinct token ids among the `T` rows the last replayed step fed to the next
+    /// (timeReplayedSteps with `advance`: its rows' greedy tokens). The MoE's cost depends on
+    /// how many experts a step's rows reach, and alike rows reach fewer, so a benchmark says
+    /// how varied its rows were.
+    public func distinctFedTokens(_ T: Int) throws -> Int {
+        precondition((1...maxStepTokens).contains(T))
+        try device.makeCurrent()
+        var got = [Int32](repeating: 0, count: T)
+        try got.withUnsafeMutableBytes { try tokens.download(into: $0, stream: stream) }
+        try stream.synchronize()
+        return Set(got).count
+    }
+
     /// Default steps of `timeline` after its untimed ones (the bench reserves positions for them).
     public static let timelineSteps = 20, timelineWarmup = 3
 

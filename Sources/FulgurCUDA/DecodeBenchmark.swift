@@ -10,6 +10,8 @@ public struct DecodeBenchmark: Codable {
         public let tokens: Int
         public let millisecondsPerStep: Double
         public let tokensPerSecond: Double
+        /// Distinct ids among the rows the last timed step fed forward (CUDAExecutor.distinctFedTokens).
+        public let distinctTokens: Int
     }
     public struct Kernel: Codable {
         public let kind: String
@@ -94,7 +96,7 @@ public struct DecodeBenchmark: Codable {
         var steps: [Step] = []
         for T in tokenCounts {
             let ms = try executor.timeReplayedSteps(tokens: T, steps: count, warmup: warmup)
-            steps.append(Step(tokens: T, millisecondsPerStep: ms, tokensPerSecond: Double(T) * 1000 / ms))
+            steps.append(Step(tokens: T, millisecondsPerStep: ms, tokensPerSecond: Double(T) * 1000 / ms, distinctTokens: try executor.distinctFedTokens(T)))
             log(String(format: "T = %d: %.3f ms a step", T, ms))
         }
         let date = ISO8601DateFormatter().string(from: Date()).prefix(10)
@@ -112,9 +114,10 @@ public struct DecodeBenchmark: Codable {
                             Double(bytesPerStep) / 1e6, rooflineMilliseconds, 1000 / rooflineMilliseconds,
                             kernelsPerStep.map { "\($0) kernels" } ?? "\(launchesPerStep) launch entries", prefetch))
         let one = steps.first { $0.tokens == 1 }?.millisecondsPerStep
-        lines.append("tokens/step   ms/step   tokens/s   vs 1-token step")
+        lines.append("tokens/step   ms/step   tokens/s   vs 1-token step   distinct ids in the last step")
         for s in steps {
-            lines.append(String(format: "%11d   %7.3f   %8.1f   %6.2fx", s.tokens, s.millisecondsPerStep, s.tokensPerSecond, s.millisecondsPerStep / (one ?? .nan)))
+            lines.append(String(format: "%11d   %7.3f   %8.1f   %14.2fx   %29d", s.tokens, s.millisecondsPerStep, s.tokensPerSecond,
+                                s.millisecondsPerStep / (one ?? .nan), s.distinctTokens))
         }
         lines.append(String(format: "1-token step at %.1f%% of the roofline", 100 * rooflineFraction))
         lines.append("per kernel family, 1-token step, each launch timed alone (us):")

@@ -169,10 +169,10 @@ struct Bench: ParsableCommand {
                      Double(bytes) / 1e6, copy.readMicros(bytes) / 1e3, copy.gbps, 100 * copy.readMicros(bytes) / 1e3 / whole))
         print(String(format: "all-reduces in the 1-token step: %.3f ms of %.3f (%d per step: two per layer, one for the greedy token)", whole - noComm, whole,
                      split.shards[0].launchCount(of: "comm")))
-        print("tokens/step   ms/step   tokens/s")
+        print("tokens/step   ms/step   tokens/s   distinct ids in the last step")
         for T in sizes {
             let ms = try split.timeReplayedSteps(tokens: T, steps: steps, warmup: warmup)
-            print(String(format: "%11d   %7.3f   %8.1f", T, ms, Double(T) * 1000 / ms))
+            print(String(format: "%11d   %7.3f   %8.1f   %29d", T, ms, Double(T) * 1000 / ms, try split.shards[0].distinctFedTokens(T)))
         }
         print("Every GPU feeds the model's greedy token to its next step (each GPU's candidate from its vocabulary slice, exchanged inside the step).")
     }

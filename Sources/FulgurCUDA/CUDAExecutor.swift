@@ -235,15 +235,15 @@ public final class CUDAExecutor: @unchecked Sendable {
     static let capturedRowsThroughHost = ProcessInfo.processInfo.environment["FULGUR_CAPTURED_ROWS"] == "host"
 
     /// The executor whose `features` hold the rows forward(capturedRowsOf:count:) asks for, where
-    /// this executor can copy them: on this GPU, or on a peer of a tensor-parallel group this GPU
-    /// is in (its PeerAllReduce enabled peer access between all of them). Nil otherwise.
+    /// this executor can copy them: on this GPU, or shard 0 of a tensor-parallel group this GPU
+    /// is in (its PeerAllReduce enabled peer access between the GPUs' primary contexts, which
+    /// every executor on them uses). Nil otherwise.
     func featureSource(_ source: any Executor, count: Int) -> CUDAExecutor? {
         guard !Self.capturedRowsThroughHost else { return nil }
         let found: CUDAExecutor
         if let s = source as? CUDAExecutor, s.device.ordinal == device.ordinal {
             found = s
-        } else if let split = source as? CUDATensorParallel,
-                  split.shards[0].device.ordinal == device.ordinal || split.group.devices.contains(where: { $0.ordinal == device.ordinal }) {
+        } else if let split = source as? CUDATensorParallel, split.group.devices.contains(where: { $0.ordinal == device.ordinal }) {
             found = split.shards[0]
         } else {
             return nil

@@ -175,6 +175,22 @@ struct Bench: ParsableCommand {
             print(String(format: "%11d   %7.3f   %8.1f   %29d", T, ms, Double(T) * 1000 / ms, try split.shards[0].distinctFedTokens(T)))
         }
         print("Every GPU feeds the model's greedy token to its next step (each GPU's candidate from its vocabulary slice, exchanged inside the step).")
+        // The same step sizes as a decoder calls them: argmax from the host (tokens up, one graph
+        // a GPU, the ids down), random distinct tokens, the cache rewound after each call.
+        let rewind = split.length
+        for T in sizes where T > 1 && split.length + T <= split.maxPositions {
+            var seconds: [Double] = []
+            for i in 0..<(warmup + steps) {
+                let block = (0..<T).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                _ = try split.argmax(block)
+                if i >= warmup { seconds.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9) }
+                split.truncate(to: rewind)
+            }
+            seconds.sort()
+            print(String(format: "argmax of %d random tokens called from the host: median %.3f ms (the host clock around the call, %d calls)", T,
+                         1e3 * seconds[seconds.count / 2], seconds.count))
+        }
     }
 
     /// GPUs 0 ..< --tp, or an error that says how many there are.

@@ -20,8 +20,9 @@ struct Bench: ParsableCommand {
             number of tokens a round emits is REPLAYED from a fixed schedule whose mean is the requested acceptance \
             length (bonus token included); tokens/s and ms per round (draft / verify / other) are printed per value. \
             --device cpu runs this mode on the CPU executor (tiny presets, for tests). With --tp N the target is \
-            split over N GPUs (or N CPU shards with --device cpu) and the drafter runs whole on GPU 0, or split like \
-            the target with --drafter-tp N.
+            split over N GPUs (or N CPU shards with --device cpu) and the drafter split the same way, or whole on \
+            GPU 0 with --drafter-tp 1. The target verifies random tokens in place of the random drafter's guesses \
+            (--verify-tokens).
             """)
 
     @Option(help: "A preset name or a checkpoint path.") var model = "gpt-oss-20b"
@@ -44,7 +45,7 @@ struct Bench: ParsableCommand {
     @Option(name: .customLong("moe-version"), help: "MoE kernels for MXFP4 experts: 7 (gate_up and down launches, warps streaming whole units, routed once; the default), 4 (the same, each block routing), 2 (one persistent launch), 3 or 1 (earlier versions).") var moeVersion = CUDAMoE.defaultVersion
     @Option(help: "Warming L2 with the next layer's dense weights during each MoE: off, normal, evict-last; several comma-separated run one after another.")
     var prefetch = "off"
-    @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step); with --replay-acceptance, the target (the drafter stays on GPU 0 unless --drafter-tp).")
+    @Option(help: "Split the model over this many GPUs (tensor parallelism; the peer all-reduce inside each step); with --replay-acceptance, the target (and the drafter, unless --drafter-tp 1).")
     var tp = 1
     @Option(help: "Time one tensor-parallel shard alone on one GPU, as R/N (shard R of N, e.g. 0/4): what each GPU of --tp N computes, without the all-reduces (its tokens are not the model's). Works with --timeline.")
     var shard: String?
@@ -65,7 +66,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Where --replay-acceptance runs: cuda or cpu (the CPU executor, for tiny presets).") var device: BenchDevice = .cuda
     @Option(name: .customLong("drafter-tp"), help: "With --replay-acceptance and --tp N: N (the default) splits the drafter over the target's GPUs like the target, 1 runs it whole on GPU 0.")
     var drafterTP: Int?
-    @Option(name: .customLong("verify-tokens"), help: "With --replay-acceptance: what the target verifies, random (the default: the drafter runs, then its guesses are replaced by random tokens, as varied as text can be) or drafted (the random drafter's own guesses, 2-3 distinct ids in 8, which reach fewer experts and make the verify look cheaper).")
+    @Option(name: .customLong("verify-tokens"), help: "With --replay-acceptance: what the target verifies, random (the default: the drafter runs, then its guesses are replaced by random tokens, as varied as text can be) or drafted (the random drafter's own guesses, 2 to 3.2 distinct ids in 8, which reach fewer experts and make the verify look cheaper).")
     var verifyTokens: ReplayBenchmark.VerifyTokens = .random
 
     func run() throws {

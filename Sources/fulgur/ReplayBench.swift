@@ -21,8 +21,8 @@ extension Bench {
         guard compareLogits == nil else { throw FulgurError(.usage, "--compare-logits does not combine with --replay-acceptance") }
         guard !dryRun else { throw FulgurError(.usage, "--dry-run does not combine with --replay-acceptance (it prints a memory plan and runs nothing)") }
         guard tp >= 1 else { throw FulgurError(.usage, "--tp must be at least 1, got \(tp)") }
-        // Split like the target unless told: on 2 H200 that drafted in 0.93-0.99 ms a round where
-        // the whole drafter on GPU 0 took 1.26 (twenty-sixth session).
+        // Split like the target unless told: on 2 H200 that drafted in 0.89-0.99 ms a round where
+        // the whole drafter on GPU 0 took 1.25-1.26 (twenty-sixth session).
         let drafterTP = self.drafterTP ?? tp
         guard drafterTP == 1 || drafterTP == tp else {
             throw FulgurError(.usage, "--drafter-tp is 1 (the drafter whole on the first GPU) or the target's --tp (\(tp)); got \(drafterTP)")

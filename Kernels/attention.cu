@@ -21,6 +21,10 @@
 namespace attention {
 
 constexpr int kThreads = 128, kChunk = 64, kMaxSplits = 16, kMaxGroup = 16;
+// A block per KV head's group (version 3) takes up to kMaxGroupedSplits shares of a long range
+// (CUDAExecutor's long-context steps); its merge reads them kSplitBatch at a time. A block per
+// query head (version 4) keeps kMaxSplits.
+constexpr int kMaxGroupedSplits = 64, kSplitBatch = 16;
 static_assert(kThreads == 2 * kChunk, "scores: two threads per key of a chunk");
 
 // The keys of share `split` of `splits` for query row t (the kernels' top comments give the range).
@@ -138,9 +142,11 @@ struct FusedPrep {
 
 // Per head of the group: running max, sum and last rescale; in the merge, the shares' weights
 // and the denominator. In the kernel, not in decode<>, so its five instances share one copy.
+template <int MaxSplits>
 struct HeadState {
+    static_assert(MaxSplits % kSplitBatch == 0, "the merge reads whole batches of weights");
     float mrun[kMaxGroup], lrun[kMaxGroup], corr[kMaxGroup];
-    float weight[kMaxGroup][kMaxSplits], total[kMaxGroup];
+    float weight[kMaxGroup][MaxSplits], total[kMaxGroup];
     int last;
 };
 
@@ -151,11 +157,11 @@ struct HeadState {
 // same order: the same values), the step's rows taken from shared memory instead of the
 // cache, and one block of each KV head (query head 0 of its group, row 0, split 0) writes them
 // to the cache for later steps. No block of this launch reads those cache rows.
-template <int GMAX, bool PerHead = false>
+template <int GMAX, bool PerHead = false, int MaxSplits = PerHead ? kMaxSplits : kMaxGroupedSplits>
 __device__ __forceinline__ void decode(const float* q, int qStride, const float* cacheK, const float* cacheV, int capacity, int heads,
                                        int kvHeads, int headDim, int valueDim, const int* positions, int T, int window, int causal,
                                        const float* sinks, float scale, float* out, int outStride, float* partial, int* counters,
-                                       float* shared, HeadState& st, const FusedPrep* prep = nullptr) {
+                                       float* shared, HeadState<MaxSplits>& st, const FusedPrep* prep = nullptr) {
     static_assert(!PerHead || GMAX == 1, "a block per query head has a group of one");
     float* mrun = st.mrun;
     float* lrun = st.lrun;
@@ -404,7 +410,7 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
     const float* shares = partial + ((size_t)t * heads + h0) * splits * shareFloats;
     const int headFloats = splits * (int)shareFloats;
     const int room = kChunk * valueDim + kChunk * kStride + ((GMAX * kStride + 3) & ~3) + kChunk * GMAX + GMAX * valueDim;
-    const int perBatch = min(G, (room - 8) / headFloats);  // >= 1: room >= kChunk * valueDim + ..., headFloats <= kMaxSplits * (valueDim + 2)
+    const int perBatch = min(G, (room - 8) / headFloats);  // >= 1: room >= kChunk * valueDim + ..., headFloats <= kChunk * (valueDim + 2)
     for (int g0 = 0; g0 < G; g0 += perBatch) {
         const int nb = min(perBatch, G - g0);
         const float* src = shares + (size_t)g0 * headFloats;
@@ -418,40 +424,51 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
         if (threadIdx.x < nb) {
             const int gl = threadIdx.x, g = g0 + gl;
             const float* own = buf + gl * headFloats;
-            float w[kMaxSplits];  // each share's max, then its weight (splits <= kMaxSplits: CUDAExecutor.attentionSplits)
-#pragma unroll
-            for (int s = 0; s < kMaxSplits; ++s) w[s] = s < splits ? own[s * shareFloats] : -INFINITY;
+            // Each share's max (splits <= MaxSplits: CUDAExecutor.attentionShape), kSplitBatch
+            // loaded at once; then each weight exp(max - M) (0 for an empty share) and the sum.
             float M = sinks ? sinks[h0 + g] : -INFINITY;
+            for (int s0 = 0; s0 < splits; s0 += kSplitBatch) {
+                float w[kSplitBatch];
 #pragma unroll
-            for (int s = 0; s < kMaxSplits; ++s) M = fmaxf(M, w[s]);
+                for (int s = 0; s < kSplitBatch; ++s) w[s] = s0 + s < splits ? own[(s0 + s) * shareFloats] : -INFINITY;
+#pragma unroll
+                for (int s = 0; s < kSplitBatch; ++s) M = fmaxf(M, w[s]);
+            }
             float L = sinks ? expf(sinks[h0 + g] - M) : 0.f;
+            for (int s0 = 0; s0 < splits; s0 += kSplitBatch) {
+                float w[kSplitBatch];
 #pragma unroll
-            for (int s = 0; s < kMaxSplits; ++s) {
-                const bool some = w[s] != -INFINITY;
-                w[s] = some ? expf(w[s] - M) : 0.f;
-                if (some) L += own[s * shareFloats + 1] * w[s];
-                st.weight[gl][s] = w[s];
+                for (int s = 0; s < kSplitBatch; ++s) w[s] = s0 + s < splits ? own[(s0 + s) * shareFloats] : -INFINITY;
+#pragma unroll
+                for (int s = 0; s < kSplitBatch; ++s) {
+                    const bool some = w[s] != -INFINITY;
+                    w[s] = some ? expf(w[s] - M) : 0.f;
+                    if (some) L += own[(s0 + s) * shareFloats + 1] * w[s];
+                    st.weight[gl][s0 + s] = w[s];
+                }
             }
             st.total[gl] = L;
         }
         __syncthreads();
-        // An output's shares and weights all loaded first (predicated, up to kMaxSplits), then
-        // summed in split order, skipping zero weights as before (the same sums). The loop it
+        // An output's shares and weights loaded kSplitBatch at once (predicated), then summed
+        // in split order, skipping zero weights as before (the same sums). The loop it
         // replaces loaded each share behind its weight's test: a shared-memory round trip per
         // share, in series, on 4 warps (MiMo's group of 16 at 16 splits: 24 us a merge).
         for (int i = threadIdx.x; i < nb * valueDim; i += kThreads) {
             const int gl = i / valueDim, d = i - gl * valueDim;
             const float* own = buf + gl * headFloats + 2 + d;
-            float v[kMaxSplits], w[kMaxSplits];
-#pragma unroll
-            for (int s = 0; s < kMaxSplits; ++s) {
-                w[s] = s < splits ? st.weight[gl][s] : 0.f;
-                v[s] = s < splits ? own[s * shareFloats] : 0.f;
-            }
             float o = 0.f;
+            for (int s0 = 0; s0 < splits; s0 += kSplitBatch) {
+                float v[kSplitBatch], w[kSplitBatch];
 #pragma unroll
-            for (int s = 0; s < kMaxSplits; ++s)
-                if (w[s] != 0.f) o += v[s] * w[s];
+                for (int s = 0; s < kSplitBatch; ++s) {
+                    w[s] = s0 + s < splits ? st.weight[gl][s0 + s] : 0.f;
+                    v[s] = s0 + s < splits ? own[(s0 + s) * shareFloats] : 0.f;
+                }
+#pragma unroll
+                for (int s = 0; s < kSplitBatch; ++s)
+                    if (w[s] != 0.f) o += v[s] * w[s];
+            }
             out[(size_t)t * outStride + (h0 + g0 + gl) * valueDim + d] = o / st.total[gl];
         }
     }
@@ -477,7 +494,7 @@ __device__ __forceinline__ void decode(const float* q, int qStride, const float*
 // all G heads. Dynamic shared memory: CUDAExecutor.attentionDecodeSharedBytes (gpt-oss 40 KB,
 // MiMo qk192/v128 with G = 16 108 KB: the host raises the launch limit).
 // partial: [T, heads, splits, valueDim + 2] floats; counters: [T, heads] ints, zero between
-// calls (only each group's first head's is used). valueDim <= 256, splits <= 16.
+// calls (only each group's first head's is used). valueDim <= 256, splits <= 64 (kMaxGroupedSplits).
 // Continuous batching: with `slots` set, the cache holds one sequence per slot, slot-major
 // ([slots, capacity, kvHeads, dim]), and row t reads slot slots[t]'s (causal rows only: a
 // non-causal row's range ends at row T - 1's position, which is one sequence's).
@@ -492,7 +509,7 @@ __device__ __forceinline__ void decode_entry(const float* q, int qStride, const 
                                              const int* slots, const attention::FusedPrep* prep = nullptr) {
     using namespace attention;
     extern __shared__ float4 shared4[];
-    __shared__ HeadState st;
+    __shared__ HeadState<PerHead ? kMaxSplits : kMaxGroupedSplits> st;
     float* shared = reinterpret_cast<float*>(shared4);
     if (slots) {
         cacheK += (size_t)slots[blockIdx.y] * capacity * kvHeads * headDim;

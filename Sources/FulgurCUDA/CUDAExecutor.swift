@@ -60,7 +60,30 @@ public final class CUDAExecutor: @unchecked Sendable {
 
     /// The step: each launch with the kernel family it belongs to (for per-kernel timings).
     private var launches: [(kind: String, run: (Int) throws -> Void)] = []
+    /// Each step's graph, keyed by the token count, plus `longKey` for a long-context step (`StepMode`).
     private var graphs: [Int: CUDAGraph] = [:]
+    private static let longKey = 1 << 16
+    /// What the launch closures read when a step is captured or run: whether it is a
+    /// long-context step (`longContextPositions`).
+    final class StepMode { var long = false }
+    private let stepMode = StepMode()
+    /// Sets `stepMode` for a step of T tokens from `length` on; returns its graph's key.
+    private func setStepMode(tokens T: Int) -> Int {
+        stepMode.long = !slotted && length + T >= Self.longContextPositions
+        return T + (stepMode.long ? Self.longKey : 0)
+    }
+
+    /// Where a call's time went (`traceCalls`): host clock (DispatchTime nanoseconds) on entering
+    /// the call's step, around the graphs' launch and after the wait; the GPU's time between
+    /// events recorded before and after the graphs.
+    public struct CallTiming: Sendable {
+        public var enter: UInt64 = 0, launchStart: UInt64 = 0, launchEnd: UInt64 = 0, done: UInt64 = 0
+        public var gpuMilliseconds = 0.0
+    }
+    /// Records `lastCall` for each argmax call (two events a step; for benchmarks).
+    public var traceCalls = false
+    public private(set) var lastCall = CallTiming()
+    private lazy var callEvents: (CUDAEvent, CUDAEvent)? = try? (device.makeEvent(), device.makeEvent())
     private var keep: [AnyObject] = []  // device objects the launches point into
     private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
     /// Each row's slot of the cache (`slotted`: continuous batching); zeros otherwise.
@@ -373,12 +396,17 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
     public func argmax(_ input: [Int]) throws -> [Int] {
         var result: [Int] = []
+        if traceCalls { lastCall = CallTiming(enter: DispatchTime.now().uptimeNanoseconds) }
         try run(input) { count, isLast in
             guard isLast else { return }
             var got = [Int32](repeating: 0, count: count)
             try got.withUnsafeMutableBytes { try ids.download(into: $0, stream: stream) }
             try stream.synchronize()
             result = got.map { Int($0) }
+        }
+        if traceCalls, let (a, b) = callEvents {
+            lastCall.done = DispatchTime.now().uptimeNanoseconds
+            lastCall.gpuMilliseconds = try b.milliseconds(since: a)
         }
         return result
     }
@@ -414,13 +442,24 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Enqueues one step of `T` tokens (tokens and positions already on the device).
     private func enqueueStep(_ T: Int) throws {
         guard useGraphs else {
+            _ = setStepMode(tokens: T)
             for l in launches { try l.run(T) }
             return
         }
-        if graphs[T] == nil {
-            graphs[T] = try countingKernels(tokens: T) { try CUDAGraph(capturing: stream) { for l in launches { try l.run(T) } } }
+        let key = setStepMode(tokens: T)
+        if graphs[key] == nil {
+            graphs[key] = try countingKernels(tokens: T) { try CUDAGraph(capturing: stream) { for l in launches { try l.run(T) } } }
         }
-        try graphs[T]!.launch(stream)
+        let trace = traceCalls ? callEvents : nil
+        if let (a, _) = trace {
+            try a.record(stream)
+            lastCall.launchStart = DispatchTime.now().uptimeNanoseconds
+        }
+        try graphs[key]!.launch(stream)
+        if let (_, b) = trace {
+            lastCall.launchEnd = DispatchTime.now().uptimeNanoseconds
+            try b.record(stream)
+        }
     }
 
     // MARK: Benchmark support
@@ -476,6 +515,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         let pos = (0..<T).map { Int32(length + $0) }
         try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
         try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+        _ = setStepMode(tokens: T)
         func capture() throws -> CUDAGraph {
             try CUDAGraph(capturing: self.stream) {
                 for l in self.launches where !skipping.contains(l.kind) {
@@ -586,6 +626,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         let ints = [Int32](repeating: 1, count: T), pos = (0..<T).map { Int32(length + $0) }
         try ints.withUnsafeBytes { try tokens.upload($0, stream: stream) }
         try pos.withUnsafeBytes { try positions.upload($0, stream: stream) }
+        _ = setStepMode(tokens: T)
         let events = try (0...launches.count).map { _ in try device.makeEvent() }
         var times = [[Double]](repeating: [], count: launches.count)
         for _ in 0..<(rounds + 2) {
@@ -613,9 +654,18 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// (Fewer at large steps, to fill the GPU about 8 blocks an SM deep instead of 15 waves at
     /// 16 tokens, measured slower on an H200: 8.50 / 19.35 ms against 8.40 / 18.91 for 8 / 16.)
     public static func attentionSplits(_ capacity: Int) -> Int { min(attentionMaxSplits, max(1, (capacity + 127) / 128)) }
-    /// The most splits either attention kernel takes (kMaxSplits in Kernels/attention.cu); the
-    /// shares buffer is sized for it.
+    /// The most splits version 2 and version 4 take (kMaxSplits in Kernels/attention.cu).
     public static let attentionMaxSplits = 16
+    /// The most splits version 3 takes (kMaxGroupedSplits): in long-context steps; the shares
+    /// buffer is sized for it where such steps can happen.
+    public static let groupedLongMaxSplits = 64
+    /// Single-sequence steps that reach this many positions are long-context steps: their
+    /// layers whose cache holds as many (full attention, not a sliding window's ring) run
+    /// version 3 at every token count, with up to `groupedLongMaxSplits` splits. At 1-3 tokens
+    /// version 4 (a block per query head) reads each key once per query head, and both
+    /// versions' blocks walk their share in 64-key chunks one after another, so their time grew
+    /// with the context. `FULGUR_ATTENTION_LONG=N` sets the threshold (0: every step is long).
+    public static let longContextPositions = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_LONG"] ?? "") ?? 8192
 
     /// Version 3's entry for a group of heads / kvHeads query heads: attention_decode_g<GMAX>, the
     /// group rounded up to a power of two (1, 2, 4, 8, 16).
@@ -679,9 +729,13 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// `fusedPrep`: steps the executor gives attention_decode_h1p (`prepInAttention`) run it on
     /// version 4's grid, their splits cut to a wave of whichever of the two fits fewer blocks;
     /// other steps keep version 4's own wave.
+    ///
+    /// The closure's second argument says whether the step is a long-context step; it then
+    /// takes version 3 at every T when `capacity` reaches `longContextPositions`
+    /// (`longLayer(capacity:)`), with up to `groupedLongMaxSplits` splits, still one wave.
     public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, valueDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule,
                                       fusedPrep: Bool = true) throws
-        -> (Int) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
+        -> (Int, Bool) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
         let splits = attentionSplits(capacity)
         // Versions 3 and 4 split finer (version 3 a share of at least 32 keys: a sliding layer's
         // ring of 144 gets 5, not 2; version 4 one 64-key chunk), then cut to one wave.
@@ -719,7 +773,11 @@ public final class CUDAExecutor: @unchecked Sendable {
         // Version 2's dynamic shared memory: q, then the merge's shares (splits * (valueDim + 2)
         // floats, plus 8 for the copy's widening to 16-byte bounds).
         let v2Shared = 4 * max(headDim, splits * (valueDim + 2) + 8)
-        return { T in
+        let longSplits = min(groupedLongMaxSplits, max(1, (capacity + 31) / 32))
+        return { T, long in
+            if long && longLayer(capacity: capacity) {
+                return (grouped, (kvHeads, T, min(longSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
+            }
             if groupedAttention(tokens: T) {
                 return (grouped, (kvHeads, T, min(groupedSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
             }
@@ -728,6 +786,9 @@ public final class CUDAExecutor: @unchecked Sendable {
             return ("attention_decode_h1", (heads, T, min(perHeadSplits, max(1, wave / (heads * T)))), perHeadShared)
         }
     }
+
+    /// Whether a layer whose cache holds `capacity` positions runs version 3 in long-context steps.
+    public static func longLayer(capacity: Int) -> Bool { capacity >= longContextPositions }
 
     /// attention_decode's dynamic shared memory for a layer (Kernels/attention.cu, `decode`):
     /// the V and K rows of a 64-key chunk (key rows padded), then q, probabilities and outputs of
@@ -810,9 +871,12 @@ public final class CUDAExecutor: @unchecked Sendable {
         keep += [x, h, out, qkv, attn, gu, act, arrivals]
         // Attention's per-split results and arrival counters, shared by every layer (one runs
         // at a time); the counters start at zero and the kernel leaves them there.
+        // Up to 64 splits only where a long-context step can happen (a single sequence's cache
+        // reaching the threshold), else 16.
         var partialFloats = 1, counterCount = 1
+        let maxSplits = !slotted && Self.longLayer(capacity: maxPositions) ? Self.groupedLongMaxSplits : Self.attentionMaxSplits
         for l in spec.layers {
-            partialFloats = max(partialFloats, S * l.attention.heads * Self.attentionMaxSplits * (l.attention.valueHeadDim + 2))
+            partialFloats = max(partialFloats, S * l.attention.heads * maxSplits * (l.attention.valueHeadDim + 2))
             counterCount = max(counterCount, S * l.attention.heads)
         }
         let partial = try device.allocate(4 * partialFloats), counters = try device.allocate(4 * counterCount)
@@ -973,8 +1037,10 @@ public final class CUDAExecutor: @unchecked Sendable {
             // slower (gpt-oss-20b 1.800 -> 1.818 ms, MiMo-V2-Flash 5.018 -> 5.078) where one GPU
             // gained 0.6-1.1% (Kernels/NOTES.md, thirteenth session).
             let fusedPrep = attend && rowSlots == 0 && Self.fusePrep && communicator == nil
+            // A long-context step's full-range layers run version 3, attention_prep before it.
+            let mode = stepMode, longLayer = Self.longLayer(capacity: cache.capacity)
             add("attention") { T in
-                if fusedPrep && Self.prepInAttention(tokens: T) { return }
+                if fusedPrep && Self.prepInAttention(tokens: T) && !(mode.long && longLayer) { return }
                 try launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
                     .pointer(q), .int32(stride), .pointer(k), .int32(stride), .pointer(v), .int32(stride), .int32(Int32(heads)),
                     .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)), .pointer(qn), .pointer(kn), .float(eps),
@@ -987,8 +1053,8 @@ public final class CUDAExecutor: @unchecked Sendable {
                                                     capacity: cache.capacity, module: module, fusedPrep: fusedPrep)
                 let prepShared = Self.prepSharedBytes(headDim: a.headDim, valueDim: a.valueHeadDim)
                 add("attention") { T in
-                    let l = shape(T)
-                    if fusedPrep && Self.prepInAttention(tokens: T) {
+                    let l = shape(T, mode.long)
+                    if fusedPrep && Self.prepInAttention(tokens: T) && !(mode.long && longLayer) {
                         precondition(l.name == "attention_decode_h1", "attention_decode_h1p takes version 4's grid")
                         try launch("attention_decode_h1p", l.grid, 128, l.sharedBytes + prepShared, [
                             .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),

@@ -80,7 +80,8 @@ struct LayerKernels {
     }
 
     func launch(_ name: String, _ grid: (Int, Int, Int), _ block: Int, _ shared: Int, _ args: [KernelModule.Argument]) throws {
-        try module.launch(functions[name]!, grid: grid, block: (block, 1, 1), sharedBytes: shared, stream: stream, overlapPrevious: true, args)
+        guard let f = functions[name] else { throw FulgurError(.usage, "gpu-check layer: kernel \(name) is not in LayerKernels' list") }
+        try module.launch(f, grid: grid, block: (block, 1, 1), sharedBytes: shared, stream: stream, overlapPrevious: true, args)
     }
 
     /// A device copy; synchronous (and the device synchronized before launching, so copies the
@@ -308,7 +309,7 @@ let attentionCases: [AttentionCase] = [
     AttentionCase(name: "gpt-oss sliding 64/8 heads d64 sinks", heads: 64, kvHeads: 8, headDim: 64, valueDim: 64, window: 128, sinks: true,
                   causal: true, qkNorm: false, rope: yarnLike(), valueScale: 1, maxPositions: 4096, starts: [0, 5, 427, 1000]),
     AttentionCase(name: "gpt-oss full 64/8 heads d64 sinks", heads: 64, kvHeads: 8, headDim: 64, valueDim: 64, window: nil, sinks: true,
-                  causal: true, qkNorm: false, rope: yarnLike(), valueScale: 1, maxPositions: 4096, starts: [0, 3000]),
+                  causal: true, qkNorm: false, rope: yarnLike(), valueScale: 1, maxPositions: 8192, starts: [0, 7000]),
     AttentionCase(name: "MiMo sliding 4/1 heads qk192 v128 rope64 sinks", heads: 4, kvHeads: 1, headDim: 192, valueDim: 128, window: 128, sinks: true,
                   causal: true, qkNorm: false, rope: .standard(theta: 10_000, rotaryDim: 64), valueScale: 0.707, maxPositions: 4096,
                   starts: [0, 427, 1000]),
@@ -321,6 +322,10 @@ let attentionCases: [AttentionCase] = [
     AttentionCase(name: "MiMo full 64/4 heads qk192 v128 rope64 sinks", heads: 64, kvHeads: 4, headDim: 192, valueDim: 128, window: nil,
                   sinks: true, causal: true, qkNorm: false, rope: .standard(theta: 5_000_000, rotaryDim: 64), valueScale: 0.707,
                   maxPositions: 1024, starts: [0, 700]),
+    // The same at a long context: long-context steps take version 3 at every T, up to 64 splits.
+    AttentionCase(name: "MiMo full 64/4 heads qk192 v128 rope64 sinks, long", heads: 64, kvHeads: 4, headDim: 192, valueDim: 128, window: nil,
+                  sinks: true, causal: true, qkNorm: false, rope: .standard(theta: 5_000_000, rotaryDim: 64), valueScale: 0.707,
+                  maxPositions: 8192, starts: [5000]),
     AttentionCase(name: "group of 1: 8/8 heads d64 sinks", heads: 8, kvHeads: 8, headDim: 64, valueDim: 64, window: 128, sinks: true,
                   causal: true, qkNorm: false, rope: .standard(theta: 10_000, rotaryDim: 64), valueScale: 1, maxPositions: 4096,
                   starts: [0, 427]),
@@ -351,7 +356,9 @@ let attentionCases: [AttentionCase] = [
 /// the executor runs one sequence's 1-token step; the kernel takes 1-3 tokens) instead of
 /// attention_prep and then the kernel attentionShape picks; the q/k/v rows are then left as
 /// they were.
-func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T: Int, fusedPrep: Bool = false,
+///
+/// `long`: the kernel and grid of a long-context step (CUDAExecutor.longContextPositions).
+func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T: Int, fusedPrep: Bool = false, long: Bool = false,
                     _ rng: inout SeededGenerator) throws -> LayerCase {
     let S = layerStepTokens
     precondition(T <= S && start + T <= a.maxPositions)
@@ -385,7 +392,7 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
     let freq = a.rope.inverseFrequencies.isEmpty ? nil : try k.upload(a.rope.inverseFrequencies)
     let counters = try k.upload([Int32](repeating: 0, count: S * max(heads, 1)))
     let attn = try k.poisoned(4 * T * max(heads, 1) * a.valueDim)
-    let partial = try k.poisoned(4 * T * max(heads, 1) * CUDAExecutor.attentionMaxSplits * (a.valueDim + 2))
+    let partial = try k.poisoned(4 * T * max(heads, 1) * CUDAExecutor.groupedLongMaxSplits * (a.valueDim + 2))
     try k.device.synchronize()
 
     let q = regionBuffer.address + UInt64(4 * qOff), kp = regionBuffer.address + UInt64(4 * kOff), v = regionBuffer.address + UInt64(4 * vOff)
@@ -399,8 +406,8 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
     if a.attend {
         // The kernel and grid the executor launches at this T (version 4 below 4 tokens).
         let shared = try CUDAExecutor.attentionDecodeSharedBytes(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, module: k.module)
-        let l = try CUDAExecutor.attentionShape(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, sharedBytes: shared, capacity: capacity, module: k.module)(T)
-        launched = "\(fusedPrep ? "attention_decode_h1p" : l.name), \(l.grid.2) splits"
+        let l = try CUDAExecutor.attentionShape(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, sharedBytes: shared, capacity: capacity, module: k.module)(T, long)
+        launched = "\(fusedPrep ? "attention_decode_h1p" : l.name), \(l.grid.2) splits\(long && CUDAExecutor.longLayer(capacity: capacity) ? ", long-context step" : "")"
         if fusedPrep {
             precondition(l.name == "attention_decode_h1", "attention_decode_h1p takes version 4's grid")
             let extra = CUDAExecutor.prepSharedBytes(headDim: a.headDim, valueDim: a.valueDim)
@@ -496,6 +503,12 @@ func runLayerChecks(_ device: CUDADevice, _ module: KernelModule, _ stream: CUDA
                 // attention_prep inside version 4 (the executor's single-sequence 1-token path; the kernel takes 1-3).
                 if a.attend && CUDAExecutor.prepKernelTakes(tokens: T) {
                     report([try checkAttention(k, a, start: start, tokens: T, fusedPrep: true, &rng)])
+                }
+                // A long-context step's kernel (version 3 at every T, up to 64 splits) where the
+                // layer's cache is long enough to get it.
+                let capacity = a.window.map { min($0 + layerStepTokens, a.maxPositions) } ?? a.maxPositions
+                if a.attend && CUDAExecutor.longLayer(capacity: capacity) {
+                    report([try checkAttention(k, a, start: start, tokens: T, long: true, &rng)])
                 }
             }
         }

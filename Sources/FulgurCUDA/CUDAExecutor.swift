@@ -64,13 +64,24 @@ public final class CUDAExecutor: @unchecked Sendable {
     private var graphs: [Int: CUDAGraph] = [:]
     private static let longKey = 1 << 16
     /// What the launch closures read when a step is captured or run: whether it is a
-    /// long-context step (`longContextPositions`).
-    final class StepMode { var long = false }
+    /// long-context step, and the threshold (`longContextPositions`).
+    final class StepMode {
+        var long = false
+        var threshold = CUDAExecutor.defaultLongContextPositions
+    }
     private let stepMode = StepMode()
     /// Sets `stepMode` for a step of T tokens from `length` on; returns its graph's key.
     private func setStepMode(tokens T: Int) -> Int {
-        stepMode.long = !slotted && length + T >= Self.longContextPositions
+        stepMode.long = !slotted && length + T >= stepMode.threshold
         return T + (stepMode.long ? Self.longKey : 0)
+    }
+    /// A single sequence's steps that reach this many positions are long-context steps
+    /// (`defaultLongContextPositions`, which `FULGUR_ATTENTION_LONG` sets): their layers whose
+    /// cache holds as many run version 3 with up to 64 splits. Setting it drops the captured
+    /// graphs (gpu-check compares both ways on one executor).
+    public var longContextPositions: Int {
+        get { stepMode.threshold }
+        set { stepMode.threshold = newValue; graphs = [:] }
     }
 
     /// Where a call's time went (`traceCalls`): host clock (DispatchTime nanoseconds) on entering
@@ -548,13 +559,16 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// (timeReplayedSteps with `advance`: its rows' greedy tokens). The MoE's cost depends on
     /// how many experts a step's rows reach, and alike rows reach fewer, so a benchmark says
     /// how varied its rows were.
-    public func distinctFedTokens(_ T: Int) throws -> Int {
+    public func distinctFedTokens(_ T: Int) throws -> Int { Set(try fedTokens(T)).count }
+
+    /// The `T` token ids the last replayed step fed to the next (its rows' greedy tokens).
+    public func fedTokens(_ T: Int) throws -> [Int] {
         precondition((1...maxStepTokens).contains(T))
         try device.makeCurrent()
         var got = [Int32](repeating: 0, count: T)
         try got.withUnsafeMutableBytes { try tokens.download(into: $0, stream: stream) }
         try stream.synchronize()
-        return Set(got).count
+        return got.map { Int($0) }
     }
 
     /// Default steps of `timeline` after its untimed ones (the bench reserves positions for them).
@@ -665,7 +679,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// version 4 (a block per query head) reads each key once per query head, and both
     /// versions' blocks walk their share in 64-key chunks one after another, so their time grew
     /// with the context. `FULGUR_ATTENTION_LONG=N` sets the threshold (0: every step is long).
-    public static let longContextPositions = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_LONG"] ?? "") ?? 8192
+    public static let defaultLongContextPositions = Int(ProcessInfo.processInfo.environment["FULGUR_ATTENTION_LONG"] ?? "") ?? 8192
 
     /// Version 3's entry for a group of heads / kvHeads query heads: attention_decode_g<GMAX>, the
     /// group rounded up to a power of two (1, 2, 4, 8, 16).
@@ -730,9 +744,9 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// version 4's grid, their splits cut to a wave of whichever of the two fits fewer blocks;
     /// other steps keep version 4's own wave.
     ///
-    /// The closure's second argument says whether the step is a long-context step; it then
-    /// takes version 3 at every T when `capacity` reaches `longContextPositions`
-    /// (`longLayer(capacity:)`), with up to `groupedLongMaxSplits` splits, still one wave.
+    /// The closure's second argument says whether the layer runs long in this step (a
+    /// long-context step, and the layer's cache holds at least the threshold): then version 3
+    /// at every T, with up to `groupedLongMaxSplits` splits, still one wave.
     public static func attentionShape(heads: Int, kvHeads: Int, headDim: Int, valueDim: Int, sharedBytes: Int, capacity: Int, module: KernelModule,
                                       fusedPrep: Bool = true) throws
         -> (Int, Bool) -> (name: String, grid: (Int, Int, Int), sharedBytes: Int) {
@@ -775,7 +789,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         let v2Shared = 4 * max(headDim, splits * (valueDim + 2) + 8)
         let longSplits = min(groupedLongMaxSplits, max(1, (capacity + 31) / 32))
         return { T, long in
-            if long && longLayer(capacity: capacity) {
+            if long {
                 return (grouped, (kvHeads, T, min(longSplits, max(1, resident / (kvHeads * T)))), sharedBytes)
             }
             if groupedAttention(tokens: T) {
@@ -787,8 +801,9 @@ public final class CUDAExecutor: @unchecked Sendable {
         }
     }
 
-    /// Whether a layer whose cache holds `capacity` positions runs version 3 in long-context steps.
-    public static func longLayer(capacity: Int) -> Bool { capacity >= longContextPositions }
+    /// Whether a layer whose cache holds `capacity` positions runs version 3 in long-context
+    /// steps at the default threshold (gpu-check picks its long cases by it).
+    public static func longLayer(capacity: Int) -> Bool { capacity >= defaultLongContextPositions }
 
     /// attention_decode's dynamic shared memory for a layer (Kernels/attention.cu, `decode`):
     /// the V and K rows of a 64-key chunk (key rows padded), then q, probabilities and outputs of
@@ -871,10 +886,10 @@ public final class CUDAExecutor: @unchecked Sendable {
         keep += [x, h, out, qkv, attn, gu, act, arrivals]
         // Attention's per-split results and arrival counters, shared by every layer (one runs
         // at a time); the counters start at zero and the kernel leaves them there.
-        // Up to 64 splits only where a long-context step can happen (a single sequence's cache
-        // reaching the threshold), else 16.
+        // Up to 64 splits where a long-context step can happen (a single sequence's cache: the
+        // threshold can be set later), else 16.
         var partialFloats = 1, counterCount = 1
-        let maxSplits = !slotted && Self.longLayer(capacity: maxPositions) ? Self.groupedLongMaxSplits : Self.attentionMaxSplits
+        let maxSplits = !slotted ? Self.groupedLongMaxSplits : Self.attentionMaxSplits
         for l in spec.layers {
             partialFloats = max(partialFloats, S * l.attention.heads * maxSplits * (l.attention.valueHeadDim + 2))
             counterCount = max(counterCount, S * l.attention.heads)
@@ -1038,9 +1053,9 @@ public final class CUDAExecutor: @unchecked Sendable {
             // gained 0.6-1.1% (Kernels/NOTES.md, thirteenth session).
             let fusedPrep = attend && rowSlots == 0 && Self.fusePrep && communicator == nil
             // A long-context step's full-range layers run version 3, attention_prep before it.
-            let mode = stepMode, longLayer = Self.longLayer(capacity: cache.capacity)
+            let mode = stepMode, capacity = cache.capacity
             add("attention") { T in
-                if fusedPrep && Self.prepInAttention(tokens: T) && !(mode.long && longLayer) { return }
+                if fusedPrep && Self.prepInAttention(tokens: T) && !(mode.long && capacity >= mode.threshold) { return }
                 try launch("attention_prep", (heads + a.kvHeads, T, 1), 128, 4 * a.headDim, [
                     .pointer(q), .int32(stride), .pointer(k), .int32(stride), .pointer(v), .int32(stride), .int32(Int32(heads)),
                     .int32(Int32(a.kvHeads)), .int32(Int32(a.headDim)), .int32(Int32(a.valueHeadDim)), .pointer(qn), .pointer(kn), .float(eps),
@@ -1053,8 +1068,9 @@ public final class CUDAExecutor: @unchecked Sendable {
                                                     capacity: cache.capacity, module: module, fusedPrep: fusedPrep)
                 let prepShared = Self.prepSharedBytes(headDim: a.headDim, valueDim: a.valueHeadDim)
                 add("attention") { T in
-                    let l = shape(T, mode.long)
-                    if fusedPrep && Self.prepInAttention(tokens: T) && !(mode.long && longLayer) {
+                    let long = mode.long && capacity >= mode.threshold
+                    let l = shape(T, long)
+                    if fusedPrep && Self.prepInAttention(tokens: T) && !long {
                         precondition(l.name == "attention_decode_h1", "attention_decode_h1p takes version 4's grid")
                         try launch("attention_decode_h1p", l.grid, 128, l.sharedBytes + prepShared, [
                             .pointer(q), .int32(stride), .pointer(cache.keys.address), .pointer(cache.values.address), .int32(Int32(cache.capacity)),

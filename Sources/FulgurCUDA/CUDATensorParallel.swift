@@ -126,6 +126,11 @@ extension CUDATensorParallel: Executor {
         set { shards[0].captureLayers = newValue }
     }
     public var capturedFeatures: [Float] { get throws { try shards[0].capturedFeatures } }
+    /// CUDAExecutor.longContextPositions, on every shard.
+    public var longContextPositions: Int {
+        get { shards[0].longContextPositions }
+        set { for s in shards { s.longContextPositions = newValue } }
+    }
     public func canTruncate(to position: Int) -> Bool { shards.allSatisfy { $0.canTruncate(to: position) } }
     public func truncate(to position: Int) { for s in shards { s.truncate(to: position) } }
     public func reset() { for s in shards { s.reset() } }

@@ -357,7 +357,7 @@ let attentionCases: [AttentionCase] = [
 /// attention_prep and then the kernel attentionShape picks; the q/k/v rows are then left as
 /// they were.
 ///
-/// `long`: the kernel and grid of a long-context step (CUDAExecutor.longContextPositions).
+/// `long`: the kernel and grid of a long-context step (CUDAExecutor.longContextPositions, at the default threshold).
 func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T: Int, fusedPrep: Bool = false, long: Bool = false,
                     _ rng: inout SeededGenerator) throws -> LayerCase {
     let S = layerStepTokens
@@ -406,7 +406,7 @@ func checkAttention(_ k: LayerKernels, _ a: AttentionCase, start: Int, tokens T:
     if a.attend {
         // The kernel and grid the executor launches at this T (version 4 below 4 tokens).
         let shared = try CUDAExecutor.attentionDecodeSharedBytes(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, module: k.module)
-        let l = try CUDAExecutor.attentionShape(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, sharedBytes: shared, capacity: capacity, module: k.module)(T, long)
+        let l = try CUDAExecutor.attentionShape(heads: heads, kvHeads: a.kvHeads, headDim: a.headDim, valueDim: a.valueDim, sharedBytes: shared, capacity: capacity, module: k.module)(T, long && CUDAExecutor.longLayer(capacity: capacity))
         launched = "\(fusedPrep ? "attention_decode_h1p" : l.name), \(l.grid.2) splits\(long && CUDAExecutor.longLayer(capacity: capacity) ? ", long-context step" : "")"
         if fusedPrep {
             precondition(l.name == "attention_decode_h1", "attention_decode_h1p takes version 4's grid")

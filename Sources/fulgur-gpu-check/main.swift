@@ -1,7 +1,7 @@
 // Checks and times the CUDA kernels on a GPU machine (scripts/gpu-check runs it there):
 // every kernel against the CPU executor on fresh random inputs, then device-to-device copy
 // bandwidth and each kernel's achieved bandwidth, timed with events after warm-up.
-// Arguments name the kernel families to check (executor, speculative, layer, batch, moe, comm, gemv,
+// Arguments name the kernel families to check (executor, speculative, layer, batch, long, moe, comm, gemv,
 // random, tp); none checks all but tp (comm, and random's split models, only where there are at
 // least 2 GPUs).
 // Exits 1 on any mismatch, 2 when the GPU or the kernels cannot be used, 3 when a comm phase hangs.
@@ -188,7 +188,8 @@ func run() throws -> Bool {
         ? try runSpeculativeChecks(device, module) && capturedRowsChecks(DeviceGroup(ordinals: [0])) : true
     let layerPassed = families.isEmpty || families.contains("layer") ? try runLayerChecks(device, module, stream, seed: seed + 2000) : true
     let batchPassed = families.isEmpty || families.contains("batch") ? try runBatchChecks(device, module, seed: seed + 4000) : true
-    let executorPassed = wholeModel && speculative && layerPassed && batchPassed
+    let longPassed = families.isEmpty || families.contains("long") ? try runLongContextChecks(device, module) : true
+    let executorPassed = wholeModel && speculative && layerPassed && batchPassed && longPassed
     let moePassed = families.isEmpty || families.contains("moe") ? try runMoE(device, module, stream, copy: copy, seed: seed + 1000) : true
     let commPassed = families.isEmpty || families.contains("comm") ? try runCommChecks(seed: seed + 3000) : true
     let tpPassed = families.contains("tp") ? try runTensorParallelChecks() : true

@@ -2,8 +2,8 @@
 // full-attention layers) against the old path, on the same executor and the same random weights
 // at a published shape (made on the GPU): a prompt, then an 8-token block's logits and a 1-token
 // step's, then 20 replayed 8-token steps, whose fed-forward tokens must be the same both ways.
-// gpu-check layer checks the kernels alone; this catches what only a whole, many-layer step
-// shows (a merge as its own launch passed the layer check and still made a 24-layer
+// gpu-check layer checks the kernels alone; this is meant to catch what only a whole, many-layer
+// step shows (a merge as its own launch passed the layer check and still made a 24-layer
 // gpt-oss-20b's replayed rows collapse to one token: Kernels/NOTES.md, twenty-seventh session).
 import Foundation
 import Fulgur

@@ -361,7 +361,14 @@ public final class CUDAExecutor: @unchecked Sendable {
 
     public func sharingCache(plan other: Plan) throws -> any Executor {
         try oneSequence()
-        return try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch, sharing: self)
+        return try derived(CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch,
+                                        sharing: self))
+    }
+
+    /// An executor made from this one, with this one's long-context threshold.
+    private func derived(_ e: CUDAExecutor) -> CUDAExecutor {
+        e.longContextPositions = longContextPositions
+        return e
     }
 
     /// `sharingCache(plan:)` over the device copies of the weights of `weightsOf`, a CUDA
@@ -370,8 +377,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     public func sharingCache(plan other: Plan, weightsOf: any Executor) throws -> any Executor {
         guard let owner = weightsOf as? CUDAExecutor, owner.communicator == nil else { return try sharingCache(plan: other) }
         try oneSequence()
-        return try CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch,
-                                sharing: self, sharingWeightsOf: owner)
+        return try derived(CUDAExecutor(plan: other, device: device, module: module, maxStepTokens: maxStepTokens, moeVersion: moeVersion, prefetch: prefetch,
+                                        sharing: self, sharingWeightsOf: owner))
     }
 
     /// Whether this executor runs on the same device copies of its weights as `other`
@@ -387,8 +394,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     private func sibling(slots: Int, slotted: Bool) throws -> CUDAExecutor {
         guard communicator == nil else { throw FulgurError(.unsupported, "CUDA executor: sharing a tensor-parallel shard's weights") }
         guard slots >= 1 else { throw FulgurError(.usage, "a cache of at least one slot, got \(slots)") }
-        return try CUDAExecutor(plan: plan, device: device, module: module, maxPositions: maxPositions, maxStepTokens: maxStepTokens,
-                                moeVersion: moeVersion, prefetch: prefetch, slots: slots, slotted: slotted, sharingWeightsOf: self)
+        return try derived(CUDAExecutor(plan: plan, device: device, module: module, maxPositions: maxPositions, maxStepTokens: maxStepTokens,
+                                        moeVersion: moeVersion, prefetch: prefetch, slots: slots, slotted: slotted, sharingWeightsOf: self))
     }
 
     public func sharingWeights() throws -> any Executor { try sibling(slots: 1, slotted: false) }
@@ -415,7 +422,7 @@ public final class CUDAExecutor: @unchecked Sendable {
             try stream.synchronize()
             result = got.map { Int($0) }
         }
-        if traceCalls, let (a, b) = callEvents {
+        if traceCalls, lastCall.launchStart != 0, let (a, b) = callEvents {  // events recorded (graphs in use)
             lastCall.done = DispatchTime.now().uptimeNanoseconds
             lastCall.gpuMilliseconds = try b.milliseconds(since: a)
         }

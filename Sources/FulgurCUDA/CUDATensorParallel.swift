@@ -100,6 +100,7 @@ public final class CUDATensorParallel: @unchecked Sendable {
                                           moeVersion: s.moeVersion, communicator: s.communicator,
                                           vocabularyStart: other.vocabularySlice(rank: r, of: n).lowerBound, sharing: s))
         }
+        for p in parts { p.longContextPositions = longContextPositions }
         return CUDATensorParallel(plan: other, group: group, shards: parts, allReduce: allReduce, threads: threads)
     }
 

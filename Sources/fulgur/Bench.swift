@@ -159,9 +159,14 @@ struct Bench: ParsableCommand {
         Terminal.status(String(format: "weights on %d GPUs in %.1f s (%.1f GB of device memory in use on GPU 0)", tp, Date().timeIntervalSince(start),
                                Double(group.devices[0].pool.bytesInUse) / 1e9))
         var rng = SeededGenerator(seed: 7)
-        if context > 0 { _ = try split.forward((0..<context).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }, logits: .none) }
+        let prompt = (0..<context).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }
+        if context > 0 { _ = try split.forward(prompt, logits: .none) }
         let whole = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, advance: false)
         let noComm = try split.timeReplayedSteps(tokens: 1, steps: steps, warmup: warmup, skipping: ["comm"], advance: false)
+        // Those two wrote the positions after the prompt into the sliding layers' rings (window +
+        // 16 slots), where the next steps' windows look: the prompt again.
+        split.reset()
+        if context > 0 { _ = try split.forward(prompt, logits: .none) }
         try group.makeCurrent(0)
         let copy = try CopyBandwidth(group.devices[0], try group.devices[0].makeStream())
         let bytes = split.shards.map(\.bytesPerDecodeStep).max()!

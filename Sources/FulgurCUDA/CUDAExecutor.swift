@@ -84,11 +84,11 @@ public final class CUDAExecutor: @unchecked Sendable {
         set { stepMode.threshold = newValue; graphs = [:] }
     }
 
-    /// Where a call's time went (`traceCalls`): host clock (DispatchTime nanoseconds) on entering
-    /// the call's step, around the graphs' launch and after the wait; the GPU's time between
-    /// events recorded before and after the graphs.
+    /// Where a call's time went (`traceCalls`): host clock (DispatchTime nanoseconds) around the
+    /// graph's launch and after the wait; the GPU's time between events recorded before and after
+    /// the graph.
     public struct CallTiming: Sendable {
-        public var enter: UInt64 = 0, launchStart: UInt64 = 0, launchEnd: UInt64 = 0, done: UInt64 = 0
+        public var launchStart: UInt64 = 0, launchEnd: UInt64 = 0, done: UInt64 = 0
         public var gpuMilliseconds = 0.0
     }
     /// Records `lastCall` for each argmax call (two events a step; for benchmarks).
@@ -414,7 +414,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Runs `tokens` and returns the greedy choice after each position of the last chunk.
     public func argmax(_ input: [Int]) throws -> [Int] {
         var result: [Int] = []
-        if traceCalls { lastCall = CallTiming(enter: DispatchTime.now().uptimeNanoseconds) }
+        if traceCalls { lastCall = CallTiming() }
         try run(input) { count, isLast in
             guard isLast else { return }
             var got = [Int32](repeating: 0, count: count)

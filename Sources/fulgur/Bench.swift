@@ -195,19 +195,19 @@ struct Bench: ParsableCommand {
                 let block = (0..<T).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }
                 let t0 = DispatchTime.now().uptimeNanoseconds
                 _ = try split.argmax(block)
-                guard i >= warmup else { split.truncate(to: rewind); continue }
-                seconds.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-                for (r, s) in split.shards.enumerated() {
-                    let c = s.lastCall
-                    func ms(_ t: UInt64) -> Double { (Double(t) - Double(t0)) / 1e6 }
-                    for (k, v) in [ms(c.launchStart), ms(c.launchEnd), ms(c.done), c.gpuMilliseconds].enumerated() { parts[r][k].append(v) }
+                if i >= warmup {
+                    seconds.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+                    for (r, s) in split.shards.enumerated() {
+                        let c = s.lastCall
+                        func ms(_ t: UInt64) -> Double { (Double(t) - Double(t0)) / 1e6 }
+                        for (k, v) in [ms(c.launchStart), ms(c.launchEnd), ms(c.done), c.gpuMilliseconds].enumerated() { parts[r][k].append(v) }
+                    }
                 }
                 split.truncate(to: rewind)
             }
             func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
-            seconds.sort()
             print(String(format: "argmax of %d random tokens called from the host: median %.3f ms (the host clock around the call, %d calls)", T,
-                         1e3 * seconds[seconds.count / 2], seconds.count))
+                         1e3 * median(seconds), seconds.count))
             for r in 0..<tp {
                 print(String(format: "  GPU %d, medians in ms from the call's start: launch begun %.3f, returned %.3f (%.3f in the launch); wait over %.3f; GPU between events %.3f",
                              r, median(parts[r][0]), median(parts[r][1]), median(zip(parts[r][1], parts[r][0]).map { $0 - $1 }), median(parts[r][2]), median(parts[r][3])))

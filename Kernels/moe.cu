@@ -1699,7 +1699,7 @@ __device__ __forceinline__ void products(
     const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups,
     const float* src, const int* xexp, int T, int H, int I, int E, int k, const uint8_t* weights, const float* bias,
     int clamped, float alpha, float limit, float* act, float* partial, int* sync, int* routes, float* out,
-    int windowPairs, int tokensPerSlot, int splits, const int* routed) {
+    int windowPairs, int tokensPerSlot, int splits, const int* routed, int apart = 0) {
     extern __shared__ __align__(128) uint8_t bsm[];
     __shared__ moe2::BlockRoutes br;
     __shared__ int winRow[kMaxPairs], winExp[kMaxPairs];
@@ -1813,8 +1813,9 @@ __device__ __forceinline__ void products(
             };
             if (c > 4) finish(moe::Tokens<2>{});
             else finish(moe::Tokens<1>{});
-            if (Down) {
-                // The tile's last unit over all slots and pieces adds them up.
+            if (Down && !apart) {
+                // The tile's last unit over all slots and pieces adds them up. (With `apart`,
+                // moe7_combine does it in the next launch: see there.)
                 __syncwarp();
                 int last = 0;
                 if (lane == 0) {
@@ -1851,10 +1852,11 @@ __device__ __forceinline__ void products(
     extern "C" __global__ void __launch_bounds__(moe4::kThreads, BLOCKS) DOWN(                                          \
         const float* logits, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, \
         const float* act, int T, int H, int I, int E, int k, const uint8_t* down, const float* downBias, float* partial,  \
-        int* sync, float* out, int windowPairs, int tokensPerSlot, int splits, const int* routed) { FULGUR_TRACE_KERNEL;  \
+        int* sync, float* out, int windowPairs, int tokensPerSlot, int splits, const int* routed,                        \
+        int apart) { FULGUR_TRACE_KERNEL;                                                                               \
         moe4::products<true, DEPTH, ROUTED>(logits, correction, mode, normalize, scaling, groups, topKGroups, act, nullptr, T, H, I, \
                                     E, k, down, downBias, 0, 0.f, 0.f, nullptr, partial, sync, nullptr, out, windowPairs, \
-                                    tokensPerSlot, splits, routed);                                                         \
+                                    tokensPerSlot, splits, routed, apart);                                                  \
     }
 // Versions 5 (depth 4) and 6 (depth 4, routed once, three blocks a multiprocessor at 80
 // registers) were measured and removed: within 2% of versions 4 and 7 at gpt-oss, slower on
@@ -1871,6 +1873,32 @@ extern "C" __global__ void __launch_bounds__(moe4::kThreads, 2) moe7_gate_up_t1(
     moe4::products<false, 8, true, true>(logits, correction, mode, normalize, scaling, groups, topKGroups, x, xexp, T, H, I, E, k,
                                          gateUp, gateUpBias, clamped, alpha, limit, act, nullptr, sync, routes, nullptr, windowPairs,
                                          tokensPerSlot, 1, routed);
+}
+
+// Version 7's down sums as their own launch, after moe7_down ran with `apart` (CUDAMoE's
+// Plan4.combineApart): out[t] = the sum of token t's pairs' partial rows, ascending expert id
+// and piece by piece as the in-kernel combine adds them (moe2::combine, the same code), so out is
+// bit for bit what the in-kernel path writes. Why: in that path every down unit ends with a
+// fence and an arrival counter read back, and the fence waits for every load the warp has in
+// flight, the next unit's weights included, so each unit drained the warp's pipe. At MiMo's
+// shard over 4 GPUs (K = 512: 8 steps a unit) an 8-token call has about 7 units a warp, and
+// its down launch took 43 us for 63 MB (H200 timeline, Kernels/NOTES.md twenty-eighth
+// session). The cost here is one more launch in the chain. routed: moe6_route's BlockRoutes
+// (token t's pairs in ascending expert order); partial [splits, T k, H]. Launch with 128
+// threads (a warp per 16-row tile) and ceil(H / 64) blocks, as a programmatic dependent of
+// moe7_down. Bytes: T k H 4 (splits times) read from L2, T H 4 written: 1.1 MB at 8 tokens.
+extern "C" __global__ void __launch_bounds__(128) moe7_combine(const int* routed, const float* partial, float* out, int T, int H,
+                                                               int k, int splits) {
+    FULGUR_TRACE_KERNEL;
+    __shared__ int tokenPairs[moe::kMaxTokens][moe::kMaxTopK];
+    const auto* br = reinterpret_cast<const moe2::BlockRoutes*>(routed);
+    // routed was written three launches back (moe6_route), before the waits of the two between.
+    for (int i = threadIdx.x; i < T * moe::kMaxTopK; i += blockDim.x) tokenPairs[i / moe::kMaxTopK][i % moe::kMaxTopK] = __ldcg(&br->tokenPairs[0][0] + i);
+    wait_for_previous_kernel();  // partial
+    allow_next_kernel();
+    __syncthreads();
+    const int tile = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (tile < H / 16) moe2::combine(tile, T, H, k, tokenPairs, partial, out, T * k, splits);
 }
 
 // Version 7's router: moe2_route's logits, then the last block to arrive routes every

@@ -61,6 +61,9 @@ public final class CUDAMoE: @unchecked Sendable {
         /// Version 7's gate_up for one token (`moe7_gate_up_t1`: x's B rows as moe6_route staged
         /// them). Nil only with an older fatbin loaded unchecked; gateUp then runs every T.
         let gateUp1: KernelModule.Function?
+        /// Version 7's down sums as their own launch (`moe7_combine`), for the plans that ask
+        /// for it. Nil only with an older fatbin loaded unchecked: down then always sums them.
+        let combine: KernelModule.Function?
         /// Launch plans for calls of 1...16 tokens (index tokens - 1).
         let plans: [Plan4]
     }
@@ -71,6 +74,9 @@ public final class CUDAMoE: @unchecked Sendable {
         let gateBlocks: Int, gateShared: Int, gateWindow: Int
         let downBlocks: Int, downShared: Int, downWindow: Int
         let tokensPerSlot: Int, splits: Int
+        /// Down writes its pairs' rows only and `moe7_combine` sums them in the next launch
+        /// (Kernels/moe.cu says why); else down's last unit of each 16-row tile sums it.
+        var combineApart = false
     }
     static let v4Threads = 256, v4MaxSplits = 2
 
@@ -211,11 +217,13 @@ public final class CUDAMoE: @unchecked Sendable {
             let routedInts = 2048 + 8192
             let routed = routes6 ? try device.allocate(4 * routedInts) : nil
             if let routed { try [Int32](repeating: 0, count: routedInts).withUnsafeBytes { try routed.upload($0) } }
-            let plans = try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k)
+            let combine = routes6 ? try? module.function("moe7_combine") : nil
+            let plans = try Self.plans4(gateUp: experts, down: downFunction, module: module, hidden: H, intermediate: I, topK: k,
+                                        experts: E, combineApart: combine != nil)
             let gateUp1 = routes6 ? try? module.function("moe7_gate_up_t1") : nil
             if let gateUp1 { try module.allowSharedMemory(gateUp1, bytes: plans.map(\.gateShared).max()!) }
             kernels = .v4(Version4(base: base, down: downFunction, route6: routes6 ? try module.function("moe6_route") : nil, routed: routed,
-                                   gateUp1: gateUp1, plans: plans))
+                                   gateUp1: gateUp1, combine: combine, plans: plans))
         } else {
             kernels = .v2(base)
         }
@@ -257,7 +265,8 @@ public final class CUDAMoE: @unchecked Sendable {
                 try [Int32](repeating: 0, count: r.byteCount / 4).withUnsafeBytes { try b.upload($0) }
                 return b
             }
-            kernels = .v4(Version4(base: try fresh(v.base), down: v.down, route6: v.route6, routed: routed, gateUp1: v.gateUp1, plans: v.plans))
+            kernels = .v4(Version4(base: try fresh(v.base), down: v.down, route6: v.route6, routed: routed, gateUp1: v.gateUp1,
+                                   combine: v.combine, plans: v.plans))
         }
     }
 
@@ -270,8 +279,14 @@ public final class CUDAMoE: @unchecked Sendable {
     /// session); an expert chosen by more than 4 of the step's tokens then streams its weights
     /// once per 4. `FULGUR_MOE_SLOT_TOKENS` (4 or 8) overrides, for measurements. Down's K is
     /// split in two at T <= 4, where there are few units to spread.
+    ///
+    /// With `combineApart` (version 7), down leaves its sums to `moe7_combine` when the call can
+    /// have more units than down has warps (so a warp runs several and each one's arrival would
+    /// drain its loads): at most min(E, T k) slots x pieces x H / 16 tiles against 8 warps a
+    /// block. `FULGUR_MOE_COMBINE` = `apart` or `down` sets it for every token count (A/B runs).
     static func plans4(gateUp: KernelModule.Function, down: KernelModule.Function, module: KernelModule,
-                       hidden H: Int, intermediate I: Int, topK k: Int) throws -> [Plan4] {
+                       hidden H: Int, intermediate I: Int, topK k: Int, experts E: Int = maxExperts,
+                       combineApart: Bool = false) throws -> [Plan4] {
         let device = module.device
         let pairG = 256 * ((H + 63) / 64), pairD = 256 * ((I + 63) / 64)
         let staticBytes = max(try module.staticSharedBytes(gateUp), try module.staticSharedBytes(down))
@@ -302,9 +317,16 @@ public final class CUDAMoE: @unchecked Sendable {
             guard g >= 1, d >= 1 else {
                 throw FulgurError(.unsupported, "moe4 kernels with \(wg * pairG) / \(wd * pairD) bytes of shared memory cannot run on \(device.name)")
             }
+            let splits = T <= 4 ? v4MaxSplits : 1, downBlocks = d * device.multiprocessors
+            let units = min(E, T * k) * splits * (H / 16)
+            let apart = switch ProcessInfo.processInfo.environment["FULGUR_MOE_COMBINE"] {
+            case "apart": combineApart
+            case "down": false
+            default: combineApart && units > downBlocks * v4Threads / 32
+            }
             return Plan4(gateBlocks: g * device.multiprocessors, gateShared: wg * pairG, gateWindow: wg,
-                         downBlocks: d * device.multiprocessors, downShared: wd * pairD, downWindow: wd,
-                         tokensPerSlot: tokensPerSlot, splits: T <= 4 ? v4MaxSplits : 1)
+                         downBlocks: downBlocks, downShared: wd * pairD, downWindow: wd,
+                         tokensPerSlot: tokensPerSlot, splits: splits, combineApart: apart)
         }
     }
 
@@ -550,7 +572,7 @@ public final class CUDAMoE: @unchecked Sendable {
         switch kernels {
         case .v1: ["route", "gate_up", "down"]
         case .v2: ["route", "experts"]
-        case .v4: ["route", "gate_up", "down"]
+        case .v4: ["route", "gate_up", "down", "combine"]
         }
     }
 
@@ -567,6 +589,7 @@ public final class CUDAMoE: @unchecked Sendable {
             "version \(version): blocks of \(Self.v4Threads) threads; " + [1, 8, 16].map { t in
                 let p = v.plans[t - 1]
                 return "T = \(t): gate_up \(p.gateBlocks) blocks, \(p.gateShared) bytes (\(p.gateWindow) pairs), down \(p.downBlocks) blocks, \(p.downShared) bytes (\(p.downWindow) pairs), \(p.splits) pieces"
+                    + (p.combineApart ? ", sums apart" : "")
             }.joined(separator: "; ")
         }
     }
@@ -659,7 +682,12 @@ public final class CUDAMoE: @unchecked Sendable {
                               stream: stream, overlapPrevious: overlap, routing + [
                 ptr(b.act), .int32(T), .int32(H), .int32(I), .int32(E), .int32(k), ptr(b.down), ptr(b.downBias), ptr(b.partial),
                 ptr(b.sync), ptr(out), .int32(Int32(plan.downWindow)), .int32(Int32(plan.tokensPerSlot)), .int32(Int32(plan.splits)),
-                ptr(v.routed)])
+                ptr(v.routed), .int32(plan.combineApart ? 1 : 0)])
+            try mark()  // "combine": an empty stage when down sums its tiles itself
+            if plan.combineApart, let combine = v.combine {
+                try module.launch(combine, grid: ((hidden + 63) / 64, 1, 1), block: (128, 1, 1), stream: stream, overlapPrevious: overlap, [
+                    ptr(v.routed), ptr(b.partial), ptr(out), .int32(T), .int32(H), .int32(k), .int32(Int32(plan.splits))])
+            }
         }
         try mark()
     }

@@ -104,6 +104,14 @@ public final class CUDATensorParallel: @unchecked Sendable {
         return CUDATensorParallel(plan: other, group: group, shards: parts, allReduce: allReduce, threads: threads)
     }
 
+    /// Each GPU's timeline of replayed steps of `T` tokens (CUDAExecutor.timeline on every shard
+    /// at once, so the all-reduces inside the steps complete): where a split step's time goes on
+    /// each GPU, the communication kernels included. Needs the trace build of the kernels.
+    public func timelines(tokens T: Int) throws -> [Timeline] {
+        let shards = self.shards
+        return try threads.run { try shards[$0].timeline(tokens: T) }
+    }
+
     /// Milliseconds per replayed step of `T` tokens (CUDAExecutor.timeReplayedSteps on every
     /// shard at once; the slowest shard's time). The greedy tokens are exchanged inside the
     /// step, so every shard feeds the model's own token to its next step, as decoding does.

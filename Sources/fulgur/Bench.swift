@@ -52,7 +52,7 @@ struct Bench: ParsableCommand {
     @Flag(name: .customLong("dry-run"), help: "Print where a preset's weights and KV cache go over --tp GPUs at --context positions, without a GPU or any weights.")
     var dryRun = false
     @Option(help: "Also write the report as JSON to this file.") var json: String?
-    @Flag(help: "Also read each step size's kernels off a timeline (needs the trace build of the kernels: scripts/build-kernels --trace, then FULGUR_KERNELS=Kernels/build/fulgur-trace.fatbin; its records cost the kernels a little). With --replay-acceptance: the drafter's block step.")
+    @Flag(help: "Also read each step size's kernels off a timeline (needs the trace build of the kernels: scripts/build-kernels --trace, then FULGUR_KERNELS=Kernels/build/fulgur-trace.fatbin; its records cost the kernels a little). With --tp: every GPU's step time and GPU 0's kernels. With --replay-acceptance: the drafter's block step.")
     var timeline = false
     @Option(name: .customLong("compare-logits"), help: "A safetensors file with input_ids and logits (recipes/peer/transformers_decode.py --logits-out): run the ids on the GPU first and print the agreement.")
     var compareLogits: String?
@@ -152,7 +152,8 @@ struct Bench: ParsableCommand {
     /// without its all-reduces (their cost in the step).
     func tensorParallel(plan: Plan, name: String, sizes: [Int]) throws {
         let group = try deviceGroup()
-        let warmup = 5, positions = context + sizes.reduce(0) { $0 + $1 * (steps + warmup) } + 16
+        let warmup = 5, timelinePositions = timeline ? sizes.reduce(0) { $0 + $1 * (CUDAExecutor.timelineSteps + CUDAExecutor.timelineWarmup) } : 0
+        let positions = context + sizes.reduce(0) { $0 + $1 * (steps + warmup) } + timelinePositions + 16
         let bar = ProgressBar(label: "Weights to \(tp) GPUs"), start = Date()
         let split = try CUDATensorParallel(plan: plan, group: group, maxPositions: positions, progress: { bar.update($0, $1) })
         bar.finish()
@@ -181,6 +182,13 @@ struct Bench: ParsableCommand {
             print(String(format: "%11d   %7.3f   %8.1f   %29d", T, ms, Double(T) * 1000 / ms, try split.shards[0].distinctFedTokens(T)))
         }
         print("Every GPU feeds the model's greedy token to its next step (each GPU's candidate from its vocabulary slice, exchanged inside the step).")
+        if timeline {
+            for T in sizes {
+                let lines = try split.timelines(tokens: T)
+                print(String(format: "timelines of the %d-token step, us a step by GPU: ", T) + lines.map { String(format: "%.1f", $0.stepMicros) }.joined(separator: ", "))
+                print("GPU 0's " + lines[0].table())
+            }
+        }
         // The same step sizes as a decoder calls them: argmax from the host (tokens up, one graph
         // a GPU, the ids down), random distinct tokens, the cache rewound after each call.
         let rewind = split.length

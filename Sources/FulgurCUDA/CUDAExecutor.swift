@@ -1110,7 +1110,9 @@ public final class CUDAExecutor: @unchecked Sendable {
             default: flushNorm()
             }
             switch op {
-            case .residual, .rmsNorm: break
+            // A layer's end sits between its last all-reduce and the next layer's first norm:
+            // the all-reduce may still do that norm (the capture below allows for it).
+            case .residual, .rmsNorm, .layerEnd: break
             default: pendingAllReduce = nil
             }
             switch op {
@@ -1230,12 +1232,16 @@ public final class CUDAExecutor: @unchecked Sendable {
             case .layerEnd(let layer):
                 // x after this layer, with a residual still pending added on the way, into the
                 // features buffer when the layer is captured (decided when the step is enqueued).
+                // Where the all-reduce before this point does the next layer's residual add and
+                // norm (AllReduceNorm.fuses at T), x already holds that residual: added again it
+                // would be counted twice.
                 let residual = try pendingResidual.map { try address($0) } ?? 0
-                let features = self.features
+                let features = self.features, box = pendingAllReduce
                 add("capture") { [unowned self] T in
                     guard let slot = self.captureSlot.count > layer ? self.captureSlot[layer] : nil else { return }
+                    let pending = try box?.fuses(tokens: T) ?? false ? 0 : residual
                     try launch("capture_rows", (T, 1, 1), 256, 0, [
-                        .pointer(x.address), .pointer(residual), .int32(Int32(hidden)), .pointer(features.address + UInt64(4 * slot * hidden)),
+                        .pointer(x.address), .pointer(pending), .int32(Int32(hidden)), .pointer(features.address + UInt64(4 * slot * hidden)),
                         .int32(Int32(self.captureLayers.count * hidden))])
                 }
                 layersDone += 1

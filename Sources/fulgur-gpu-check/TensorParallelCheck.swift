@@ -46,10 +46,25 @@ func runTensorParallelChecks() throws -> Bool {
             if try split.argmax([tokens.count == 1 ? prompt.last! : tokens[tokens.count - 2]]) != [tb] { argmaxAgrees = false }
             la = try whole.forward([ta]); lb = try split.forward([tb])
         }
-        let passed = error <= tensorParallelTolerance && same && argmaxAgrees
+        // Every layer's hidden states as DFlash captures them, for the prompt (steps of 16 and 8
+        // tokens, where the all-reduce after a layer's feed-forward also does the next layer's
+        // residual add and norm) and one token (where it does not).
+        let layers = Array(0..<model.plan.spec.layerCount)
+        var featureError = 0.0
+        for steps in [[prompt], [prompt, [prompt[0]]]] {
+            whole.reset(); split.reset()
+            whole.captureLayers = layers; split.captureLayers = layers
+            for s in steps { _ = try whole.forward(s, logits: .none); _ = try split.forward(s, logits: .none) }
+            let fa = try whole.capturedFeatures, fb = try split.capturedFeatures
+            let e = fa.count == fb.count && fa.count == steps.last!.count * layers.count * model.plan.spec.hiddenSize
+                ? worstRowError(fb, fa, width: layers.count * model.plan.spec.hiddenSize) : .infinity
+            featureError = e.isNaN || featureError.isNaN ? .nan : max(featureError, e)
+        }
+        whole.captureLayers = []; split.captureLayers = []
+        let passed = error <= tensorParallelTolerance && same && argmaxAgrees && featureError <= tensorParallelTolerance
         if !passed { failures += 1 }
-        print(String(format: "tp: %@ over 2 GPUs: logits vs 1 GPU %.2e (bound %.0e), 16 greedy tokens %@, GPU argmax %@", name, error, tensorParallelTolerance,
-                     same ? "identical" : "DIFFER after \(tokens.count - 1)", argmaxAgrees ? "== gathered argmax" : "DIFFERS from the gathered argmax"))
+        print(String(format: "tp: %@ over 2 GPUs: logits vs 1 GPU %.2e (bound %.0e), 16 greedy tokens %@, GPU argmax %@, captured layers %.2e", name, error, tensorParallelTolerance,
+                     same ? "identical" : "DIFFER after \(tokens.count - 1)", argmaxAgrees ? "== gathered argmax" : "DIFFERS from the gathered argmax", featureError))
     }
     let kernels = try checkSlicedArgmaxKernels(group)
     let speculative = try runTensorParallelSpeculativeChecks(group)

@@ -268,6 +268,11 @@ public final class CUDALinear: @unchecked Sendable {
     /// in more than one wave).
     static let mmaMaxRowBlocks = min(4, max(1, ProcessInfo.processInfo.environment["FULGUR_GEMV_MMA_ROWS"].flatMap { Int($0) } ?? 4))
 
+    /// The share of the clusters that fit at once a product sizes its grid to
+    /// (`FULGUR_GEMV_MMA_FILL`, 0.1-1, default 1), for measuring grids that leave room to
+    /// the kernels resident beside them.
+    static let mmaFill = min(1, max(0.1, ProcessInfo.processInfo.environment["FULGUR_GEMV_MMA_FILL"].flatMap { Double($0) } ?? 1))
+
     /// Clusters (grid.x) of a tensor-core product: as many as fit on the GPU at once, each
     /// taking an equal number (at most gemv::kMmaRowBlocks = 4) of the 64-row blocks.
     private var mmaGrid: [Int: Int] = [:]
@@ -276,7 +281,8 @@ public final class CUDALinear: @unchecked Sendable {
         defer { wideGridLock.unlock() }
         if let g = mmaGrid[index] { return g }
         let rowBlocks = (outFeatures + 63) / 64
-        let resident = max(1, try module.residentBlocksPerMultiprocessor(f, threads: 128, sharedBytes: 0) * module.device.multiprocessors / 8)
+        let fits = try module.residentBlocksPerMultiprocessor(f, threads: 128, sharedBytes: 0) * module.device.multiprocessors / 8
+        let resident = max(1, Int(Double(fits) * Self.mmaFill))
         let perCluster = min(Self.mmaMaxRowBlocks, (rowBlocks + resident - 1) / resident)
         let g = (rowBlocks + perCluster - 1) / perCluster
         mmaGrid[index] = g

@@ -1881,9 +1881,11 @@ extern "C" __global__ void __launch_bounds__(moe4::kThreads, 2) moe7_gate_up_t1(
 // bit for bit what the in-kernel path writes. Why: in that path every down unit ends with a
 // fence and an arrival counter read back, and the fence waits for every load the warp has in
 // flight, the next unit's weights included, so each unit drained the warp's pipe. At MiMo's
-// shard over 4 GPUs (K = 512: 8 steps a unit) an 8-token call has about 7 units a warp, and
-// its down launch took 43 us for 63 MB (H200 timeline, Kernels/NOTES.md twenty-eighth
-// session). The cost here is one more launch in the chain. routed: moe6_route's BlockRoutes
+// shard over 4 GPUs (K = 512: 8 steps a unit) an 8-token call has about 6 units a warp, and
+// its down launch took 43 us for about 57 MB, 3.2x its roofline (H200 timeline). Apart, the
+// shard's 8-token step ran 6.7% faster, but down still streams slower than gate_up, so the
+// fences were not all of it (Kernels/NOTES.md, twenty-eighth session). The cost here is one
+// more launch in the chain. routed: moe6_route's BlockRoutes
 // (token t's pairs in ascending expert order); partial [splits, T k, H]. Launch with 128
 // threads (a warp per 16-row tile) and ceil(H / 64) blocks, as a programmatic dependent of
 // moe7_down. Bytes: T k H 4 (splits times) read from L2, T H 4 written: 1.1 MB at 8 tokens.

@@ -282,7 +282,7 @@ public final class CUDAMoE: @unchecked Sendable {
     ///
     /// With `combineApart` (version 7), down leaves its sums to `moe7_combine` when the call can
     /// have more units than down has warps (so a warp runs several and each one's arrival would
-    /// drain its loads): at most min(E, T k) slots x pieces x H / 16 tiles against 8 warps a
+    /// drain its loads): about min(E, T k) slots x pieces x H / 16 tiles against 8 warps a
     /// block. `FULGUR_MOE_COMBINE` = `apart` or `down` sets it for every token count (A/B runs).
     static func plans4(gateUp: KernelModule.Function, down: KernelModule.Function, module: KernelModule,
                        hidden H: Int, intermediate I: Int, topK k: Int, experts E: Int = maxExperts,

@@ -131,27 +131,44 @@ func runRandomChecks(_ device: CUDADevice, _ module: KernelModule) throws -> Boo
                                                           what, error, executorTolerance, same ? "identical" : "DIFFER"))
     }
 
-    // 3. Over 2 GPUs against 1.
+    // 3. Over 2 GPUs against 1, and the full-width MiMo cut over 4 where there are 4: logits,
+    // greedy tokens and (MiMo) both layers' captured hidden states, whose 8-token step has the
+    // all-reduce after each feed-forward do the next norm on 4 GPUs (tokens x GPUs <= 32).
     let visible = try CUDADevice.visibleCount()
     if visible >= 2 {
-        let group = try DeviceGroup(ordinals: [0, 1])
-        var split: [(String, RandomModel)] = tiny.filter { $0.2 == CUDAMoE.defaultVersion }.map { ($0.0, $0.1) }
-        split.append(("mimo-v2-flash, 2 layers (dense + 256 experts)", try RandomModel(preset: "mimo-v2-flash", layers: 2, seed: 6)))
-        for (what, random) in split {
+        var split: [(String, RandomModel, [Int], Bool)] = tiny.filter { $0.2 == CUDAMoE.defaultVersion }.map { ($0.0, $0.1, [2], false) }
+        split.append(("mimo-v2-flash, 2 layers (dense + 256 experts)", try RandomModel(preset: "mimo-v2-flash", layers: 2, seed: 6),
+                      visible >= 4 ? [2, 4] : [2], true))
+        for (what, random, sizes, full) in split {
             let start = Date()
             let model = try random.buildDeferred(), vocab = model.spec.vocabSize
             let built = Date().timeIntervalSince(start)
-            try group.makeCurrent(0)
-            let whole = try CUDAExecutor(plan: model.plan, device: group.devices[0], module: group.modules[0], maxPositions: 64)
-            let filled = Date().timeIntervalSince(start) - built
-            let tp = try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 64)
-            let shards = Date().timeIntervalSince(start) - built - filled
-            let a = try whole.forward(prompt.map { $0 % vocab }, logits: .all), b = try tp.forward(prompt.map { $0 % vocab }, logits: .all)
-            let error = worstRowError(b, a, width: vocab)
-            let same = try greedy(whole, Array(a.suffix(vocab)), steps: 8) == greedy(tp, Array(b.suffix(vocab)), steps: 8)
-            record(error <= tensorParallelTolerance && same,
-                   String(format: "%@, deferred, over 2 GPUs vs 1: logits %.2e (bound %.0e), 8 greedy tokens %@; host tensors %.1f s, 1 GPU filled %.1f s, 2 GPUs %.1f s",
-                          what, error, tensorParallelTolerance, same ? "identical" : "DIFFER", built, filled, shards))
+            for n in sizes {
+                let group = try DeviceGroup(ordinals: (0..<Int32(n)).map { $0 })
+                let begun = Date()
+                try group.makeCurrent(0)
+                let whole = try CUDAExecutor(plan: model.plan, device: group.devices[0], module: group.modules[0], maxPositions: 64)
+                let filled = Date().timeIntervalSince(begun)
+                let tp = try CUDATensorParallel(plan: model.plan, group: group, maxPositions: 64)
+                let shards = Date().timeIntervalSince(begun) - filled
+                if full { whole.captureLayers = [0, 1]; tp.captureLayers = [0, 1] }
+                let a = try whole.forward(prompt.map { $0 % vocab }, logits: .all), b = try tp.forward(prompt.map { $0 % vocab }, logits: .all)
+                let error = worstRowError(b, a, width: vocab)
+                var features = ""
+                var featuresOK = true
+                if full {
+                    let fa = try whole.capturedFeatures, fb = try tp.capturedFeatures
+                    let e = fa.count == fb.count && fa.count == prompt.count * 2 * model.spec.hiddenSize
+                        ? worstRowError(fb, fa, width: 2 * model.spec.hiddenSize) : .infinity
+                    featuresOK = e <= tensorParallelTolerance
+                    features = String(format: ", captured layers %.2e", e)
+                    whole.captureLayers = []; tp.captureLayers = []
+                }
+                let same = try greedy(whole, Array(a.suffix(vocab)), steps: 8) == greedy(tp, Array(b.suffix(vocab)), steps: 8)
+                record(error <= tensorParallelTolerance && same && featuresOK,
+                       String(format: "%@, deferred, over %d GPUs vs 1: logits %.2e (bound %.0e)%@, 8 greedy tokens %@; host tensors %.1f s, 1 GPU filled %.1f s, %d GPUs %.1f s",
+                              what, n, error, tensorParallelTolerance, features, same ? "identical" : "DIFFER", built, filled, n, shards))
+            }
         }
     } else {
         print("random: over 2 GPUs skipped, \(visible) GPU")

@@ -285,8 +285,8 @@ public final class CUDAMoE: @unchecked Sendable {
     /// drain its loads): about min(E, T k) slots x pieces x H / 16 tiles against 8 warps a
     /// block. `FULGUR_MOE_COMBINE` = `apart` or `down` sets it for every token count (A/B runs).
     static func plans4(gateUp: KernelModule.Function, down: KernelModule.Function, module: KernelModule,
-                       hidden H: Int, intermediate I: Int, topK k: Int, experts E: Int = maxExperts,
-                       combineApart: Bool = false) throws -> [Plan4] {
+                       hidden H: Int, intermediate I: Int, topK k: Int, experts E: Int,
+                       combineApart: Bool) throws -> [Plan4] {
         let device = module.device
         let pairG = 256 * ((H + 63) / 64), pairD = 256 * ((I + 63) / 64)
         let staticBytes = max(try module.staticSharedBytes(gateUp), try module.staticSharedBytes(down))

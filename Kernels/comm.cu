@@ -4,52 +4,57 @@
 // message costs to move. Large messages belong to NCCL (Sources/FulgurCUDA/NCCL.swift).
 //
 // Every GPU owns one registered buffer (PeerAllReduce.swift allocates it, enables peer
-// access, and writes the same table of all GPUs' buffer addresses into each):
+// access, writes the same table of all GPUs' buffer addresses into each and fills the slots
+// with the empty mark):
 //   [0, 64)      uint64 base address of rank k's buffer, k < 8 (valid on every GPU: unified
 //                addressing and peer access)
 //   [64, 68)     uint32 epoch: calls completed on this GPU; [68, 72) uint32 blocks done in
 //                the current call
-//   [128, 4224)  uint32 flags[kMaxBlocks][8]: flags[b][k] = the last epoch at which rank k's
-//                block b had its chunk in place (written by rank k, polled here)
-//   [4224, ...)  two slots of `capacity` floats; call e uses slot e & 1
-// A call (peer_all_reduce, grid blocks(count), same on every GPU) on rank r, block b, chunk
-// b of the message (the same chunking on every GPU):
+//   [256, ...)   2 x R receive slots of `capacity` floats (R = ranks): slot (s, k) holds rank
+//                k's message for a call that uses set s; every float not yet delivered holds
+//                the empty mark 0xFFFFFFFF (a NaN; GPU arithmetic makes 0x7FFFFFFF, and only
+//                a sign flip of that makes the mark: an input with these bits is sent as
+//                0x7FFFFFFF, still a NaN)
+// A call (peer_all_reduce, grid blocks(count), same on every GPU) on rank r, each thread its
+// elements of the message (the same on every GPU):
 //   1. e = epoch + 1, read from device memory: the epoch advances on the device, so a graph
-//      replays correctly without host arguments that change per call.
-//   2. copy the input chunk into the own slot e & 1;
-//   3. arrive: flags[b][r] = e on every peer (st.release.sys), after a block barrier;
-//   4. wait until the own flags[b][k] >= e for every peer k (ld.acquire.sys, polled by one
-//      thread per peer; traps after about 2 s, so a missing peer is a launch failure, not a
-//      hang);
-//   5. out = slot_0 + slot_1 + ... + slot_{n-1}, in rank order, on every GPU: the results are
+//      replays correctly without host arguments that change per call; the call uses set e & 1;
+//   2. push: store the input into slot (e & 1, r) of every peer (st.relaxed.sys over NVLink);
+//   3. receive: load slot (e & 1, k) of the own buffer for every peer k until no float of it
+//      is the empty mark (traps after about 2 s, so a missing peer is a launch failure, not a
+//      hang); the data marks its own arrival (the Lamport-style one-shot all-reduce of
+//      TensorRT-LLM and others), so no flag, fence or remote load is on the path: one
+//      one-way NVLink crossing;
+//   4. out = in_0 + in_1 + ... + in_{n-1}, in rank order, on every GPU: the results are
 //      bit-identical across GPUs (and equal to the CPU's float sum in that order);
+//   5. mark the received floats empty again (own buffer, plain stores);
 //   6. the last block to finish stores epoch = e.
-// No second barrier: a GPU that finished call e writes slot (e + 1) & 1 next, and it can only
-// reach call e + 2 (the slot peers read at e) after every peer arrived at e + 1, that is after
-// every peer's call e, reads included, completed. With `allowNext` the kernel lets the next
-// kernel on its stream be scheduled as soon as it starts (programmatic dependent launch): that
-// kernel's blocks become resident and do their independent work (weights, constants) while
-// this one waits on its peers, and the argument above still holds, because every kernel of a
-// step executes griddepcontrol.wait before it touches what an earlier kernel wrote, so each
-// waits, transitively, for this call to end. flags are compared
-// as >= e, wrap-around safe, because a fast peer may already have stored e + 1.
+// Why two sets suffice: a peer pushes into set e & 1 again at call e + 2, which it starts
+// only after its call e + 1 ended, which needed this GPU's call e + 1 push, which this GPU
+// makes after its call e (step 5 included) ended; the kernels of a step are ordered (each
+// executes griddepcontrol.wait before it touches what an earlier kernel wrote, and the
+// all-reduce does before its push), so the empty marks are in place first. With `allowNext`
+// the kernel lets the next kernel on its stream be scheduled as soon as it starts
+// (programmatic dependent launch): that kernel's blocks become resident and do their
+// independent work (weights, constants) while this one waits on its peers.
 // Calls must be issued in the same order on every GPU, one at a time per PeerAllReduce (not
-// on two streams of one GPU at once). Input and output may be the same buffer: a block reads
-// and writes only its own chunk.
+// on two streams of one GPU at once). Input and output may be the same buffer: a thread
+// reads and writes only its own elements.
+// The previous protocol (the twenty-eighth session and before) copied the input into an own
+// slot, stored a release flag into every peer, polled its own flags, then loaded every
+// peer's slot: a system-scope release, a flag crossing and a remote load round trip.
 //
-// Budget per call, n GPUs, S = 4 * count bytes, per GPU: local copy S read + S written,
-// (n - 1) S read over NVLink plus S read locally, S written; flags: n - 1 remote 4-byte
-// stores per block. H100 SXM NVLink 4 moves about 450 GB/s each way (18 links x 25 GB/s).
+// Budget per call, n GPUs, S = 4 * count bytes, per GPU: S read, (n - 1) S written over
+// NVLink, (n - 1) S read locally (polled), S written out and (n - 1) S of empty marks
+// written locally. H100 SXM NVLink 4 moves about 450 GB/s each way (18 links x 25 GB/s).
 //   2880 floats (11.5 KB, gpt-oss-20b's hidden state): bytes are irrelevant (25 ns over
-//     NVLink); the floor is latency: a kernel boundary in a graph (~1.5 us), the release store
-//     crossing NVLink and being seen by the peer's poll (~1 us), one round trip of remote
-//     loads (~1 us). Predicted 3-5 us per call in a graph, against 10-20 us for NCCL's
-//     graph-captured all-reduce of that size.
-//   1M floats (4 MiB): remote reads 4 MiB at ~450 GB/s = 9.3 us for n = 2, plus the local
-//     copy (8 MiB of HBM traffic, ~3 us): predicted 12-20 us; NCCL's ring moves the same
-//     bytes and should be about as fast or faster from here on.
-// Measured on 2 and 4 H200 (BENCHMARKS.md, issue 7; Kernels/NOTES.md): 4.9-5.0 us per graph-
-// replayed call up to 64 KiB on 2 GPUs, bit-identical to the CPU's rank-order sum.
+//     NVLink); the floor is latency: a kernel boundary in a graph (~1.5 us) and one store
+//     crossing NVLink and being seen by the poll (~1 us).
+//   1M floats (4 MiB): 4 MiB pushed to each peer at ~450 GB/s = 9.3 us for n = 2; NCCL's ring
+//     moves the same bytes and should be about as fast or faster from here on.
+// Measured on 2 H200 (gpu-check comm, graph-replayed calls; Kernels/NOTES.md, twenty-ninth
+// session): 3.3-3.5 us a call up to 64 KiB (the pull protocol before it: 4.9-5.0), 15.4 us at
+// 4 MiB (18.3); bit-identical to the CPU's rank-order sum.
 
 #include "common.cuh"
 #include <type_traits>
@@ -58,7 +63,8 @@ namespace comm {
 
 constexpr int kMaxRanks = 8, kMaxBlocks = 128, kThreads = 512;
 // Byte offsets in the registered buffer; PeerAllReduce.swift mirrors them.
-constexpr int kEpoch = 64, kDone = 68, kFlags = 128, kSlots = kFlags + 4 * kMaxBlocks * kMaxRanks;
+constexpr int kEpoch = 64, kDone = 68, kSlots = 256;
+constexpr uint32_t kEmpty = 0xFFFFFFFFu;
 // About 2 s of %globaltimer (ns): every wait here ends within microseconds when all GPUs run
 // the same calls; one that lasts this long is a peer that never came.
 constexpr unsigned long long kHangNanoseconds = 2000000000ull;
@@ -68,30 +74,24 @@ __device__ __forceinline__ unsigned long long globaltimer() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-__device__ __forceinline__ void store_release_system(uint32_t* p, uint32_t v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+// Strong (relaxed, system-scope) accesses to the slots: a peer's push and this GPU's polling
+// load race by design, and the polling load must not be served from L1.
+__device__ __forceinline__ void store_system(float4* p, float4 v) {
+    asm volatile("st.relaxed.sys.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 }
-__device__ __forceinline__ uint32_t load_acquire_system(const uint32_t* p) {
-    uint32_t v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+__device__ __forceinline__ float4 load_system(const float4* p) {
+    float4 v;
+    asm volatile("ld.relaxed.sys.global.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p) : "memory");
     return v;
 }
-// flag >= e, with wrap-around after 2^32 calls.
-__device__ __forceinline__ bool reached(uint32_t flag, uint32_t e) { return (int32_t)(flag - e) >= 0; }
-
-__device__ __forceinline__ void wait_for(const uint32_t* flag, uint32_t e) {
-    if (reached(load_acquire_system(flag), e)) return;
-    const unsigned long long since = globaltimer();
-    while (!reached(load_acquire_system(flag), e))
-        if (globaltimer() - since > kHangNanoseconds) __trap();
-}
-
-// Peers' slots are read through L2 only (ld.global.cg): the data changes between calls.
-__device__ __forceinline__ float4 load_l2(const float4* p) { return __ldcg(p); }
+__device__ __forceinline__ bool is_empty(float v) { return __float_as_uint(v) == kEmpty; }
+__device__ __forceinline__ bool arrived(float4 v) { return !(is_empty(v.x) || is_empty(v.y) || is_empty(v.z) || is_empty(v.w)); }
+// The value as sent: the empty mark's bits become the canonical NaN (both NaN).
+__device__ __forceinline__ float sendable(float v) { return is_empty(v) ? __uint_as_float(0x7FFFFFFFu) : v; }
+__device__ __forceinline__ float4 sendable(float4 v) { return make_float4(sendable(v.x), sendable(v.y), sendable(v.z), sendable(v.w)); }
 __device__ __forceinline__ float4 add(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 
-// The steps of a call that peer_all_reduce and peer_all_reduce_norm share (the protocol at the
-// top of this file). Step 1: this call's epoch, read by thread 0 and shared with the block.
+// Step 1: this call's epoch, read by thread 0 and shared with the block.
 __device__ __forceinline__ uint32_t call_epoch(const uint8_t* self) {
     __shared__ uint32_t epochShared;
     if (threadIdx.x == 0) epochShared = __ldcg(reinterpret_cast<const unsigned int*>(self + kEpoch)) + 1;
@@ -99,19 +99,53 @@ __device__ __forceinline__ uint32_t call_epoch(const uint8_t* self) {
     return epochShared;
 }
 
-// Steps 3 and 4 for block b, once the block's chunk is in its own slot: tell every peer, then
-// wait for every peer's chunk. Ends with the block's threads agreeing that all chunks are in.
+// A call's slots: where this rank pushes (slot (set, rank) of every peer) and where it
+// receives (its own slot (set, k) for each k). Element i of the message is float4 i of a slot.
 template <int R>
-__device__ __forceinline__ void exchange_flags(uint8_t* self, int rank, uint32_t e) {
-    const int tid = threadIdx.x, b = blockIdx.x;
-    __syncthreads();  // the whole chunk is in place before any thread says so
-    if (tid < R && tid != rank) {
-        uint8_t* peer = reinterpret_cast<uint8_t*>(reinterpret_cast<const uint64_t*>(self)[tid]);
-        store_release_system(reinterpret_cast<uint32_t*>(peer + kFlags) + b * kMaxRanks + rank, e);
-        wait_for(reinterpret_cast<const uint32_t*>(self + kFlags) + b * kMaxRanks + tid, e);
+struct Slots {
+    float4* to[R];          // to[k]: rank k's slot for this rank's message (k != rank)
+    float4* from[R];        // from[k]: this rank's slot for rank k's message (k != rank)
+    __device__ __forceinline__ Slots(const uint8_t* self, int capacity, int rank, uint32_t e) {
+        const uint64_t* bases = reinterpret_cast<const uint64_t*>(self);
+        const size_t floats = capacity, set = e & 1;
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+            to[k] = reinterpret_cast<float4*>(reinterpret_cast<uint8_t*>(bases[k]) + kSlots + 4 * floats * (set * R + rank));
+            from[k] = reinterpret_cast<float4*>(const_cast<uint8_t*>(self) + kSlots + 4 * floats * (set * R + k));
+        }
     }
-    __syncthreads();  // every peer's chunk is in place
-}
+    // Step 2 for float4 i: v (already sendable) to every peer.
+    __device__ __forceinline__ void push(int i, float4 v, int rank) const {
+#pragma unroll
+        for (int k = 0; k < R; ++k)
+            if (k != rank) store_system(to[k] + i, v);
+    }
+    // Steps 3-5 for float4 i: the rank-order sum of every rank's element i, `own` (this rank's,
+    // sendable) in place of rank `rank`'s; the received floats marked empty again. Every
+    // peer's load is issued before the first wait.
+    __device__ __forceinline__ float4 sum(int i, float4 own, int rank) const {
+        float4 p[R];
+#pragma unroll
+        for (int k = 0; k < R; ++k) p[k] = k == rank ? own : load_system(from[k] + i);
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+            if (k == rank || arrived(p[k])) continue;
+            const unsigned long long since = globaltimer();
+            do {
+                p[k] = load_system(from[k] + i);
+                if (globaltimer() - since > kHangNanoseconds) __trap();
+            } while (!arrived(p[k]));
+        }
+        const float empty = __uint_as_float(kEmpty);
+#pragma unroll
+        for (int k = 0; k < R; ++k)
+            if (k != rank) from[k][i] = make_float4(empty, empty, empty, empty);
+        float4 s = p[0];
+#pragma unroll
+        for (int k = 1; k < R; ++k) s = add(s, p[k]);
+        return s;
+    }
+};
 
 // Step 6, thread 0 of each block: the last block to finish stores epoch = e. Every block read
 // the epoch before it counted itself done, so the last one may bump it.
@@ -142,41 +176,13 @@ __device__ __forceinline__ void with_ranks(int ranks, F f) {
 
 template <int R>
 __device__ __forceinline__ void all_reduce(const float4* in, float4* out, int n4, uint8_t* self, int capacity, int rank) {
-    const int tid = threadIdx.x;
-    const uint64_t* bases = reinterpret_cast<const uint64_t*>(self);
     const uint32_t e = call_epoch(self);
+    const Slots<R> slots(self, capacity, rank, e);
     const int per = (n4 + gridDim.x - 1) / gridDim.x;
     const int begin = blockIdx.x * per, end = min(n4, begin + per);
-    const size_t slot = kSlots + (size_t)(e & 1) * capacity * sizeof(float);
-
-    float4* mine = reinterpret_cast<float4*>(self + slot);
-    for (int i = begin + tid; i < end; i += kThreads) mine[i] = in[i];
-    exchange_flags<R>(self, rank, e);
-
-    const float4* src[R];
-#pragma unroll
-    for (int k = 0; k < R; ++k) src[k] = reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[k]) + slot);
-    // Two elements per thread per round, all 2R loads issued before the sums: one remote
-    // round trip per round.
-    for (int i = begin + tid; i < end; i += 2 * kThreads) {
-        const int j = i + kThreads;
-        const bool second = j < end;
-        float4 a[R], b[R];
-#pragma unroll
-        for (int k = 0; k < R; ++k) {
-            a[k] = load_l2(src[k] + i);
-            b[k] = second ? load_l2(src[k] + j) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-        float4 sa = a[0], sb = b[0];
-#pragma unroll
-        for (int k = 1; k < R; ++k) {
-            sa = add(sa, a[k]);
-            sb = add(sb, b[k]);
-        }
-        out[i] = sa;
-        if (second) out[j] = sb;
-    }
-
+    // Every push of the thread first, then the sums: the peers' pushes cross while this one's do.
+    for (int i = begin + threadIdx.x; i < end; i += kThreads) slots.push(i, sendable(in[i]), rank);
+    for (int i = begin + threadIdx.x; i < end; i += kThreads) out[i] = slots.sum(i, sendable(in[i]), rank);
     __syncthreads();
     end_call(self, e);
 }
@@ -187,11 +193,12 @@ __device__ __forceinline__ void all_reduce(const float4* in, float4* out, int n4
 // multiple of 4; in and out 16-byte aligned; self is this GPU's registered buffer, whose slots
 // hold `capacity` floats each; 1 <= ranks <= 8. Grid: min(128, ceil(count / 4 / 512)) blocks,
 // the same on every rank; 512 threads. allowNext != 0: the next kernel may start early (above).
-extern "C" __global__ void __launch_bounds__(comm::kThreads)
+extern "C" __global__ void __launch_bounds__(comm::kThreads, 1)
     peer_all_reduce(const float* in, float* out, int count, uint8_t* self, int capacity, int rank, int ranks, int allowNext) {
     FULGUR_TRACE_KERNEL;
     // Launched with programmatic dependent launch, this waits for the previous kernel to end
-    // (an earlier all-reduce's epoch store included); launched plainly it is a no-op.
+    // (an earlier all-reduce's epoch store and empty marks included); launched plainly it is
+    // a no-op.
     wait_for_previous_kernel();
     if (allowNext) allow_next_kernel();
     const float4* in4 = reinterpret_cast<const float4*>(in);
@@ -202,14 +209,12 @@ extern "C" __global__ void __launch_bounds__(comm::kThreads)
 
 // The all-reduce of a tensor-parallel layer's output followed by the residual add and RMSNorm
 // that come next at 2-16 tokens (one launch where the step had two: the all-reduce, then
-// add_rmsnorm). Per token t (block t, the same flags and slots as peer_all_reduce, so the two
+// add_rmsnorm). Per token t (block t, the same epoch and slots as peer_all_reduce, so the two
 // kernels may follow each other in any order, the same on every rank):
 //   a = in[t] summed over ranks in rank order (written back to in[t], as peer_all_reduce does),
 //   x[t] += a,  h[t] = w * x[t] / sqrt(mean(x[t]^2) + eps).
 // x and h are this GPU's own; every rank computes the same bits (same a, same x). n (the
 // hidden size) a multiple of 4 up to 4 * kNormVectors * kNormThreads = 8192; T <= kMaxBlocks.
-// Every rank's loads of a thread's vectors are issued before the first sum (one NVLink round
-// trip, as peer_all_reduce: a first version loaded rank after rank, three round trips on 4 GPUs).
 // Budget as peer_all_reduce's (T n floats each way) plus x read and written and h written:
 // latency-bound like it (Kernels/NOTES.md, fourteenth session, has the measurement).
 namespace comm {
@@ -229,35 +234,26 @@ __device__ __forceinline__ void all_reduce_norm(float* in, int n, uint8_t* self,
     }
     wait_for_previous_kernel();
     if (allowNext) allow_next_kernel();
-    const uint64_t* bases = reinterpret_cast<const uint64_t*>(self);
     const uint32_t e = call_epoch(self);
-    const size_t slot = kSlots + (size_t)(e & 1) * capacity * sizeof(float), row = (size_t)t * n4;
+    const Slots<R> slots(self, capacity, rank, e);
+    const size_t row = (size_t)t * n4;
     float4* in4 = reinterpret_cast<float4*>(in) + row;
-    float4* mine = reinterpret_cast<float4*>(self + slot) + row;
-    float4 xv[kNormVectors];
+    float4 own[kNormVectors], xv[kNormVectors];
 #pragma unroll
     for (int j = 0; j < kNormVectors; ++j) {
         const int i = tid + j * kNormThreads;
         if (i < n4) {
-            mine[i] = in4[i];
+            own[j] = sendable(in4[i]);
+            slots.push(row + i, own[j], rank);
             xv[j] = __ldcg(reinterpret_cast<const float4*>(x) + row + i);
         }
     }
-    exchange_flags<R>(self, rank, e);  // block t's chunk is row t
-    const float4* src[R];
-#pragma unroll
-    for (int k = 0; k < R; ++k) src[k] = reinterpret_cast<const float4*>(reinterpret_cast<const uint8_t*>(bases[k]) + slot) + row;
     float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < kNormVectors; ++j) {
         const int i = tid + j * kNormThreads;
         if (i >= n4) continue;
-        float4 p[R];
-#pragma unroll
-        for (int k = 0; k < R; ++k) p[k] = load_l2(src[k] + i);
-        float4 a = p[0];
-#pragma unroll
-        for (int k = 1; k < R; ++k) a = add(a, p[k]);
+        const float4 a = slots.sum(row + i, own[j], rank);
         in4[i] = a;
         const float4 v = add(xv[j], a);
         xv[j] = v;

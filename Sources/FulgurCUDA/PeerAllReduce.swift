@@ -9,14 +9,15 @@ public final class PeerAllReduce: @unchecked Sendable {
     public let group: DeviceGroup
     /// The largest message, in floats.
     public let capacity: Int
-    /// Each rank's registered buffer (comm.cu's layout: header, flags, two slots).
+    /// Each rank's registered buffer (comm.cu's layout: header, then two sets of one receive
+    /// slot per rank).
     let buffers: [DeviceBuffer]
     let kernels: [KernelModule.Function]
     /// peer_all_reduce_norm on each rank.
     let normKernels: [KernelModule.Function]
 
     // comm.cu's constants.
-    static let maxRanks = 8, maxBlocks = 128, threads = 512, slotsOffset = 128 + 4 * 128 * 8
+    static let maxRanks = 8, maxBlocks = 128, threads = 512, slotsOffset = 256
     /// peer_all_reduce_norm's block and the largest row it takes (comm.cu).
     static let normThreads = 512, normMaxHidden = 8192
 
@@ -25,7 +26,7 @@ public final class PeerAllReduce: @unchecked Sendable {
     static func blocks(count: Int) -> Int { min(maxBlocks, max(1, (count / 4 + threads - 1) / threads)) }
 
     /// Enables peer access in `group` (throws where a pair of GPUs has none) and registers a
-    /// buffer of two `maxFloats` slots on every GPU.
+    /// buffer of 2 x (GPU count) `maxFloats` receive slots on every GPU, all marked empty.
     public init(group: DeviceGroup, maxFloats: Int) throws {
         guard group.count <= Self.maxRanks else {
             throw CUDAError(operation: "create a peer all-reduce", code: nil,
@@ -33,8 +34,8 @@ public final class PeerAllReduce: @unchecked Sendable {
         }
         precondition(maxFloats > 0 && maxFloats <= Int(Int32.max) / 8, "peer all-reduce capacity out of range")
         try group.enablePeerAccess()
-        let capacity = (maxFloats + 63) / 64 * 64  // slot 1 stays 256-byte aligned
-        let bytes = Self.slotsOffset + 2 * 4 * capacity
+        let capacity = (maxFloats + 63) / 64 * 64  // every slot stays 256-byte aligned
+        let bytes = Self.slotsOffset + 2 * group.count * 4 * capacity
         var buffers: [DeviceBuffer] = [], kernels: [KernelModule.Function] = [], normKernels: [KernelModule.Function] = []
         for r in 0..<group.count {
             try group.makeCurrent(r)
@@ -42,11 +43,15 @@ public final class PeerAllReduce: @unchecked Sendable {
             kernels.append(try group.modules[r].function("peer_all_reduce"))
             normKernels.append(try group.modules[r].function("peer_all_reduce_norm"))
         }
-        // The header of every rank: all base addresses, epoch 0, no block done, every flag 0.
+        // The header of every rank: all base addresses, epoch 0, no block done; every slot's
+        // floats the empty mark 0xFFFFFFFF (comm.cu).
         var header = [UInt64](repeating: 0, count: Self.slotsOffset / 8)
         for r in 0..<buffers.count { header[r] = buffers[r].address }
         for r in 0..<group.count {
             try group.makeCurrent(r)
+            let stream = try group.devices[r].makeStream()
+            try buffers[r].fill(byte: 0xFF, stream: stream)
+            try stream.synchronize()
             try header.withUnsafeBytes { try buffers[r].upload($0) }
             // A pageable upload may return before its DMA is done; no kernel may see a stale header.
             try group.devices[r].synchronize()
@@ -83,7 +88,7 @@ public final class PeerAllReduce: @unchecked Sendable {
     /// Enqueues rank `rank`'s part of an all-reduce of `tokens` rows of `hidden` floats
     /// followed by the residual add and RMSNorm (comm.cu, peer_all_reduce_norm): input = the
     /// rank-order sum of every rank's input, x += input, h = weight * rmsnorm(x), each row
-    /// on its own. Shares peer_all_reduce's flags and slots: calls of both kinds may be mixed,
+    /// on its own. Shares peer_all_reduce's epoch and slots: calls of both kinds may be mixed,
     /// in the same order on every rank.
     public func enqueueNorm(rank: Int, input: DeviceBuffer, tokens: Int, hidden: Int, x: UInt64, h: UInt64, weight: UInt64, eps: Float,
                             stream: CUDAStream, overlap: Bool = false) throws {

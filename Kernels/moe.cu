@@ -41,6 +41,7 @@
 //   it, and the grids are 1.4-3 waves deep (ptxas registers), so the steps run in series.
 
 #include <climits>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -1054,8 +1055,9 @@ struct RouterNorm {
 // for gate_up, as moe2::stage makes them from x (store_b on the same values: the same bytes;
 // columns past H to a whole step are zeros) into `staged` (steps * 256 bytes), and into
 // info 1, then the exponent gate_up takes; gate_up copies them instead of staging (moe4::products).
-__device__ __forceinline__ void stage_x(const float (&h)[4][8], float peak, int H, uint8_t* staged, int* info) {
-    constexpr int threads = 256, C = 4;
+template <int C>
+__device__ __forceinline__ void stage_x(const float (&h)[C][8], float peak, int H, uint8_t* staged, int* info) {
+    constexpr int threads = 256;
     const int tid = threadIdx.x, chunks = H / 8, padded = (H + 63) / 64 * 8;
     const int ex = min(max(static_cast<int>(__float_as_uint(peak) >> 23), 15), 255);  // as gate_up clamps xexp
     const float sc = __uint_as_float(static_cast<uint32_t>(268 - ex) << 23);
@@ -1074,36 +1076,75 @@ __device__ __forceinline__ void stage_x(const float (&h)[4][8], float peak, int 
     }
 }
 
+// C: chunks of 8 columns per thread (H <= 2048 C); EPB: experts per block, block b taking
+// experts [b EPB, b EPB + EPB) (moe6_route: 1 or 2, see there).
+template <int C, int EPB>
 __device__ __forceinline__ void router_logits(const void* w, int bf16, const float* bias, const float* x, int T, int H, int E,
                                               float* logits, int* xexp, int* sync, int syncCount, RouterNorm norm = RouterNorm{},
                                               float* normWeight = nullptr, float (*keep)[8] = nullptr, float* keepPeak = nullptr) {
-    constexpr int threads = 256, warps = threads / 32, C = 4;  // up to C chunks of 8 columns per thread
-    __shared__ float part[warps][4], peak[warps][4];
-    const int e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, chunks = H / 8;
-    // The row's weights do not depend on the previous kernel: load them before waiting for it.
-    float wv[C][8];
+    constexpr int threads = 256, warps = threads / 32;
+    __shared__ float part[warps][4 * EPB], peak[warps][4];
+    const int e0 = blockIdx.x * EPB, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, chunks = H / 8;
+    // The rows' weights do not depend on the previous kernel: load them before waiting for it.
+    float wv[EPB][C][8];
 #pragma unroll
-    for (int i = 0; i < C; ++i) {
-        const int c = tid + i * threads;
-        if (c >= chunks) {
+    for (int j = 0; j < EPB; ++j)
 #pragma unroll
-            for (int q = 0; q < 8; ++q) wv[i][q] = 0.f;
-        } else if (bf16) {
-            const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + (size_t)e * H + 8 * c));
-            wv[i][0] = moe::bf16lo(u.x); wv[i][1] = moe::bf16hi(u.x); wv[i][2] = moe::bf16lo(u.y); wv[i][3] = moe::bf16hi(u.y);
-            wv[i][4] = moe::bf16lo(u.z); wv[i][5] = moe::bf16hi(u.z); wv[i][6] = moe::bf16lo(u.w); wv[i][7] = moe::bf16hi(u.w);
-        } else {
-            const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(w) + (size_t)e * H + 8 * c);
-            const float4 a = __ldg(p), b = __ldg(p + 1);
-            wv[i][0] = a.x; wv[i][1] = a.y; wv[i][2] = a.z; wv[i][3] = a.w; wv[i][4] = b.x; wv[i][5] = b.y; wv[i][6] = b.z; wv[i][7] = b.w;
+        for (int i = 0; i < C; ++i) {
+            const int c = tid + i * threads, e = e0 + j;
+            if (c >= chunks || e >= E) {
+#pragma unroll
+                for (int q = 0; q < 8; ++q) wv[j][i][q] = 0.f;
+            } else if (bf16) {
+                const uint4 u = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(w) + (size_t)e * H + 8 * c));
+                wv[j][i][0] = moe::bf16lo(u.x); wv[j][i][1] = moe::bf16hi(u.x); wv[j][i][2] = moe::bf16lo(u.y); wv[j][i][3] = moe::bf16hi(u.y);
+                wv[j][i][4] = moe::bf16lo(u.z); wv[j][i][5] = moe::bf16hi(u.z); wv[j][i][6] = moe::bf16lo(u.w); wv[j][i][7] = moe::bf16hi(u.w);
+            } else {
+                const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(w) + (size_t)e * H + 8 * c);
+                const float4 a = __ldg(p), b = __ldg(p + 1);
+                wv[j][i][0] = a.x; wv[j][i][1] = a.y; wv[j][i][2] = a.z; wv[j][i][3] = a.w;
+                wv[j][i][4] = b.x; wv[j][i][5] = b.y; wv[j][i][6] = b.z; wv[j][i][7] = b.w;
+            }
         }
-    }
     if (norm.resid)  // the norm weight does not depend on the previous kernel either (16-byte cp.async, no registers)
         for (int i = tid; i < H / 4; i += threads) copy16(normWeight + 4 * i, norm.weight + 4 * i);
     wait_for_previous_kernel();
     allow_next_kernel();
-    if (e == 0)
+    if (blockIdx.x == 0)
         for (int i = tid; i < syncCount; i += threads) sync[i] = 0;
+    // The block's sums for token t0 + u (u < 4) and expert e0 + j: part[.][u * EPB + j], then
+    // logits (and block 0's xexp).
+    const auto finish = [&](auto tokens, int t0, float (&acc)[4][EPB], const float (&mx)[4]) {
+        constexpr int U = decltype(tokens)::value;  // tokens t0 .. t0 + U - 1 (at most 4)
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float m = moe::warp_max(mx[u]);
+            if (lane == 0) peak[warp][u] = m;
+#pragma unroll
+            for (int j = 0; j < EPB; ++j) {
+                const float s = warp_sum(acc[u][j]);
+                if (lane == 0) part[warp][u * EPB + j] = s;
+            }
+        }
+        __syncthreads();
+        if (tid < U * EPB) {
+            const int u = tid / EPB, j = tid - u * EPB, t = t0 + u, e = e0 + j;
+            if (t < T && e < E) {
+                float sum = 0.f;
+#pragma unroll
+                for (int q = 0; q < warps; ++q) sum += part[q][tid];
+                logits[t * E + e] = sum + (bias ? bias[e] : 0.f);
+            }
+            if (blockIdx.x == 0 && j == 0 && t < T) {
+                float m = 0.f;
+#pragma unroll
+                for (int q = 0; q < warps; ++q) m = fmaxf(m, peak[q][u]);
+                xexp[t] = static_cast<int>(__float_as_uint(m) >> 23);
+                if (keep && T == 1) *keepPeak = m;
+            }
+        }
+        __syncthreads();
+    };
     if (norm.resid) {  // T = 1
         float v[C][8];
         float ss = 0.f;
@@ -1125,7 +1166,7 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
         copies_done();
         __shared__ float scratch[32];
         const float inv = rsqrtf(block_sum_all(ss, scratch) / H + norm.eps);  // its barriers also publish normWeight
-        float acc = 0.f, mx = 0.f;
+        float acc[4][EPB] = {}, mx[4] = {};
         float h[C][8];  // x (also left in keep)
 #pragma unroll
         for (int i = 0; i < C; ++i) {
@@ -1136,37 +1177,27 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
             for (int q = 0; q < 8; ++q) {
                 hv[q] = normWeight[8 * c + q] * (v[i][q] * inv);
                 normWeight[8 * c + q] = v[i][q];  // this thread's own elements: x from here on
-                acc = fmaf(wv[i][q], hv[q], acc);
-                mx = fmaxf(mx, fabsf(hv[q]));
+#pragma unroll
+                for (int j = 0; j < EPB; ++j) acc[0][j] = fmaf(wv[j][i][q], hv[q], acc[0][j]);
+                mx[0] = fmaxf(mx[0], fabsf(hv[q]));
             }
-            if (e == 0) {
+            if (blockIdx.x == 0) {
                 float4* xo = reinterpret_cast<float4*>(const_cast<float*>(x) + 8 * c);
                 xo[0] = make_float4(hv[0], hv[1], hv[2], hv[3]);
                 xo[1] = make_float4(hv[4], hv[5], hv[6], hv[7]);
             }
         }
-        const float sum = warp_sum(acc), m = moe::warp_max(mx);
-        if (lane == 0) { part[warp][0] = sum; peak[warp][0] = m; }
-        __syncthreads();
-        if (tid == 0) {
-            float s = 0.f, m = 0.f;
-#pragma unroll
-            for (int q = 0; q < warps; ++q) { s += part[q][0]; m = fmaxf(m, peak[q][0]); }
-            logits[e] = s + (bias ? bias[e] : 0.f);
-            if (e == 0) xexp[0] = static_cast<int>(__float_as_uint(m) >> 23);
-            if (keep) *keepPeak = m;
-        }
+        finish(std::integral_constant<int, 1>{}, 0, acc, mx);
         if (keep)
 #pragma unroll
             for (int i = 0; i < C; ++i)
 #pragma unroll
                 for (int q = 0; q < 8; ++q) keep[i][q] = h[i][q];
-        __syncthreads();
         return;
     }
     // Four tokens at a time: their x loads in flight together.
     for (int t0 = 0; t0 < T; t0 += 4) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f}, mx[4] = {0.f, 0.f, 0.f, 0.f};
+        float acc[4][EPB] = {}, mx[4] = {};
 #pragma unroll
         for (int i = 0; i < C; ++i) {
             const int c = tid + i * threads;
@@ -1185,25 +1216,13 @@ __device__ __forceinline__ void router_logits(const void* w, int bf16, const flo
                     const float xv[8] = {xa[u].x, xa[u].y, xa[u].z, xa[u].w, xb[u].x, xb[u].y, xb[u].z, xb[u].w};
 #pragma unroll
                     for (int q = 0; q < 8; ++q) {
-                        acc[u] = fmaf(wv[i][q], xv[q], acc[u]);
+#pragma unroll
+                        for (int j = 0; j < EPB; ++j) acc[u][j] = fmaf(wv[j][i][q], xv[q], acc[u][j]);
                         mx[u] = fmaxf(mx[u], fabsf(xv[q]));
                     }
                 }
         }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const float s = warp_sum(acc[u]), m = moe::warp_max(mx[u]);
-            if (lane == 0) { part[warp][u] = s; peak[warp][u] = m; }
-        }
-        __syncthreads();
-        if (tid < 4 && t0 + tid < T) {
-            float s = 0.f, m = 0.f;
-#pragma unroll
-            for (int q = 0; q < warps; ++q) { s += part[q][tid]; m = fmaxf(m, peak[q][tid]); }
-            logits[(t0 + tid) * E + e] = s + (bias ? bias[e] : 0.f);
-            if (e == 0) xexp[t0 + tid] = static_cast<int>(__float_as_uint(m) >> 23);
-        }
-        __syncthreads();
+        finish(std::integral_constant<int, 4>{}, t0, acc, mx);
     }
 }
 }  // namespace moe2
@@ -1212,7 +1231,7 @@ extern "C" __global__ void __maxnreg__(96) moe2_route(const void* w, int bf16, c
                                                              int T, int H, int E, float* logits, int* xexp, int* sync,
                                                              int syncCount) {
     FULGUR_TRACE_KERNEL;
-    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);
+    moe2::router_logits<4, 1>(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount);
 }
 
 // Every expert product for version 2 (see the comment above namespace moe2). Launch with
@@ -1908,11 +1927,51 @@ extern "C" __global__ void __launch_bounds__(128) moe7_combine(const int* routed
 // int after it is the arrival counter, 0 between calls) and v1's layout in `routes` (checks),
 // so the product launches copy it (7 KB) instead of each routing every token. One token is routed
 // by that block's warp 0 alone (moe2::route_one_token), which writes only the BlockRoutes
-// fields the product launches read. 256 threads, E blocks.
+// fields the product launches read. 256 threads, ceil(E / n) blocks for n experts a block:
+// 1 up to moe6::kExpertsPerBlock (H <= 4096) or kExpertsPerBlockWide (above), the host's
+// choice (CUDAMoE.route6Blocks, from moe6_experts_per_block); the kernel reads n off its grid.
 // With `resid` (one token): the residual add and RMSNorm before the router are done here
 // (moe2::router_logits' RouterNorm), x is written, not read, and the last block to arrive
 // (the one that routes, when every block's loads of resid are done) writes resid + add back
 // into resid; dynamic shared memory 4 * H bytes then (the norm weight, then resid + add), else 0.
+namespace moe6 {
+// The most experts a block takes: 2 up to H = 4096 (32 weight registers a thread), 1 above.
+// Every block reads every token's x from L2, so the experts a block takes divide that traffic
+// (MiMo, 8 tokens: 256 blocks of one expert read 32 MB of x for 4 MB of weights), but fewer
+// blocks leave fewer multiprocessors to read it. Measured (one H200, same binary; Kernels/
+// NOTES.md, twenty-ninth session): 2 a block took a MiMo-V2-Flash shard's (256 experts) 1 / 8 /
+// 16-token steps 1.3 / 0.9 / 1.8% down and gpt-oss-20b's (32) 8-token step 0.4% up; 4 a block
+// (164 registers: the product launch's blocks no longer fit beside a router block) took
+// gpt-oss-20b's 8-token step 2.2% up.
+constexpr int kExpertsPerBlock = 2, kExpertsPerBlockWide = 1;
+}  // namespace moe6
+// The host sizes moe6_route's grid from this table (CUDAMoE.route6Blocks), so a fatbin built
+// with other values runs right under any binary.
+extern "C" __device__ const int moe6_experts_per_block[2] = {moe6::kExpertsPerBlock, moe6::kExpertsPerBlockWide};
+namespace moe6 {
+
+// The block's logits (and with the norm, x), then its arrival; true in the last block to
+// arrive. C as router_logits' (its own templates' shared memory is small; moe6_route keeps the
+// large shared variables outside so that its two instantiations share them).
+template <int C, int EPB>
+__device__ __forceinline__ bool logits_then_arrive(const void* w, int bf16, const float* bias, const float* x, int T, int H, int E,
+                                                   float* logits, int* xexp, int* sync, int syncCount, int* routed, int* counter,
+                                                   const moe2::RouterNorm& norm, float* normShared, float& xPeak, bool& last) {
+    float h[C][8];
+    moe2::router_logits<C, EPB>(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, norm, normShared, h, &xPeak);
+    FULGUR_TRACE_MARK(0);
+    __threadfence();  // this block's logits before its arrival
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    // One token with the norm: block 0 stages x's B rows for gate_up. Without it, gate_up
+    // stages them itself (the flag says which).
+    if (T == 1 && norm.resid && blockIdx.x == 0)
+        moe2::stage_x(h, xPeak, H, reinterpret_cast<uint8_t*>(routed + moe4::kStagedInt), routed + moe4::kStagedInfoInt);
+    __syncthreads();
+    return last;
+}
+}  // namespace moe6
+
 extern "C" __global__ void __launch_bounds__(256) moe6_route(
     const void* w, int bf16, const float* bias, const float* x, int T, int H, int E, float* logits, int* xexp, int* sync,
     int syncCount, const float* correction, int mode, int normalize, float scaling, int groups, int topKGroups, int k,
@@ -1929,23 +1988,19 @@ extern "C" __global__ void __launch_bounds__(256) moe6_route(
                                             // product launches' first blocks off the SMs: 8-token step +0.4%)
     if (correction)
         for (int e = threadIdx.x; e < E; e += blockDim.x) copy4(corr + e, correction + e);
-    // One token with the norm: block 0 stages x's B rows for gate_up. Without it, gate_up stages
-    // them itself (the flag says which).
-    const bool stage = T == 1 && resid && blockIdx.x == 0;
     if (T == 1 && !resid && blockIdx.x == 0 && threadIdx.x == 0) routed[moe4::kStagedInfoInt] = 0;
     __shared__ float xPeak;
-    float h[4][8];
     const moe2::RouterNorm norm{resid, add, normWeight, eps};
-    moe2::router_logits(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, norm, reinterpret_cast<float*>(normShared),
-                        h, &xPeak);
-    FULGUR_TRACE_MARK(0);
-    __threadfence();  // this block's logits before its arrival
-    __syncthreads();
     int* counter = routed + moe4::kBlockRoutesInts;
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-    if (stage) moe2::stage_x(h, xPeak, H, reinterpret_cast<uint8_t*>(routed + moe4::kStagedInt), routed + moe4::kStagedInfoInt);
-    __syncthreads();
-    if (!last) return;
+    float* ns = reinterpret_cast<float*>(normShared);
+    const int perBlock = (E + gridDim.x - 1) / gridDim.x;
+    if (perBlock > (H <= 2 * 8 * 256 ? moe6::kExpertsPerBlock : moe6::kExpertsPerBlockWide)) __trap();  // a grid too small
+    const bool isLast = H > 2 * 8 * 256
+        ? moe6::logits_then_arrive<4, 1>(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, routed, counter, norm, ns, xPeak, last)
+        : perBlock == 2
+        ? moe6::logits_then_arrive<2, 2>(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, routed, counter, norm, ns, xPeak, last)
+        : moe6::logits_then_arrive<2, 1>(w, bf16, bias, x, T, H, E, logits, xexp, sync, syncCount, routed, counter, norm, ns, xPeak, last);
+    if (!isLast) return;
     __threadfence();  // every block's logits are visible
     FULGUR_TRACE_MARK(1);
     // Every block has read resid (its arrival came after its logits): resid + add goes back

@@ -58,6 +58,8 @@ public final class CUDAMoE: @unchecked Sendable {
         /// Version 7: moe6_route (routes once) and its output, BlockRoutes as ints plus the
         /// arrival counter (zero between calls).
         let route6: KernelModule.Function?, routed: DeviceBuffer?
+        /// The most experts a moe6_route block takes, read from the fatbin: up to H = 4096, above.
+        let route6PerBlock: (narrow: Int, wide: Int)
         /// Version 7's gate_up for one token (`moe7_gate_up_t1`: x's B rows as moe6_route staged
         /// them). Nil only with an older fatbin loaded unchecked; gateUp then runs every T.
         let gateUp1: KernelModule.Function?
@@ -222,8 +224,10 @@ public final class CUDAMoE: @unchecked Sendable {
                                         experts: E, combineApart: combine != nil)
             let gateUp1 = routes6 ? try? module.function("moe7_gate_up_t1") : nil
             if let gateUp1 { try module.allowSharedMemory(gateUp1, bytes: plans.map(\.gateShared).max()!) }
+            // An older fatbin (loaded unchecked) has no such table: one expert a block, as it was.
+            let perBlock = routes6 ? (try? module.int32Global("moe6_experts_per_block", count: 2)).map { (Int($0[0]), Int($0[1])) } ?? (1, 1) : (1, 1)
             kernels = .v4(Version4(base: base, down: downFunction, route6: routes6 ? try module.function("moe6_route") : nil, routed: routed,
-                                   gateUp1: gateUp1, combine: combine, plans: plans))
+                                   route6PerBlock: perBlock, gateUp1: gateUp1, combine: combine, plans: plans))
         } else {
             kernels = .v2(base)
         }
@@ -265,8 +269,8 @@ public final class CUDAMoE: @unchecked Sendable {
                 try [Int32](repeating: 0, count: r.byteCount / 4).withUnsafeBytes { try b.upload($0) }
                 return b
             }
-            kernels = .v4(Version4(base: try fresh(v.base), down: v.down, route6: v.route6, routed: routed, gateUp1: v.gateUp1,
-                                   combine: v.combine, plans: v.plans))
+            kernels = .v4(Version4(base: try fresh(v.base), down: v.down, route6: v.route6, routed: routed, route6PerBlock: v.route6PerBlock,
+                                   gateUp1: v.gateUp1, combine: v.combine, plans: v.plans))
         }
     }
 
@@ -660,7 +664,9 @@ public final class CUDAMoE: @unchecked Sendable {
                                                            .int32(H), .int32(E), ptr(logits), ptr(b.xexp), ptr(b.sync), .int32(Int32(b.syncCount))]
             try mark()
             if let route6 = v.route6 {
-                try module.launch(route6, grid: (spec.experts, 1, 1), block: (256, 1, 1), sharedBytes: norm == nil ? 0 : 4 * hidden,
+                try module.launch(route6, grid: (Self.route6Blocks(experts: spec.experts, hidden: hidden, perBlock: v.route6PerBlock), 1, 1),
+                                  block: (256, 1, 1),
+                                  sharedBytes: norm == nil ? 0 : 4 * hidden,
                                   stream: stream, overlapPrevious: overlap, logitArguments + [
                     ptr(correctionBias), .int32(mode), .int32(normalize ? 1 : 0), .float(scaling), .int32(Int32(groups)),
                     .int32(Int32(topKGroups)), .int32(k), .int32(Int32(plan.tokensPerSlot)), ptr(v.routed), ptr(routes),
@@ -690,6 +696,15 @@ public final class CUDAMoE: @unchecked Sendable {
             }
         }
         try mark()
+    }
+
+    /// moe6_route's grid: with 128 experts or more, each block takes the most experts' logits
+    /// the fatbin allows (`perBlock.narrow` up to a hidden size of 4096, `perBlock.wide` above:
+    /// its moe6_experts_per_block), else one (Kernels/moe.cu has the measurements: fewer blocks
+    /// read x fewer times, but with few experts too few multiprocessors would read it).
+    static func route6Blocks(experts: Int, hidden: Int, perBlock: (narrow: Int, wide: Int)) -> Int {
+        let n = experts < 128 ? 1 : hidden <= 4096 ? perBlock.narrow : perBlock.wide
+        return (experts + n - 1) / n
     }
 
     /// Whether `run(norm:)` can do the norm before the layer: one token, version 7 (its

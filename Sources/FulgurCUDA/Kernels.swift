@@ -80,6 +80,20 @@ public final class KernelModule: @unchecked Sendable {
         try d.check(d.cuMemcpyHtoD(global, &a, 8), "set fulgur_trace in \(path)")
     }
 
+    /// `count` ints of the module's `__device__ const int name[count]` (a table the kernels
+    /// export so that the host sizes their launches to whichever fatbin is loaded).
+    public func int32Global(_ name: String, count: Int) throws -> [Int32] {
+        let d = device.driver
+        var global: CUdeviceptr = 0, size = 0
+        try d.check(d.cuModuleGetGlobal(&global, &size, handle, name), "find \(name) in \(path)")
+        guard size == 4 * count else {
+            throw CUDAError(operation: "read \(name)", code: nil, message: "\(name) in \(path) is \(size) bytes; expected \(count) ints")
+        }
+        var values = [Int32](repeating: 0, count: count)
+        try values.withUnsafeMutableBytes { try d.check(d.cuMemcpyDtoH($0.baseAddress!, global, size), "read \(name) of \(path)") }
+        return values
+    }
+
     /// A kernel of the module; look it up once, not per launch.
     public struct Function: @unchecked Sendable {
         public let name: String

@@ -165,4 +165,14 @@ import Testing
             #expect(viaTable == CUDAMoE.placed(w))
         }
     }
+
+    /// moe6_route's grid covers every expert at the fatbin's experts per block (narrow up to
+    /// H = 4096, wide above; one a block under 128 experts), and only the blocks it needs.
+    @Test func routerGridCoversEveryExpertOnce() {
+        for (experts, hidden, perBlock, blocks) in [(256, 4096, (2, 1), 128), (32, 2880, (2, 1), 32), (128, 2048, (2, 1), 64),
+                                                    (257, 4096, (2, 1), 129), (384, 7168, (2, 1), 384), (384, 7168, (4, 2), 192),
+                                                    (6, 64, (2, 1), 6), (256, 4096, (1, 1), 256)] {
+            #expect(CUDAMoE.route6Blocks(experts: experts, hidden: hidden, perBlock: perBlock) == blocks)
+        }
+    }
 }

@@ -91,9 +91,12 @@ public final class CUDAExecutor: @unchecked Sendable {
         public var launchStart: UInt64 = 0, launchEnd: UInt64 = 0, done: UInt64 = 0
         public var gpuMilliseconds = 0.0
     }
-    /// Records `lastCall` for each argmax call (two events a step; for benchmarks).
+    /// Records `lastCall` for each argmax call (two events a step; for benchmarks), and adds
+    /// its GPU time to `tracedCalls`.
     public var traceCalls = false
     public private(set) var lastCall = CallTiming()
+    /// Argmax calls traced and the sum of their GPU times (events around the graphs).
+    public var tracedCalls: (count: Int, gpuMilliseconds: Double) = (0, 0)
     private lazy var callEvents: (CUDAEvent, CUDAEvent)? = try? (device.makeEvent(), device.makeEvent())
     private var keep: [AnyObject] = []  // device objects the launches point into
     private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
@@ -425,6 +428,8 @@ public final class CUDAExecutor: @unchecked Sendable {
         if traceCalls, lastCall.launchStart != 0, let (a, b) = callEvents {  // events recorded (graphs in use)
             lastCall.done = DispatchTime.now().uptimeNanoseconds
             lastCall.gpuMilliseconds = try b.milliseconds(since: a)
+            tracedCalls.count += 1
+            tracedCalls.gpuMilliseconds += lastCall.gpuMilliseconds
         }
         return result
     }

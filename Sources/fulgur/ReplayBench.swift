@@ -102,39 +102,6 @@ extension Bench {
             print(String(format: "target GPU %d: %d verify calls (warm-up rounds included), GPU time between events around the graph %.3f ms on average",
                          r, s.tracedCalls.count, s.tracedCalls.gpuMilliseconds / Double(s.tracedCalls.count)))
         }
-        if !targetShards.isEmpty, let mean = values.last {
-            // The same verify calls with no drafter between them: the prompt, then blocks of
-            // random tokens, the cache kept up to as many of each as the last acceptance emits
-            // (advancing), or rewound to where the calls began (as `fulgur bench` times its
-            // host-called argmax); with the drafter's captured layers, and without.
-            var rng = SeededGenerator(seed: 5)
-            let vocab = target.plan.spec.vocabSize
-            let captured = executor.captureLayers
-            for (advance, capture) in [(true, true), (false, true), (true, false), (false, false)] {
-                executor.captureLayers = capture ? captured : []
-                executor.reset()
-                _ = try executor.forward((0..<context).map { _ in Int(rng.next() % UInt64(vocab)) }, logits: .none)
-                for s in targetShards { s.tracedCalls = (0, 0) }
-                var seconds = 0.0, kept = 0.0
-                let first = executor.length
-                for _ in 0..<(warmupRounds + rounds) {
-                    let start = executor.length
-                    let t0 = DispatchTime.now().uptimeNanoseconds
-                    _ = try executor.argmax((0..<block).map { _ in Int(rng.next() % UInt64(vocab)) })
-                    seconds += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-                    let keep = Int(kept + mean) - Int(kept)  // a mean of `mean` tokens a call
-                    kept += mean
-                    executor.truncate(to: advance ? start + min(block, max(1, keep)) : first)
-                }
-                print(String(format: "the same verify calls with no drafter between them (%d, the cache %@, %@): %.3f ms a call on the host's clock",
-                             warmupRounds + rounds, advance ? String(format: "advancing %.2f tokens a call", mean) : "rewound each call",
-                             capture ? "captured layers \(captured)" : "no layers captured", 1e3 * seconds / Double(warmupRounds + rounds))
-                      + targetShards.enumerated().map { r, s in
-                          String(format: "; GPU %d %.3f ms between events", r, s.tracedCalls.gpuMilliseconds / Double(max(1, s.tracedCalls.count)))
-                      }.joined())
-            }
-            executor.captureLayers = captured
-        }
         for s in targetShards { s.traceCalls = false }
         if let json { try report.json.write(toFile: json, atomically: true, encoding: .utf8) }
         if timeline, let blockStep = drafter.block as? CUDAExecutor {

@@ -16,6 +16,9 @@ public final class CUDATensorParallel: @unchecked Sendable {
     public let vocabSize: Int
     let allReduce: PeerAllReduce
     let threads: RankThreads
+    /// How long the rank threads spin for the next call (`FULGUR_RANK_SPIN_US`, microseconds;
+    /// 0 sleeps at once, as before the twenty-ninth session).
+    static let rankSpinNanoseconds = UInt64(ProcessInfo.processInfo.environment["FULGUR_RANK_SPIN_US"].flatMap { UInt64($0) } ?? 200) * 1000
 
     public convenience init(plan: Plan, group: DeviceGroup, maxPositions: Int? = nil, maxStepTokens: Int = 16, moeVersion: Int = CUDAMoE.defaultVersion,
                             progress: ((Int, Int) -> Void)? = nil) throws {
@@ -43,7 +46,9 @@ public final class CUDATensorParallel: @unchecked Sendable {
         self.group = group
         self.shards = shards
         self.allReduce = allReduce
-        self.threads = threads ?? RankThreads(count: shards.count)
+        // GPU ranks spin between calls: they mostly wait on the GPU, and a semaphore's wake-up
+        // costs more than a verify's launch (RankThreads).
+        self.threads = threads ?? RankThreads(count: shards.count, spinNanoseconds: Self.rankSpinNanoseconds)
         vocabularySlices = (0..<shards.count).map { plan.vocabularySlice(rank: $0, of: shards.count) }
         vocabSize = plan.lmHead.outFeatures
     }

@@ -524,6 +524,15 @@ public final class CUDAExecutor: @unchecked Sendable {
         return ms / Double(steps)
     }
 
+    /// Whether the benchmarks' replayed steps of `T` tokens run fixed distinct random ids (steps of
+    /// several tokens) rather than feed each step's greedy tokens to the next (one token). A
+    /// verify block's ids are distinct; greedy tokens fed back were as few as 5 or 6 distinct ids
+    /// of 8, a count that moved with each build's rounding, so which experts a step reached
+    /// depended on the build (the two ways measured within 1% of each other in one build;
+    /// Kernels/NOTES.md, twenty-ninth session).
+    public static func replaysDistinctTokens(_ T: Int) -> Bool { T > 1 }
+    public static let replayedTokensNote = "1-token steps feed each step's greedy token to the next; steps of more tokens run the same T distinct random ids every step (as a verify block's)."
+
     /// The step of `T` tokens for back-to-back replays (`timeReplayedSteps`, `timeline`): uploads
     /// the tokens (fixed random ones, or 1s that each step's greedy tokens replace) and the
     /// positions from `length`, then captures the launches not in `skipping`, feeding the greedy
@@ -567,13 +576,12 @@ public final class CUDAExecutor: @unchecked Sendable {
         return graph
     }
 
-    /// Distinct token ids among the `T` rows the last replayed step fed to the next
-    /// (timeReplayedSteps with `advance`: its rows' greedy tokens). The MoE's cost depends on
-    /// how many experts a step's rows reach, and alike rows reach fewer, so a benchmark says
-    /// how varied its rows were.
+    /// Distinct token ids among the `T` rows of the last replayed step (its greedy tokens fed
+    /// back, or the fixed ids). The MoE's cost depends on how many experts a step's rows reach,
+    /// and alike rows reach fewer, so a benchmark says how varied its rows were.
     public func distinctFedTokens(_ T: Int) throws -> Int { Set(try fedTokens(T)).count }
 
-    /// The `T` token ids the last replayed step fed to the next (its rows' greedy tokens).
+    /// The `T` token ids in the replayed step's token buffer (the greedy tokens fed back, or the fixed ids).
     public func fedTokens(_ T: Int) throws -> [Int] {
         precondition((1...maxStepTokens).contains(T))
         try device.makeCurrent()
@@ -586,8 +594,8 @@ public final class CUDAExecutor: @unchecked Sendable {
     /// Default steps of `timeline` after its untimed ones (the bench reserves positions for them).
     public static let timelineSteps = 20, timelineWarmup = 3
 
-    /// Replays `steps` decode steps of `T` tokens as `timeReplayedSteps` does (greedy tokens fed
-    /// back, positions advancing on the GPU) with the kernels recording each block's start and
+    /// Replays `steps` decode steps of `T` tokens as the benchmarks do (`replaysDistinctTokens`,
+    /// positions advancing on the GPU) with the kernels recording each block's start and
     /// end, and returns where the step's time goes kernel by kernel (`Timeline`). Needs a
     /// timeline build of the kernels (scripts/build-kernels --trace); the records cost the
     /// kernels a little, so time steps without it. Leaves the cache's length where it was.
@@ -605,7 +613,7 @@ public final class CUDAExecutor: @unchecked Sendable {
         var family = ""
         module.launchObserver = { names.append((family, $0)) }
         defer { module.launchObserver = nil }
-        let graph = try replayGraph(tokens: T) { family = $0 }
+        let graph = try replayGraph(tokens: T, fixedTokens: Self.replaysDistinctTokens(T)) { family = $0 }
         module.launchObserver = nil
         for _ in 0..<warmup { try graph.launch(stream) }
         try stream.synchronize()

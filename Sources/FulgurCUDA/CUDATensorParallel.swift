@@ -119,11 +119,13 @@ public final class CUDATensorParallel: @unchecked Sendable {
 
     /// Milliseconds per replayed step of `T` tokens (CUDAExecutor.timeReplayedSteps on every
     /// shard at once; the slowest shard's time). The greedy tokens are exchanged inside the
-    /// step, so every shard feeds the model's own token to its next step, as decoding does.
-    public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5, skipping: Set<String> = [], advance: Bool = true) throws -> Double {
+    /// step, so every shard feeds the model's own token to its next step, as decoding does; with
+    /// `fixedTokens` every shard runs the same fixed ids (drawn from the same seed).
+    public func timeReplayedSteps(tokens T: Int, steps: Int, warmup: Int = 5, skipping: Set<String> = [], advance: Bool = true,
+                                  fixedTokens: Bool = false) throws -> Double {
         let shards = self.shards
         return try threads.run {
-            try shards[$0].timeReplayedSteps(tokens: T, steps: steps, warmup: warmup, skipping: skipping, advance: advance)
+            try shards[$0].timeReplayedSteps(tokens: T, steps: steps, warmup: warmup, skipping: skipping, advance: advance, fixedTokens: fixedTokens)
         }.max()!
     }
 }

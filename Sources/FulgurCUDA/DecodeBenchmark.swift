@@ -10,7 +10,8 @@ public struct DecodeBenchmark: Codable {
         public let tokens: Int
         public let millisecondsPerStep: Double
         public let tokensPerSecond: Double
-        /// Distinct ids among the rows the last timed step fed forward (CUDAExecutor.distinctFedTokens).
+        /// Distinct ids among the last timed step's rows (CUDAExecutor.distinctFedTokens): T for
+        /// steps of several tokens (fixed distinct ids), 1 for one token.
         public let distinctTokens: Int
     }
     public struct Kernel: Codable {
@@ -101,7 +102,8 @@ public struct DecodeBenchmark: Codable {
         log("prefilled \(context) positions again")
         var steps: [Step] = []
         for T in tokenCounts {
-            let ms = try executor.timeReplayedSteps(tokens: T, steps: count, warmup: warmup)
+            // Steps of several tokens run T distinct random ids (CUDAExecutor.replaysDistinctTokens).
+            let ms = try executor.timeReplayedSteps(tokens: T, steps: count, warmup: warmup, fixedTokens: CUDAExecutor.replaysDistinctTokens(T))
             steps.append(Step(tokens: T, millisecondsPerStep: ms, tokensPerSecond: Double(T) * 1000 / ms, distinctTokens: try executor.distinctFedTokens(T)))
             log(String(format: "T = %d: %.3f ms a step", T, ms))
         }
@@ -125,6 +127,7 @@ public struct DecodeBenchmark: Codable {
             lines.append(String(format: "%11d   %7.3f   %8.1f   %14.2fx   %29d", s.tokens, s.millisecondsPerStep, s.tokensPerSecond,
                                 s.millisecondsPerStep / (one ?? .nan), s.distinctTokens))
         }
+        lines.append(CUDAExecutor.replayedTokensNote)
         lines.append(String(format: "1-token step at %.1f%% of the roofline", 100 * rooflineFraction))
         lines.append("per kernel family, 1-token step, each launch timed alone (us):")
         let total = kernels.reduce(0) { $0 + $1.microsecondsPerStep }

@@ -178,10 +178,10 @@ struct Bench: ParsableCommand {
                      split.shards[0].launchCount(of: "comm")))
         print("tokens/step   ms/step   tokens/s   distinct ids in the last step")
         for T in sizes {
-            let ms = try split.timeReplayedSteps(tokens: T, steps: steps, warmup: warmup)
+            let ms = try split.timeReplayedSteps(tokens: T, steps: steps, warmup: warmup, fixedTokens: CUDAExecutor.replaysDistinctTokens(T))
             print(String(format: "%11d   %7.3f   %8.1f   %29d", T, ms, Double(T) * 1000 / ms, try split.shards[0].distinctFedTokens(T)))
         }
-        print("Every GPU feeds the model's greedy token to its next step (each GPU's candidate from its vocabulary slice, exchanged inside the step).")
+        print(CUDAExecutor.replayedTokensNote + " Every GPU finds the greedy token (each GPU's candidate from its vocabulary slice, exchanged inside the step).")
         if timeline {
             for T in sizes {
                 let lines = try split.timelines(tokens: T)
@@ -194,13 +194,15 @@ struct Bench: ParsableCommand {
         let rewind = split.length
         for s in split.shards { s.traceCalls = true }
         defer { for s in split.shards { s.traceCalls = false } }
-        for T in sizes where T > 1 && split.length + T <= split.maxPositions {
+        // Then one block of T random distinct ids over and over, as the replayed rows run them.
+        for (T, fixed) in sizes.flatMap({ T in [(T, false), (T, true)] }) where T > 1 && split.length + T <= split.maxPositions {
             var seconds: [Double] = []
+            let fixedBlock = (0..<T).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }
             // Per rank, milliseconds from the call's start: launch begun, launch returned, wait
             // over; and the GPU's time between events around the graphs.
             var parts = [[[Double]]](repeating: [[], [], [], []], count: tp)
             for i in 0..<(warmup + steps) {
-                let block = (0..<T).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }
+                let block = fixed ? fixedBlock : (0..<T).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }
                 let t0 = DispatchTime.now().uptimeNanoseconds
                 _ = try split.argmax(block)
                 if i >= warmup {
@@ -214,8 +216,8 @@ struct Bench: ParsableCommand {
                 split.truncate(to: rewind)
             }
             func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
-            print(String(format: "argmax of %d random tokens called from the host: median %.3f ms (the host clock around the call, %d calls)", T,
-                         1e3 * median(seconds), seconds.count))
+            print(String(format: "argmax of %d random tokens called from the host%@: median %.3f ms (the host clock around the call, %d calls)", T,
+                         fixed ? ", the same block every call" : "", 1e3 * median(seconds), seconds.count))
             for r in 0..<tp {
                 print(String(format: "  GPU %d, medians in ms from the call's start: launch begun %.3f, returned %.3f (%.3f in the launch); wait over %.3f; GPU between events %.3f",
                              r, median(parts[r][0]), median(parts[r][1]), median(zip(parts[r][1], parts[r][0]).map { $0 - $1 }), median(parts[r][2]), median(parts[r][3])))

@@ -87,40 +87,17 @@ extension Bench {
         }
         // A timeline replays its steps at the positions after the benchmark's.
         let timelinePositions = timeline ? block * (CUDAExecutor.timelineSteps + CUDAExecutor.timelineWarmup) : 0
-        // BISECT (temporary): host-called 8-token argmax GPU time at `context` positions, rewound.
-        let bisectShards = (executor as? CUDATensorParallel)?.shards ?? [executor as? CUDAExecutor].compactMap { $0 }
-        func bisect(_ label: String) throws {
-            guard !bisectShards.isEmpty else { return }
-            var rng = SeededGenerator(seed: 9)
-            let vocab = target.plan.spec.vocabSize
-            executor.reset()
-            _ = try executor.forward((0..<context).map { _ in Int(rng.next() % UInt64(vocab)) }, logits: .none)
-            let first = executor.length
-            for s in bisectShards { s.traceCalls = true; s.tracedCalls = (0, 0) }
-            for i in 0..<80 {
-                if i == 20 { for s in bisectShards { s.tracedCalls = (0, 0) } }
-                _ = try executor.argmax((0..<block).map { _ in Int(rng.next() % UInt64(vocab)) })
-                executor.truncate(to: first)
-            }
-            print("BISECT \(label): " + bisectShards.enumerated().map { r, s in
-                String(format: "GPU %d %.3f ms", r, s.tracedCalls.gpuMilliseconds / Double(max(1, s.tracedCalls.count)))
-            }.joined(separator: ", ") + " (60 calls after 20, \(block) random tokens at \(first) positions, rewound; cache \(executor.maxPositions))")
-            for s in bisectShards { s.traceCalls = false }
-        }
-        try bisect("target alone")
         let drafter = try randomDrafter.load(for: target, maxPositions: executor.maxPositions + timelinePositions, maxStepTokens: executor.maxStepTokens,
                                              executor: makeExecutor)
         Terminal.status(String(format: "%@ and its drafter ready in %.1f s", modelName, Date().timeIntervalSince(start)))
         // The verify's GPU time (events around each target shard's graph), against the host's
         // clock around the call that the report's verify column holds.
-        try bisect("drafter loaded, idle")
         let targetShards = (executor as? CUDATensorParallel)?.shards ?? [executor as? CUDAExecutor].compactMap { $0 }
         for s in targetShards { s.traceCalls = true; s.tracedCalls = (0, 0) }
         let report = try ReplayBenchmark.run(target: executor, drafter: drafter, model: modelName, drafterName: randomDrafter.description,
                                              device: deviceName, acceptance: values, blockSize: block, context: context, rounds: rounds,
                                              warmupRounds: warmupRounds, verifyTokens: verifyTokens, log: { Terminal.status($0) })
         print(report.table)
-        try bisect("after the DFlash rounds")
         for (r, s) in targetShards.enumerated() where s.tracedCalls.count > 0 {
             print(String(format: "target GPU %d: %d verify calls (warm-up rounds included), GPU time between events around the graph %.3f ms on average",
                          r, s.tracedCalls.count, s.tracedCalls.gpuMilliseconds / Double(s.tracedCalls.count)))

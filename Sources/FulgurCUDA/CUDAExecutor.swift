@@ -99,6 +99,7 @@ public final class CUDAExecutor: @unchecked Sendable {
     public var tracedCalls: (count: Int, gpuMilliseconds: Double) = (0, 0)
     private lazy var callEvents: (CUDAEvent, CUDAEvent)? = try? (device.makeEvent(), device.makeEvent())
     private var keep: [AnyObject] = []  // device objects the launches point into
+    private var moeLayers: [CUDAMoE] = []
     private let tokens: DeviceBuffer, positions: DeviceBuffer, ids: DeviceBuffer, logits: DeviceBuffer
     /// Each row's slot of the cache (`slotted`: continuous batching); zeros otherwise.
     private let rowSlots: DeviceBuffer
@@ -574,6 +575,15 @@ public final class CUDAExecutor: @unchecked Sendable {
         let graph = try capture()
         kernelsPerStep[T] = count - extra
         return graph
+    }
+
+    /// Per MoE layer, the experts the last step of `T` tokens reached (CUDAMoE.expertsReached;
+    /// empty where the MoE kernels do not keep their routing). A step's cost follows them, so a
+    /// benchmark says how many its rows reached.
+    public func expertsReached(tokens T: Int) throws -> [Int] {
+        try device.makeCurrent()
+        try stream.synchronize()
+        return try moeLayers.compactMap { try $0.expertsReached(tokens: T) }
     }
 
     /// Distinct token ids among the `T` rows of the last replayed step (its greedy tokens fed
@@ -1276,6 +1286,7 @@ public final class CUDAExecutor: @unchecked Sendable {
                     let owner = try sharedWeight("moe \(layersDone)") { try CUDAMoE(weights, module: module, version: moeVersion) }
                     let moe = owner.isNew ? owner.object : try CUDAMoE(sharingWeightsOf: owner.object)
                     keep.append(moe)
+                    moeLayers.append(moe)
                     if layersDone < spec.layerCount { laterRanges[layersDone] += moe.routerRanges }
                     moeLaunch[layersDone] = launches.count
                     bytes += moe.routerBytes + weights.spec.topK * moe.expertBytes

@@ -707,6 +707,17 @@ public final class CUDAMoE: @unchecked Sendable {
         return (experts + n - 1) / n
     }
 
+    /// Experts the last call's tokens reached (version 7, which keeps its routing in `routed`; nil
+    /// for the others): k at one token, else the routing's touched count. The caller has waited
+    /// for the call (it reads device memory plainly).
+    public func expertsReached(tokens T: Int) throws -> Int? {
+        guard case .v4(let v) = kernels, v.route6 != nil, let routed = v.routed else { return nil }
+        if T == 1 { return spec.topK }
+        var head = [Int32](repeating: 0, count: 2)  // moe::Routes: the arrival counter, then the touched count
+        try head.withUnsafeMutableBytes { try routed.download(into: $0) }
+        return Int(head[1])
+    }
+
     /// Whether `run(norm:)` can do the norm before the layer: one token, version 7 (its
     /// router, moe6_route, takes it), hidden size up to 8192 (the norm weight in its dynamic
     /// shared memory, under the 48 KB a launch gets without asking).

@@ -176,10 +176,16 @@ struct Bench: ParsableCommand {
                      Double(bytes) / 1e6, copy.readMicros(bytes) / 1e3, copy.gbps, 100 * copy.readMicros(bytes) / 1e3 / whole))
         print(String(format: "all-reduces in the 1-token step: %.3f ms of %.3f (%d per step: two per layer, one for the greedy token)", whole - noComm, whole,
                      split.shards[0].launchCount(of: "comm")))
-        print("tokens/step   ms/step   tokens/s   distinct ids in the last step")
+        // Experts a MoE layer reached in a shard's last step, on average (every shard routes alike).
+        func reached(_ T: Int) throws -> String {
+            let counts = try split.shards[0].expertsReached(tokens: T)
+            return counts.isEmpty ? "-" : String(format: "%.1f", Double(counts.reduce(0, +)) / Double(counts.count))
+        }
+        print("tokens/step   ms/step   tokens/s   distinct ids in the last step   experts a MoE layer reached in it")
         for T in sizes {
             let ms = try split.timeReplayedSteps(tokens: T, steps: steps, warmup: warmup, fixedTokens: CUDAExecutor.replaysDistinctTokens(T))
-            print(String(format: "%11d   %7.3f   %8.1f   %29d", T, ms, Double(T) * 1000 / ms, try split.shards[0].distinctFedTokens(T)))
+            print(String(format: "%11d   %7.3f   %8.1f   %29d   %@", T, ms, Double(T) * 1000 / ms, try split.shards[0].distinctFedTokens(T),
+                         try reached(T).padding(toLength: 33, withPad: " ", startingAt: 0)))
         }
         print(CUDAExecutor.replayedTokensNote + " Every GPU finds the greedy token (each GPU's candidate from its vocabulary slice, exchanged inside the step).")
         if timeline {
@@ -201,6 +207,7 @@ struct Bench: ParsableCommand {
             // Per rank, milliseconds from the call's start: launch begun, launch returned, wait
             // over; and the GPU's time between events around the graphs.
             var parts = [[[Double]]](repeating: [[], [], [], []], count: tp)
+            var reachedSum = 0, reachedLayers = 0
             for i in 0..<(warmup + steps) {
                 let block = fixed ? fixedBlock : (0..<T).map { _ in Int(rng.next() % UInt64(plan.spec.vocabSize)) }
                 let t0 = DispatchTime.now().uptimeNanoseconds
@@ -212,12 +219,16 @@ struct Bench: ParsableCommand {
                         func ms(_ t: UInt64) -> Double { (Double(t) - Double(t0)) / 1e6 }
                         for (k, v) in [ms(c.launchStart), ms(c.launchEnd), ms(c.done), c.gpuMilliseconds].enumerated() { parts[r][k].append(v) }
                     }
+                    let counts = try split.shards[0].expertsReached(tokens: T)
+                    reachedSum += counts.reduce(0, +)
+                    reachedLayers += counts.count
                 }
                 split.truncate(to: rewind)
             }
             func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
             print(String(format: "argmax of %d random tokens called from the host%@: median %.3f ms (the host clock around the call, %d calls)", T,
-                         fixed ? ", the same block every call" : "", 1e3 * median(seconds), seconds.count))
+                         fixed ? ", the same block every call" : "", 1e3 * median(seconds), seconds.count)
+                  + (reachedLayers > 0 ? String(format: "; a MoE layer reached %.1f experts on average", Double(reachedSum) / Double(reachedLayers)) : ""))
             for r in 0..<tp {
                 print(String(format: "  GPU %d, medians in ms from the call's start: launch begun %.3f, returned %.3f (%.3f in the launch); wait over %.3f; GPU between events %.3f",
                              r, median(parts[r][0]), median(parts[r][1]), median(zip(parts[r][1], parts[r][0]).map { $0 - $1 }), median(parts[r][2]), median(parts[r][3])))
